@@ -1,0 +1,259 @@
+"""The delta arithmetic: per model call, evaluate the source where λ ≠ 0 and correct the target's prediction.
+
+The target's denoiser hands its per-row outputs *before* the CFG combine (A1111's ``cfg_denoised``): cond rows
+first (one per AND sub-prompt of each image), then one uncond row per image. Because the combine is linear,
+adding Δ to every row of an image adds exactly Δ to its combined prediction, and blending every row blends the
+combined prediction, so the host's own combine, inpaint blend and CFG variants all stay untouched.
+
+    delta mode:       x0' = x0_target + Σ_g λ_g(t) · (x0_adapted_g − x0_base)
+    base-first mode:  x0' = x0_target + λ(t) · (x0_source − x0_target)
+
+"cfg" mode combines every source prediction with the target's CFG scale and AND-weights before the difference
+(target == source, λ = 1 then equals sampling the adapted model); "cond" mode uses the cond rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .args import DeltaSettings
+from .schedule import ProgressClock, strength_at
+from .spaces import SpaceBridge, _bcast, eps_from_x0
+
+
+@dataclass(frozen=True)
+class CfgLayout:
+    """The rows of one CFG batch.
+
+    ``conds_list[i]`` lists ``(cond_row, weight)`` for image i (A1111's AND composition); cond rows come first,
+    then one uncond row per image, in image order.
+    """
+
+    conds_list: tuple[tuple[tuple[int, float], ...], ...]
+    cond_scale: float
+
+    @staticmethod
+    def simple(batch: int, cond_scale: float) -> CfgLayout:
+        """One prompt per image: rows ``[cond_0 .. cond_{B-1}, uncond_0 .. uncond_{B-1}]``."""
+        return CfgLayout(tuple(((i, 1.0),) for i in range(batch)), cond_scale)
+
+    @staticmethod
+    def from_conds_list(conds_list: Sequence[Sequence[tuple[int, float]]], cond_scale: float) -> CfgLayout:
+        return CfgLayout(tuple(tuple((int(r), float(w)) for r, w in c) for c in conds_list), float(cond_scale))
+
+    @property
+    def batch(self) -> int:
+        return len(self.conds_list)
+
+    @property
+    def n_cond(self) -> int:
+        return sum(len(c) for c in self.conds_list)
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_cond + self.batch
+
+    def row_images(self) -> list[int]:
+        """Image index of every row, cond rows then uncond rows."""
+        images = [0] * self.n_cond
+        for i, conds in enumerate(self.conds_list):
+            for row, _ in conds:
+                images[row] = i
+        return images + list(range(self.batch))
+
+
+def cfg_combine(rows: Tensor, layout: CfgLayout) -> Tensor:
+    """A1111's combine: ``uncond_i + Σ_j w_j · scale · (cond_j − uncond_i)`` for each image i."""
+    uncond = rows[layout.n_cond:]
+    out = uncond.clone()
+    for i, conds in enumerate(layout.conds_list):
+        for row, weight in conds:
+            out[i] += (rows[row] - uncond[i]) * (weight * layout.cond_scale)
+    return out
+
+
+def cond_mean(rows: Tensor, layout: CfgLayout) -> Tensor:
+    """Per image, the AND-weight-averaged cond rows (``rows`` may hold the cond rows only)."""
+    out = []
+    for conds in layout.conds_list:
+        total = sum(w for _, w in conds) or 1.0
+        out.append(sum(rows[r] * (w / total) for r, w in conds))
+    return torch.stack(out)
+
+
+class SourceModel(Protocol):
+    """Evaluates the source under several variants in one batched call.
+
+    ``x`` and ``level`` are rows in the source's own space and convention; ``rows`` are the indices of those rows
+    in the target's CFG layout (so the host picks each row's conditioning); ``variants`` lists 0 for the source
+    base and g + 1 for the source with group g's adaptation. Returns x0 predictions in the source's scaled latent,
+    variant-major: shape ``[len(variants), len(rows), C, H, W]``.
+    """
+
+    def __call__(self, x: Tensor, level: Tensor, rows: Sequence[int], variants: Sequence[int]) -> Tensor: ...
+
+
+@dataclass
+class StepRecord:
+    """What one corrected call did, for previews and logs."""
+
+    progress: float
+    strengths: tuple[float, ...]
+    target_x0: Tensor | None = None
+    base_x0: Tensor | None = None
+    adapted_x0: Tensor | None = None
+    delta: Tensor | None = None
+
+
+class DeltaGuidance:
+    """Per-generation state: settings, the bridge between the two models' spaces, the clock and the source.
+
+    Create one per sampling pass and drop it afterwards; it holds no global state.
+    """
+
+    def __init__(
+        self,
+        settings: DeltaSettings,
+        bridge: SpaceBridge,
+        source: SourceModel,
+        clock: ProgressClock,
+        record: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.bridge = bridge
+        self.source = source
+        self.clock = clock
+        self.record = record
+        self.records: list[StepRecord] = []
+        self.source_calls = 0
+        self.trajectory = SeparateTrajectory(bridge) if settings.trajectory == "separate" else None
+
+    def strengths(self, level: float) -> tuple[float, ...]:
+        p = self.clock.progress(level)
+        return tuple(strength_at(p, g.strength, g.schedule, g.start, g.end) for g in self.settings.groups)
+
+    def apply(self, x: Tensor, level: Tensor, out: Tensor, layout: CfgLayout) -> bool:
+        """Correct the target's per-row outputs ``out`` in place; returns False when λ = 0 left them untouched.
+
+        ``x``/``level`` are the rows' noisy latent and noise level as the target's sampler passed them, ``out`` its
+        per-row outputs (x0, or ε for timestep samplers), laid out as ``layout``.
+        """
+        progress = self.clock.progress(float(level.reshape(-1)[0]))
+        lam = tuple(strength_at(progress, g.strength, g.schedule, g.start, g.end) for g in self.settings.groups)
+        active = [g for g, v in enumerate(lam) if v != 0.0]
+        target = self.bridge.target
+        x_ve, sigma = target.to_ve(_wide(x), _wide(level).reshape(-1))
+        if not active:
+            if self.trajectory is not None:
+                self.trajectory.source_point(x_ve, sigma, layout)
+            return False
+        base_first = self.settings.mode == "base-first"
+        cond_only = self.settings.cfg_mode == "cond" and not base_first
+        rows = list(range(layout.n_cond if cond_only else layout.n_rows))
+        if self.trajectory is not None:
+            xs, ls = self.trajectory.source_point(x_ve, sigma, layout)
+        else:
+            xs, ls = self.bridge.ve_to_source(x_ve, sigma)
+        if len(rows) < layout.n_rows:
+            xs, ls = xs[: len(rows)], ls[: len(rows)]
+        variants = [1 if self.settings.groups[0].has_adaptation else 0] if base_first else [0, *(g + 1 for g in active)]
+        pred = _wide(self.source(xs, ls, rows, variants))
+        self.source_calls += 1
+        record = StepRecord(progress, lam, self._target_x0(x_ve, sigma, out, layout)) if self.record else None
+        if base_first:
+            self._replace(out, x_ve, sigma, pred[0], lam[0], layout, record)
+        else:
+            self._add_delta(out, sigma, pred, [lam[g] for g in active], layout, cond_only, record)
+        if record is not None:
+            self.records.append(record)
+        return True
+
+    def after_combine(self, x: Tensor, level: Tensor, denoised: Tensor) -> None:
+        """Feed the target's combined, corrected prediction (per image) to a separate source trajectory.
+
+        ``x``/``level`` are the per-image noisy latent and level of the call, as the target's sampler passed them.
+        """
+        if self.trajectory is None:
+            return
+        x_ve, sigma = self.bridge.target.to_ve(_wide(x), _wide(level).reshape(-1))
+        self.trajectory.observe(x_ve, sigma, _wide(denoised), self.bridge.target.output)
+
+    # -- internals ------------------------------------------------------------------------------------------------
+
+    def _add_delta(self, out: Tensor, sigma: Tensor, pred: Tensor, lams: list[float], layout: CfgLayout,
+                   cond_only: bool, record: StepRecord | None) -> None:
+        combine = cond_mean if cond_only else cfg_combine
+        base = combine(pred[0], layout)
+        deltas = [combine(pred[k], layout) - base for k in range(1, len(pred))]
+        total = sum(lam * d for lam, d in zip(lams, deltas, strict=False))
+        per_row = self.bridge.delta_to_target(total)[layout.row_images()]
+        if self.bridge.target.output == "eps":
+            per_row = -per_row / _bcast(sigma, per_row)  # x0 = x - sigma*eps, so Δeps = -Δx0 / sigma
+        out += per_row.to(out.dtype)
+        if record is not None:
+            record.base_x0, record.adapted_x0, record.delta = base, base + deltas[0], total
+
+    def _replace(self, out: Tensor, x_ve: Tensor, sigma: Tensor, pred: Tensor, lam: float, layout: CfgLayout,
+                 record: StepRecord | None) -> None:
+        src = self.bridge.x0_to_target(pred)
+        if self.bridge.target.output == "eps":
+            src = eps_from_x0(x_ve, sigma, src)
+        out += (lam * (src - _wide(out))).to(out.dtype)
+        if record is not None:
+            record.base_x0 = cfg_combine(pred, layout)
+
+    def _target_x0(self, x_ve: Tensor, sigma: Tensor, out: Tensor, layout: CfgLayout) -> Tensor:
+        combined = cfg_combine(_wide(out), layout)
+        if self.bridge.target.output == "x0":
+            return combined
+        uncond = slice(layout.n_cond, layout.n_rows)
+        return x_ve[uncond] - _bcast(sigma[uncond], combined) * combined
+
+
+def _wide(t: Tensor) -> Tensor:
+    """At least float32: deltas of half-precision predictions lose their small differences."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class SeparateTrajectory:
+    """The source's own noisy latent, as the reference implementation keeps it.
+
+    The source walks the same noise levels as the target but keeps its own (unscaled) noise; its clean part
+    follows the target's corrected prediction, mapped into the source's latent format. Between calls it moves
+    with a deterministic DDIM step: ``x(σ) = d + (σ / σ_prev) · (x_prev − d)``.
+    """
+
+    def __init__(self, bridge: SpaceBridge) -> None:
+        self.bridge = bridge
+        self.x: Tensor | None = None  # per image, source VE
+        self.sigma: Tensor | None = None
+        self.denoised: Tensor | None = None  # per image, source format
+        self.init_x0: Tensor | None = None  # img2img: the target's clean starting latent, per image
+
+    def source_point(self, x_ve: Tensor, sigma: Tensor, layout: CfgLayout) -> tuple[Tensor, Tensor]:
+        images = layout.row_images()
+        first_rows = [layout.n_cond + i for i in range(layout.batch)]
+        xi, si = x_ve[first_rows], sigma[first_rows]
+        if self.x is None or self.denoised is None or self.sigma is None:
+            # start at the target's point with the same, unscaled noise; only the clean part changes format
+            init = torch.zeros_like(xi) if self.init_x0 is None else self.init_x0.to(xi)
+            self.x = xi - init + self.bridge.x0_to_source(init)
+        else:
+            ratio = _bcast(si / self.sigma, self.x)
+            self.x = self.denoised + ratio * (self.x - self.denoised)
+        self.sigma = si
+        xs, ls = self.bridge.source.from_ve(self.x, si)
+        return xs[images], ls[images]
+
+    def observe(self, x_ve: Tensor, sigma: Tensor, denoised: Tensor, output: str) -> None:
+        x0 = denoised if output == "x0" else x_ve - _bcast(sigma, x_ve) * denoised
+        self.denoised = self.bridge.x0_to_source(x0)
+
+
+__all__ = ["CfgLayout", "DeltaGuidance", "SeparateTrajectory", "SourceModel", "StepRecord", "cfg_combine",
+           "cond_mean"]

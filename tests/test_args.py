@@ -1,0 +1,207 @@
+"""Settings: validation messages, and lossless round trips through the dict, infotext and positional forms."""
+
+import pytest
+
+from lib_delta.args import (
+    POSITIONAL_FIELDS,
+    AdaptationGroup,
+    DeltaSettings,
+    LoraRef,
+    from_positional,
+    parse_lora_tags,
+    to_positional,
+)
+from lib_delta.errors import DeltaError
+
+RICH = DeltaSettings(
+    enabled=True,
+    source="sd15 [cc6cb27103]",
+    groups=(
+        AdaptationGroup(
+            loras=(LoraRef("style a", 0.8), LoraRef("b", 1.0, unet_weight=0.7, te_weight=0.25)),
+            checkpoint="ft.safetensors",
+            prompt="red, shiny: very",
+            strength=1.5,
+            schedule="cosine",
+            start=0.1,
+            end=0.6,
+        ),
+        AdaptationGroup(prompt="watercolor", strength=-0.5, schedule="sigmoid", end=0.3),
+    ),
+    mode="delta",
+    cfg_mode="cond",
+    trajectory="separate",
+    preview=True,
+)
+
+
+def test_defaults_are_off_and_sensible():
+    s = DeltaSettings()
+    assert not s.enabled
+    g = s.groups[0]
+    assert (g.strength, g.schedule, g.start, g.end, s.mode, s.cfg_mode) == (1.0, "constant", 0.0, 1.0, "delta", "cfg")
+    assert s.to_infotext() == {}
+    assert s.validated() is s  # disabled settings are never rejected
+
+
+def test_dict_round_trip_is_lossless():
+    assert DeltaSettings.from_dict(RICH.to_dict()) == RICH
+    one = DeltaSettings(enabled=True, source="x", groups=(AdaptationGroup(loras=(LoraRef("a"),)),))
+    assert "groups" not in one.to_dict()
+    assert DeltaSettings.from_dict(one.to_dict()) == one
+
+
+def test_dict_accepts_the_documented_api_form():
+    s = DeltaSettings.from_dict({"enabled": True, "source": "base", "loras": [{"name": "L", "weight": 0.5}],
+                                 "strength": 1, "schedule": "linear", "start": 0.0, "end": 0.5})
+    assert s.groups[0].loras == (LoraRef("L", 0.5),)
+    assert s.groups[0].strength == 1.0 and isinstance(s.groups[0].strength, float)
+    assert s.validated() is s
+
+
+def test_infotext_round_trip_is_lossless_except_preview():
+    info = RICH.to_infotext()
+    assert all(k.startswith("Delta ") for k in info)
+    back = DeltaSettings.from_infotext(info)
+    assert back == DeltaSettings(**{**RICH.__dict__, "preview": False})
+
+
+def test_infotext_survives_the_webui_parser_quoting():
+    # The WebUI JSON-quotes values with ',' ':' or newlines and unquotes them on paste: keys must be plain words.
+    import json
+    import re
+
+    re_param = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+    info = RICH.to_infotext()
+    def quote(v: str) -> str:
+        return json.dumps(v) if any(c in v for c in ",:\n") else v
+
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in info.items())
+    parsed = {}
+    for k, v in re_param.findall(line):
+        parsed[k] = json.loads(v) if v.startswith('"') else v
+    assert parsed == info
+
+
+def test_infotext_without_the_extension_turns_it_off():
+    assert DeltaSettings.from_infotext({"Steps": "20", "Sampler": "Euler"}) == DeltaSettings()
+
+
+def test_positional_round_trip_and_dict_in_first_slot():
+    two = DeltaSettings(**{**RICH.__dict__})
+    values = to_positional(two)
+    assert len(values) == len(POSITIONAL_FIELDS)
+    assert from_positional(values) == two
+    assert from_positional([RICH.to_dict()]) == RICH
+    assert from_positional([]) == DeltaSettings()
+    # the UI's trailing defaults may be missing: append-only order
+    assert from_positional(values[:3]).source == RICH.source
+
+
+def test_lora_tags():
+    assert parse_lora_tags("<lora:a:0.5> <lora:b c><lora:d:1:0.25>") == (
+        LoraRef("a", 0.5), LoraRef("b c"), LoraRef("d", 0.25, unet_weight=0.25, te_weight=1.0))
+    assert parse_lora_tags("") == ()
+
+
+def test_overrides_touch_a_copy():
+    s = RICH.with_overrides({"strength": 2, "lora_weight": 0.3, "schedule": "linear", "enabled": False})
+    assert s.groups[0].strength == 2.0 and s.groups[0].schedule == "linear" and not s.enabled
+    assert all(r.weight == 0.3 and r.unet == 0.3 and r.te == 0.3 for r in s.groups[0].loras)
+    assert RICH.groups[0].strength == 1.5
+
+
+def _enabled(**group) -> DeltaSettings:
+    base = {"loras": (LoraRef("a"),)}
+    return DeltaSettings(enabled=True, source="src", groups=(AdaptationGroup(**{**base, **group}),))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (DeltaSettings(enabled=True, groups=(AdaptationGroup(loras=(LoraRef("a"),)),)), "no source checkpoint"),
+        (_enabled(strength=9.0), "strength is 9; it must lie between -5 and 5"),
+        (_enabled(strength=float("nan")), "strength is nan"),
+        (_enabled(schedule="cubic"), "schedule is 'cubic'; allowed: constant, linear, exponential, cosine, sigmoid"),
+        (_enabled(start=0.7, end=0.2), "window start (0.7) is after its end (0.2)"),
+        (_enabled(end=1.5), "end is 1.5; it must lie between 0 and 1"),
+        (_enabled(start=-0.1), "start is -0.1"),
+        (_enabled(loras=(LoraRef("a", 20.0),)), "weight of LoRA 'a' is 20"),
+        (_enabled(loras=(LoraRef(" "),)), "LoRA without a name"),
+        (_enabled(loras=()), "nothing to transfer"),
+        (DeltaSettings(enabled=True, source="s", mode="turbo"), "mode is 'turbo'; allowed: delta, base-first"),
+        (DeltaSettings(enabled=True, source="s", mode="delta", cfg_mode="x", groups=(AdaptationGroup(prompt="p"),)),
+         "cfg_mode is 'x'; allowed: cfg, cond"),
+        (DeltaSettings(enabled=True, source="s", trajectory="own", groups=(AdaptationGroup(prompt="p"),)),
+         "trajectory is 'own'; allowed: shared, separate"),
+        (DeltaSettings(enabled=True, source="s", groups=()), "1 to 4 adaptation groups; 0 given"),
+        (DeltaSettings(enabled=True, source="s", mode="base-first", groups=(AdaptationGroup(),) * 2),
+         "base-first mode uses one group"),
+    ],
+)
+def test_validation_messages(settings, message):
+    with pytest.raises(DeltaError) as e:
+        settings.validated()
+    assert message in str(e.value)
+
+
+def test_base_first_needs_no_adaptation():
+    s = DeltaSettings(enabled=True, source="s", mode="base-first", groups=(AdaptationGroup(end=0.2),))
+    assert s.validated() is s
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([1, 2], "must be a JSON object, not a list"),
+        ({"enabled": True, "lambda": 1}, "Unknown Delta Sampling setting(s) 'lambda'"),
+        ({"enabled": "yes"}, "'enabled' must be true or false, not a string"),
+        ({"strength": "1.0"}, "'strength' must be a number, not a string"),
+        ({"strength": True}, "'strength' must be a number, not a boolean"),
+        ({"source": 3}, "'source' must be a string, not a int"),
+        ({"loras": 5}, "'loras' must be a list"),
+        ({"loras": [{"weight": 1}]}, "'loras[0]' has no 'name'"),
+        ({"loras": [{"name": "a", "scale": 1}]}, "Unknown key(s) 'scale' in 'loras[0]'"),
+        ({"loras": [3]}, "'loras[0]' must be an object"),
+        ({"groups": [], "enabled": True}, "'groups' must be a non-empty list"),
+        ({"groups": [{"strength": 1}], "strength": 2}, "either 'groups' or the single-group keys (strength)"),
+        ({"groups": [{"foo": 1}]}, "Unknown key(s) 'foo' in Delta Sampling group (groups[0])"),
+        ({"loras": "<lora:a:x>"}, "Cannot read the weight in '<lora:a:x>'"),
+        ({"loras": "a, b"}, "Cannot read 'a, b' in the LoRA field"),
+    ],
+)
+def test_dict_errors(data, message):
+    with pytest.raises(DeltaError) as e:
+        DeltaSettings.from_dict(data)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"Delta source": "s", "Delta lambda": "strong"}, "'Delta lambda' should be a number"),
+        ({"Delta source": "s", "Delta window": "early"}, "'Delta window' should read 'start-end'"),
+        ({"Delta source": "s", "Delta group 2": "{oops"}, "'Delta group 2' is not valid JSON"),
+    ],
+)
+def test_infotext_errors(params, message):
+    with pytest.raises(DeltaError) as e:
+        DeltaSettings.from_infotext(params)
+    assert message in str(e.value)
+
+
+def test_positional_errors():
+    with pytest.raises(DeltaError, match="at most 21 positional values"):
+        from_positional([False] * 30)
+    with pytest.raises(DeltaError, match="either one settings object or positional values"):
+        from_positional([{"enabled": True}, True])
+
+
+def test_unknown_override():
+    with pytest.raises(DeltaError, match="Unknown Delta Sampling override 'speed'"):
+        DeltaSettings().with_overrides({"speed": 1})
+
+
+def test_summary_is_one_line():
+    line = RICH.summary()
+    assert "\n" not in line and "source=sd15" in line and "λ=1.5 cosine 0.1-0.6" in line
