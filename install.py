@@ -10,5 +10,5 @@ try:
     for _package in ("safetensors", "numpy"):
         if not launch.is_installed(_package):
             print(f"[Delta Sampling] '{_package}' is missing from the WebUI's environment; the extension needs it.")
-except Exception as _e:  # noqa: BLE001 - an installer must never break the WebUI's start
+except Exception as _e:  # an installer must never break the WebUI's start
     print(f"[Delta Sampling] install check skipped: {_e}")

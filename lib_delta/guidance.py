@@ -158,7 +158,7 @@ class DeltaGuidance:
         if self.trajectory is not None:
             xs, ls = self.trajectory.source_point(x_ve, sigma, layout)
         else:
-            xs, ls = self.bridge.ve_to_source(x_ve, sigma)
+            xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
         if len(rows) < layout.n_rows:
             xs, ls = xs[: len(rows)], ls[: len(rows)]
         variants = [1 if self.settings.groups[0].has_adaptation else 0] if base_first else [0, *(g + 1 for g in active)]

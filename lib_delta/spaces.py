@@ -176,6 +176,7 @@ def _bcast(s: Tensor | float, like: Tensor) -> Tensor | float:
 # --- the two models' spaces ---------------------------------------------------------------------------------------
 
 CONVENTIONS = ("ve", "flow", "vp")
+FLOW_T_MAX = 1.0 - 1e-4
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ class ModelSpace:
         if self.convention == "ve":
             return x, level
         if self.convention == "flow":
-            return flow_to_ve(x, level)
+            # pure noise (t = 1) is infinitely far out in VE form; read it as t = 1 - 1e-4 (sigma ~ 1e4)
+            return flow_to_ve(x, level.clamp(max=FLOW_T_MAX))
         assert self.vp_schedule is not None
         return vp_to_ve(x, self.vp_schedule.alpha_at(level).to(x.dtype))
 
@@ -237,6 +239,18 @@ class SpaceBridge:
     @property
     def to_target_map(self) -> LatentMap:
         return LatentMap.between(self.source.latent, self.target.latent)
+
+    def to_source(self, x: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
+        """A target point, in the target's own convention, as the source's (x, level)."""
+        if self.target.convention == "flow" and self.source.convention == "flow":
+            # exact, also at t = 1: x_s = (a x + b (1 - t)) / (1 - t + a t) at t_s = a t / (1 - t + a t)
+            m = self.to_source_map
+            if m.identity:
+                return x, level
+            denom = 1.0 - level + m.a * level
+            xs = (x * m.a + _bcast(m.b * (1.0 - level), x)) / _bcast(denom, x)
+            return xs, m.a * level / denom
+        return self.ve_to_source(*self.target.to_ve(x, level))
 
     def ve_to_source(self, x_ve: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """A target VE point as the source's (x, level) in the source's own convention."""

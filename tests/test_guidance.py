@@ -93,7 +93,7 @@ def test_linear_in_strength():
 
 
 def test_two_groups_add_their_deltas_in_one_source_call():
-    b, o1, *_ = run(settings(group(0.7)), LAYOUT)
+    _b, o1, *_ = run(settings(group(0.7)), LAYOUT)
     both = settings(group(0.7), AdaptationGroup(prompt="p", strength=-1.3))
     _, o12, _, source, x, level = run(both, LAYOUT)
     assert source.calls == [([0, 1, 2, 3], [0, 1, 2])]
@@ -150,7 +150,7 @@ def test_eps_output_gets_the_same_correction_as_x0():
     eps_target = (x_ve - x0_target) / sigma.reshape(-1, 1, 1, 1)
     s = settings(group())
     # x0 path
-    b_x0, o_x0, *_ = run(s, LAYOUT, x=x_ve, out=x0_target.clone(), sigma=float(sigma[0]))
+    _b_x0, o_x0, *_ = run(s, LAYOUT, x=x_ve, out=x0_target.clone(), sigma=float(sigma[0]))
     # eps path, target in the VP convention
     eps_space = ModelSpace(SD1, "vp", "eps", sched)
     source = Source()

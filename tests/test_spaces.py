@@ -128,3 +128,20 @@ def test_model_space_rejects_unknown_conventions():
         ModelSpace(SD1, "edm")
     with pytest.raises(ValueError, match="needs its vp_schedule"):
         ModelSpace(SD1, "vp", "eps")
+
+
+def test_flow_to_flow_is_exact_at_pure_noise():
+    bridge = SpaceBridge(ModelSpace(SD3, "flow"), ModelSpace(FLUX, "flow"))
+    t = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    x = _b(1 - t) * X0 + _b(t) * EPS
+    xs, ts = bridge.to_source(x, t)
+    assert torch.allclose(ts[0], torch.tensor(1.0, dtype=torch.float64)) and torch.allclose(xs[0], EPS[0])
+    x0_s = bridge.x0_to_source(X0)
+    assert torch.allclose(xs, _b(1 - ts) * x0_s + _b(ts) * EPS)
+    same = SpaceBridge(ModelSpace(SD3, "flow"), ModelSpace(SD3, "flow"))
+    assert torch.equal(same.to_source(x, t)[0], x)
+
+
+def test_pure_flow_noise_has_a_finite_ve_form():
+    x_ve, sigma = ModelSpace(SD3, "flow").to_ve(EPS, torch.ones(2, dtype=torch.float64))
+    assert torch.isfinite(x_ve).all() and torch.isfinite(sigma).all() and sigma[0] > 9e3
