@@ -246,8 +246,8 @@ POSITIONAL_FIELDS: tuple[str, ...] = (
 def from_positional(values: Sequence[Any]) -> DeltaSettings:
     """Settings from the script's argument slice: either one API dict, or the UI's positional values."""
     if len(values) >= 1 and isinstance(values[0], Mapping):
-        if len(values) > 1 and any(v not in (None, "") for v in values[1:]):
-            raise DeltaError("Give Delta Sampling either one settings object or positional values, not both.")
+        # The WebUI's API fills every slot after the ones a request gives with the UI's defaults (or with values
+        # read from the request's infotext), so the slots after a settings object carry nothing the caller said.
         return DeltaSettings.from_dict(values[0])
     if len(values) > len(POSITIONAL_FIELDS):
         raise DeltaError(f"Delta Sampling takes at most {len(POSITIONAL_FIELDS)} positional values "

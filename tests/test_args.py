@@ -193,8 +193,14 @@ def test_infotext_errors(params, message):
 def test_positional_errors():
     with pytest.raises(DeltaError, match="at most 21 positional values"):
         from_positional([False] * 30)
-    with pytest.raises(DeltaError, match="either one settings object or positional values"):
-        from_positional([{"enabled": True}, True])
+    with pytest.raises(DeltaError, match="must be true or false"):
+        from_positional([{"enabled": "yes"}])
+
+
+def test_settings_object_ignores_the_api_filled_slots_after_it():
+    # The API puts the UI's defaults into every slot the request leaves out.
+    ui_defaults = to_positional(DeltaSettings())[1:]
+    assert from_positional([RICH.to_dict(), *ui_defaults]) == RICH
 
 
 def test_unknown_override():

@@ -1,5 +1,6 @@
 """λ(t) shapes, the window, and progress read from the noise level."""
 
+import itertools
 import math
 
 import pytest
@@ -15,7 +16,7 @@ def test_every_shape_starts_at_full_strength(name):
 @pytest.mark.parametrize("name", [s for s in SCHEDULES if s != "constant"])
 def test_decays_are_monotone_and_reach_zero_at_the_window_end(name):
     values = [strength_at(0.5 * i / 50, 1.0, name, 0.0, 0.5) for i in range(50)]
-    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(values))
     assert strength_at(0.5 - 1e-9, 1.0, name, 0.0, 0.5) == pytest.approx(0.0, abs=1e-6)
 
 
