@@ -1,0 +1,297 @@
+"""What a patched layer adds for one adaptation group, precomputed once and run on that group's rows.
+
+Every op is ``op(x, out)`` on the group's rows of the layer input and of the plain layer output, which it changes
+in place. All files of a group that touch one layer are fused into a single op at load: low-rank factors are
+concatenated along the rank (one thin GEMM pair however many files), and when any file is dense or the summed
+rank costs more than the full matrix, everything is summed into one ``ΔW``. Scales and multipliers are folded in;
+tensors are stored in the layer's dtype on its device (and follow the input to another device on first use).
+
+Kernel launches per layer and group: Linear low-rank 2 (mm, addmm into a view of the output), Linear dense 1,
+Conv low-rank 2 (conv, baddbmm into the output), Conv dense 2; +1 for a bias change. Normalisation layers and
+``nn.MultiheadAttention`` recompute their rows with merged parameters swapped in (text encoders run once per
+batch, so simplicity wins there).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import Delta
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The layer's dtype, or float16 for storage-only dtypes (fp8) that matmul cannot take."""
+    if weight.is_floating_point() and weight.element_size() >= 2:
+        return weight.dtype
+    return torch.float16
+
+
+def fuse(deltas: list[Delta], weight_shape: torch.Size, low_rank: bool = True) -> Delta:
+    """One delta for all files of a group on one weight (float32); dense unless ``low_rank`` and cheaper so."""
+    bias = None
+    for d in deltas:
+        if d.bias is not None:
+            bias = d.bias if bias is None else bias + d.bias
+    low = [d for d in deltas if d.up is not None]
+    dense = [d.dense for d in deltas if d.dense is not None]
+    if low and not dense:
+        up = torch.cat([d.up for d in low], dim=1)
+        down = torch.cat([d.down for d in low], dim=0)
+        fan_in, fan_out = math.prod(weight_shape[1:]), weight_shape[0]
+        if low_rank and up.shape[1] * (fan_in + fan_out) < fan_in * fan_out:
+            return Delta(up=up, down=down, bias=bias)
+        dense = [Delta(up=up, down=down).materialise()]
+    elif low:
+        dense += [d.materialise() for d in low]
+    total = None
+    for t in dense:
+        total = t.clone() if total is None else total.add_(t)
+    return Delta(dense=total, bias=bias)
+
+
+class _Op:
+    """Tensors in one dtype on one device; moved once if the input arrives elsewhere."""
+
+    tensors: tuple[str, ...] = ()
+
+    def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        for name in self.tensors:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        self._sync()
+
+    def _sync(self) -> None:
+        pass
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for n in self.tensors if (t := getattr(self, n)) is not None)
+
+
+class LinearLowRank(_Op):
+    tensors = ("down", "up", "bias")
+
+    def __init__(self, delta: Delta, dtype: torch.dtype, device: torch.device):
+        self.down = delta.down.to(device, dtype).contiguous()  # (R, in)
+        self.up = delta.up.to(device, dtype).contiguous()  # (out, R)
+        self.bias = None if delta.bias is None else delta.bias.to(device, dtype)
+        self._sync()
+
+    def _sync(self) -> None:
+        self.down_t, self.up_t = self.down.t(), self.up.t()
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        dt = self.down.dtype
+        if x.dtype != dt or x.device != self.down.device:
+            if x.device != self.down.device:
+                self.to(device=x.device)
+            x = x.to(dt)
+        h = torch.mm(x.reshape(-1, x.shape[-1]), self.down_t)
+        if h.dtype == dt and out.dtype == dt and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(h, self.up_t)
+        else:  # an autocast to another dtype, or a strided output
+            out.add_(torch.mm(h, self.up_t).view(out.shape).to(out.dtype))
+        if self.bias is not None:
+            out.add_(self.bias)
+
+    def weight_delta(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+class LinearDense(_Op):
+    tensors = ("delta", "bias")
+
+    def __init__(self, delta: Delta, dtype: torch.dtype, device: torch.device):
+        self.delta = None if delta.dense is None else delta.dense.to(device, dtype).contiguous()  # (out, in)
+        self.bias = None if delta.bias is None else delta.bias.to(device, dtype)
+        self._sync()
+
+    def _sync(self) -> None:
+        self.delta_t = None if self.delta is None else self.delta.t()
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self.delta is not None:
+            if x.dtype != self.delta.dtype or x.device != self.delta.device:
+                if x.device != self.delta.device:
+                    self.to(device=x.device)
+                x = x.to(self.delta.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            if out.dtype == x2.dtype and out.is_contiguous():  # in-place addmm_ is never autocast
+                out.view(-1, out.shape[-1]).addmm_(x2, self.delta_t)
+            else:
+                out.add_(torch.mm(x2, self.delta_t).view(out.shape).to(out.dtype))
+        if self.bias is not None:
+            if self.bias.device != out.device:
+                self.to(device=out.device)
+            out.add_(self.bias)
+
+    def weight_delta(self) -> torch.Tensor | None:
+        return self.delta
+
+
+class _ConvOp(_Op):
+    def __init__(self, module: nn.Conv2d):
+        self.module = module  # stride/padding/padding_mode read per call: the WebUI's tiling switches them
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.module
+        if m.padding_mode != "zeros":
+            return F.conv2d(F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), weight, bias,
+                            m.stride, 0, m.dilation, m.groups)
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+class ConvLowRank(_ConvOp):
+    tensors = ("down", "up", "bias")
+
+    def __init__(self, module: nn.Conv2d, delta: Delta, dtype: torch.dtype, device: torch.device):
+        super().__init__(module)
+        self.down = delta.down.to(device, dtype).contiguous()  # (R, in, kh, kw): the layer's own kernel geometry
+        self.up = delta.up.to(device, dtype).contiguous()  # (out, R): a 1×1 conv, done as a batched GEMM
+        self.bias = None if delta.bias is None else delta.bias.to(device, dtype)[:, None, None]
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if x.dtype != self.down.dtype or x.device != self.down.device:
+            if x.device != self.down.device:
+                self.to(device=x.device)
+            x = x.to(self.down.dtype)
+        # groups == 1 is guaranteed at load (grouped convs go dense)
+        m = self.module
+        if m.padding_mode != "zeros":
+            h = self.conv(x, self.down)
+        else:
+            h = F.conv2d(x, self.down, None, m.stride, m.padding, m.dilation)
+        n = h.shape[0]
+        if h.dtype == self.up.dtype and out.dtype == h.dtype and out.is_contiguous():
+            out.view(n, out.shape[1], -1).baddbmm_(self.up.expand(n, -1, -1), h.reshape(n, h.shape[1], -1))
+        else:
+            out.add_(torch.matmul(self.up, h.reshape(n, h.shape[1], -1)).view(out.shape).to(out.dtype))
+        if self.bias is not None:
+            out.add_(self.bias)
+
+    def weight_delta(self) -> torch.Tensor:
+        return (self.up @ self.down.flatten(1)).reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+class ConvDense(_ConvOp):
+    tensors = ("delta", "bias")
+
+    def __init__(self, module: nn.Conv2d, delta: Delta, dtype: torch.dtype, device: torch.device):
+        super().__init__(module)
+        self.delta = None if delta.dense is None else delta.dense.to(device, dtype).contiguous()
+        self.bias = None if delta.bias is None else delta.bias.to(device, dtype)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        ref = self.delta if self.delta is not None else self.bias
+        if x.dtype != ref.dtype or x.device != ref.device:
+            if x.device != ref.device:
+                self.to(device=x.device)
+            x = x.to(ref.dtype)
+        if self.delta is None:
+            out.add_(self.bias[:, None, None].to(out.dtype))
+        else:
+            out.add_(self.conv(x, self.delta, self.bias).to(out.dtype))
+
+    def weight_delta(self) -> torch.Tensor | None:
+        return self.delta
+
+
+def _swap(module: nn.Module, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+    """Put ``value`` in place of parameter ``name``; returns the original, to be put back."""
+    old = module._parameters[name]
+    module._parameters[name] = value
+    return old
+
+
+class NormReplace(_Op):
+    """GroupNorm/LayerNorm rows recomputed by the layer's own forward with ``W + ΔW`` and ``b + Δb``."""
+
+    tensors = ("weight", "bias", "delta", "bias_delta")
+
+    def __init__(self, module: nn.Module, delta: Delta, dtype: torch.dtype, device: torch.device):
+        self.module = module
+        w = module.weight.detach().float().to(device)
+        b = None if module.bias is None else module.bias.detach().float().to(device)
+        self.delta = None if delta.dense is None else delta.dense.to(device)
+        self.bias_delta = None if delta.bias is None else delta.bias.to(device)
+        self.weight = (w if self.delta is None else w + self.delta).to(dtype)
+        if self.bias_delta is None:
+            self.bias = None if b is None else b.to(dtype)
+        else:
+            self.bias = (self.bias_delta if b is None else b + self.bias_delta).to(dtype)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, call) -> None:
+        m = self.module
+        if self.weight.device != x.device:
+            self.to(device=x.device)
+        old_w, old_b = _swap(m, "weight", self.weight), _swap(m, "bias", self.bias)
+        try:
+            out.copy_(call(x))
+        finally:
+            m._parameters["weight"], m._parameters["bias"] = old_w, old_b
+
+    def weight_delta(self) -> torch.Tensor | None:
+        return self.delta
+
+
+class MhaReplace(_Op):
+    """``nn.MultiheadAttention`` rows recomputed with the q/k/v/out changes merged into transient weights."""
+
+    def __init__(self, module: nn.MultiheadAttention, slots: dict[int | str, Delta], dtype: torch.dtype,
+                 device: torch.device):
+        self.module = module
+        self.slots = {slot: _delta_to(d, device, dtype) for slot, d in slots.items()}
+
+    def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        self.slots = {slot: _delta_to(d, device, dtype) for slot, d in self.slots.items()}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self.slots.values()
+                   for t in (d.up, d.down, d.dense, d.bias) if t is not None)
+
+    def changes(self) -> list[tuple[nn.Module, str, slice, torch.Tensor]]:
+        """(owner, parameter name, rows, change) for every changed projection weight and bias."""
+        m, e = self.module, self.module.embed_dim
+        found = []
+        for slot, d in self.slots.items():
+            if slot == "out":
+                owner, prefix, rows = m.out_proj, "", slice(None)
+            else:
+                owner, prefix, rows = m, "in_proj_", slice(slot * e, (slot + 1) * e)
+            for name, change in ((prefix + "weight", d.materialise()), (prefix + "bias", d.bias)):
+                if change is not None:
+                    found.append((owner, name, rows, change))
+        return found
+
+    @contextmanager
+    def swapped(self):
+        """The module's projections temporarily replaced by merged copies (the originals untouched)."""
+        m, e = self.module, self.module.embed_dim
+        merged: dict[tuple[nn.Module, str], torch.Tensor] = {}
+        for owner, name, rows, change in self.changes():
+            if (owner, name) not in merged:
+                base = owner._parameters[name]
+                if base is None:  # a bias the layer was built without
+                    size = 3 * e if name.startswith("in_proj") else e
+                    base = torch.zeros(size, device=m.out_proj.weight.device, dtype=m.out_proj.weight.dtype)
+                merged[owner, name] = base.detach().clone()
+            target = merged[owner, name]
+            target[rows] += change.to(device=target.device, dtype=target.dtype)
+        old = [(owner, name, _swap(owner, name, t)) for (owner, name), t in merged.items()]
+        try:
+            yield
+        finally:
+            for owner, name, t in reversed(old):
+                owner._parameters[name] = t
+
+
+def _delta_to(d: Delta, device: torch.device | None, dtype: torch.dtype | None) -> Delta:
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    return Delta(move(d.up), move(d.down), move(d.dense), move(d.bias))
