@@ -192,6 +192,7 @@ class ModelSpace:
     convention: str = "ve"
     output: str = "x0"
     vp_schedule: VPSchedule | None = None
+    sigma_max: float | None = None  # a VE source's largest trained noise level (see SpaceBridge.ve_to_source)
 
     def __post_init__(self) -> None:
         if self.convention not in CONVENTIONS:
@@ -255,7 +256,15 @@ class SpaceBridge:
     def ve_to_source(self, x_ve: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """A target VE point as the source's (x, level) in the source's own convention."""
         m = self.to_source_map
-        return self.source.from_ve(m.x0(x_ve), sigma * m.a)
+        x_s, sigma_s = m.x0(x_ve), sigma * m.a
+        cap = self.source.sigma_max
+        if cap is not None and self.source.convention == "ve" and bool((sigma_s > cap).any()):
+            # Far beyond its schedule (a flow target's pure noise is sigma ~ 1e4) a VE source's x0 = x - sigma*eps
+            # multiplies every base/adapted difference by sigma. Read such a point at the source's own largest
+            # level instead: at that noise the clean part is negligible, so scaling x keeps the same noise.
+            factor = torch.where(sigma_s > cap, cap / sigma_s, torch.ones_like(sigma_s))
+            x_s, sigma_s = x_s * _bcast(factor, x_s), sigma_s * factor
+        return self.source.from_ve(x_s, sigma_s)
 
     def x0_to_source(self, x0: Tensor) -> Tensor:
         return self.to_source_map.x0(x0)

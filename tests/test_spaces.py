@@ -145,3 +145,18 @@ def test_flow_to_flow_is_exact_at_pure_noise():
 def test_pure_flow_noise_has_a_finite_ve_form():
     x_ve, sigma = ModelSpace(SD3, "flow").to_ve(EPS, torch.ones(2, dtype=torch.float64))
     assert torch.isfinite(x_ve).all() and torch.isfinite(sigma).all() and sigma[0] > 9e3
+
+
+def test_a_ve_source_is_never_read_beyond_its_largest_noise_level():
+    bridge = SpaceBridge(ModelSpace(SD1, sigma_max=14.6), ModelSpace(SD3, "flow"))
+    bridge_same = SpaceBridge(ModelSpace(SD1, sigma_max=14.6), ModelSpace(SD1))
+    t = torch.tensor([1.0, 0.5], dtype=torch.float64)  # pure noise, and a point well inside the schedule
+    x_ve, sigma = bridge.target.to_ve(EPS, t)
+    xs, ss = bridge.ve_to_source(x_ve, sigma)
+    assert torch.allclose(ss[0], torch.tensor(14.6, dtype=torch.float64))
+    m = LatentMap.between(SD3, SD1)
+    uncapped = m.x0(x_ve[0])
+    assert torch.allclose(xs[0], uncapped * 14.6 / (sigma[0] * m.a))  # the same noise direction, capped level
+    assert torch.allclose(ss[1], sigma[1] * SD1.scale / SD3.scale)  # inside the range: untouched
+    x = X0 + _b(SIGMA) * EPS
+    assert torch.equal(bridge_same.ve_to_source(x, SIGMA)[0], x)
