@@ -1,0 +1,62 @@
+"""Run the fidelity study.
+
+    python -m fidelity.run --out fidelity/out --device cuda          # the full study (a few minutes on one GPU)
+    python -m fidelity.run --out fidelity/out --toy                  # the whole pipeline at toy size on the CPU
+
+Trained models and adapter files go to ``--out``; results.json, log.txt and the figures to ``--results``
+(default: the same folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import config, plots
+from .pipeline import run_study
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fidelity.run", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("fidelity/out"))
+    p.add_argument("--results", type=Path, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--toy", action="store_true", help="tiny models and a few steps: the CPU smoke run")
+    p.add_argument("--deadline", type=float, default=None, help="seconds; later grid runs are skipped past it")
+    p.add_argument("--train-scale", type=float, default=1.0,
+                   help="multiply every training budget (seconds and planned steps)")
+    p.add_argument("--batch-scale", type=float, default=1.0, help="multiply the models' and adapters' batches")
+    p.add_argument("--images", type=int, default=None, help="evaluation images per configuration")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--stages", default=None, help="comma-separated subset of the grid's stages")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    cfg = config.toy() if args.toy else config.full(args.train_scale, batch_scale=args.batch_scale)
+    cfg = config.with_overrides(cfg, images=args.images, steps=args.steps, deadline_s=args.deadline,
+                                stages=tuple(args.stages.split(",")) if args.stages else None)
+    results_dir = args.results or args.out
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    res, images = run_study(cfg, device, args.out, results_dir)
+    res["timings"]["total"] = round(time.perf_counter() - t0, 1)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "results.json").write_text(json.dumps(res, indent=1, default=float))
+    try:
+        written = plots.make_all(res, images, results_dir)
+    except Exception:  # the measurements are written already; a figure must not lose them
+        traceback.print_exc()
+        written = []
+    print(f"wrote {results_dir / 'results.json'} and {len(written)} figures in {res['timings']['total']}s")
+    return res
+
+
+if __name__ == "__main__":
+    main()
