@@ -132,6 +132,8 @@ class DeltaGuidance:
         self.records: list[StepRecord] = []
         self.source_calls = 0
         self.trajectory = SeparateTrajectory(bridge) if settings.trajectory == "separate" else None
+        self._pending: tuple[tuple, Tensor] | None = None  # (call key, prediction) from prefetch()
+        self._row_indices: dict[tuple[CfgLayout, torch.device], Tensor] = {}
 
     def strengths(self, level: float) -> tuple[float, ...]:
         p = self.clock.progress(level)
@@ -143,27 +145,26 @@ class DeltaGuidance:
         ``x``/``level`` are the rows' noisy latent and noise level as the target's sampler passed them, ``out`` its
         per-row outputs (x0, or ε for timestep samplers), laid out as ``layout``.
         """
-        progress = self.clock.progress(float(level.reshape(-1)[0]))
-        lam = tuple(strength_at(progress, g.strength, g.schedule, g.start, g.end) for g in self.settings.groups)
-        active = [g for g, v in enumerate(lam) if v != 0.0]
+        pending, self._pending = self._pending, None
+        progress, lam, active = self._strengths_at(level)
         target = self.bridge.target
         x_ve, sigma = target.to_ve(_wide(x), _wide(level).reshape(-1))
         if not active:
             if self.trajectory is not None:
                 self.trajectory.source_point(x_ve, sigma, layout)
             return False
-        base_first = self.settings.mode == "base-first"
-        cond_only = self.settings.cfg_mode == "cond" and not base_first
-        rows = list(range(layout.n_cond if cond_only else layout.n_rows))
-        if self.trajectory is not None:
-            xs, ls = self.trajectory.source_point(x_ve, sigma, layout)
+        base_first, cond_only, rows, variants = self._request(layout, active)
+        if pending is not None and pending[0] == _call_key(x, level, progress, rows, variants):
+            pred = pending[1]
         else:
-            xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
-        if len(rows) < layout.n_rows:
-            xs, ls = xs[: len(rows)], ls[: len(rows)]
-        variants = [1 if self.settings.groups[0].has_adaptation else 0] if base_first else [0, *(g + 1 for g in active)]
-        pred = _wide(self.source(xs, ls, rows, variants))
-        self.source_calls += 1
+            if self.trajectory is not None:
+                xs, ls = self.trajectory.source_point(x_ve, sigma, layout)
+            else:
+                xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
+            pred = self._call_source(xs, ls, rows, variants)
+        pred = _wide(pred)
+        if pred.device != out.device:  # a source on another device (lib_delta.speedups.OnDevice)
+            pred = pred.to(out.device)
         record = StepRecord(progress, lam, self._target_x0(x_ve, sigma, out, layout)) if self.record else None
         if base_first:
             self._replace(out, x_ve, sigma, pred[0], lam[0], layout, record)
@@ -171,6 +172,58 @@ class DeltaGuidance:
             self._add_delta(out, sigma, pred, [lam[g] for g in active], layout, cond_only, record)
         if record is not None:
             self.records.append(record)
+        return True
+
+    def prefetch(self, x: Tensor, level: Tensor, layout: CfgLayout) -> None:
+        """Optionally start this model call's source evaluation before the target's forward.
+
+        The next :meth:`apply` with the same ``x`` and ``level`` tensors uses the result instead of calling the
+        source again, so the outcome is unchanged. It pays where the source runs elsewhere
+        (:class:`~lib_delta.speedups.OnDevice`): both models then compute at the same time. Does nothing with a
+        separate trajectory, whose source point only exists once the target's previous prediction is known.
+        """
+        self._pending = None
+        if self.trajectory is not None:
+            return
+        progress, _, active = self._strengths_at(level)
+        if not active:
+            return
+        _, _, rows, variants = self._request(layout, active)
+        xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
+        pred = self._call_source(xs, ls, rows, variants)
+        self._pending = (_call_key(x, level, progress, rows, variants), pred)
+
+    def _strengths_at(self, level: Tensor) -> tuple[float, tuple[float, ...], list[int]]:
+        progress = self.clock.progress(float(level.reshape(-1)[0]))
+        lam = tuple(strength_at(progress, g.strength, g.schedule, g.start, g.end) for g in self.settings.groups)
+        return progress, lam, [g for g, v in enumerate(lam) if v != 0.0]
+
+    def _request(self, layout: CfgLayout, active: list[int]) -> tuple[bool, bool, list[int], list[int]]:
+        """(base-first, cond-only, the target rows the source is evaluated for, its variants)."""
+        base_first = self.settings.mode == "base-first"
+        cond_only = self.settings.cfg_mode == "cond" and not base_first
+        rows = list(range(layout.n_cond if cond_only else layout.n_rows))
+        variants = [1 if self.settings.groups[0].has_adaptation else 0] if base_first else [0, *(g + 1 for g in active)]
+        return base_first, cond_only, rows, variants
+
+    def _call_source(self, xs: Tensor, ls: Tensor, rows: list[int], variants: list[int]) -> Tensor:
+        if len(rows) < xs.shape[0]:
+            xs, ls = xs[: len(rows)], ls[: len(rows)]
+        self.source_calls += 1
+        return self.source(xs, ls, rows, variants)
+
+    def apply_combined(self, x: Tensor, level: Tensor, denoised: Tensor, layout: CfgLayout) -> bool:
+        """Correct an already combined prediction ``denoised`` (one x0 per image) in place, as :meth:`apply` would.
+
+        For hosts that only hand over the combined result (Forge's post-CFG function). ``x``/``level`` are per
+        image. Every row is taken to equal the combined prediction: the combine is affine with weights summing to
+        one, so it gives that prediction back exactly, and combining the corrected rows is the corrected result.
+        """
+        images = layout.row_images()
+        rows = denoised[images]
+        if not self.apply(x[images], level.reshape(-1)[images], rows, layout):
+            return False
+        denoised.copy_(cfg_combine(rows, layout))
         return True
 
     def after_combine(self, x: Tensor, level: Tensor, denoised: Tensor) -> None:
@@ -191,7 +244,7 @@ class DeltaGuidance:
         base = combine(pred[0], layout)
         deltas = [combine(pred[k], layout) - base for k in range(1, len(pred))]
         total = sum(lam * d for lam, d in zip(lams, deltas, strict=False))
-        per_row = self.bridge.delta_to_target(total)[layout.row_images()]
+        per_row = self.bridge.delta_to_target(total).index_select(0, self._row_index(layout, total.device))
         if self.bridge.target.output == "eps":
             per_row = -per_row / _bcast(sigma, per_row)  # x0 = x - sigma*eps, so Δeps = -Δx0 / sigma
         out += per_row.to(out.dtype)
@@ -207,12 +260,30 @@ class DeltaGuidance:
         if record is not None:
             record.base_x0 = cfg_combine(pred, layout)
 
+    def _row_index(self, layout: CfgLayout, device: torch.device) -> Tensor:
+        """``layout.row_images()`` as an index tensor, made once: indexing a GPU tensor with a Python list copies
+        the list to the GPU and waits for it, a host sync on every call."""
+        key = (layout, device)
+        if key not in self._row_indices:
+            self._row_indices[key] = torch.tensor(layout.row_images(), device=device)
+        return self._row_indices[key]
+
     def _target_x0(self, x_ve: Tensor, sigma: Tensor, out: Tensor, layout: CfgLayout) -> Tensor:
         combined = cfg_combine(_wide(out), layout)
         if self.bridge.target.output == "x0":
             return combined
         uncond = slice(layout.n_cond, layout.n_rows)
         return x_ve[uncond] - _bcast(sigma[uncond], combined) * combined
+
+
+def _call_key(x: Tensor, level: Tensor, progress: float, rows: list[int], variants: list[int]) -> tuple:
+    """Which model call a prefetched prediction belongs to: the very tensors, unmodified since (inference-mode
+    tensors keep no version counter; their identity and storage still tell calls apart)."""
+    return (*(_identity(t) for t in (x, level)), progress, tuple(rows), tuple(variants))
+
+
+def _identity(t: Tensor) -> tuple:
+    return id(t), t.data_ptr(), tuple(t.shape), None if t.is_inference() else t._version
 
 
 def _wide(t: Tensor) -> Tensor:

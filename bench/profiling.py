@@ -1,0 +1,36 @@
+"""A torch.profiler summary of a few steps: where the GPU time goes, and how much of the wall the GPU is busy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .rig import Env
+
+
+def profile_steps(env: Env, fn: Callable[[], object], steps: int = 3, rows: int = 12) -> dict:
+    """Per step: wall time, summed kernel time, kernel launches; and the top ops by GPU time."""
+    fn()
+    env.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        env.sync()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    averages = prof.key_averages()
+    events = prof.events()
+    kernel_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(1 for e in events if e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch")))
+    sort = "self_cuda_time_total" if env.cuda else "self_cpu_time_total"
+    try:
+        table = averages.table(sort_by="self_device_time_total" if env.cuda else sort, row_limit=rows)
+    except (AttributeError, KeyError, ValueError):
+        table = averages.table(sort_by=sort, row_limit=rows)
+    kernel_ms = kernel_us / 1e3 / steps
+    return {"wall_ms": wall, "kernel_ms": kernel_ms, "launches": launches / steps,
+            "busy": kernel_ms / wall if wall else 0.0, "table": table}

@@ -1,0 +1,73 @@
+"""The benchmark's machinery on tiny CPU models: every section runs, every scheme gives the reference's output,
+and the report is well-formed. Timings are not checked (they mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import zlib
+
+import pytest
+
+from bench import report
+from bench.run import main
+
+EXACT = {"default", "held", "cond", "graph", "graph-cond", "remote", "remote-graph"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = main(["--toy", "--out", str(out)])
+    return results, out
+
+
+def test_every_section_ran_and_the_json_matches(run):
+    results, out = run
+    assert results["skipped"] == {}
+    assert json.loads((out / "results.json").read_text())["pairs"].keys() == results["pairs"].keys()
+    assert len(results["pairs"]) == 3
+    for key in ("source_call", "generation", "reuse", "profiles", "flops"):
+        assert results[key], key
+
+
+def test_each_scheme_gives_the_reference_output(run):
+    results, _ = run
+    for pair in results["pairs"].values():
+        keys = {r["key"] for r in pair["schemes"]}
+        assert {"target", "reference", "floor"} | EXACT <= keys
+        for row in pair["schemes"]:
+            assert row["median"] > 0 and row["finite"], row["label"]
+            if row["key"] in EXACT:
+                assert row["ok"], (pair["label"], row["label"], row["err_out"], row["err_delta"])
+                assert row["delta_size"] > 1e-3  # the LoRA moves the result, so equality means something
+    for call in results["source_call"]:
+        assert call["err_vs_merged"] < 1e-4
+
+
+def test_delta_reuse_counts_and_exactness(run):
+    results, _ = run
+    rows = {r["key"]: r for r in results["reuse"]["rows"]}
+    steps = results["reuse"]["steps"]
+    assert rows["default"]["source_calls"] == steps and math.isinf(rows["default"]["psnr"])
+    assert rows["reuse-2"]["source_calls"] == math.ceil(steps / 2)
+    assert math.isfinite(rows["reuse-2"]["psnr"])
+    assert rows["graph-reuse-2"]["psnr"] == rows["reuse-2"]["psnr"]  # the graph path changes nothing
+    gen = {r["key"]: r for r in results["generation"]["rows"]}
+    assert gen["cond-window"]["source_calls"] == results["generation"]["steps"] // 2
+
+
+def test_report_and_chart_are_well_formed(run):
+    results, out = run
+    md = (out / "performance.md").read_text()
+    assert md.startswith("# Performance") and "## Goals" in md
+    for pair in results["pairs"].values():
+        assert pair["label"] in md
+    assert len(re.findall(r"^\| P\d ", md, flags=re.M)) == len(report.goals(results))
+    png = (out / "performance.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
+    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
