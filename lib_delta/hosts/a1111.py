@@ -1,0 +1,319 @@
+"""AUTOMATIC1111 1.10 host: the functions ``scripts/delta_sampling.py`` calls (see ``lib_delta.hosts``).
+
+Per generation there is one :class:`Run`, created by :func:`start`, kept on ``p`` and dropped by :func:`finish`;
+per sampling pass (hires fix has two) one :class:`~lib_delta.hosts.a1111_step.Pass`. The per-step work happens in
+two global callbacks, ``cfg_denoiser`` (remember the rows' inputs) and ``cfg_denoised`` (add the delta to every row
+before the WebUI's CFG combine and inpaint blend, in place); they act only for the sampler a pass was armed on.
+
+Failing loudly: the WebUI only prints exceptions raised inside script hooks and callbacks, so an error is kept on
+``p`` (or on the pass) and raised from the guarded ``sample``/``sample_img2img`` of that pass's own sampler
+object, which stops the generation; the API returns it with ``status_code``/``detail`` (422 for a
+:class:`~lib_delta.errors.DeltaError`, 500 for anything unforeseen).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..args import DeltaSettings
+from ..errors import DeltaError
+from ..spaces import ModelSpace, check_latent_compatible
+from . import a1111_conds as conds_mod
+from . import a1111_source as source_mod
+from . import a1111_step as step_mod
+
+RUN_ATTR = "delta_sampling_run"
+ERROR_ATTR = "delta_sampling_error"
+
+
+# --- registration ------------------------------------------------------------------------------------------------
+
+
+def register() -> None:
+    """Per-step callbacks, the settings section and the X/Y/Z axes. The WebUI clears all callbacks when it
+    reloads scripts (and then re-imports the script file, which calls this again), so the callbacks' presence is
+    checked in its own lists rather than remembered."""
+    from modules import script_callbacks
+
+    from . import a1111_interfaces
+
+    for kind, fn in (("cfg_denoiser", _on_cfg_denoiser), ("cfg_denoised", _on_cfg_denoised)):
+        registered = script_callbacks.callback_map.get(f"callbacks_{kind}", [])
+        if not any(getattr(c, "callback", None) is fn for c in registered):
+            getattr(script_callbacks, f"on_{kind}")(fn, name=f"delta_sampling_{kind}")
+    a1111_interfaces.register_interfaces()
+
+
+def _on_cfg_denoiser(params: Any) -> None:
+    d = getattr(params, "denoiser", None)
+    run = getattr(getattr(d, "p", None), RUN_ATTR, None)
+    ps = run.current if run is not None else None
+    if ps is None or ps.sampler is not getattr(d, "sampler", None) or ps.error is not None:
+        return
+    try:
+        ps.before_call(params)
+    except BaseException as e:
+        ps.abort(e)
+
+
+def _on_cfg_denoised(params: Any) -> None:
+    ps = vars(params.inner_model).get(step_mod.PASS_ATTR) if hasattr(params.inner_model, "__dict__") else None
+    if ps is None or ps.call is None or ps.error is not None:
+        return
+    try:
+        ps.after_call(params)
+    except step_mod.Abort:
+        raise
+    except BaseException as e:
+        ps.abort(e)
+
+
+# --- per generation ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One adaptation group, resolved: its fine-tuned checkpoint (if any) and its LoRA terms."""
+
+    checkpoint: source_mod.PrivateModel | None
+
+
+@dataclass(eq=False)
+class Run:
+    """Everything one generation holds; dropped by :func:`finish`."""
+
+    settings: DeltaSettings
+    source: source_mod.PrivateModel
+    groups: list[Group]
+    device: Any
+    lora: Any = None  # a1111_lora.Adapter or None
+    setup_seconds: float = 0.0
+    passes: list[step_mod.Pass] = field(default_factory=list)
+    current: step_mod.Pass | None = None
+
+    @property
+    def models(self) -> list[source_mod.PrivateModel]:
+        return [self.source, *(g.checkpoint for g in self.groups if g.checkpoint is not None)]
+
+    def close(self) -> None:
+        for ps in self.passes:
+            ps.disarm()
+        self.current = None
+        if self.lora is not None:
+            self.lora.close()
+
+    def overhead(self) -> float:
+        return self.setup_seconds + sum(ps.source.seconds for ps in self.passes)
+
+
+def start(p: Any, settings: DeltaSettings) -> None:
+    """Resolve and load the source and the adaptations; write the infotext. Conditioning waits for the pass."""
+    try:
+        _start(p, settings)
+    except DeltaError:
+        raise
+    except Exception as e:
+        fail(p, step_mod.unexpected(e))
+
+
+def _start(p: Any, settings: DeltaSettings) -> None:
+    from modules import shared
+
+    t0 = time.perf_counter()
+    target = shared.sd_model
+    _check_target(target)
+    device = source_mod.source_device()
+    source = source_mod.acquire(settings.source)
+    _check_pair(source.model, target, "source")
+    groups = []
+    for g in settings.groups:
+        ckpt = source_mod.acquire(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
+        if ckpt is not None:
+            _check_tuned(ckpt, source)
+        groups.append(Group(ckpt))
+    lora = None
+    if any(g.loras for g in settings.groups):
+        from . import a1111_lora
+
+        lora = a1111_lora.Adapter.create(settings, source, groups, device)
+    for entry in {id(m): m for m in (source, *(g.checkpoint for g in groups if g.checkpoint))}.values():
+        source_mod.place_for_generation(entry, device)
+    run = Run(settings, source, groups, device, lora)
+    run.setup_seconds = time.perf_counter() - t0
+    setattr(p, RUN_ATTR, run)
+    _write_infotext(p, run)
+
+
+def _check_target(target: Any) -> None:
+    from modules import sd_unet
+
+    if getattr(sd_unet, "current_unet", None) is not None:  # it would run in place of every UNet, the source's too
+        option = getattr(getattr(sd_unet, "current_unet_option", None), "label", "an alternative UNet")
+        raise DeltaError(f"Delta Sampling cannot run while the SD UNet setting uses {option}: it replaces every "
+                         "UNet's forward, the source model's included. Set 'SD Unet' to None (Settings > "
+                         "Stable Diffusion).")
+    why = source_mod.unsupported_kind(target)
+    if why:
+        raise DeltaError(f"Delta Sampling cannot steer the active model '{source_mod.model_label(target)}': it is "
+                         f"{why}, whose extra image conditioning the delta does not carry.")
+
+
+def _check_pair(model: Any, target: Any, role: str, against: str = "target") -> None:
+    label = source_mod.model_label(model)
+    why = source_mod.unsupported_kind(model)
+    if why:
+        raise DeltaError(f"The Delta Sampling {role} '{label}' is {why}; choose a plain text-to-image checkpoint.")
+    check_latent_compatible(source_mod.latent_format(model), source_mod.latent_format(target), label,
+                            source_mod.model_label(target))
+    if source_mod.is_inpainting(model) and not (
+            source_mod.is_inpainting(target) and source_mod.latent_format(model) == source_mod.latent_format(target)):
+        raise DeltaError(f"The Delta Sampling {role} '{label}' is an inpainting model, but the {against} "
+                         f"'{source_mod.model_label(target)}' is not one of its family: choose the plain base "
+                         "checkpoint the adaptation was made for.")
+
+
+def _check_tuned(tuned: source_mod.PrivateModel, source: source_mod.PrivateModel) -> None:
+    """A fine-tuned checkpoint runs on the source's noisy latent: it must share the source's latent format."""
+    _check_pair(tuned.model, source.model, "fine-tuned checkpoint", against="source")
+    if tuned.latent != source.latent:
+        raise DeltaError(f"The fine-tuned checkpoint '{source_mod.model_label(tuned.model)}' ({tuned.latent.name}) is "
+                         f"not of the source's family ({source.latent.name}, "
+                         f"'{source_mod.model_label(source.model)}'): its delta is taken against that source. Choose "
+                         "the base model it was fine-tuned from as the source.")
+
+
+def _write_infotext(p: Any, run: Run) -> None:
+    # X/Y/Z cells are shallow copies of one p that share this dict: write into a copy of our own.
+    params = dict(p.extra_generation_params)
+    params.update(run.settings.to_infotext())
+    params["Delta source hash"] = run.source.shorthash
+    if run.lora is not None and run.lora.hashes():
+        params["Delta LoRA hashes"] = ", ".join(f"{n}: {h}" for n, h in run.lora.hashes().items())
+    p.extra_generation_params = params
+
+
+def fail(p: Any, error: BaseException) -> None:
+    """Make ``error`` stop this generation: it is raised from the sampler of its next sampling pass."""
+    run = getattr(p, RUN_ATTR, None)
+    if run is not None:
+        run.close()
+        delattr(p, RUN_ATTR)
+    setattr(p, ERROR_ATTR, step_mod.http_error(error))
+    print(f"Delta Sampling: {error}")
+
+
+def before_sampling(p: Any, **kwargs: Any) -> None:
+    """Arm the per-step correction on this pass's sampler (``process_before_every_sampling``)."""
+    sampler = getattr(p, "sampler", None)
+    error = getattr(p, ERROR_ATTR, None)
+    run = getattr(p, RUN_ATTR, None)
+    if sampler is None or (error is None and run is None):
+        return
+    if error is None:
+        try:
+            _arm(p, run, sampler)
+            return
+        except Exception as e:
+            error = step_mod.http_error(e if isinstance(e, DeltaError) else step_mod.unexpected(e))
+            fail(p, error)
+
+    def raise_error() -> None:
+        raise error
+
+    step_mod.guard(sampler, raise_error, lambda: error)
+
+
+def _arm(p: Any, run: Run, sampler: Any) -> None:
+    from modules import shared
+
+    t0 = time.perf_counter()
+    target = shared.sd_model
+    if run.current is not None:  # the previous pass (img2img reuses one sampler for all its batches)
+        run.current.disarm()
+    if any(ps.target_model is not target for ps in run.passes[:1]):  # a hires checkpoint took over
+        _check_target(target)
+        _check_pair(run.source.model, target, "source")
+    ps_prompts = conds_mod.prompts_for_pass(p)
+    variants = _variants(run, ps_prompts)
+    wrappers = {id(m): step_mod.denoiser_for(m, getattr(target, "alphas_cumprod", None), run.device)
+                for m in {id(v.model): v.model for v in variants}.values()}
+    image_cond_rows = source_mod.is_inpainting(target) and source_mod.is_inpainting(run.source.model)
+    source = step_mod.SourceEval(variants, run.device, wrappers, image_cond_rows, run.lora)
+    convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
+    space = ModelSpace(run.source.latent, convention, "x0")
+    label = "hires" if getattr(p, "is_hr_pass", False) else "first"
+    ps = step_mod.Pass(run.settings, sampler, target, source, space, label)
+    ps.arm()
+    run.passes.append(ps)
+    run.current = ps
+    run.setup_seconds += time.perf_counter() - t0
+
+
+def _variants(run: Run, prompts: conds_mod.PromptSet) -> list[step_mod.Variant]:
+    """Variant 0: the source base; variant g + 1: group g's adaptation (same conditioning where nothing differs)."""
+    base_conds = _encode(run, run.source, prompts, None)
+    variants = [step_mod.Variant(run.source, base_conds)]
+    for i, (g, resolved) in enumerate(zip(run.settings.groups, run.groups, strict=True)):
+        model = resolved.checkpoint or run.source
+        te = run.lora.te_terms(i) if run.lora is not None else None
+        if model is run.source and te is None and not g.prompt.strip():
+            conds = base_conds
+        else:
+            conds = _encode(run, model, prompts.with_extra(g.prompt), te)
+        unet = run.lora.unet_terms(i) if run.lora is not None else None
+        variants.append(step_mod.Variant(model, conds, unet))
+    return variants
+
+
+def _encode(run: Run, entry: source_mod.PrivateModel, prompts: conds_mod.PromptSet, te: Any) -> Any:
+    import contextlib
+
+    module = getattr(entry.model, "conditioner", None) or entry.model.cond_stage_model
+    with source_mod.on_device(entry, module, run.device), \
+            (run.lora.te_active(entry, te) if te is not None else contextlib.nullcontext()):
+        return conds_mod.encode(entry.model, prompts)
+
+
+def finish(p: Any, processed: Any = None) -> None:
+    """Disarm, restore, add the preview, log, and put the cached models where the cache option says."""
+    run = getattr(p, RUN_ATTR, None)
+    if hasattr(p, ERROR_ATTR):
+        delattr(p, ERROR_ATTR)
+    if run is None:
+        source_mod.settle()
+        return
+    delattr(p, RUN_ATTR)
+    try:
+        run.close()
+        if processed is not None and run.settings.preview:
+            try:
+                _append_preview(run, processed)
+            except Exception as e:
+                print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
+        calls = sum(ps.guidance.source_calls for ps in run.passes if ps.guidance is not None)
+        print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {calls} source calls, "
+              f"{run.overhead():.1f}s source overhead")
+    finally:
+        source_mod.settle({m.key for m in run.models})
+
+
+def _append_preview(run: Run, processed: Any) -> None:
+    from .. import preview
+
+    guided = [ps for ps in run.passes if ps.guidance is not None]
+    records = [r for ps in guided for r in ps.guidance.records]
+    target = guided[-1].guidance.bridge.target.latent.name if guided else None
+    strip = preview.render(records, run.source.latent.name, target)
+    if strip is None:
+        return
+    try:
+        from PIL import Image
+    except ImportError:  # outside the WebUI (tests): the array itself
+        processed.images.append(strip)
+    else:
+        processed.images.append(Image.fromarray(strip))
+    infotexts = getattr(processed, "infotexts", None)
+    if isinstance(infotexts, list):
+        infotexts.append(infotexts[0] if infotexts else "")

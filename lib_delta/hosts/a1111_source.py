@@ -1,0 +1,317 @@
+"""Private models for AUTOMATIC1111: the source base (and fine-tuned checkpoints), built beside the active model.
+
+A private model is found only among the WebUI's listed checkpoints, read on the CPU through the WebUI's own reader
+(so a pickled ``.ckpt`` goes through its safe unpickler), constructed the way ``sd_models.load_model`` constructs a
+model but without any of its global effects: it is never made active, fires no ``model_loaded_callback`` and
+carries no Lora ``network_layer_name`` labels. Its VAE is dropped (the delta lives in latent space). Models are
+cached across generations, keyed by file and hash; the ``delta_sampling_cache`` option decides where they wait
+between generations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import DeltaError
+from ..spaces import SD1, SD2, SD3, SDXL, LatentFormat
+
+_VAE_PREFIX = "first_stage_model."
+
+# The one piece of module state besides the callback registration: models kept between generations.
+_cache: dict[tuple[str, str], PrivateModel] = {}
+
+
+@dataclass(eq=False)
+class PrivateModel:
+    """A loaded checkpoint that only this extension uses."""
+
+    info: Any  # the WebUI's CheckpointInfo
+    model: torch.nn.Module
+    key: tuple[str, str]
+    shorthash: str
+    load_seconds: float
+
+    @property
+    def latent(self) -> LatentFormat:
+        return latent_format(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.model.parameters()).device
+
+
+# --- the model's kind ----------------------------------------------------------------------------------------
+
+
+def latent_format(model: Any) -> LatentFormat:
+    if getattr(model, "is_sd3", False):
+        return SD3
+    if getattr(model, "is_sdxl", False):
+        return SDXL
+    if getattr(model, "is_sd2", False):
+        return SD2
+    return SD1
+
+
+def unet_in_channels(model: Any) -> int:
+    conv = model.model.diffusion_model.input_blocks[0][0]
+    return int(conv.weight.shape[1])
+
+
+def is_inpainting(model: Any) -> bool:
+    return unet_in_channels(model) > int(getattr(model, "latent_channels", 4))
+
+
+def unsupported_kind(model: Any) -> str | None:
+    """Why a model cannot take part in Delta Sampling, or None."""
+    if getattr(model, "cond_stage_key", None) == "edit":
+        return "an instruct-pix2pix (edit) model"
+    key = getattr(getattr(model, "model", None), "conditioning_key", None)
+    if key == "crossattn-adm":
+        return "an unCLIP model"
+    if getattr(model, "depth_model", None) is not None:
+        return "a depth-to-image model"
+    return None
+
+
+def model_label(model: Any) -> str:
+    info = getattr(model, "sd_checkpoint_info", None)
+    return str(getattr(info, "name_for_extra", None) or getattr(info, "name", None) or type(model).__name__)
+
+
+# --- finding and loading ----------------------------------------------------------------------------------------
+
+
+def resolve(name: str, what: str = "source checkpoint") -> Any:
+    """The listed checkpoint a name refers to (title, name, hash or a unique part of the title)."""
+    from modules import sd_models
+
+    info = sd_models.get_closet_checkpoint_match(name.strip()) if name.strip() else None
+    if info is None:
+        raise DeltaError(f"Delta Sampling {what} '{name}' is not among the WebUI's checkpoints: pick one from the "
+                         "checkpoint list (after adding a file, refresh the list).")
+    return info
+
+
+def acquire(name: str, what: str = "source checkpoint") -> PrivateModel:
+    """The cached private model for a listed checkpoint, loading it on first use."""
+    info = resolve(name, what)
+    shorthash = _shorthash(info)
+    key = (os.path.abspath(info.filename), shorthash)
+    entry = _cache.get(key)
+    if entry is None:
+        entry = _load(info, key, shorthash, what)
+        _cache[key] = entry
+    return entry
+
+
+def cached() -> list[PrivateModel]:
+    return list(_cache.values())
+
+
+def _shorthash(info: Any) -> str:
+    try:
+        value = info.calculate_shorthash()
+    except Exception:  # hashing switched off or the file moved: fall back on its size and time
+        value = None
+    if value:
+        return str(value)
+    st = os.stat(info.filename)
+    return f"{st.st_size:x}-{int(st.st_mtime):x}"
+
+
+def _load(info: Any, key: tuple[str, str], shorthash: str, what: str) -> PrivateModel:
+    from modules import shared
+
+    label = getattr(info, "title", info.name)
+    shared.state.textinfo = f"Delta Sampling: loading {what} {label}"
+    t0 = time.perf_counter()
+    model = _build(info, what)
+    seconds = time.perf_counter() - t0
+    print(f"Delta Sampling: loaded {what} {label} in {seconds:.1f}s")
+    return PrivateModel(info, model, key, shorthash, seconds)
+
+
+def _build(info: Any, what: str) -> torch.nn.Module:
+    """``sd_models.load_model`` without its global effects (see the module doc)."""
+    from modules import devices, sd_disable_initialization, sd_models, sd_models_config
+    from omegaconf import OmegaConf
+
+    filename = os.path.basename(info.filename)
+    try:
+        state_dict = sd_models.read_state_dict(info.filename, map_location="cpu")
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling cannot read the {what} file '{filename}' ({type(e).__name__}: {e}). "
+                         "A damaged file, or a pickled .ckpt that the WebUI's safe loader refuses, cannot be used: "
+                         "choose another checkpoint or convert it to .safetensors.") from e
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise DeltaError(f"Delta Sampling found no weights in the {what} file '{filename}': the WebUI's safe loader "
+                         "refused it or it is empty. Choose another checkpoint or convert it to .safetensors.")
+    for k in [k for k in state_dict if k.startswith(_VAE_PREFIX)]:
+        del state_dict[k]  # the VAE is never used: don't spend memory on it
+
+    try:
+        config = sd_models_config.find_checkpoint_config(state_dict, info)
+        sd_config = OmegaConf.load(config)
+        sd_models.repair_config(sd_config, state_dict)
+        clip_included = any(k in state_dict for k in (sd_models.sd1_clip_weight, sd_models.sd2_clip_weight,
+                                                       sd_models.sdxl_clip_weight, sd_models.sdxl_refiner_clip_weight))
+        with sd_disable_initialization.DisableInitialization(disable_clip=clip_included), \
+                sd_disable_initialization.InitializeOnMeta():
+            model = sd_models.instantiate_from_config(sd_config.model, state_dict)
+        model.used_config = config
+        model.first_stage_model = None
+        _load_weights(model, state_dict)
+    except DeltaError:
+        raise
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling cannot build a model from the {what} '{filename}' ({type(e).__name__}: "
+                         f"{e}). Is it a Stable Diffusion checkpoint the WebUI itself can load?") from e
+
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise DeltaError(f"The {what} '{filename}' lacks {len(missing)} weight(s) its architecture needs (e.g. "
+                         f"{missing[0]}); choose a complete checkpoint.")
+    model.sd_checkpoint_info = info
+    model.sd_model_checkpoint = info.filename
+    model.lowvram = False
+    model.eval().requires_grad_(False)
+    _wrap_text_encoders(model)
+    devices.torch_gc()
+    return model
+
+
+def _load_weights(model: torch.nn.Module, state_dict: dict) -> None:
+    """The model-local part of ``sd_models.load_model_weights``: type flags, SDXL extras, dtype, alphas."""
+    from modules import devices, sd_disable_initialization, sd_hijack, sd_models, sd_models_xl
+
+    sd_models.set_model_type(model, state_dict)
+    sd_models.set_model_fields(model)
+    if model.is_sdxl:
+        sd_models_xl.extend_sdxl(model)
+    if getattr(model, "is_ssd", False):
+        sd_hijack.model_hijack.convert_sdxl_to_ssd(model)
+    if hasattr(model, "before_load_weights"):
+        model.before_load_weights(state_dict)
+    dtype = devices.dtype_unet
+    conversion = None if dtype == torch.float32 else {"first_stage_model": None, "alphas_cumprod": None, "": dtype}
+    with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device=torch.device("cpu"),
+                                                       weight_dtype_conversion=conversion):
+        model.load_state_dict(state_dict, strict=False)
+    if hasattr(model, "after_load_weights"):
+        model.after_load_weights(state_dict)
+    state_dict.clear()
+    unet_input = model.model.diffusion_model.input_blocks[0][0].weight
+    model.is_sdxl_inpaint = bool(model.is_sdxl and unet_input.shape[1] == 9)
+    # Layers built on meta take the file's dtype: cast everything as the WebUI does (float() with --no-half, else
+    # half()), with alphas_cumprod kept in float32.
+    alphas = getattr(model, "alphas_cumprod", None)
+    if alphas is not None:
+        model.alphas_cumprod = None
+    model.to(dtype)
+    if alphas is not None:
+        model.alphas_cumprod = alphas.float()
+        model.alphas_cumprod_original = model.alphas_cumprod
+
+
+def _wrap_text_encoders(model: torch.nn.Module) -> None:
+    """Wrap the text encoders like the WebUI does (emphasis, long prompts, embeddings), keeping its globals.
+
+    ``model_hijack.hijack`` also retargets the token counter and the layer list at this model: both are put back.
+    """
+    from modules import sd_hijack, sd_unet
+
+    hijack = sd_hijack.model_hijack
+    saved = (hijack.clip, hijack.layers, getattr(hijack, "optimization_method", None),
+             getattr(sd_unet, "original_forward", None))
+    try:
+        hijack.hijack(model)
+    finally:
+        hijack.clip, hijack.layers = saved[0], saved[1]
+        if saved[2] is not None:
+            hijack.optimization_method = saved[2]
+        if hasattr(sd_unet, "original_forward"):
+            sd_unet.original_forward = saved[3]
+
+
+# --- where the models live ----------------------------------------------------------------------------------------
+
+
+def source_device() -> torch.device:
+    """The device the ``delta_sampling_device`` option names: "same" (the WebUI's), "cpu" or "cuda:N"."""
+    from modules import devices, shared
+
+    choice = str(getattr(shared.opts, "delta_sampling_device", "same") or "same").strip()
+    if choice == "same":
+        return torch.device(devices.device)
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise DeltaError(f"Delta Sampling device '{choice}' is not a device name: use 'same', 'cpu' or 'cuda:N' "
+                         "(Settings > Delta Sampling).") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise DeltaError(f"Delta Sampling device '{choice}' does not exist on this machine; use 'same' or 'cpu'.")
+    return device
+
+
+def target_uses_lowvram() -> bool:
+    from modules import lowvram, shared
+
+    return bool(lowvram.is_enabled(shared.sd_model))
+
+
+def place_for_generation(entry: PrivateModel, device: torch.device) -> None:
+    """Put a model where the generation runs it: on its device, or on the CPU under --lowvram/--medvram."""
+    wanted = torch.device("cpu") if target_uses_lowvram() and device.type != "cpu" else device
+    if entry.device != wanted:
+        entry.model.to(wanted)
+
+
+@contextlib.contextmanager
+def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Run ``module`` on ``device``. Under --lowvram/--medvram the target's modules step aside first (the
+    WebUI's own hooks bring them back) and the module returns to the CPU afterwards."""
+    if device.type == "cpu" or not target_uses_lowvram():
+        yield
+        return
+    from modules import lowvram
+
+    lowvram.send_everything_to_cpu()
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+
+
+def settle(in_use: set[tuple[str, str]] | None = None) -> None:
+    """After a generation: apply the ``delta_sampling_cache`` option to every cached model.
+
+    "gpu" keeps them where they are, "ram" moves them to the CPU, "free" drops them. Models not used by the
+    latest generation (``in_use``) are dropped whatever the option: one generation's models are kept, not all.
+    """
+    from modules import devices, shared
+
+    policy = str(getattr(shared.opts, "delta_sampling_cache", "ram") or "ram")
+    dropped = False
+    for key, entry in list(_cache.items()):
+        if policy == "free" or (in_use is not None and key not in in_use):
+            del _cache[key]  # the garbage collector frees it once the last generation lets go
+            dropped = True
+        elif policy != "gpu" and entry.device.type != "cpu":
+            entry.model.to("cpu")
+            dropped = True
+    if dropped:
+        devices.torch_gc()
+
+
+def forget_all() -> None:
+    """Drop every cached model."""
+    _cache.clear()

@@ -1,0 +1,388 @@
+"""The AUTOMATIC1111 host adapter, driven through the stand-in WebUI (tests/fake_webui) with tiny random models.
+
+The generations run the real script file, the WebUI's call order and its CFG denoiser with callbacks; images are
+the final latents. "Identical" means bit-identical tensors; the adapted-model identities hold within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fake_webui"))
+import webui as fake
+
+fake.install()
+
+import networks  # noqa: E402
+
+from lib_delta.errors import DeltaError  # noqa: E402
+from lib_delta.hosts import a1111 as host  # noqa: E402
+from lib_delta.hosts import a1111_source  # noqa: E402
+
+PROMPT = "a photo of a cat on a red sofa"
+NEGATIVE = "blurry, dark"
+BASE = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=4, seed=7, width=64, height=64, cfg_scale=5.0)
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("webui")
+    models = root / "models"
+    fake.write_checkpoint(models / "base.safetensors", "sd1", 1)
+    fake.write_checkpoint(models / "other.safetensors", "sd1", 2)
+    fake.write_checkpoint(models / "tuned.safetensors", "sd1", 3)
+    fake.write_checkpoint(models / "xl.safetensors", "sdxl", 4)
+    fake.write_checkpoint(models / "v2v.safetensors", "sd2v", 5, yaml_beside=True)
+    fake.write_checkpoint(models / "inpaint.safetensors", "sd1-inpaint", 6)
+    fake.write_checkpoint(models / "pix2pix.safetensors", "pix2pix", 8)
+    fake.write_checkpoint(models / "pickled.ckpt", "sd1", 9)
+    (models / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    loras = root / "lora"
+    loras.mkdir()
+    ui = fake.WebUI(models)
+    ui.load("base")
+    from modules import shared
+
+    networks.write_lora(loras / "style.safetensors", shared.sd_model, seed=11)
+    networks.write_lora(loras / "unet_only.safetensors", shared.sd_model, seed=12, te=False)
+    (loras / "corrupt.safetensors").write_bytes((loras / "style.safetensors").read_bytes()[:300])
+    return root
+
+
+@pytest.fixture
+def ui(files):
+    """A fresh WebUI session on the "base" checkpoint, with nothing cached."""
+    a1111_source.forget_all()
+    ui = fake.WebUI(files / "models")
+    networks.list_available_networks(files / "lora")
+    ui.load("base")
+    yield ui
+    a1111_source.forget_all()
+    gc.collect()
+
+
+def delta(**kw):
+    return {"enabled": True, "source": "base", **kw}
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def images(processed):
+    return torch.stack([im for im in processed.images if isinstance(im, torch.Tensor)])
+
+
+# --- off means off ------------------------------------------------------------------------------------------------
+
+
+def test_disabled_zero_strength_and_empty_window_are_bit_identical_to_off(ui):
+    off = images(ui.txt2img(**BASE))
+    for d in ({"enabled": False, "source": "base", "adapted_prompt": "x"},
+              delta(adapted_prompt="in the snow", strength=0.0),
+              delta(adapted_prompt="in the snow", start=0.5, end=0.5)):
+        assert torch.equal(images(ui.txt2img(d, **BASE)), off)
+    p = ui.txt2img(delta(adapted_prompt="in the snow", strength=0.0), **BASE)
+    assert "Delta lambda: 0" in p.infotexts[0]
+
+
+# --- the identity: target == source, λ = 1 equals the adapted model ---------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "DPM++ 2M", "DDIM"])
+def test_prompt_delta_at_unit_strength_is_the_adapted_prompt(ui, sampler):
+    adapted = images(ui.txt2img(**{**BASE, "prompt": PROMPT + ", in the snow"}, sampler_name=sampler))
+    plain = images(ui.txt2img(**BASE, sampler_name=sampler))
+    out = images(ui.txt2img(delta(adapted_prompt="in the snow"), **BASE, sampler_name=sampler))
+    assert rel(plain, adapted) > 1e-2  # the adaptation really moves the image
+    assert rel(out, adapted) < 1e-5
+
+
+def test_identity_with_and_prompts_prompt_editing_and_batches(ui):
+    kw = {**BASE, "prompt": "a [dog:cat:2] AND a red sofa :0.7", "batch_size": 2, "n_iter": 2}
+    # the adapted prompt goes into every AND part, before its weight, so the rows stay the target's
+    adapted_prompt = "a [dog:cat:2], in the snow AND a red sofa, in the snow :0.7"
+    adapted = images(ui.txt2img(**{**kw, "prompt": adapted_prompt}))
+    out = images(ui.txt2img(delta(adapted_prompt="in the snow"), **kw))
+    assert out.shape[0] == 4 and rel(out, adapted) < 1e-5
+
+
+def test_long_prompts_with_uneven_token_lengths(ui):
+    long = " ".join(f"word{i}" for i in range(90))  # two 75-token chunks for the cond, one for the uncond
+    kw = {**BASE, "prompt": long}
+    adapted = images(ui.txt2img(**{**kw, "prompt": long + ", in the snow"}))
+    out = images(ui.txt2img(delta(adapted_prompt="in the snow"), **kw))
+    assert rel(out, adapted) < 1e-5
+
+
+def test_lora_delta_at_unit_strength_is_the_webuis_own_lora(ui):
+    own = images(ui.txt2img(**{**BASE, "prompt": PROMPT + " <lora:style:1>"}))
+    plain = images(ui.txt2img(**BASE))
+    out = ui.txt2img(delta(loras="<lora:style:1>"), **BASE)
+    assert rel(plain, own) > 1e-2
+    assert rel(images(out), own) < 1e-5
+    info = out.infotexts[0]
+    assert "Delta LoRAs: <lora:style:1>" in info and "Delta LoRA hashes: style: " in info
+    assert "Delta source hash: " in info
+
+
+def test_split_lora_weights_and_two_groups_add_up(ui):
+    own = images(ui.txt2img(**{**BASE, "prompt": PROMPT + ", in the snow <lora:unet_only:0.5>"}))
+    groups = [{"loras": "<lora:unet_only:0.5>"}, {"adapted_prompt": "in the snow"}]
+    # target == source: the two deltas add up to the model with both adaptations, to first order only
+    out = images(ui.txt2img({"enabled": True, "source": "base", "groups": groups}, **BASE))
+    plain = images(ui.txt2img(**BASE))
+    assert rel(out, own) < 0.2 * rel(plain, own)
+
+
+def test_fine_tuned_checkpoint_delta(ui):
+    ui.load("tuned")
+    tuned = images(ui.txt2img(**BASE))
+    ui.load("base")
+    out = images(ui.txt2img(delta(checkpoint="tuned"), **BASE))
+    assert rel(out, tuned) < 1e-5
+
+
+# --- other families -------------------------------------------------------------------------------------------
+
+
+def test_sd1_source_steers_sdxl_and_sd2v_targets(ui):
+    for target in ("xl", "v2v"):
+        ui.load(target)
+        plain = images(ui.txt2img(**BASE))
+        out = images(ui.txt2img(delta(adapted_prompt="in the snow"), **BASE))
+        assert torch.isfinite(out).all()
+        assert 1e-3 < rel(out, plain) < 1.0
+
+
+def test_refused_pairs_and_models(ui):
+    ui.load("pix2pix")
+    with pytest.raises(DeltaError, match="instruct-pix2pix") as e:
+        ui.txt2img(delta(adapted_prompt="x"), **BASE)
+    assert e.value.status_code == 422
+    ui.load("base")
+    with pytest.raises(DeltaError, match="inpainting model"):
+        ui.txt2img(delta(source="inpaint", adapted_prompt="x"), **BASE)
+
+
+def test_inpainting_target_with_a_plain_source(ui):
+    ui.load("inpaint")
+    init = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :, 4:] = 1.0
+    kw = dict(**BASE, init_latent_input=init, latent_mask=mask, denoising_strength=0.8)
+    plain = images(ui.img2img(**kw))
+    out = images(ui.img2img(delta(adapted_prompt="in the snow"), **kw))
+    keep = mask.expand_as(plain) == 0
+    assert torch.equal(out[keep], plain[keep])  # the delta goes in before the blend
+    assert not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_img2img_inpainting_keeps_the_protected_region(ui, sampler):
+    init = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:6, 2:6] = 1.0
+    kw = dict(**BASE, init_latent_input=init, latent_mask=mask, denoising_strength=0.6, sampler_name=sampler)
+    plain = images(ui.img2img(**kw))
+    adapted = images(ui.img2img(**{**kw, "prompt": PROMPT + ", in the snow"}))
+    out = images(ui.img2img(delta(adapted_prompt="in the snow"), **kw))
+    keep = mask.expand_as(plain) == 0
+    assert torch.equal(out[keep], plain[keep])
+    assert rel(out, adapted) < 1e-5
+
+
+def test_hires_fix_runs_a_second_guided_pass(ui):
+    kw = dict(**BASE, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=3, denoising_strength=0.6)
+    adapted = images(ui.txt2img(**{**kw, "prompt": PROMPT + ", in the snow"}))
+    p = ui.txt2img(delta(adapted_prompt="in the snow"), **kw)
+    out = images(p)
+    assert out.shape[-1] == 12 and rel(out, adapted) < 1e-5
+
+
+def test_refiner_steps_run_without_the_delta(ui, files):
+    from modules import sd_models
+
+    refiner = sd_models.get_closet_checkpoint_match("other")
+    kw = dict(**BASE, refiner_checkpoint_info=refiner, refiner_switch_at=0.5)
+    p = ui.txt2img(delta(adapted_prompt="in the snow"), **kw)
+    assert "Delta refiner: stopped" in p.infotexts[0]
+    assert torch.isfinite(images(p)).all()
+
+
+def test_skipped_uncond_steps_use_the_cond_prediction(ui):
+    from modules import shared
+
+    shared.opts.skip_early_cond = 0.5
+    adapted = images(ui.txt2img(**{**BASE, "prompt": PROMPT + ", in the snow"}))
+    out = images(ui.txt2img(delta(adapted_prompt="in the snow"), **BASE))
+    assert rel(out, adapted) < 1e-5
+
+
+# --- failing loudly, and nothing left behind ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    (delta(source="nonexistent", adapted_prompt="x"), ["nonexistent", "checkpoint list"]),
+    (delta(loras="<lora:missing:1>"), ["missing", "LoRAs"]),
+    (delta(loras="<lora:corrupt:1>"), ["corrupt"]),
+    (delta(source="broken", adapted_prompt="x"), ["broken.safetensors"]),
+    ({"enabled": True, "source": "", "adapted_prompt": "x"}, ["no source checkpoint"]),
+])
+def test_bad_inputs_stop_the_generation_with_a_message(ui, settings, words):
+    fresh = images(ui.txt2img(**BASE))
+    with pytest.raises(Exception) as e:
+        ui.txt2img(settings, **BASE)
+    message = str(e.value)
+    assert all(w in message for w in words), message
+    assert e.value.status_code in (400, 422) and e.value.detail == message
+    assert torch.equal(images(ui.txt2img(**BASE)), fresh)
+    _assert_nothing_left(ui)
+
+
+def test_pickled_checkpoint_goes_through_the_safe_loader(ui):
+    out = images(ui.txt2img(delta(source="pickled", adapted_prompt="in the snow"), **BASE))
+    assert torch.isfinite(out).all()
+
+
+def test_an_error_inside_a_step_stops_the_generation(ui, monkeypatch):
+    fresh = images(ui.txt2img(**BASE))
+    from lib_delta.hosts import a1111_step
+
+    calls = []
+
+    def broken(self, *args):
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(a1111_step.SourceEval, "__call__", broken)
+    with pytest.raises(DeltaError, match="RuntimeError: boom") as e:
+        ui.txt2img(delta(adapted_prompt="x"), **BASE)
+    assert e.value.status_code == 500 and len(calls) == 1  # stopped at the first failing call
+    monkeypatch.undo()
+    assert torch.equal(images(ui.txt2img(**BASE)), fresh)
+    _assert_nothing_left(ui)
+
+
+def test_nothing_leaks_after_enabled_and_failed_runs(ui):
+    fresh = images(ui.txt2img(**BASE))
+    ui.txt2img(delta(loras="<lora:style:1>", adapted_prompt="in the snow"), **BASE)
+    _assert_nothing_left(ui)
+    assert torch.equal(images(ui.txt2img(**BASE)), fresh)
+    with pytest.raises(DeltaError):
+        ui.txt2img(delta(loras="<lora:missing:1>"), **BASE)
+    assert torch.equal(images(ui.txt2img(**BASE)), fresh)
+    _assert_nothing_left(ui)
+
+
+def _assert_nothing_left(ui):
+    from modules import sd_hijack, shared
+
+    assert sd_hijack.model_hijack.clip is shared.sd_model.cond_stage_model
+    for entry in a1111_source.cached():
+        assert not any("_delta_lora_patched" in vars(m) or "forward" in vars(m) for m in entry.model.modules())
+        assert entry.device.type == "cpu"
+    for m in shared.sd_model.modules():
+        assert "forward" not in vars(m)
+
+
+def test_callbacks_register_once_and_survive_a_script_reload(ui):
+    from modules import script_callbacks
+
+    def count():
+        return [sum(c.callback is fn for c in script_callbacks.callback_map[f"callbacks_{k}"])
+                for k, fn in (("cfg_denoiser", host._on_cfg_denoiser), ("cfg_denoised", host._on_cfg_denoised))]
+
+    assert count() == [1, 1]
+    with fake.without_ui_registration():
+        host.register()
+    assert count() == [1, 1]
+    script_callbacks.clear_callbacks()  # what the WebUI does before re-importing scripts
+    ui.load_script()
+    assert count() == [1, 1]
+    out = images(ui.txt2img(delta(adapted_prompt="in the snow"), **BASE))
+    adapted = images(ui.txt2img(**{**BASE, "prompt": PROMPT + ", in the snow"}))
+    assert rel(out, adapted) < 1e-5
+
+
+def test_cache_policy(ui):
+    from modules import shared
+
+    ui.txt2img(delta(adapted_prompt="x"), **BASE)
+    assert len(a1111_source.cached()) == 1
+    first = a1111_source.cached()[0]
+    ui.txt2img(delta(adapted_prompt="y"), **BASE)
+    assert a1111_source.cached() == [first]  # reused, not reloaded
+    shared.opts.delta_sampling_cache = "free"
+    ui.txt2img(delta(adapted_prompt="x"), **BASE)
+    assert a1111_source.cached() == []
+
+
+def test_preview_strip_is_appended(ui):
+    p = ui.txt2img(delta(adapted_prompt="in the snow", preview=True), **BASE)
+    strip = p.images[-1]
+    array = strip if isinstance(strip, np.ndarray) else np.asarray(strip)
+    assert array.dtype == np.uint8 and array.shape[2] == 3
+    tile = array.shape[0] // 4  # rows: target, base, adapted, |Δ|; one column per kept step
+    assert array.shape[0] == 4 * tile and 1 <= array.shape[1] // tile <= 4
+    assert len(p.infotexts) == len(p.images)
+
+
+def test_a_16_channel_source_is_refused_with_the_latent_message(ui):
+    from types import SimpleNamespace
+
+    from modules import shared
+
+    info = SimpleNamespace(name="sd3_medium.safetensors", name_for_extra="sd3_medium")
+    sd3 = SimpleNamespace(is_sd3=True, latent_channels=16, cond_stage_key="txt", depth_model=None,
+                          model=SimpleNamespace(conditioning_key="crossattn"), sd_checkpoint_info=info)
+    with pytest.raises(DeltaError, match=r"'sd3_medium' \(SD3, 16 latent channels\) cannot steer the target 'base'"):
+        host._check_pair(sd3, shared.sd_model, "source")
+
+
+def test_an_alternative_unet_is_refused(ui, monkeypatch):
+    from types import SimpleNamespace
+
+    from modules import sd_unet
+
+    monkeypatch.setattr(sd_unet, "current_unet", object())
+    monkeypatch.setattr(sd_unet, "current_unet_option", SimpleNamespace(label="TensorRT"))
+    with pytest.raises(DeltaError, match="TensorRT"):
+        ui.txt2img(delta(adapted_prompt="x"), **BASE)
+
+
+def test_base_first_with_the_target_as_source_changes_nothing(ui):
+    plain = images(ui.txt2img(**BASE))
+    out = images(ui.txt2img({"enabled": True, "source": "base", "mode": "base-first", "end": 0.5}, **BASE))
+    assert rel(out, plain) < 1e-5
+
+
+@pytest.mark.parametrize("changes", [{"cfg_mode": "cond"}, {"trajectory": "separate"}])
+def test_cond_mode_and_separate_trajectory(ui, changes):
+    plain = images(ui.txt2img(**BASE))
+    adapted = images(ui.txt2img(**{**BASE, "prompt": PROMPT + ", in the snow"}))
+    out = images(ui.txt2img(delta(adapted_prompt="in the snow", **changes), **BASE))
+    assert torch.isfinite(out).all() and rel(out, plain) > 1e-3
+    if "trajectory" in changes:  # target == source: the separate trajectory is the shared one
+        assert rel(out, adapted) < 1e-4
+
+
+def test_a_fine_tuned_checkpoint_of_another_family_is_refused(ui):
+    with pytest.raises(DeltaError, match="not of the source's family"):
+        ui.txt2img(delta(checkpoint="xl"), **BASE)
+
+
+@pytest.mark.parametrize("model", ["xl", "v2v"])
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_sdxl_and_v_prediction_sources(ui, model, sampler):
+    ui.load(model)
+    kw = {**BASE, "sampler_name": sampler}
+    adapted = images(ui.txt2img(**{**kw, "prompt": PROMPT + ", in the snow"}))
+    out = images(ui.txt2img(delta(source=model, adapted_prompt="in the snow"), **kw))
+    assert rel(out, adapted) < 1e-5

@@ -1,0 +1,154 @@
+"""The panel built against a stand-in of gradio and the WebUI modules it uses: control order, tooltips, defaults,
+the LoRA picker, and the API's two argument forms filled the way the WebUI fills them."""
+
+import sys
+import types
+from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
+
+from lib_delta import ui
+from lib_delta.args import POSITIONAL_FIELDS, DeltaSettings, from_positional, to_positional
+
+
+class Block:
+    """A gradio block or component: keeps its arguments and event handlers."""
+
+    created: ClassVar[list["Block"]] = []
+
+    def __init__(self, *args, **kwargs):
+        self.kwargs = kwargs
+        self.value = kwargs.get("value", args[0] if args else None)
+        self.label = kwargs.get("label")
+        self.elem_id = kwargs.get("elem_id")
+        self.events: dict[str, dict] = {}
+        Block.created.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def change(self, fn=None, inputs=None, outputs=None, **kwargs):
+        self.events["change"] = dict(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
+
+    click = change
+
+
+class InputAccordion(Block):
+    def __init__(self, value, **kwargs):
+        super().__init__(value=value, **kwargs)
+        self.accordion = Block(label=kwargs.get("label"), elem_id=kwargs.get("elem_id"))
+
+    def extra(self):
+        return Block(elem_id=f"{self.elem_id}-extra")
+
+
+@pytest.fixture
+def webui(monkeypatch):
+    """Stand-ins for gradio, modules.* and the Lora extension's `networks`, with two checkpoints and two LoRAs."""
+    Block.created = []
+    gr = types.ModuleType("gradio")
+    for name in ("Row", "Column", "Accordion", "Group", "Dropdown", "Textbox", "Slider", "Checkbox", "Radio",
+                 "HTML", "Button"):
+        setattr(gr, name, type(name, (Block,), {}))
+    gr.update = lambda **kw: {"__type__": "update", **kw}
+
+    refreshes = []
+    modules = types.ModuleType("modules")
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.checkpoint_tiles = lambda: ["sd15.safetensors [cc6cb27103]", "sdxl.safetensors [31e35c80fc]"]
+    sd_models.list_models = lambda: None
+    shared = types.ModuleType("modules.shared")
+    shared.opts = SimpleNamespace(delta_sampling_default_strength=0.75, extra_networks_default_multiplier=0.6)
+    ui_common = types.ModuleType("modules.ui_common")
+    ui_common.create_refresh_button = lambda comp, method, args, elem_id: refreshes.append((comp, method, args))
+    ui_components = types.ModuleType("modules.ui_components")
+    ui_components.InputAccordion = InputAccordion
+    ui_components.FormHTML = type("FormHTML", (Block,), {})
+    modules.sd_models, modules.shared = sd_models, shared
+    networks = SimpleNamespace(available_networks={"style": 1, "Detail": 2}, list_available_networks=lambda: None)
+    for name, module in {"gradio": gr, "modules": modules, "modules.sd_models": sd_models, "modules.shared": shared,
+                         "modules.ui_common": ui_common, "modules.ui_components": ui_components,
+                         "networks": networks}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return SimpleNamespace(opts=shared.opts, refreshes=refreshes)
+
+
+def script(tab: str = "txt2img"):
+    return SimpleNamespace(elem_id=lambda item: f"script_{tab}_delta_sampling_{item}")
+
+
+def test_controls_follow_positional_fields(webui):
+    s = script()
+    controls = ui.build(s, is_img2img=False)
+    assert [c.elem_id for c in controls] == [f"script_txt2img_delta_sampling_{f}" for f in POSITIONAL_FIELDS]
+    assert isinstance(controls[0], InputAccordion) and controls[0].label == "Delta Sampling"
+    assert controls[0].value is False  # closed and off by default
+
+
+def test_every_control_has_its_tooltip(webui):
+    controls = ui.build(script(), is_img2img=False)
+    assert [c.webui_tooltip for c in controls[1:]] == [ui.TOOLTIPS[f] for f in POSITIONAL_FIELDS[1:]]
+    assert controls[0].accordion.webui_tooltip == ui.TOOLTIPS["enabled"]
+    pickers = [b for b in Block.created if (b.elem_id or "").endswith("lora_picker")]
+    assert len(pickers) == 2 and all(p.webui_tooltip for p in pickers)
+
+
+def test_defaults_come_from_settings_and_are_off(webui):
+    values = [c.value for c in ui.build(script(), is_img2img=False)]
+    expected = to_positional(DeltaSettings())
+    expected[POSITIONAL_FIELDS.index("strength")] = expected[POSITIONAL_FIELDS.index("group2_strength")] = 0.75
+    assert values == expected
+    assert all(type(v) is type(e) for v, e in zip(values, expected, strict=True))  # the API casts to these types
+    assert from_positional(values) == DeltaSettings(enabled=False).with_overrides({"strength": 0.75})
+
+
+def test_missing_settings_fall_back_to_their_defaults(webui):
+    webui.opts.__dict__.clear()
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    assert controls["strength"].value == 1.0 and controls["preview"].value is False
+
+
+def test_dropdowns_list_the_webuis_checkpoints_and_loras(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    assert controls["source"].kwargs["choices"] == ["", *sys.modules["modules.sd_models"].checkpoint_tiles()]
+    assert controls["source"].kwargs["allow_custom_value"]  # names from infotext or the API that are not listed
+    refreshed = {id(comp) for comp, _, _ in webui.refreshes}
+    assert {id(controls[f]) for f in ("source", "checkpoint", "group2_checkpoint")} <= refreshed
+    picker = next(b for b in Block.created if b.elem_id == "script_txt2img_delta_sampling_lora_picker")
+    assert picker.kwargs["choices"] == ["Detail", "style"]
+
+
+def test_picking_a_lora_appends_its_tag(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    for prefix in ("", "group2_"):
+        picker = next(b for b in Block.created if b.elem_id == f"script_txt2img_delta_sampling_{prefix}lora_picker")
+        event = picker.events["change"]
+        assert event["inputs"] == [picker, controls[f"{prefix}loras"]]
+        assert event["outputs"] == [controls[f"{prefix}loras"], picker]
+        text, reset = event["fn"]("style", "<lora:Detail:1>")
+        assert text == "<lora:Detail:1> <lora:style:0.6>" and reset == {"__type__": "update", "value": None}
+        assert event["fn"](None, "x") == ({"__type__": "update"}, {"__type__": "update"})  # the reset's own change
+
+
+def test_infotext_fields_are_set_on_the_script(webui):
+    s = script("img2img")
+    controls = ui.build(s, is_img2img=True)
+    assert [c for c, _ in s.infotext_fields] == [c for f, c in zip(POSITIONAL_FIELDS, controls, strict=True)
+                                                 if f != "preview"]
+    assert s.paste_field_names == [key for _, key in s.infotext_fields]
+
+
+def test_api_forms_fill_like_the_webui(webui):
+    # api.py init_script_args: start from every control's value, then copy the request's args over the first slots.
+    defaults = [c.value for c in ui.build(script(), is_img2img=False)]
+
+    def call(args):
+        return from_positional([*args, *defaults[len(args):]])
+
+    request = {"enabled": True, "source": "sd15", "loras": [{"name": "style", "weight": 0.8}], "strength": 1.25}
+    assert call([request]) == DeltaSettings.from_dict(request)
+    assert call([True, "sd15", "<lora:style:0.8>", 1.25]) == DeltaSettings.from_dict(request)
