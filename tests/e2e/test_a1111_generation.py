@@ -1,0 +1,261 @@
+"""Delta Sampling generating in a real AUTOMATIC1111 v1.10.1 (CPU, fp32, random-weight fixture models).
+
+- Off means off: disabled, and λ = 0, give the bytes of a WebUI without the extension.
+- The identity: target == source, LoRA L, λ = 1 in "cfg" mode equals the WebUI's own ``<lora:L:1>`` (PSNR recorded;
+  float rounding differs between merged weights and the functional LoRA) for Euler, DPM++ 2M, DDIM and UniPC, and
+  for a batch of 2, hires fix and img2img inpainting (whose protected region stays the WebUI's).
+- Other families: an SD1.5 source steers SD2.1-v and SDXL targets.
+- Bad inputs are HTTP errors naming the problem, and the next plain generation is byte-identical to a fresh
+  server's; 20 alternating generations keep every plain one identical (the server's RSS growth is recorded).
+
+Measured values go to the JUnit properties (``record_property``): PSNRs in dB, seconds, RSS in MB.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+from pathlib import Path
+
+import pytest
+import requests
+from harness import Generation, ModelFixture, ServerConfig, ServerPool, WebUIClient, psnr
+
+SCRIPT = "Delta Sampling"
+PROMPT = "a photo of a cat sitting on a red chair"
+IDENTICAL_ABOVE_DB = 35.0  # a rank-4 LoRA moves these images to about 20 dB; equal-but-for-rounding is far above
+CHANGED_BELOW_DB = 35.0
+SAMPLERS = ("Euler", "DPM++ 2M", "DDIM", "UniPC")
+
+
+def delta(fixture: ModelFixture, **changes) -> dict:
+    return {"enabled": True, "source": fixture.model_name, "loras": [{"name": fixture.lora(), "weight": 1.0}],
+            "strength": 1.0, **changes}
+
+
+def scripts(args: dict) -> dict:
+    return {"alwayson_scripts": {SCRIPT: {"args": [args]}}}
+
+
+def own_lora(fixture: ModelFixture) -> str:
+    return f"{PROMPT} <lora:{fixture.lora()}:1>"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def png_b64(width: int, height: int, seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((height, width, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def mask_b64(width: int, height: int) -> str:
+    """White (repaint) on the right half, black (keep) on the left."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((height, width), dtype="uint8")
+    pixels[:, width // 2:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+INIT = png_b64(64, 64, 5)
+MASK = mask_b64(64, 64)
+IMG2IMG = {"init_images": [INIT], "denoising_strength": 0.6, "steps": 4, "width": 64, "height": 64, "seed": 1,
+           "cfg_scale": 7.0, "sampler_name": "Euler", "prompt": PROMPT, "negative_prompt": ""}
+INPAINT = {**IMG2IMG, "mask": MASK, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False}
+
+
+def img2img(client: WebUIClient, payload: dict) -> Generation:
+    import json
+    import time
+
+    started = time.monotonic()
+    data = client.post("/sdapi/v1/img2img", payload)
+    return Generation([base64.b64decode(i) for i in data["images"]], json.loads(data["info"]),
+                      time.monotonic() - started)
+
+
+def left_half(png: bytes):
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    return a[:, : a.shape[1] // 2]
+
+
+def error_of(client: WebUIClient, payload: dict, path: str = "/sdapi/v1/txt2img") -> requests.Response:
+    r = client.session.post(client.base_url + path, json=payload, timeout=client.timeout)
+    assert r.status_code >= 400, r.text[:500]
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+@pytest.fixture(scope="module")
+def fixtures(model_fixtures: dict[str, ModelFixture]) -> dict[str, ModelFixture]:
+    return model_fixtures
+
+
+@pytest.fixture(scope="module")
+def fresh(server_pool: ServerPool, fixtures: dict[str, ModelFixture]) -> dict[str, bytes]:
+    """Images from a WebUI without the extension (what "identical to not installed" compares with)."""
+    server = server_pool.get(ServerConfig(extension=False))
+    client = server.client
+    assert client is not None
+    client.set_model(fixtures["sd15"].model_name)
+    return {
+        "txt2img": client.txt2img(PROMPT).image,
+        "inpaint": img2img(client, INPAINT).image,
+    }
+
+
+@pytest.fixture
+def sd15_client(fresh: dict[str, bytes], client: WebUIClient, fixtures: dict[str, ModelFixture]) -> WebUIClient:
+    client.set_model(fixtures["sd15"].model_name)
+    return client
+
+
+# ---------------------------------------------------------------------------------------------- off means off
+
+
+def test_disabled_and_zero_strength_are_byte_identical_to_not_installed(
+        sd15_client: WebUIClient, fresh: dict[str, bytes], fixtures: dict[str, ModelFixture], record_property) -> None:
+    sd15 = fixtures["sd15"]
+    assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
+    off = sd15_client.txt2img(PROMPT, **scripts({**delta(sd15), "enabled": False}))
+    zero = sd15_client.txt2img(PROMPT, **scripts(delta(sd15, strength=0.0)))
+    assert off.image == fresh["txt2img"]
+    assert zero.image == fresh["txt2img"]
+    assert zero.param("Delta lambda") == "0"
+    record_property("seconds_zero_strength", round(zero.seconds, 1))
+
+
+# ---------------------------------------------------------------------------------------------- the identity
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_unit_strength_equals_the_webuis_own_lora(sd15_client: WebUIClient, fixtures: dict[str, ModelFixture],
+                                                   sampler: str, record_property) -> None:
+    sd15 = fixtures["sd15"]
+    plain = sd15_client.txt2img(PROMPT, sampler_name=sampler)
+    own = sd15_client.txt2img(own_lora(sd15), sampler_name=sampler)
+    ours = sd15_client.txt2img(PROMPT, sampler_name=sampler, **scripts(delta(sd15)))
+    db_own, db_plain = psnr(ours.image, own.image), psnr(own.image, plain.image)
+    record_property("psnr_db_vs_own_lora", round(db_own, 2))
+    record_property("psnr_db_own_lora_vs_plain", round(db_plain, 2))
+    record_property("seconds_plain", round(plain.seconds, 1))
+    record_property("seconds_delta", round(ours.seconds, 1))
+    assert db_plain < CHANGED_BELOW_DB  # the LoRA really changes the image
+    assert db_own > IDENTICAL_ABOVE_DB, (db_own, db_plain)
+    params = ours.params()
+    assert params["Delta LoRAs"] == f"<lora:{sd15.lora()}:1>"
+    assert params["Delta source hash"] and params["Delta LoRA hashes"].startswith(sd15.lora())
+
+
+def test_batch_of_two(sd15_client: WebUIClient, fixtures: dict[str, ModelFixture], record_property) -> None:
+    sd15 = fixtures["sd15"]
+    own = sd15_client.txt2img(own_lora(sd15), batch_size=2)
+    ours = sd15_client.txt2img(PROMPT, batch_size=2, **scripts(delta(sd15)))
+    assert len(ours.images) == 2
+    dbs = [psnr(a, b) for a, b in zip(ours.images, own.images, strict=True)]
+    record_property("psnr_db_vs_own_lora", [round(d, 2) for d in dbs])
+    assert min(dbs) > IDENTICAL_ABOVE_DB
+
+
+def test_hires_fix(sd15_client: WebUIClient, fixtures: dict[str, ModelFixture], record_property) -> None:
+    sd15 = fixtures["sd15"]
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+             "denoising_strength": 0.6}
+    own = sd15_client.txt2img(own_lora(sd15), **hires)
+    ours = sd15_client.txt2img(PROMPT, **hires, **scripts(delta(sd15)))
+    db = psnr(ours.image, own.image)
+    record_property("psnr_db_vs_own_lora", round(db, 2))
+    record_property("seconds", round(ours.seconds, 1))
+    assert db > IDENTICAL_ABOVE_DB
+
+
+def test_inpainting_keeps_the_protected_region(sd15_client: WebUIClient, fresh: dict[str, bytes],
+                                               fixtures: dict[str, ModelFixture], record_property) -> None:
+    sd15 = fixtures["sd15"]
+    own = img2img(sd15_client, {**INPAINT, "prompt": own_lora(sd15)})
+    ours = img2img(sd15_client, {**INPAINT, **scripts(delta(sd15))})
+    assert (left_half(ours.image) == left_half(fresh["inpaint"])).all()
+    db = psnr(ours.image, own.image)
+    record_property("psnr_db_vs_own_lora", round(db, 2))
+    assert db > IDENTICAL_ABOVE_DB
+    assert psnr(ours.image, fresh["inpaint"]) < CHANGED_BELOW_DB
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_are_http_errors_and_leave_the_server_clean(
+        sd15_client: WebUIClient, fresh: dict[str, bytes], fixtures: dict[str, ModelFixture]) -> None:
+    sd15 = fixtures["sd15"]
+    cases = [
+        (delta(sd15, source="no_such_model"), "no_such_model"),
+        (delta(sd15, loras=[{"name": "no_such_lora", "weight": 1.0}]), "no_such_lora"),
+        (delta(sd15, loras=[{"name": sd15.lora("corrupt"), "weight": 1.0}]), sd15.lora("corrupt")),
+    ]
+    for args, named in cases:
+        r = error_of(sd15_client, {"prompt": PROMPT, "steps": 4, "width": 64, "height": 64, "seed": 1,
+                                   "cfg_scale": 7.0, "sampler_name": "Euler", **scripts(args)})
+        assert r.status_code in (400, 422), (args, r.text[:500])
+        assert named in r.json()["detail"], r.text[:500]
+        assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
+
+
+def test_channel_mismatch() -> None:
+    pytest.skip("no 16-channel (SD3) fixture: the refusal is covered by tests/test_spaces.py and the stand-in suite")
+
+
+# ---------------------------------------------------------------------------------------------- soak
+
+
+def test_alternating_generations_keep_plain_ones_identical(
+        sd15_client: WebUIClient, fresh: dict[str, bytes], fixtures: dict[str, ModelFixture], server_pool: ServerPool,
+        record_property) -> None:
+    rounds = int(os.environ.get("DELTA_E2E_SOAK", "10"))  # pairs: 10 pairs = 20 generations
+    pid = server_pool.current.process.pid
+    start = rss_mb(pid)
+    peaks = []
+    for _ in range(rounds):
+        sd15_client.txt2img(PROMPT, **scripts(delta(fixtures["sd15"])))
+        assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
+        peaks.append(rss_mb(pid))
+    record_property("rss_mb_start", round(start))
+    record_property("rss_mb_after_each_pair", [round(v) for v in peaks])
+    record_property("rss_mb_growth_second_half", round(peaks[-1] - peaks[len(peaks) // 2 - 1]))
+
+
+# ---------------------------------------------------------------------------------------------- other families
+# Last: an SDXL target beside an SD1.5 source is the largest server of the module.
+
+
+@pytest.mark.parametrize("target", ["sd21v", "sdxl"])
+def test_sd15_source_steers_another_family(client: WebUIClient, fixtures: dict[str, ModelFixture], target: str,
+                                           record_property) -> None:
+    client.set_model(fixtures[target].model_name)
+    plain = client.txt2img(PROMPT)
+    ours = client.txt2img(PROMPT, **scripts(delta(fixtures["sd15"])))
+    db = psnr(ours.image, plain.image)
+    record_property("psnr_db_vs_target_alone", round(db, 2))
+    record_property("seconds", round(ours.seconds, 1))
+    assert db < CHANGED_BELOW_DB
+    assert ours.param("Model") == fixtures[target].model_name
