@@ -25,7 +25,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     report = yield
     pool = getattr(item.config, "_delta_e2e_pool", None)
     if report.failed and pool is not None and pool.current is not None:
-        report.sections.append(("AUTOMATIC1111 log (tail)", pool.current.log_tail()))
+        server = pool.current
+        process = server.process
+        if process is not None and process.poll() is not None:  # -9: killed, most often by the OOM killer
+            report.sections.append(("AUTOMATIC1111 exit", f"the server exited with {process.returncode}"))
+        report.sections.append(("AUTOMATIC1111 log (tail)", server.log_tail()))
     return report
 
 

@@ -419,26 +419,30 @@ class WebUIServer:
         self._wait_until_up()
 
     def _wait_until_up(self) -> None:
-        """Wait for the start-up summary line, then for the API.
+        """Wait for the start-up summary line, then for the API, then for the start-up model load.
 
-        No request may reach the port before then: gradio serves the app before the WebUI adds the API's
-        middleware, and a request in that window makes starlette build its middleware stack, after which the
-        WebUI's start-up dies with "Cannot add middleware after an application has started".
+        No request may reach the port before the summary line: gradio serves the app before the WebUI adds the
+        API's middleware, and a request in that window makes starlette build its middleware stack, after which
+        the WebUI's start-up dies with "Cannot add middleware after an application has started".
+        The model the WebUI loads at start (in a thread) must be in place before a test switches checkpoints:
+        two loads at once share the WebUI's patched load_state_dict and fail with "Cannot copy out of meta tensor".
         """
         assert self.process is not None and self.client is not None
         deadline = time.monotonic() + self.startup_timeout
-        started = False
+        started = api_up = False
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the WebUI exited with {self.process.returncode} during start-up:\n"
                                    f"{self.log_tail()}")
-            started = started or "Startup time:" in self.log_tail(chars=1 << 20)
-            if started:
+            log = self.log_tail(chars=1 << 20)
+            started = started or "Startup time:" in log
+            if started and not api_up:
                 try:
-                    if requests.get(self.client.base_url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
-                        return
+                    api_up = requests.get(self.client.base_url + "/sdapi/v1/sd-models", timeout=5).status_code == 200
                 except requests.RequestException:
                     pass
+            if api_up and (not self.config.models or "Model loaded in" in log or "failed to load" in log):
+                return
             time.sleep(1)
         raise TimeoutError(f"the WebUI did not answer within {self.startup_timeout:.0f}s:\n{self.log_tail()}")
 

@@ -127,7 +127,8 @@ def test_xyz_grid_over_lambda(api: WebUIClient, sd15: ModelFixture, reference: G
     grid_script = next(s for s in api.get("/sdapi/v1/script-info")
                        if s["name"] == "x/y/z plot" and not s["is_img2img"])
     axis = grid_script["args"][0]["choices"].index("[Delta] Lambda")  # the index depends on the installed scripts
-    script_args = [axis, "0, 0.5, 0.75", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0,
+    # x: λ over three values; no y or z; draw legend, include the cells' own images; csv mode off
+    script_args = [axis, "0, 0.5, 0.75", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0,
                    False]
     grid = api.txt2img(PROMPT, script_name="x/y/z plot", script_args=script_args,
                        alwayson_scripts={SCRIPT: {"args": [delta_dict(sd15, strength=2.0)]}})
@@ -217,6 +218,8 @@ def test_panel_in_the_browser(api: WebUIClient, sd15: ModelFixture, record_prope
         strength.press("Enter")
         summary = page.locator(f"#{p}summary .delta-sampling-summary-text")
         expect(summary).to_have_text(f"λ 0.75 · {sd15.model_name}")
+        strength.evaluate("e => e.blur()")
+        page.locator(f"#{p}advanced .label-wrap").first.click()  # the screenshot shows the advanced settings too
 
         # every control shows its tooltip on hover (title on its block or, for the switch, on the header)
         untitled = [f for f in POSITIONAL_FIELDS[1:] if not page.locator(f"#{p}{f}").get_attribute("title")]
@@ -234,7 +237,7 @@ def test_panel_in_the_browser(api: WebUIClient, sd15: ModelFixture, record_prope
         page.locator("#txt2img_seed input").fill("1")
         page.locator("#txt2img_prompt textarea").fill(PROMPT)
         page.locator("#txt2img_generate").click()
-        info = page.locator("#html_info_txt2img")
+        info = page.locator("#html_info_txt2img").first  # gradio 3 gives the block and its content this id
         expect(info).to_contain_text("Delta lambda", timeout=600_000)
         text = info.text_content() or ""
         record_property("ui_infotext", text)
