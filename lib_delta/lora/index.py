@@ -55,13 +55,22 @@ class Layer:
 def layer_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.MultiheadAttention):
         return "mha" if module._qkv_same_embed_dim else None
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_plain_linear(module):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv"
     if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
         return "norm" if getattr(module, "weight", None) is not None else None
     return None
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """A linear layer that is not an ``nn.Linear``: Forge's ``operations.Linear`` is a bare ``nn.Module`` with the
+    same attributes (quantized weights, which are not plain 2-D tensors, are left out)."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(getattr(module, "in_features", None), int) and isinstance(weight, torch.Tensor)
+            and type(weight) in (torch.Tensor, nn.Parameter) and weight.ndim == 2
+            and tuple(weight.shape) == (module.out_features, module.in_features))
 
 
 class ModelIndex:

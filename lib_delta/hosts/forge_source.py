@@ -1,0 +1,360 @@
+"""The source model as Forge runs it: conditioning before sampling, and one batched evaluation per step.
+
+Variants are the source base (variant 0) and, for each adaptation group g, the adapted source (variant g + 1): the
+base engine or a fine-tuned checkpoint's engine, with or without that group's LoRAs, and with the generation's
+prompts or the group's adapted prompt. Every variant that runs on one engine goes through Forge's own
+``calc_cond_uncond_batch`` in a single call: their conditionings are concatenated along the batch and the
+functional LoRA patch adds each group's terms to its own rows (Forge merges LoRA weights in place and shares them
+between clones, so its patcher cannot give base and adapted rows from one copy of the weights).
+
+Rows are handed back to the core as ``[cond_i | uncond_i]`` per image, where ``cond_i`` already is Forge's
+AND-weighted average; Forge's edit strength (the sum of AND weights) is folded into it so that the core's plain
+combine ``uncond + scale · (cond − uncond)`` equals Forge's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..args import DeltaSettings
+from ..errors import DeltaError
+from ..lora import DeltaPatch, LoraUse, build_patch, read_lora
+from . import forge_models
+from .forge_models import PrivateEngine
+
+# The text encoders a LoRA's text-encoder part maps to, per family (keys of Forge's JointTextEncoder).
+_TEXT_ENCODERS = {"sd1": {"te": "clip_l"}, "sd2": {"te": "clip_h"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"}}
+
+
+@dataclass(eq=False)
+class Slot:
+    """One private engine the source runs on, with the LoRA groups evaluated on it."""
+
+    entry: PrivateEngine
+    lora_groups: list[tuple[LoraUse, ...]] = field(default_factory=list)
+    patch: DeltaPatch | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    slot: int
+    group: int | None  # the LoRA group in that slot's patch
+    prompt: str  # the adapted prompt, '' for the generation's own
+
+
+@dataclass
+class VariantConds:
+    cond: Any  # prompt_parser.MulticondLearnedConditioning
+    uncond: Any  # list[list[ScheduledPromptConditioning]]
+
+
+class ForgeSource:
+    """The core's ``SourceModel`` for Forge; ``encode`` before each sampling pass, then called per model call."""
+
+    def __init__(self, slots: list[Slot], variants: list[Variant], fold_strength: bool) -> None:
+        self.slots = slots
+        self.variants = variants
+        self.fold_strength = fold_strength  # cfg mode: fold Forge's edit strength into the cond row
+        self.conds: dict[Variant, VariantConds] = {}
+        self.batch = 0
+        self.denoiser: Any = None  # the sampler's CFG denoiser: its step indexes the prompt schedules
+        self.cond_scale = 1.0  # the target's effective scale for this call, captured by a conditioning modifier
+        self.skip_uncond = False  # Forge skipped the target's uncond (CFG 1): skip the source's too
+        self.calls = 0
+
+    @property
+    def base(self) -> PrivateEngine:
+        return self.slots[0].entry
+
+    def patchers(self) -> list[Any]:
+        return [s.entry.unet for s in self.slots]
+
+    def lora_summary(self) -> str:
+        """Per LoRA file, how many of its keys found a layer (a low count means the wrong family or format)."""
+        reports = [r for s in self.slots if s.patch is not None for group in s.patch.reports for r in group]
+        return ", ".join(f"{r.file} {r.keys_matched}/{r.keys_total} keys" for r in reports)
+
+    def attach(self) -> None:
+        for s in self.slots:
+            if s.patch is not None:
+                s.patch.attach()
+
+    def detach(self) -> None:
+        for s in self.slots:
+            if s.patch is not None:
+                s.patch.detach()
+
+    # -- before sampling -----------------------------------------------------------------------------------------
+
+    def encode(self, p: Any) -> None:
+        """Text conditioning of every variant for the pass about to run, as ``p.setup_conds`` builds the target's."""
+        from modules import devices, prompt_parser, shared
+
+        hr = bool(getattr(p, "is_hr_pass", False))
+        prompts = list(p.hr_prompts if hr else p.prompts)
+        negatives = list(p.hr_negative_prompts if hr else p.negative_prompts)
+        width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr else (p.width, p.height)
+        distilled = getattr(p, "hr_distilled_cfg" if hr else "distilled_cfg_scale", None)
+        steps, hires_steps = _schedule_steps(p, hr)
+        old = bool(getattr(shared.opts, "use_old_scheduling", False))
+        negs = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True,
+                                            distilled_cfg_scale=distilled)
+        self.conds = {}
+        self.batch = len(prompts)
+        for v in dict.fromkeys(self.variants):
+            slot = self.slots[v.slot]
+            engine = slot.entry.engine
+            texts = prompt_parser.SdConditioning([v.prompt] * len(prompts) if v.prompt else prompts, width=width,
+                                                 height=height, distilled_cfg_scale=distilled)
+            plan = contextlib.nullcontext() if v.group is None else slot.patch.rows([(slice(None), v.group)])
+            with torch.inference_mode(), devices.autocast(), plan:
+                engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
+                cond = prompt_parser.get_multicond_learned_conditioning(engine, texts, steps, hires_steps, old)
+                uncond = prompt_parser.get_learned_conditioning(engine, negs, steps, hires_steps, old)
+            self.conds[v] = VariantConds(cond, uncond)
+
+    def extra_memory(self, shape: Sequence[int], target_unet: Any) -> int:
+        """Bytes to reserve beyond the target's own activations: the source runs after the target, on more rows."""
+        b, c, h, w = shape
+        target = target_unet.memory_required([2 * b, c, h, w])
+        activations = max(s.entry.unet.memory_required([2 * b * sum(v.slot == i for v in self.variants), c, h, w])
+                          for i, s in enumerate(self.slots))
+        patches = sum(s.patch.nbytes() for s in self.slots if s.patch is not None)
+        return int(max(activations - target, 0)) + patches
+
+    # -- per model call -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()  # as Forge samples; the conditionings are inference tensors
+    def __call__(self, x: Tensor, level: Tensor, rows: Sequence[int], variants: Sequence[int]) -> Tensor:
+        from modules import prompt_parser
+
+        b = self.batch
+        run_uncond = len(rows) > b and not self.skip_uncond
+        step = int(getattr(self.denoiser, "step", 0))
+        compiled = {}
+        for k in dict.fromkeys(variants):
+            compiled[k] = _compile(self.conds[self.variants[k]], step, run_uncond, prompt_parser)
+        preds: dict[int, Tensor] = {}
+        for slot_index in dict.fromkeys(self.variants[k].slot for k in variants):
+            ks = [k for k in dict.fromkeys(variants) if self.variants[k].slot == slot_index]
+            for batch in _mergeable_batches(ks, compiled):
+                preds.update(self._run(self.slots[slot_index], batch, compiled, x[:b], level[:b], run_uncond))
+        self.calls += 1
+        out = torch.stack([preds[k] for k in variants])
+        return out[:, list(rows)]
+
+    def _run(self, slot: Slot, ks: list[int], compiled: dict, x: Tensor, level: Tensor,
+             run_uncond: bool) -> dict[int, Tensor]:
+        from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+        b, n = x.shape[0], len(ks)
+        unet = slot.entry.unet
+        options = dict(unet.model_options)
+        groups = [self.variants[k].group for k in ks]
+        if slot.patch is not None and any(g is not None for g in groups):
+            options["model_function_wrapper"] = _row_plan(slot.patch, groups, b)
+        cond = _merge([compiled[k][0] for k in ks])
+        uncond = _merge([compiled[k][1] for k in ks]) if run_uncond else None
+        device = x.device
+        xin, sin = x.to(unet.load_device).repeat(n, 1, 1, 1), level.to(unet.load_device).repeat(n)
+        c_all, u_all = calc_cond_uncond_batch(unet.model, cond, uncond, xin, sin, options)
+        out = {}
+        for i, k in enumerate(ks):
+            c, u = c_all[i * b:(i + 1) * b].to(device), u_all[i * b:(i + 1) * b].to(device)
+            strength = sum(e.get("strength", 1) for e in compiled[k][0])
+            if self.fold_strength and not math.isclose(strength, 1.0):
+                c = u + (c - u) * strength
+            out[k] = torch.cat([c, u])
+        return out
+
+
+# --- building ------------------------------------------------------------------------------------------------------
+
+
+def build(settings: DeltaSettings) -> ForgeSource:
+    """Load the source base, fine-tuned checkpoints and LoRAs of a generation; raises DeltaError.
+
+    Every name and file is checked before any model loads, so a mistyped setting fails in a moment. On failure the
+    engines loaded so far are settled as after a generation (kept or dropped as the cache option says).
+    """
+    forge_models.resolve(settings.source)
+    files = []
+    for g in settings.groups:
+        if g.checkpoint:
+            forge_models.resolve(g.checkpoint, "fine-tuned checkpoint")
+        files.append(tuple(LoraUse(read_lora(_lora_path(r.name), _safe_load), r.te, r.unet) for r in g.loras))
+    slots: list[Slot] = []
+    try:
+        return _assemble(settings, files, slots)
+    except BaseException:
+        forge_models.settle({s.entry.key for s in slots})
+        raise
+
+
+def _assemble(settings: DeltaSettings, files: list[tuple[LoraUse, ...]], slots: list[Slot]) -> ForgeSource:
+    base = forge_models.acquire(settings.source)
+    _check_source(base, "source checkpoint")
+    slots.append(Slot(base))
+    variants = [Variant(0, None, "")]
+    for g, uses in zip(settings.groups, files, strict=True):
+        index = 0
+        if g.checkpoint:
+            entry = forge_models.acquire(g.checkpoint, "fine-tuned checkpoint")
+            index = next((i for i, s in enumerate(slots) if s.entry is entry), len(slots))
+            if index == len(slots):
+                slots.append(Slot(entry))
+            _check_source(entry, "fine-tuned checkpoint")
+            _check_same_kind(entry, base)
+        group = None
+        if uses:
+            slots[index].lora_groups.append(uses)
+            group = len(slots[index].lora_groups) - 1
+        variants.append(Variant(index, group, g.prompt))
+    for slot in slots:
+        forge_models.place(slot.entry)
+        if slot.lora_groups:
+            slot.patch = build_patch(_roots(slot.entry), slot.entry.family, slot.lora_groups)
+    fold = settings.cfg_mode == "cfg" or settings.mode == "base-first"
+    return ForgeSource(slots, variants, fold)
+
+
+def _check_source(entry: PrivateEngine, what: str) -> None:
+    if getattr(entry.engine, "is_inpaint", False):
+        raise DeltaError(f"The {what} '{entry.title}' is an inpainting model; Delta Sampling needs a plain "
+                         "text-to-image model as its source.")
+
+
+def _check_same_kind(entry: PrivateEngine, base: PrivateEngine) -> None:
+    a, b = entry.latent, base.latent
+    if a != b or forge_models.convention(entry.engine) != forge_models.convention(base.engine):
+        raise DeltaError(f"The fine-tuned checkpoint '{entry.title}' ({a.name}) is not of the source base "
+                         f"'{base.title}' ({b.name}): a fine-tune must come from the source base's model family.")
+
+
+def _roots(entry: PrivateEngine) -> dict[str, Any]:
+    family = entry.family
+    if family not in _TEXT_ENCODERS:
+        raise DeltaError(f"LoRAs on a {forge_models.FAMILY_LABELS[family]} source are not supported yet; use an "
+                         "SD1.x, SD2.x or SDXL source, or transfer a fine-tuned checkpoint or an adapted prompt.")
+    encoders = entry.engine.forge_objects.clip.cond_stage_model
+    roots = {part: getattr(encoders, name, None) for part, name in _TEXT_ENCODERS[family].items()}
+    return {"unet": entry.unet.model.diffusion_model, **{k: v for k, v in roots.items() if v is not None}}
+
+
+def _lora_path(name: str) -> str:
+    """The file of a LoRA Forge lists under that name or alias; never a path from the request."""
+    networks = _networks()
+    for attempt in range(2):
+        entry = networks.available_network_aliases.get(name) or networks.available_networks.get(name)
+        if entry is not None:
+            return entry.filename
+        if attempt == 0:
+            networks.list_available_networks()  # a file added since the list was built
+    raise DeltaError(f"LoRA '{name}' is not among Forge's LoRAs; use a name /sdapi/v1/loras lists (refresh the "
+                     "list after adding a file).")
+
+
+def _networks() -> Any:
+    import sys
+
+    module = sys.modules.get("networks")
+    if module is None:
+        raise DeltaError("Forge's built-in LoRA extension (sd_forge_lora) is not loaded; it lists the LoRA files "
+                         "Delta Sampling may use. Enable it in the Extensions tab.")
+    return module
+
+
+def _safe_load(path: str) -> Any:
+    from backend.utils import load_torch_file
+
+    return load_torch_file(path, safe_load=True)
+
+
+# --- per-call helpers ----------------------------------------------------------------------------------------------
+
+
+def _schedule_steps(p: Any, hr: bool) -> tuple[int, int | None]:
+    """The step counts the target's prompt schedules were built with (``setup_conds`` / ``calculate_hr_conds``)."""
+    first = int(getattr(p, "firstpass_steps", 0) or p.steps)
+    if not hr:
+        return first, None
+    from modules import sd_samplers
+
+    config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
+    steps = p.hr_second_pass_steps or p.steps
+    return first, (config.total_steps(steps) if config else steps)
+
+
+def _compile(conds: VariantConds, step: int, with_uncond: bool, prompt_parser: Any) -> tuple[list, list | None]:
+    from backend.sampling.condition import compile_conditions, compile_weighted_conditions
+
+    composition, tensor = prompt_parser.reconstruct_multicond_batch(conds.cond, step)
+    cond = compile_weighted_conditions(tensor, composition)
+    uncond = compile_conditions(prompt_parser.reconstruct_cond_batch(conds.uncond, step)) if with_uncond else None
+    return cond, uncond
+
+
+def _mergeable_batches(ks: list[int], compiled: dict) -> list[list[int]]:
+    """Variants whose conditionings concatenate (same AND layout and weights); the rest run on their own."""
+    batches: list[list[int]] = []
+    for k in ks:
+        for batch in batches:
+            if all(_lists_concat(compiled[batch[0]][i], compiled[k][i]) for i in (0, 1)):
+                batch.append(k)
+                break
+        else:
+            batches.append([k])
+    return batches
+
+
+def _lists_concat(a: list | None, b: list | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.get("strength") != y.get("strength") or x["model_conds"].keys() != y["model_conds"].keys():
+            return False
+        if not all(c.can_concat(y["model_conds"][key]) for key, c in x["model_conds"].items()):
+            return False
+    return True
+
+
+def _merge(lists: list[list | None]) -> list | None:
+    """One conditioning list whose batch is the variants' batches one after another."""
+    if lists[0] is None:
+        return None
+    if len(lists) == 1:
+        return lists[0]
+    merged = []
+    for entries in zip(*lists, strict=True):
+        first = entries[0]
+        conds = {key: type(c)(c.concat([e["model_conds"][key] for e in entries[1:]]))
+                 for key, c in first["model_conds"].items()}
+        item = {"model_conds": conds}
+        if "strength" in first:
+            item["strength"] = first["strength"]
+        merged.append(item)
+    return merged
+
+
+def _row_plan(patch: DeltaPatch, groups: list[int | None], batch: int):
+    """A model function wrapper giving each variant's rows its LoRA group, in every chunk Forge batches."""
+
+    def wrapper(apply_model, args):
+        inputs = args["input"]
+        chunks = len(args["cond_or_uncond"])
+        per = inputs.shape[0] // chunks
+        plan = [(slice(c * per + k * batch, c * per + (k + 1) * batch), g)
+                for c in range(chunks) for k, g in enumerate(groups) if g is not None]
+        with patch.rows(plan):
+            return apply_model(inputs, args["timestep"], **args["c"])
+
+    return wrapper

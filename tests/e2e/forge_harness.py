@@ -1,0 +1,188 @@
+"""Run a real Stable Diffusion WebUI Forge 2 for the end-to-end tests, on the shared harness.
+
+The fixture checkpoints, the throwaway data dir, the client and the image helpers are the A1111 harness's
+(``harness.py``); only the install, the command line and the fixture source differ. Forge reads the same checkpoint
+files. The fixtures are built with the A1111 install (they instantiate its ldm/sgm classes), so they come from the
+cache, or are built when DELTA_E2E_A1111 names an install too.
+
+Environment:
+    DELTA_E2E_FORGE         the Forge install (its repo root, with repositories/huggingface_guess in place);
+                            the Forge tests are skipped without it
+    DELTA_E2E_FORGE_PYTHON  Forge's python (default: <install>/venv/bin/python)
+    DELTA_E2E_FORGE_ARGS    extra launch flags, e.g. "--unet-in-bf16" on a machine short of memory
+    DELTA_E2E_CACHE, DELTA_E2E_HF_HOME, DELTA_E2E_A1111: as in harness.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from harness import (
+    A1111Install,
+    ModelFixture,
+    ServerConfig,
+    ServerPool,
+    WebUIClient,
+    WebUIServer,
+    _free_port,
+    _read_fixture,
+    _server_env,
+    ensure_fixtures,
+    fixture_version,
+)
+
+# CPU only (Forge's own switch: --use-cpu and --no-half are A1111's), API on, loopback only, nothing downloaded.
+FORGE_ARGS = (
+    "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+    "--always-cpu", "--api", "--no-download-sd-model", "--disable-console-progressbars",
+)
+
+
+@dataclass(frozen=True)
+class ForgeInstall:
+    root: Path
+    python: Path
+    cache: Path
+    hf_home: Path | None
+    extra_args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls) -> ForgeInstall | None:
+        root = os.environ.get("DELTA_E2E_FORGE")
+        if not root:
+            return None
+        root_path = Path(root).expanduser().resolve()
+        python = Path(os.environ.get("DELTA_E2E_FORGE_PYTHON") or root_path / "venv" / "bin" / "python").expanduser()
+        cache = Path(os.environ.get("DELTA_E2E_CACHE") or "~/.cache/sd-webui-delta-sampling-e2e").expanduser()
+        hf_home = os.environ.get("DELTA_E2E_HF_HOME") or os.environ.get("HF_HOME")
+        extra = tuple(shlex.split(os.environ.get("DELTA_E2E_FORGE_ARGS", "")))
+        return cls(root_path, python, cache, Path(hf_home).expanduser() if hf_home else None, extra)
+
+    def problems(self) -> list[str]:
+        found = []
+        if not (self.root / "launch.py").is_file() or not (self.root / "backend" / "loader.py").is_file():
+            found.append(f"{self.root} is not a Forge 2 install (no launch.py / backend/loader.py)")
+        if not self.python.exists():
+            found.append(f"no Forge python at {self.python} (set DELTA_E2E_FORGE_PYTHON)")
+        if not (self.root / "repositories" / "huggingface_guess" / "huggingface_guess").is_dir():
+            found.append(f"{self.root}/repositories/huggingface_guess is missing (Forge clones it at first start; "
+                         "offline it must be put there)")
+        return found
+
+
+def forge_fixtures(install: ForgeInstall, models: tuple[str, ...]) -> dict[str, ModelFixture]:
+    """Cached fixture models; built with the A1111 install when DELTA_E2E_A1111 is set and some are missing.
+
+    "sdxl" is the reduced SDXL made Forge-loadable (see :func:`forge_sdxl`)."""
+    base = install.cache / f"fixtures-v{fixture_version()}"
+    found = {key: _read_fixture(base / key, key, fixture_version()) for key in models}
+    missing = [key for key, f in found.items() if f is None]
+    if missing:
+        a1111 = A1111Install.from_env()
+        if a1111 is None:
+            raise LookupError(f"fixture models {missing} are not in {base}; build them once with DELTA_E2E_A1111 set "
+                              "(or run tests/e2e/fixtures.py with the A1111 python)")
+        found.update(ensure_fixtures(a1111, tuple(missing)))
+    if "sdxl" in found:
+        found["sdxl"] = forge_sdxl(found["sdxl"], base / "forge-sdxl")
+    return {key: found[key] for key in models}
+
+
+# Forge recognises a model by its exact block layout (huggingface_guess): the reduced SDXL fixture, one transformer
+# block per attention layer, matches none. Giving the two attention layers of the deepest input level a second
+# block makes it the layout of Segmind's Vega, a distilled SDXL that Forge loads as an SDXL engine.
+_VEGA_LAYERS = ("model.diffusion_model.input_blocks.7.1.transformer_blocks.",
+                "model.diffusion_model.input_blocks.8.1.transformer_blocks.")
+
+
+def forge_sdxl(fixture: ModelFixture, directory: Path) -> ModelFixture:
+    """The reduced SDXL fixture with the layout of Segmind Vega (built once, beside the other fixtures)."""
+    manifest = {**fixture.manifest, "files": {"checkpoint": "delta_e2e_sdxl_vega.safetensors"}, "loras": {},
+                "derived_from": fixture.manifest["files"]["checkpoint"]}
+    cached = _read_fixture(directory, fixture.key, fixture.manifest["fixture_version"])
+    if cached is not None and cached.manifest.get("derived_from") == manifest["derived_from"]:
+        return cached
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(fixture.checkpoint))
+    for prefix in _VEGA_LAYERS:
+        for key in [k for k in state if k.startswith(prefix + "0.")]:
+            state[prefix + "1." + key[len(prefix) + 2:]] = state[key].clone()  # the second block starts as the first
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / manifest["files"]["checkpoint"]), metadata={"delta_e2e_model": "sdxl_vega"})
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return ModelFixture(fixture.key, directory, manifest)
+
+
+class ForgeServer(WebUIServer):
+    """A running Forge on 127.0.0.1 with its own data dir; see :class:`harness.WebUIServer`."""
+
+    def start(self) -> None:
+        self._prepare_data_dir()
+        assert self.data_dir is not None
+        self.port = _free_port()
+        env = _server_env(self.install)  # type: ignore[arg-type]
+        env["SD_WEBUI_CACHE_DIR"] = str(self.install.cache / "forge-webui-cache")
+        cmd = [str(self.install.python), "launch.py", *FORGE_ARGS, *self.install.extra_args,  # type: ignore[attr-defined]
+               "--port", str(self.port), "--data-dir", str(self.data_dir), *self.config.extra_args]
+        self._log_handle = open(self.log_path, "w")  # closed in stop()
+        self.process = subprocess.Popen(cmd, cwd=self.install.root, env=env, stdout=self._log_handle,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.client = WebUIClient(f"http://127.0.0.1:{self.port}")
+        self._wait_until_up()
+
+    def _wait_until_up(self) -> None:
+        """The start-up summary line, then the API. Unlike A1111, Forge loads the model on the first generation."""
+        assert self.process is not None and self.client is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Forge exited with {self.process.returncode} during start-up:\n{self.log_tail()}")
+            if "Startup time:" in self.log_tail(chars=1 << 20):  # no request may come earlier (see harness.py)
+                try:
+                    if requests.get(self.client.base_url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
+                        return
+                except requests.RequestException:
+                    pass
+            time.sleep(1)
+        raise TimeoutError(f"Forge did not answer within {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def _keep_log(self) -> None:
+        logs = self.install.cache / "logs"
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+            label = ("ext" if self.config.extension else "plain") + "".join(self.config.extra_args).replace("--", "-")
+            shutil.copyfile(self.log_path, logs / f"forge-{label}-{self.port}.log")  # one per server: post-mortems
+        except OSError:
+            pass
+
+
+class ForgeServerPool(ServerPool):
+    """One Forge at a time; asking for another configuration stops the current one."""
+
+    def __init__(self, install: ForgeInstall):
+        super().__init__(install)  # type: ignore[arg-type]
+
+    def fixtures(self, models: tuple[str, ...] = ("sd15",)) -> dict[str, ModelFixture]:
+        todo = tuple(m for m in models if m not in self._fixtures)
+        if todo:
+            self._fixtures.update(forge_fixtures(self.install, todo))  # type: ignore[arg-type]
+        return {m: self._fixtures[m] for m in models}
+
+    def get(self, config: ServerConfig) -> WebUIServer:
+        if self.current is not None:
+            if self.current.config == config and self.current.process and self.current.process.poll() is None:
+                return self.current
+            self.close()
+        server = ForgeServer(self.install, config, self.fixtures(config.models))  # type: ignore[arg-type]
+        server.__enter__()
+        self.current = server
+        return server

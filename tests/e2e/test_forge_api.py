@@ -1,0 +1,146 @@
+"""Delta Sampling in a real Forge 2, through its API (see forge_harness.py for the variables).
+
+- the extension disabled gives PNGs byte-identical to Forge without the extension, and enabled with λ = 0 (or an
+  empty window) the same pixels;
+- source == target with the fixture LoRA L and λ = 1 comes close to Forge's own ``<lora:L:1>`` (and hires fix,
+  whose hook Forge calls twice per pass, applies the delta once);
+- an SD1.5 source steers an SDXL target: it runs and changes the image;
+- bad inputs are HTTP errors with the reason, the server keeps serving, and the next plain image is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import requests
+from forge_harness import ForgeInstall, ForgeServerPool
+from harness import Generation, ServerConfig, WebUIClient, decode_image, psnr
+
+PROMPT = "a photo of a cat sitting on a red chair"
+MODELS = ("sd15", "sdxl")
+# A rank-4 fixture LoRA moves a 4-step 64x64 image by about 20 dB; the functional LoRA against Forge's merged one
+# differs only by float rounding (and Forge merging in place), so "close" is far above that.
+CLOSE_DB = 35.0
+CHANGED_BELOW_DB = 35.0
+# Forge's API needs hr_additional_modules for hires fix (None fails inside Forge's own hires code)
+HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.6,
+         "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"]}
+LOW_MEMORY = ("--unet-in-bf16", "--clip-in-fp16")
+
+
+def delta(**settings) -> dict:
+    return {"alwayson_scripts": {"Delta Sampling": {"args": [settings]}}}
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ForgeServerPool]:
+    install = ForgeInstall.from_env()
+    if install is None:
+        pytest.skip("set DELTA_E2E_FORGE to a Forge 2 install to run the Forge end-to-end tests")
+    problems = install.problems()
+    if problems:
+        pytest.fail("DELTA_E2E_FORGE is set but unusable:\n" + "\n".join(problems), pytrace=False)
+    try:
+        pool = ForgeServerPool(install)
+        pool.fixtures(MODELS)
+    except LookupError as e:
+        pytest.skip(str(e))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def plain(pool: ForgeServerPool) -> dict[str, Generation]:
+    """Reference images from Forge without the extension (generated first: one server at a time)."""
+    server = pool.get(ServerConfig(extension=False, models=MODELS))
+    client = server.client
+    assert client is not None
+    client.set_model(pool.fixtures(MODELS)["sd15"].model_name)
+    refs = {"sd15": client.txt2img(PROMPT), "sd15_hires": client.txt2img(PROMPT, **HIRES)}
+    assert client.txt2img(PROMPT).image == refs["sd15"].image, "Forge itself must be deterministic here"
+    return refs
+
+
+@pytest.fixture
+def forge(pool: ForgeServerPool, plain: dict[str, Generation]) -> WebUIClient:
+    server = pool.get(ServerConfig(extension=True, models=MODELS))
+    assert server.client is not None
+    return server.client
+
+
+@pytest.fixture
+def sd15(pool: ForgeServerPool, forge: WebUIClient):
+    fixture = pool.fixtures(MODELS)["sd15"]
+    forge.set_model(fixture.model_name)
+    return fixture
+
+
+def test_disabled_and_zero_strength_are_identical_to_forge_without_the_extension(forge, sd15, plain):
+    for params in ({}, delta(enabled=False)):  # the whole PNG, infotext included
+        assert forge.txt2img(PROMPT, **params).image == plain["sd15"].image, params
+    lora = f"<lora:{sd15.lora()}:1>"
+    for params in (delta(enabled=True, source=sd15.model_name, loras=lora, strength=0.0),
+                   delta(enabled=True, source=sd15.model_name, adapted_prompt="a dog", start=0.5, end=0.5)):
+        got = forge.txt2img(PROMPT, **params)  # the pixels: the infotext now records the settings
+        assert np.array_equal(decode_image(got.image), decode_image(plain["sd15"].image)), params
+        assert got.param("Model") == sd15.model_name and got.param("Delta source") == sd15.model_name
+
+
+@pytest.mark.parametrize("hires", [False, True])
+def test_source_equal_to_target_with_its_lora_matches_forges_own_lora(forge, sd15, plain, hires, record_property):
+    extra = HIRES if hires else {}
+    reference = plain["sd15_hires" if hires else "sd15"]
+    own = forge.txt2img(f"{PROMPT} <lora:{sd15.lora()}:1>", **extra)
+    got = forge.txt2img(PROMPT, **extra, **delta(enabled=True, source=sd15.model_name,
+                                                  loras=f"<lora:{sd15.lora()}:1>", strength=1.0))
+    moved, db = psnr(reference.image, own.image), psnr(got.image, own.image)
+    record_property("psnr_lora_moves_db", round(moved, 2))
+    record_property("psnr_delta_vs_forge_lora_db", round(db, 2))
+    record_property("seconds_delta", round(got.seconds, 1))
+    record_property("seconds_forge_lora", round(own.seconds, 1))
+    print(f"hires={hires}: PSNR(plain, <lora>) = {moved:.2f} dB; PSNR(delta, <lora>) = {db:.2f} dB; "
+          f"{got.seconds:.1f}s with the delta, {own.seconds:.1f}s with Forge's LoRA")
+    assert moved < CHANGED_BELOW_DB, "the fixture LoRA must move the image for this to mean anything"
+    assert db > CLOSE_DB
+    assert got.param("Delta source") == sd15.model_name
+
+
+def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(forge, sd15, plain):
+    lora = f"<lora:{sd15.lora()}:1>"
+    bad = {
+        "not among Forge's checkpoints": dict(enabled=True, source="no_such_model", loras=lora),
+        "not among Forge's LoRAs": dict(enabled=True, source=sd15.model_name, loras="<lora:no_such_lora:1>"),
+        "must lie between": dict(enabled=True, source=sd15.model_name, loras=lora, strength=9.0),
+        "Unknown Delta Sampling setting": dict(enabled=True, source=sd15.model_name, loras=lora, lamda=1.0),
+        "not a readable .safetensors": dict(enabled=True, source=sd15.model_name,
+                                            loras=f"<lora:{sd15.lora('corrupt')}:1>"),
+    }
+    for words, settings in bad.items():
+        with pytest.raises(requests.HTTPError) as err:
+            forge.txt2img(PROMPT, **delta(**settings))
+        assert err.value.response.status_code == 422, err.value
+        assert words in err.value.response.text, err.value.response.text
+        assert forge.txt2img(PROMPT).image == plain["sd15"].image
+
+
+def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
+    # A full-precision SDXL beside an SD1.5 source needs more RAM than the CPU machines here have to spare;
+    # this check (runs, moves the image) holds in half precision too.
+    server = pool.get(ServerConfig(extension=True, models=MODELS, extra_args=LOW_MEMORY))
+    forge = server.client
+    assert forge is not None
+    fixtures = pool.fixtures(MODELS)
+    xl, sd15 = fixtures["sdxl"], fixtures["sd15"]
+    forge.set_model(xl.model_name)
+    off = forge.txt2img(PROMPT)
+    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>"))
+    db = psnr(off.image, got.image)
+    record_property("psnr_db", round(db, 2))
+    record_property("seconds", round(got.seconds, 1))
+    print(f"SD1.5 -> SDXL: PSNR(off, delta) = {db:.2f} dB in {got.seconds:.1f}s")
+    assert got.param("Model") == xl.model_name and got.param("Delta source") == sd15.model_name
+    assert db < CHANGED_BELOW_DB

@@ -1,0 +1,64 @@
+"""A small stand-in for the pieces of Stable Diffusion WebUI Forge 2 that ``lib_delta.hosts.forge`` touches.
+
+``installed()`` puts it into ``sys.modules`` under Forge's module names for the duration of a test and takes it out
+again, so the A1111 stand-in and this one never meet. Nothing here is Forge code: it is written from Forge's
+behaviour as the project's host notes describe it, at the size the tests need (see ``backend`` and ``webui``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+from . import backend, webui
+
+
+def _module(name: str, **attrs) -> ModuleType:
+    m = ModuleType(name)
+    m.__dict__.update(attrs)
+    return m
+
+
+def _modules() -> dict[str, ModuleType]:
+    b, w = backend, webui
+    mods = {
+        "backend": _module("backend"),
+        "backend.loader": _module("backend.loader", forge_loader=b.forge_loader),
+        "backend.memory_management": b,
+        "backend.utils": _module("backend.utils", load_torch_file=b.load_torch_file),
+        "backend.sampling": _module("backend.sampling"),
+        "backend.sampling.condition": b,
+        "backend.sampling.sampling_function": b,
+        "modules": _module("modules"),
+        "modules.shared": _module("modules.shared", opts=w.opts, state=w.state),
+        "modules.devices": _module("modules.devices", autocast=w.autocast),
+        "modules.sd_models": w,
+        "modules.prompt_parser": w,
+        "modules.sd_samplers": _module("modules.sd_samplers", find_sampler_config=w.find_sampler_config),
+        "modules.sd_samplers_common": _module("modules.sd_samplers_common", setup_img2img_steps=w.setup_img2img_steps),
+        "modules.script_callbacks": _module("modules.script_callbacks", on_script_unloaded=w.on_script_unloaded),
+        "modules.scripts": _module("modules.scripts", Script=w.Script, AlwaysVisible=w.AlwaysVisible),
+        "networks": w,
+    }
+    for name, m in mods.items():  # `from package import submodule` looks for an attribute first
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(mods[parent], child, m)
+    return mods
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    mods = _modules()
+    saved = {name: sys.modules.get(name) for name in mods}
+    sys.modules.update(mods)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old

@@ -1,0 +1,353 @@
+"""Forge's ``backend`` as far as the host adapter uses it, written from Forge's behaviour (host-notes/forge.md).
+
+- conditions: ``Condition`` classes with ``process_cond``/``can_concat``/``concat`` (cross-attention contexts of
+  different lengths concatenate by repetition to their least common multiple), ``compile_conditions`` and
+  ``compile_weighted_conditions`` (one entry per AND position, its weight as ``strength``);
+- ``calc_cond_uncond_batch``: every concatenable entry in one forward, in Forge's order (the last one first), the
+  model function wrapper, and the strength-weighted average of the cond entries;
+- ``sampling_function_inner``: the CFG-1 optimisation, the edit strength and post-CFG functions;
+- patchers: ``clone`` deep-copies ``model_options`` and copies the extra-model list, as Forge's do;
+- memory management: a list of loaded models that ``load_models_gpu`` fills and ``model_unload`` leaves;
+- engines: the tiny devkit families behind Forge's engine interface, with Forge's ``Linear``, which is a plain
+  ``nn.Module`` and not an ``nn.Linear`` subclass.
+Areas, masks, ControlNet and memory estimates beyond a rough figure are left out.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from devkit.families import FAMILIES, LATENT_FORMATS
+
+# --- backend.sampling.condition ---------------------------------------------------------------------------------
+
+
+def repeat_to_batch_size(t: torch.Tensor, batch: int) -> torch.Tensor:
+    if t.shape[0] > batch:
+        return t[:batch]
+    if t.shape[0] < batch:
+        return t.repeat([math.ceil(batch / t.shape[0])] + [1] * (t.ndim - 1))[:batch]
+    return t
+
+
+class Condition:
+    def __init__(self, cond):
+        self.cond = cond
+
+    def process_cond(self, batch_size, device, **kwargs):
+        return type(self)(repeat_to_batch_size(self.cond, batch_size).to(device))
+
+    def can_concat(self, other):
+        return self.cond.shape == other.cond.shape
+
+    def concat(self, others):
+        return torch.cat([self.cond, *(o.cond for o in others)])
+
+
+class ConditionCrossAttn(Condition):
+    def can_concat(self, other):
+        a, b = self.cond.shape, other.cond.shape
+        if a == b:
+            return True
+        if a[0] != b[0] or a[2] != b[2]:
+            return False
+        return math.lcm(a[1], b[1]) // min(a[1], b[1]) <= 4
+
+    def concat(self, others):
+        conds = [self.cond, *(o.cond for o in others)]
+        length = math.lcm(*(c.shape[1] for c in conds))
+        return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
+
+
+class ConditionConstant(Condition):
+    def process_cond(self, batch_size, device, **kwargs):
+        return type(self)(self.cond)
+
+    def can_concat(self, other):
+        return self.cond == other.cond
+
+    def concat(self, others):
+        return self.cond
+
+
+def compile_conditions(cond):
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return [{"cross_attn": cond, "model_conds": {"c_crossattn": ConditionCrossAttn(cond)}}]
+    model_conds = {"c_crossattn": ConditionCrossAttn(cond["crossattn"]), "y": Condition(cond["vector"])}
+    if "guidance" in cond:
+        model_conds["guidance"] = Condition(cond["guidance"])
+    return [{"cross_attn": cond["crossattn"], "pooled_output": cond["vector"], "model_conds": model_conds}]
+
+
+def compile_weighted_conditions(cond, weights):
+    results = []
+    for position in map(list, zip(*weights, strict=False)):
+        indices = [i for i, _ in position]
+        feed = cond.advanced_indexing(indices) if hasattr(cond, "advanced_indexing") else cond[indices]
+        entry = compile_conditions(feed)
+        entry[0]["strength"] = position[-1][1]
+        results += entry
+    return results
+
+
+# --- backend.sampling.sampling_function --------------------------------------------------------------------------
+
+
+def _concatenable(a: dict, b: dict) -> bool:
+    ca, cb = a["model_conds"], b["model_conds"]
+    return ca.keys() == cb.keys() and all(ca[k].can_concat(cb[k]) for k in ca)
+
+
+def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
+    out = [torch.zeros_like(x_in), torch.zeros_like(x_in)]
+    count = [torch.ones_like(x_in) * 1e-37, torch.ones_like(x_in) * 1e-37]
+    to_run = [(e, 0) for e in cond] + [(e, 1) for e in (uncond or [])]
+    while to_run:
+        first = to_run[0][0]
+        picked = [i for i, (e, _) in enumerate(to_run) if _concatenable(e, first)]
+        items = [to_run.pop(i) for i in reversed(picked)]
+        processed = [{k: c.process_cond(batch_size=x_in.shape[0], device=x_in.device)
+                      for k, c in e["model_conds"].items()} for e, _ in items]
+        c = {k: processed[0][k].concat([p[k] for p in processed[1:]]) for k in processed[0]}
+        cond_or_uncond = [u for _, u in items]
+        n = len(items)
+        c["transformer_options"] = {**model_options.get("transformer_options", {}), "cond_or_uncond": cond_or_uncond}
+        inputs, ts = torch.cat([x_in] * n), torch.cat([timestep] * n)
+        if "model_function_wrapper" in model_options:
+            args = {"input": inputs, "timestep": ts, "c": c, "cond_or_uncond": cond_or_uncond}
+            output = model_options["model_function_wrapper"](model.apply_model, args).chunk(n)
+        else:
+            output = model.apply_model(inputs, ts, **c).chunk(n)
+        for o, (entry, which) in zip(output, items, strict=True):
+            mult = torch.ones_like(x_in) * entry.get("strength", 1.0)
+            out[which] += o * mult
+            count[which] += mult
+    return out[0] / count[0], out[1] / count[1]
+
+
+def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, seed=None):
+    edit_strength = sum(item.get("strength", 1) for item in cond)
+    skip = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+    cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, None if skip else uncond, x, timestep, model_options)
+    if not math.isclose(edit_strength, 1.0):
+        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
+    else:
+        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        result = fn({"denoised": result, "cond": cond, "uncond": uncond, "model": model, "uncond_denoised": uncond_pred,
+                     "cond_denoised": cond_pred, "sigma": timestep, "model_options": model_options, "input": x})
+    return result
+
+
+def sampling_prepare(unet, x) -> None:
+    b, c, h, w = x.shape
+    load_models_gpu([unet, *unet.extra_model_patchers_during_sampling], unet.memory_required([2 * b, c, h, w]),
+                    unet.extra_preserved_memory_during_sampling)
+
+
+# --- backend.memory_management ------------------------------------------------------------------------------------
+
+current_loaded_models: list = []
+load_calls: list[dict] = []  # what each load_models_gpu call asked for, for the tests
+
+
+class LoadedModel:
+    def __init__(self, model):
+        self.model = model
+
+    def model_unload(self, avoid_model_moving=False):
+        self.model.unloads += 1
+
+    def __eq__(self, other):
+        return self.model is other.model
+
+
+def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
+    load_calls.append({"models": list(models), "memory_required": memory_required,
+                       "hard_memory_preservation": hard_memory_preservation})
+    for m in models:
+        entry = LoadedModel(m)
+        if entry in current_loaded_models:
+            current_loaded_models.remove(entry)
+        current_loaded_models.insert(0, entry)
+
+
+def load_model_gpu(model):
+    load_models_gpu([model])
+
+
+# --- backend.patcher ------------------------------------------------------------------------------------------------
+
+
+class ModelPatcher:
+    def __init__(self, model, load_device=None, offload_device=None):
+        self.model = model
+        self.load_device = load_device or torch.device("cpu")
+        self.offload_device = offload_device or torch.device("cpu")
+        self.model_options = {"transformer_options": {}}
+        self.unloads = 0
+
+    def clone(self):
+        n = type(self)(self.model, self.load_device, self.offload_device)
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+    def memory_required(self, input_shape):
+        return self.model.memory_required(input_shape)
+
+
+class UnetPatcher(ModelPatcher):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_preserved_memory_during_sampling = 0
+        self.extra_model_patchers_during_sampling = []
+
+    def clone(self):
+        n = super().clone()
+        n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
+        n.extra_model_patchers_during_sampling = self.extra_model_patchers_during_sampling.copy()
+        return n
+
+    def add_extra_preserved_memory_during_sampling(self, memory_in_bytes):
+        self.extra_preserved_memory_during_sampling += memory_in_bytes
+
+    def add_extra_model_patcher_during_sampling(self, model_patcher):
+        self.extra_model_patchers_during_sampling.append(model_patcher)
+
+    def add_conditioning_modifier(self, modifier):
+        self.model_options.setdefault("conditioning_modifiers", []).append(modifier)
+
+    def set_model_sampler_post_cfg_function(self, fn, disable_cfg1_optimization=False):
+        self.model_options["sampler_post_cfg_function"] = [*self.model_options.get("sampler_post_cfg_function", []),
+                                                           fn]
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+
+# --- backend.operations (Forge's Linear is not an nn.Linear) and the models ----------------------------------------
+
+
+class ForgeLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def forge_operations(module: nn.Module) -> nn.Module:
+    """Swap every ``nn.Linear`` for Forge's, keeping the parameters (attention modules keep their own)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.MultiheadAttention):
+            continue
+        if type(child) is nn.Linear:
+            setattr(module, name, ForgeLinear(child))
+        else:
+            forge_operations(child)
+    return module
+
+
+class Predictor:
+    def __init__(self, denoiser, flow: bool):
+        self.prediction_type = "const" if flow else getattr(denoiser, "prediction", "epsilon")
+        self.sigmas = denoiser.sigmas
+        self.denoiser = denoiser
+        self.flow = flow
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise=False):
+        return sigma * noise + (1 - sigma) * latent if self.flow else latent + noise * sigma
+
+
+class KModel(nn.Module):
+    def __init__(self, family):
+        super().__init__()
+        self.diffusion_model = family.model
+        self.denoiser = family.denoiser
+        self.predictor = Predictor(family.denoiser, family.is_flow)
+        self.computation_dtype = torch.float32
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+        y = kw.get("y")
+        return self.denoiser(x, t, c_crossattn if y is None else {"crossattn": c_crossattn, "vector": y})
+
+    def memory_required(self, input_shape):
+        return input_shape[0] * input_shape[2] * input_shape[3] * 4 * 1000
+
+
+class ForgeObjects:
+    def __init__(self, unet, clip, vae, clipvision=None):
+        self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, clipvision
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
+
+
+_TEXT_NAMES = {"sd1": ["clip_l"], "sd2v": ["clip_h"], "sdxl": ["clip_l", "clip_g"], "flow": ["clip_l"]}
+_FLAGS = {"sd1": "is_sd1", "sd2v": "is_sd2", "sdxl": "is_sdxl"}
+
+
+class Engine:
+    def __init__(self, spec: dict):
+        kind = spec["family"]
+        kwargs = {"text_seed": spec.get("text_seed")}
+        if kind == "flow":
+            kwargs["latent_format"] = spec.get("latent_format", "sd3")
+        fam = FAMILIES[kind](spec.get("seed", 0), **kwargs)
+        for m in fam.modules():
+            forge_operations(m)
+        self.family, self.spec = fam, spec
+        encoders = nn.ModuleDict(dict(zip(_TEXT_NAMES[kind], fam.text_encoders, strict=True)))
+        fmt = LATENT_FORMATS[fam.latent_format]
+        clip = SimpleNamespace(cond_stage_model=encoders, patcher=ModelPatcher(encoders))
+        vae = SimpleNamespace(latent_channels=fmt.channels, patcher=ModelPatcher(nn.Identity()),
+                              first_stage_model=SimpleNamespace(scaling_factor=fmt.scale, shift_factor=fmt.shift))
+        self.forge_objects = ForgeObjects(UnetPatcher(KModel(fam)), clip, vae)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
+        self.is_inpaint = False
+        if kind in _FLAGS:
+            setattr(self, _FLAGS[kind], True)
+        elif fam.latent_format == "sd3":
+            self.is_sd3 = True
+        self.clip_skip = 1
+        self.encodes = 0
+        self.distilled_seen: list = []  # Flux dev reads the distilled guidance from the prompts (flux.py:83-97)
+
+    def set_clip_skip(self, clip_skip):
+        self.clip_skip = clip_skip
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts):
+        load_model_gpu(self.forge_objects.clip.patcher)
+        self.encodes += 1
+        self.distilled_seen.append(getattr(prompts, "distilled_cfg_scale", None))
+        if self.is_sdxl:
+            return self.family.encode(list(prompts), width=prompts.width, height=prompts.height)
+        return self.family.encode(list(prompts))
+
+
+def forge_loader(sd, additional_state_dicts=None):
+    with open(sd) as f:
+        spec = json.load(f)
+    engine = Engine(spec)
+    if spec["family"] == "flow" and spec.get("latent_format") == "flux":
+        engine.__class__ = type("Flux", (Engine,), {})
+    return engine
+
+
+def load_torch_file(path, safe_load=False):
+    from safetensors.torch import load_file
+
+    return load_file(path)

@@ -1,0 +1,324 @@
+"""Forge's WebUI side (``modules.*``, the LoRA extension's ``networks``) as far as the host adapter uses it.
+
+The processing loop follows Forge's order: per batch the model's ``forge_objects`` are reset, conditioning is set
+up, then ``p.sample`` creates the sampler and calls ``process_before_every_sampling``; the hires pass calls that hook
+twice with a reset between (processing.py:1510-1522). Script hooks run inside ``try/except`` that only prints,
+like the WebUI's ScriptRunner. The denoiser reconstructs the prompt schedules by its step counter, runs the
+conditioning modifiers and ``sampling_function_inner``. Prompts support AND with weights; no editing syntax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import traceback
+from collections import namedtuple
+from types import SimpleNamespace
+
+import torch
+
+from devkit import sampling
+
+from . import backend
+
+# --- modules.shared, devices, script_callbacks, sd_samplers, sd_samplers_common --------------------------------------
+
+opts = SimpleNamespace(CLIP_stop_at_last_layers=1, use_old_scheduling=False, delta_sampling_cache="ram",
+                       img2img_fix_steps=False)
+state = SimpleNamespace(textinfo=None, interrupted=False)
+unloaded_callbacks: list = []
+
+
+def autocast():
+    return contextlib.nullcontext()
+
+
+def on_script_unloaded(fn):
+    unloaded_callbacks.append(fn)
+
+
+def find_sampler_config(name):
+    return None
+
+
+def setup_img2img_steps(p, steps=None):
+    if opts.img2img_fix_steps or steps is not None:
+        requested = steps or p.steps
+        steps = int(requested / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
+        return steps, requested - 1
+    return p.steps, int(min(p.denoising_strength, 0.999) * p.steps)
+
+
+# --- modules.sd_models ---------------------------------------------------------------------------------------------
+
+checkpoints_list: dict[str, SimpleNamespace] = {}
+
+
+def add_checkpoint(path: str) -> SimpleNamespace:
+    name = os.path.basename(path)
+    info = SimpleNamespace(filename=path, name=name, name_for_extra=os.path.splitext(name)[0], title=name,
+                           sha256=None)
+    checkpoints_list[name] = info
+    return info
+
+
+def get_closet_checkpoint_match(search_string):
+    if not search_string:
+        return None
+    if search_string in checkpoints_list:
+        return checkpoints_list[search_string]
+    found = sorted((i for i in checkpoints_list.values() if search_string in i.title), key=lambda i: len(i.title))
+    return found[0] if found else None
+
+
+# --- networks (the built-in LoRA extension's listing) -------------------------------------------------------------
+
+lora_dir = ""
+available_networks: dict = {}
+available_network_aliases: dict = {}
+
+
+def list_available_networks():
+    available_networks.clear()
+    available_network_aliases.clear()
+    for name in sorted(os.listdir(lora_dir)) if lora_dir else []:
+        stem, ext = os.path.splitext(name)
+        if ext in (".safetensors", ".pt", ".ckpt"):
+            entry = SimpleNamespace(name=stem, alias=stem, filename=os.path.join(lora_dir, name))
+            available_networks[stem] = available_network_aliases[stem] = entry
+
+
+# --- modules.prompt_parser ------------------------------------------------------------------------------------------
+
+ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
+_AND = re.compile(r"\bAND\b")
+_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+class SdConditioning(list):
+    def __init__(self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None,
+                 distilled_cfg_scale=None):
+        super().__init__(prompts)
+        copy_from = prompts if copy_from is None else copy_from
+        self.is_negative_prompt = is_negative_prompt or getattr(copy_from, "is_negative_prompt", False)
+        self.width = width or getattr(copy_from, "width", None)
+        self.height = height or getattr(copy_from, "height", None)
+        self.distilled_cfg_scale = distilled_cfg_scale or getattr(copy_from, "distilled_cfg_scale", None)
+
+
+def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
+    cache = {}
+    for prompt in dict.fromkeys(prompts):
+        conds = model.get_learned_conditioning(SdConditioning([prompt], copy_from=prompts))
+        cond = {k: v[0] for k, v in conds.items()} if isinstance(conds, dict) else conds[0]
+        cache[prompt] = [ScheduledPromptConditioning(steps, cond)]
+    return [cache[p] for p in prompts]
+
+
+class ComposableScheduledPromptConditioning:
+    def __init__(self, schedules, weight=1.0):
+        self.schedules, self.weight = schedules, weight
+
+
+class MulticondLearnedConditioning:
+    def __init__(self, shape, batch):
+        self.shape, self.batch = shape, batch
+
+
+def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
+    flat, indexes = SdConditioning([], copy_from=prompts), []
+    for prompt in prompts:
+        row = []
+        for sub in _AND.split(prompt):
+            text, weight = _WEIGHT.search(sub).groups()
+            if text not in flat:
+                flat.append(text)
+            row.append((flat.index(text), float(weight) if weight is not None else 1.0))
+        indexes.append(row)
+    learned = get_learned_conditioning(model, flat, steps, hires_steps, use_old_scheduling)
+    batch = [[ComposableScheduledPromptConditioning(learned[i], w) for i, w in row] for row in indexes]
+    return MulticondLearnedConditioning((len(prompts),), batch)
+
+
+class DictWithShape(dict):
+    @property
+    def shape(self):
+        return self["crossattn"].shape
+
+    def advanced_indexing(self, item):
+        return DictWithShape({k: v[item] for k, v in self.items()})
+
+
+def _pick(schedules, step):
+    return next((e for e in schedules if step <= e.end_at_step), schedules[0]).cond
+
+
+def _stack(conds):
+    if isinstance(conds[0], dict):
+        return DictWithShape({k: torch.stack([c[k] for c in conds]) for k in conds[0]})
+    return torch.stack(conds)
+
+
+def reconstruct_cond_batch(c, current_step):
+    return _stack([_pick(s, current_step) for s in c])
+
+
+def reconstruct_multicond_batch(c, current_step):
+    tensors, conds_list = [], []
+    for composable in c.batch:
+        conds_list.append([])
+        for part in composable:
+            conds_list[-1].append((len(tensors), part.weight))
+            tensors.append(_pick(part.schedules, current_step))
+    return conds_list, _stack(tensors)
+
+
+# --- modules.processing, the sampler and its CFG denoiser --------------------------------------------------------
+
+
+class CFGDenoiser:
+    def __init__(self, p):
+        self.p, self.step = p, 0
+
+    def __call__(self, x, sigma, cond, uncond, cond_scale):
+        composition, cond = reconstruct_multicond_batch(cond, self.step)
+        uncond = reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
+        if self.p.is_hr_pass:
+            cond_scale = self.p.hr_cfg
+        unet = self.p.sd_model.forge_objects.unet
+        model, options = unet.model, unet.model_options
+        cond, uncond = backend.compile_weighted_conditions(cond, composition), backend.compile_conditions(uncond)
+        seed = 0
+        for modifier in options.get("conditioning_modifiers", []):
+            model, x, sigma, uncond, cond, cond_scale, options, seed = modifier(model, x, sigma, uncond, cond,
+                                                                                cond_scale, options, seed)
+        denoised = backend.sampling_function_inner(model, x, sigma, uncond, cond, cond_scale, options, seed)
+        self.step += 1
+        return denoised
+
+
+class KDiffusionSampler:
+    def __init__(self, p):
+        self.model_wrap_cfg = CFGDenoiser(p)
+
+    def get_sigmas(self, p, steps):
+        predictor = p.sd_model.forge_objects.unet.model.predictor
+        if predictor.flow:
+            return sampling.get_sigmas_flow(steps)
+        return predictor.denoiser.get_sigmas(steps)
+
+    def _run(self, p, x, sigmas, c, uc, cfg):
+        unet = p.sd_model.forge_objects.unet
+        backend.sampling_prepare(unet, x)
+        model = self.model_wrap_cfg
+        return sampling.sample_euler(lambda xx, s: model(xx, s, c, uc, cfg), x, sigmas)
+
+    def sample(self, p, x, c, uc, image_conditioning=None):
+        sigmas = self.get_sigmas(p, p.steps)
+        x = p.sd_model.forge_objects.unet.model.predictor.noise_scaling(sigmas[0], x, torch.zeros_like(x))
+        return self._run(p, x, sigmas, c, uc, p.cfg_scale)
+
+    def sample_img2img(self, p, x, noise, c, uc, steps=None, image_conditioning=None):
+        steps, t_enc = setup_img2img_steps(p, steps)
+        sigmas = self.get_sigmas(p, steps)[steps - t_enc - 1:]
+        xi = p.sd_model.forge_objects.unet.model.predictor.noise_scaling(sigmas[0], noise, x)
+        return self._run(p, xi, sigmas, c, uc, p.cfg_scale)
+
+
+class Processing:
+    """txt2img with an optional hires pass at the same size (enough to call its hooks as Forge does)."""
+
+    def __init__(self, sd_model, prompt, negative_prompt="", batch_size=2, steps=4, cfg_scale=5.0, width=64,
+                 height=64, seed=3, enable_hr=False, hr_second_pass_steps=0, denoising_strength=0.6, hr_cfg=None,
+                 distilled_cfg_scale=3.5):
+        self.sd_model = sd_model
+        self.prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        self.negative_prompts = [negative_prompt] * len(self.prompts)
+        self.hr_prompts, self.hr_negative_prompts = list(self.prompts), list(self.negative_prompts)
+        self.steps, self.cfg_scale, self.width, self.height, self.seed = steps, cfg_scale, width, height, seed
+        self.enable_hr, self.hr_second_pass_steps, self.denoising_strength = enable_hr, hr_second_pass_steps, \
+            denoising_strength
+        self.hr_cfg = cfg_scale if hr_cfg is None else hr_cfg
+        self.hr_upscale_to_x, self.hr_upscale_to_y = width, height
+        self.distilled_cfg_scale = self.hr_distilled_cfg = distilled_cfg_scale
+        self.sampler_name, self.hr_sampler_name = "Euler", None
+        self.extra_generation_params: dict = {}
+        self.is_hr_pass = False
+        self.iteration = 0
+        self.firstpass_steps = steps
+        self.sampler = None
+        self.scripts = None
+
+    def setup_conds(self):
+        negs = SdConditioning(self.negative_prompts, width=self.width, height=self.height, is_negative_prompt=True,
+                              distilled_cfg_scale=self.distilled_cfg_scale)
+        prompts = SdConditioning(self.prompts, width=self.width, height=self.height,
+                                 distilled_cfg_scale=self.distilled_cfg_scale)
+        self.uc = None if self.cfg_scale == 1 else get_learned_conditioning(self.sd_model, negs, self.steps)
+        self.c = get_multicond_learned_conditioning(self.sd_model, prompts, self.steps)
+
+    def noise(self):
+        channels = self.sd_model.forge_objects.vae.latent_channels
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randn(len(self.prompts), channels, self.height // 8, self.width // 8, generator=gen)
+
+    def sample(self, conditioning, unconditional_conditioning):
+        self.sampler = KDiffusionSampler(self)
+        x = self.noise()
+        self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
+        samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning)
+        if not self.enable_hr:
+            return samples
+        self.is_hr_pass = True
+        self.sampler = KDiffusionSampler(self)
+        noise = self.noise() * 0.5 + 0.1
+        self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.c, uc=self.uc)
+        self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.c, uc=self.uc)
+        steps = self.hr_second_pass_steps or self.steps
+        samples = self.sampler.sample_img2img(self, samples, noise, self.c, self.uc, steps=steps)
+        self.is_hr_pass = False
+        return samples
+
+
+AlwaysVisible = object()
+
+
+class Script:
+    """modules.scripts.Script: hooks that do nothing unless a script overrides them."""
+
+
+class ScriptRunner:
+    """Calls a script's hooks the way the WebUI does: an exception inside a hook is printed and swallowed."""
+
+    def __init__(self, script, args):
+        self.script, self.args = script, args
+
+    def _call(self, name, p, *extra, **kwargs):
+        try:
+            getattr(self.script, name)(p, *extra, *self.args, **kwargs)
+        except Exception:
+            traceback.print_exc()
+
+    def process(self, p):
+        self._call("process", p)
+
+    def process_before_every_sampling(self, p, **kwargs):
+        self._call("process_before_every_sampling", p, **kwargs)
+
+    def postprocess(self, p, processed):
+        self._call("postprocess", p, processed)
+
+
+def process_images(p):
+    p.scripts.process(p)
+    p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
+    p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+    p.setup_conds()
+    samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc)
+    p.processed = SimpleNamespace(images=list(samples), infotexts=["infotext"] * len(samples))
+    p.scripts.postprocess(p, p.processed)
+    return samples
+

@@ -1,0 +1,279 @@
+"""The Forge host adapter end to end in a faithful stand-in of Forge (tests/fake_forge), with devkit tiny models.
+
+The script is the real ``scripts/delta_sampling.py``; Forge's processing loop, sampler, CFG denoiser, patchers and
+memory manager are the stand-in's. Checked: λ = 0 is bit-identical to the extension off; target == source with
+λ = 1 samples the adapted model (LoRA, fine-tuned checkpoint, adapted prompt; with hires fix, whose hook runs twice
+per pass; with CFG 1 and AND prompts); a cross-family pair runs and moves the image; refusals stop the generation
+with a clear error and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lib_delta.errors import DeltaError
+from lib_delta.lora import LoraUse, build_patch, read_lora
+from tests.fake_forge import backend, installed, webui
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT, ADAPTED = "a red cube on a table", "a watercolor painting of a red cube"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def forge(tmp_path, monkeypatch):
+    """The stand-in installed, empty lists, and the real script class loaded against it."""
+    with installed():
+        from lib_delta.hosts import forge as adapter
+        from lib_delta.hosts import forge_models
+
+        webui.checkpoints_list.clear()
+        webui.lora_dir = str(tmp_path / "lora")
+        Path(webui.lora_dir).mkdir()
+        webui.list_available_networks()
+        webui.opts.delta_sampling_cache = "ram"
+        backend.current_loaded_models.clear()
+        backend.load_calls.clear()
+        monkeypatch.setattr(adapter, "register", lambda: None)
+        spec = importlib.util.spec_from_file_location("delta_sampling_script", ROOT / "scripts" / "delta_sampling.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield Forge(tmp_path, module.DeltaSamplingScript(), adapter)
+        adapter.finish(None)
+        forge_models._cache.clear()
+
+
+class Forge:
+    def __init__(self, tmp_path, script, adapter):
+        self.tmp, self.script, self.adapter = tmp_path, script, adapter
+
+    def checkpoint(self, name: str, **spec) -> str:
+        path = self.tmp / f"{name}.safetensors"
+        path.write_text(json.dumps(spec))
+        webui.add_checkpoint(str(path))
+        return name
+
+    def load(self, name: str):
+        return backend.forge_loader(webui.checkpoints_list[f"{name}.safetensors"].filename)
+
+    def lora(self, name: str, engine, seed: int = 5) -> str:
+        """A kohya LoRA over every linear layer of the engine's UNet transformers and first text encoder."""
+        g = torch.Generator().manual_seed(seed)
+        tensors = {}
+        unet = engine.forge_objects.unet.model.diffusion_model
+        encoders = engine.forge_objects.clip.cond_stage_model
+        te = encoders["clip_l"] if "clip_l" in encoders else None
+        for prefix, root, keep in (("lora_unet_", unet, "transformer_blocks"), ("lora_te_", te, "self_attn")):
+            for path, module in (root.named_modules() if root is not None else ()):
+                if isinstance(module, backend.ForgeLinear) and keep in path:
+                    out, inp = module.weight.shape
+                    key = prefix + path.replace(".", "_")
+                    tensors[f"{key}.lora_down.weight"] = torch.randn(4, inp, generator=g) * inp**-0.5
+                    tensors[f"{key}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.5
+                    tensors[f"{key}.alpha"] = torch.tensor(4.0)
+        save_file(tensors, str(Path(webui.lora_dir) / f"{name}.safetensors"))
+        webui.list_available_networks()
+        return name
+
+    def generate(self, model, delta: dict | None = None, **kw) -> torch.Tensor:
+        p = webui.Processing(model, kw.pop("prompt", PROMPT), **kw)
+        p.scripts = webui.ScriptRunner(self.script, (delta or {"enabled": False},))
+        return webui.process_images(p)
+
+    def run(self, model, source: str, group: dict, **kw) -> torch.Tensor:
+        return self.generate(model, {"enabled": True, "source": source, **group}, **kw)
+
+
+def merged(forge: Forge, name: str, lora: str, family: str):
+    """The checkpoint with the LoRA merged into its weights: what sampling "the adapted model" means."""
+    engine = forge.load(name)
+    objects = engine.forge_objects
+    encoders = objects.clip.cond_stage_model
+    roots = {"unet": objects.unet.model.diffusion_model, "te": encoders["clip_l"]}
+    build_patch(roots, family, [[LoraUse(read_lora(Path(webui.lora_dir) / f"{lora}.safetensors"))]]).merge_into(0)
+    return engine
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_zero_strength_is_bit_identical_to_off_and_never_runs_the_source(forge, monkeypatch):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    lora = forge.lora("style", forge.load(base))
+    target = forge.load(base)
+    calls = []
+    monkeypatch.setattr("lib_delta.hosts.forge_source.ForgeSource.__call__",
+                        lambda *a, **k: calls.append(1))
+    off = forge.generate(target)
+    for group in ({"loras": f"<lora:{lora}:1>", "strength": 0.0}, {"adapted_prompt": ADAPTED, "start": 0.5,
+                                                                     "end": 0.5}):
+        assert torch.equal(forge.run(target, base, group), off)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt", "checkpoint"])
+def test_source_equal_to_target_at_unit_strength_samples_the_adapted_model(forge, kind):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    if kind == "lora":
+        lora = forge.lora("style", target)
+        group = {"loras": f"<lora:{lora}:1>"}
+        adapted = lambda **kw: forge.generate(merged(forge, base, lora, "sd1"), **kw)  # noqa: E731
+    elif kind == "prompt":
+        group, adapted = {"adapted_prompt": ADAPTED}, lambda **kw: forge.generate(target, prompt=ADAPTED, **kw)
+    else:
+        tuned = forge.checkpoint("tuned", family="sd1", seed=1, text_seed=0)
+        group, adapted = {"checkpoint": tuned}, lambda **kw: forge.generate(forge.load(tuned), **kw)
+    got = forge.run(target, base, group)
+    want = adapted()
+    assert not close(forge.generate(target), want), "the adaptation must move the image for this to mean anything"
+    assert close(got, want)
+
+
+def test_hires_fix_hook_called_twice_per_pass_applies_the_delta_once(forge, monkeypatch):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    from lib_delta.hosts.forge_source import ForgeSource
+
+    encodes, hooks = [], []
+    real_encode, real_arm = ForgeSource.encode, forge.adapter.ForgeRun.arm
+
+    def arm(run, p, x):
+        real_arm(run, p, x)
+        options = p.sd_model.forge_objects.unet.model_options
+        hooks.append((len(options["sampler_post_cfg_function"]), len(options["conditioning_modifiers"])))
+
+    monkeypatch.setattr(ForgeSource, "encode", lambda self, p: (encodes.append(p.is_hr_pass), real_encode(self, p)))
+    monkeypatch.setattr(forge.adapter.ForgeRun, "arm", arm)
+    hr = {"enable_hr": True, "hr_second_pass_steps": 3, "denoising_strength": 0.6}
+    got = forge.run(target, base, {"adapted_prompt": ADAPTED}, **hr)
+    want = forge.generate(target, prompt=ADAPTED, **hr)
+    assert encodes == [False, True]
+    assert hooks == [(1, 1)] * 3
+    assert close(got, want)
+
+
+def test_cfg_one_and_weighted_and_prompts_keep_the_identity(forge):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    for kw in ({"cfg_scale": 1.0}, {"prompt": "a red cube AND a tall tree:0.6"}):
+        got = forge.run(target, base, {"adapted_prompt": ADAPTED}, **kw)
+        assert close(got, forge.generate(target, **{**kw, "prompt": ADAPTED}))
+
+
+def test_sd1_source_steers_an_sdxl_target(forge):
+    source = forge.checkpoint("sd1", family="sd1", seed=0)
+    xl = forge.checkpoint("xl", family="sdxl", seed=5)
+    lora = forge.lora("style", forge.load(source))
+    target = forge.load(xl)
+    off = forge.generate(target)
+    got = forge.run(target, source, {"loras": f"<lora:{lora}:1>"})
+    assert torch.isfinite(got).all() and (got - off).abs().mean() > 1e-3
+    calls = backend.load_calls[-1]
+    assert calls["hard_memory_preservation"] > 0
+    assert any(m.model.diffusion_model is not target.forge_objects.unet.model.diffusion_model for m in calls["models"])
+
+
+def test_different_vaes_of_equal_channels_convert_with_a_warning(forge):
+    sd3 = forge.checkpoint("sd3", family="flow", latent_format="sd3", seed=0)
+    flux = forge.checkpoint("flux", family="flow", latent_format="flux", seed=2)
+    target = forge.load(flux)
+    p = webui.Processing(target, PROMPT)
+    p.scripts = webui.ScriptRunner(forge.script, ({"enabled": True, "source": sd3, "adapted_prompt": ADAPTED},))
+    got = webui.process_images(p)
+    assert torch.isfinite(got).all()
+    assert "SD3->Flux" in p.extra_generation_params["Delta latent conversion"]
+    assert p.extra_generation_params["Delta source"] == sd3
+
+
+def test_a_flux_source_gets_the_distilled_guidance_of_the_pass(forge):
+    from lib_delta.hosts import forge_models
+
+    flux = forge.checkpoint("flux", family="flow", latent_format="flux", seed=2)
+    target = forge.load(flux)
+    got = forge.run(target, flux, {"adapted_prompt": ADAPTED}, distilled_cfg_scale=2.5)
+    assert torch.isfinite(got).all()
+    (entry,) = forge_models.cached()
+    assert set(entry.engine.distilled_seen) == {2.5}
+
+
+@pytest.mark.parametrize("case", ["channels", "source", "lora", "strength"])
+def test_refusals_stop_the_generation_and_leave_nothing_behind(forge, case):
+    from lib_delta.hosts import forge_models
+
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    flow = forge.checkpoint("flow", family="flow", latent_format="sd3", seed=0)
+    lora = forge.lora("style", forge.load(base))
+    target = forge.load(flow if case == "channels" else base)
+    fresh = forge.generate(target)
+    group = {"source": base, "loras": f"<lora:{lora}:1>"}
+    group.update({"channels": {}, "source": {"source": "missing"}, "lora": {"loras": "<lora:missing:1>"},
+                  "strength": {"strength": 9.0}}[case])
+    with pytest.raises(DeltaError) as err:
+        forge.generate(target, {"enabled": True, **group})
+    words = {"channels": "latent channels", "source": "not among Forge's checkpoints",
+             "lora": "not among Forge's LoRAs", "strength": "must lie between"}[case]
+    assert words in str(err.value) and err.value.status_code == 422
+    if case in ("source", "lora", "strength"):
+        assert forge_models.cached() == [], "names and files are checked before any model loads"
+    assert torch.equal(forge.generate(target), fresh)
+    assert forge.adapter._run is None
+
+
+def test_cleanup_detaches_the_lora_and_unloads_or_drops_the_source(forge):
+    from lib_delta.hosts import forge_models
+
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    lora = forge.lora("style", forge.load(base))
+    target = forge.load(base)
+    forge.run(target, base, {"loras": f"<lora:{lora}:1>"})
+    assert forge.adapter._run is None
+    (entry,) = forge_models.cached()
+    modules = [*entry.unet.model.diffusion_model.modules(), *entry.engine.forge_objects.clip.cond_stage_model.modules()]
+    assert not any("forward" in m.__dict__ for m in modules)
+    assert all(loaded.model not in entry.patchers() for loaded in backend.current_loaded_models)
+    assert entry.unet.unloads > 0
+    assert "sampler_post_cfg_function" not in target.forge_objects.unet.model_options
+    webui.opts.delta_sampling_cache = "free"
+    forge.run(target, base, {"loras": f"<lora:{lora}:1>"})
+    assert forge_models.cached() == []
+
+
+def test_preview_strip_is_appended_after_the_images(forge):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    p = webui.Processing(target, PROMPT)
+    p.scripts = webui.ScriptRunner(forge.script, ({"enabled": True, "source": base, "adapted_prompt": ADAPTED,
+                                                   "preview": True},))
+    webui.process_images(p)
+    assert len(p.processed.images) == 3 and len(p.processed.infotexts) == 3
+    strip = np.asarray(p.processed.images[-1])  # an image with PIL, else the array
+    assert strip.ndim == 3 and strip.shape[2] == 3 and strip.shape[1] >= strip.shape[0]
+
+
+def test_an_unforeseen_error_stops_the_generation_as_a_server_error(forge, monkeypatch):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+
+    def broken(settings):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("lib_delta.hosts.forge_source.build", broken)
+    with pytest.raises(DeltaError, match="boom") as err:
+        forge.run(target, base, {"adapted_prompt": ADAPTED})
+    assert err.value.status_code == 500
