@@ -386,3 +386,56 @@ def test_sdxl_and_v_prediction_sources(ui, model, sampler):
     adapted = images(ui.txt2img(**{**kw, "prompt": PROMPT + ", in the snow"}))
     out = images(ui.txt2img(delta(source=model, adapted_prompt="in the snow"), **kw))
     assert rel(out, adapted) < 1e-5
+
+
+# --- the source replayed as a CUDA graph -------------------------------------------------------------------------
+
+
+class ReplayingGraphs:
+    """The CUDA-graph backend's contract on the CPU: "records" by running the call on its static inputs, and each
+    replay runs it again on them, writing into the recorded outputs (tests/test_cuda_graph.py uses the same)."""
+
+    def __init__(self):
+        self.captures = 0
+
+    def usable(self, tensors):
+        return bool(tensors)
+
+    def capture(self, run, device):
+        from torch.utils import _pytree as pytree
+
+        self.captures += 1
+        outputs = run()
+
+        def replay():
+            for old, new in zip(pytree.tree_leaves(outputs), pytree.tree_leaves(run()), strict=True):
+                old.copy_(new)
+
+        return replay, outputs
+
+
+def test_graphed_source_gives_the_eager_images_and_records_once_per_shape(ui, monkeypatch):
+    from lib_delta import cuda_graph
+
+    backend = ReplayingGraphs()
+    allowed = a1111_source.graphs_allowed
+    kw = {**BASE, "steps": 8, "batch_size": 1, "n_iter": 2}
+    settings = delta(loras="<lora:style:1>", adapted_prompt="in the snow")
+    eager = images(ui.txt2img(settings, **kw))
+    monkeypatch.setattr(a1111_source, "graphs_allowed", lambda device: True)
+    monkeypatch.setattr(cuda_graph, "CudaGraphs", lambda: backend)
+    graphed = ui.txt2img(settings, **kw)
+    assert torch.equal(images(graphed), eager)
+    # one recording for the [base | adapted] rows of the first image; the second image replays it
+    assert backend.captures == 1
+    # short passes stay eager: recording costs more than it saves there
+    backend.captures = 0
+    ui.txt2img(settings, **{**kw, "steps": 4})
+    assert backend.captures == 0
+    # the option switches it off
+    from modules import shared
+
+    assert allowed(torch.device("cuda"))  # a GPU without --lowvram/--medvram
+    monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", False, raising=False)
+    assert not allowed(torch.device("cuda"))
+    assert not allowed(torch.device("cpu"))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..args import DeltaSettings
+from ..cuda_graph import GraphedCall, storage_fingerprint
 from ..errors import DeltaError
 from ..spaces import ModelSpace, check_latent_compatible
 from . import a1111_conds as conds_mod
@@ -92,6 +93,8 @@ class Run:
     setup_seconds: float = 0.0
     passes: list[step_mod.Pass] = field(default_factory=list)
     current: step_mod.Pass | None = None
+    graphs: dict[int, GraphedCall] | None = None  # the source's forward per model, replayed as a CUDA graph
+    wrappers: dict[tuple[int, int], Any] = field(default_factory=dict)  # (model, target): its x0 wrapper
 
     @property
     def models(self) -> list[source_mod.PrivateModel]:
@@ -101,6 +104,10 @@ class Run:
         for ps in self.passes:
             ps.disarm()
         self.current = None
+        if self.graphs:
+            for graph in self.graphs.values():
+                graph.reset()  # their memory pool goes with the last reference
+        self.wrappers.clear()
         if self.lora is not None:
             self.lora.close()
 
@@ -141,6 +148,9 @@ def _start(p: Any, settings: DeltaSettings) -> None:
     for entry in {id(m): m for m in (source, *(g.checkpoint for g in groups if g.checkpoint))}.values():
         source_mod.place_for_generation(entry, device)
     run = Run(settings, source, groups, device, lora)
+    if source_mod.graphs_allowed(device):
+        run.graphs = {id(m): GraphedCall(step_mod.forward_source, fingerprint=storage_fingerprint([m.model.model]))
+                      for m in run.models}
     run.setup_seconds = time.perf_counter() - t0
     setattr(p, RUN_ATTR, run)
     _write_infotext(p, run)
@@ -237,10 +247,15 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
         _check_pair(run.source.model, target, "source")
     ps_prompts = conds_mod.prompts_for_pass(p)
     variants = _variants(run, ps_prompts)
-    wrappers = {id(m): step_mod.denoiser_for(m, getattr(target, "alphas_cumprod", None), run.device)
-                for m in {id(v.model): v.model for v in variants}.values()}
+    wrappers = {}
+    for m in {id(v.model): v.model for v in variants}.values():
+        key = (id(m), id(target))  # kept for the run: a CUDA graph recorded with a wrapper is replayed with it
+        if key not in run.wrappers:
+            run.wrappers[key] = step_mod.denoiser_for(m, getattr(target, "alphas_cumprod", None), run.device)
+        wrappers[id(m)] = run.wrappers[key]
     image_cond_rows = source_mod.is_inpainting(target) and source_mod.is_inpainting(run.source.model)
-    source = step_mod.SourceEval(variants, run.device, wrappers, image_cond_rows, run.lora)
+    graphs = run.graphs if int(getattr(p, "steps", 0) or 0) >= source_mod.MIN_GRAPH_STEPS else None
+    source = step_mod.SourceEval(variants, run.device, wrappers, image_cond_rows, run.lora, graphs)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
     space = ModelSpace(run.source.latent, convention, "x0")
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import DeltaError
 from ..spaces import SD1, SD2, SD3, SDXL, LatentFormat
+from .a1111_interfaces import SETTING_CUDA_GRAPH
 
 _VAE_PREFIX = "first_stage_model."
 
@@ -265,6 +266,19 @@ def target_uses_lowvram() -> bool:
     from modules import lowvram, shared
 
     return bool(lowvram.is_enabled(shared.sd_model))
+
+
+MIN_GRAPH_STEPS = 6  # recording costs about three forwards: a shorter pass gains nothing from the graph
+
+
+def graphs_allowed(device: torch.device) -> bool:
+    """Whether the source's forward may be replayed as a CUDA graph: on a GPU, with the model resident for the
+    whole generation (not under --lowvram/--medvram, which move modules inside the forward), unless switched off."""
+    from modules import shared
+
+    if device.type != "cuda" or not bool(getattr(shared.opts, SETTING_CUDA_GRAPH, True)):
+        return False
+    return not target_uses_lowvram()
 
 
 def place_for_generation(entry: PrivateModel, device: torch.device) -> None:

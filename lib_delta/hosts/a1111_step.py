@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..args import DeltaSettings
+from ..cuda_graph import GraphedCall
 from ..errors import DeltaError
 from ..guidance import CfgLayout, DeltaGuidance, cfg_combine
 from ..schedule import ProgressClock
@@ -135,6 +136,7 @@ class SourceEval:
     wrappers: dict[int, Any]
     image_cond_rows: bool  # give the source the target's image conditioning (both are inpainting models)
     lora: Any = None  # a1111_lora.Adapter, or None
+    graphs: dict[int, GraphedCall] | None = None  # per source model; None: run eagerly
     call: CallState | None = None
     seconds: float = 0.0
     _rows_cache: dict[tuple[int, int], tuple] = field(default_factory=dict)
@@ -188,20 +190,25 @@ class SourceEval:
             {"c_crossattn": [cond], "c_concat": [image_cond]}
         plan = [(len(pos), self.variants[v].unet_terms) for _, pos, _, v in chunks]
         wrapper = self.wrappers[id(entry)]
-        with source_mod.on_device(entry, entry.model.model, self.device), self._rows_plan(entry, plan):
-            x0 = wrapper(xs, ls, cond=cond)
+        graph = None if self.graphs is None else self.graphs.get(id(entry))
+        with source_mod.on_device(entry, entry.model.model, self.device):
+            # the wrapper and the LoRA terms are keys of the graph (by identity): a new pass or plan records anew
+            x0 = (graph or forward_source)(self.lora, entry, wrapper, xs, ls, cond, tuple(plan))
         x0 = x0.to(device=out.device, dtype=out.dtype)
         start = 0
         for k, pos, _, _ in chunks:
             out[k, pos] = x0[start:start + len(pos)]
             start += len(pos)
 
-    def _rows_plan(self, entry: source_mod.PrivateModel, plan: list[tuple[int, Any]]):
-        if self.lora is None or all(terms is None for _, terms in plan):
-            import contextlib
 
-            return contextlib.nullcontext()
-        return self.lora.unet_rows(entry, plan)
+
+def forward_source(lora: Any, entry: source_mod.PrivateModel, wrapper: Any, xs: Tensor, ls: Tensor, cond: Any,
+                   plan: tuple[tuple[int, Any], ...]) -> Tensor:
+    """One forward of a source model's x0 wrapper, each block of rows (``(n_rows, terms)``) with its LoRA terms."""
+    if lora is None or all(terms is None for _, terms in plan):
+        return wrapper(xs, ls, cond=cond)
+    with lora.unet_rows(entry, list(plan)):
+        return wrapper(xs, ls, cond=cond)
 
 
 def denoiser_for(entry: source_mod.PrivateModel, target_alphas: Tensor | None, device: torch.device) -> Any:
