@@ -235,6 +235,30 @@ def test_refusals_stop_the_generation_and_leave_nothing_behind(forge, case):
     assert forge.adapter._run is None
 
 
+def test_a_refusal_is_an_http_exception_when_fastapi_is_there(forge, monkeypatch):
+    """Forge's app answers an HTTPException itself; any other exception also reaches the ASGI server, which then
+    drops the client's connection. The refusal stays a DeltaError with its message for the UI."""
+    import sys
+    import types
+
+    class HTTPException(Exception):  # fastapi.HTTPException's interface
+        def __init__(self, status_code: int, detail=None, headers=None):
+            self.status_code, self.detail, self.headers = status_code, detail, headers
+
+        def __str__(self) -> str:
+            return f"{self.status_code}: {self.detail}"
+
+    monkeypatch.setitem(sys.modules, "fastapi", types.SimpleNamespace(HTTPException=HTTPException))
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    with pytest.raises(DeltaError) as err:
+        forge.generate(target, {"enabled": True, "source": "missing", "adapted_prompt": ADAPTED})
+    assert isinstance(err.value, HTTPException) and type(err.value).__name__ == "DeltaError"
+    assert err.value.status_code == 422 and "not among Forge's checkpoints" in err.value.detail
+    assert str(err.value) == err.value.detail
+    assert forge.adapter._run is None
+
+
 def test_cleanup_detaches_the_lora_and_unloads_or_drops_the_source(forge):
     from lib_delta.hosts import forge_models
 

@@ -5,7 +5,9 @@
 - source == target with the fixture LoRA L and λ = 1 comes close to Forge's own ``<lora:L:1>`` (and hires fix,
   whose hook Forge calls twice per pass, applies the delta once);
 - an SD1.5 source steers an SDXL target: it runs and changes the image;
-- bad inputs are HTTP errors with the reason, the server keeps serving, and the next plain image is unchanged.
+- bad inputs are HTTP errors with the reason, the server keeps serving, and the next plain image is unchanged;
+- the infotext records the settings and, sent back, reproduces the image; nothing outlives a generation (the plain
+  image after a delta one is the plain image from before).
 """
 
 from __future__ import annotations
@@ -107,9 +109,26 @@ def test_source_equal_to_target_with_its_lora_matches_forges_own_lora(forge, sd1
     assert moved < CHANGED_BELOW_DB, "the fixture LoRA must move the image for this to mean anything"
     assert db > CLOSE_DB
     assert got.param("Delta source") == sd15.model_name
+    assert got.param("Delta LoRAs") == f"<lora:{sd15.lora()}:1>" and float(got.param("Delta lambda")) == 1.0
+    # nothing of the delta (hook, source, LoRA) outlives the generation: the whole PNG is Forge's own again
+    assert forge.txt2img(PROMPT, **extra).image == reference.image
 
 
-def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(forge, sd15, plain):
+def test_the_infotext_sent_back_reproduces_the_delta_image(forge, sd15):
+    lora = f"<lora:{sd15.lora()}:1>"
+    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=lora, strength=0.7,
+                                        schedule="cosine", start=0.0, end=0.8))
+    assert got.param("Delta source") == sd15.model_name and got.param("Delta LoRAs") == lora
+    assert got.param("Delta schedule") == "cosine" and got.param("Delta window") == "0-0.8"
+    # No alwayson_scripts: the settings come from the text. `styles` is given because Forge's own infotext handling
+    # fails without it: its Styles paste field yields a gradio-4 update ({'__type__': 'update'}) that
+    # apply_infotext does not unwrap, and isinstance(..., list[str]) then raises a TypeError (HTTP 500).
+    again = forge.txt2img(PROMPT, infotext=got.infotext, styles=[])
+    assert again.param("Delta source") == sd15.model_name, again.infotext
+    assert np.array_equal(decode_image(again.image), decode_image(got.image))
+
+
+def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(pool, forge, sd15, plain):
     lora = f"<lora:{sd15.lora()}:1>"
     bad = {
         "not among Forge's checkpoints": dict(enabled=True, source="no_such_model", loras=lora),
@@ -119,12 +138,18 @@ def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(forge,
         "not a readable .safetensors": dict(enabled=True, source=sd15.model_name,
                                             loras=f"<lora:{sd15.lora('corrupt')}:1>"),
     }
+    server = pool.current
+    log_start = len(server.log_path.read_text(errors="replace"))
     for words, settings in bad.items():
         with pytest.raises(requests.HTTPError) as err:
             forge.txt2img(PROMPT, **delta(**settings))
         assert err.value.response.status_code == 422, err.value
-        assert words in err.value.response.text, err.value.response.text
+        assert words in err.value.response.json()["detail"], err.value.response.text
+        # on the same keep-alive connection: a refusal that escaped to the ASGI server would have closed it
         assert forge.txt2img(PROMPT).image == plain["sd15"].image
+    log = server.log_path.read_text(errors="replace")[log_start:]
+    assert "Exception in ASGI application" not in log, \
+        "every refusal must be answered by the app itself, not re-raised to the server:\n" + log[-4000:]
 
 
 def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
@@ -144,3 +169,4 @@ def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
     print(f"SD1.5 -> SDXL: PSNR(off, delta) = {db:.2f} dB in {got.seconds:.1f}s")
     assert got.param("Model") == xl.model_name and got.param("Delta source") == sd15.model_name
     assert db < CHANGED_BELOW_DB
+    assert forge.txt2img(PROMPT).image == off.image, "the SDXL image after the delta one must be the one before"
