@@ -78,16 +78,24 @@ def pair_table(pair: dict) -> str:
 
 
 def _source_call_table(rows: list[dict]) -> str:
+    graphs = any(r.get("graphed") for r in rows)
     lines = ["| size | adapter | layers | LoRA | plain 4 rows (= merged weights) | functional, held | "
-             "functional, attached per call | two calls (base + merged copy) | adapted rows vs merged |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "functional, attached per call | two calls (base + merged copy) | adapted rows vs merged |"
+             + (" CUDA graph: merged weights | CUDA graph: functional | graphed adapted rows vs merged |"
+                if graphs else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if graphs else "")]
     for r in rows:
         p = r["plain"]["median"]
-        lines.append(f"| {r['px']} px | {r['adapter']} | {r['layers']} | {_mb(r['lora_mb'])} | {_ms(p)} ms | "
-                     f"{_ms(r['held']['median'])} ms ({r['held']['median'] / p - 1:+.1%}) | "
-                     f"{_ms(r['attach']['median'])} ms ({r['attach']['median'] / p - 1:+.1%}) | "
-                     f"{_ms(r['two_calls']['median'])} ms ({r['two_calls']['median'] / p - 1:+.1%}) | "
-                     f"{r['err_vs_merged']:.1e} |")
+        line = (f"| {r['px']} px | {r['adapter']} | {r['layers']} | {_mb(r['lora_mb'])} | {_ms(p)} ms | "
+                f"{_ms(r['held']['median'])} ms ({r['held']['median'] / p - 1:+.1%}) | "
+                f"{_ms(r['attach']['median'])} ms ({r['attach']['median'] / p - 1:+.1%}) | "
+                f"{_ms(r['two_calls']['median'])} ms ({r['two_calls']['median'] / p - 1:+.1%}) | "
+                f"{r['err_vs_merged']:.1e} |")
+        if graphs:
+            g = r["graph_plain"]["median"]
+            line += (f" {_ms(g)} ms | {_ms(r['graph_held']['median'])} ms ({r['graph_held']['median'] / g - 1:+.1%}) | "
+                     f"{r['graph_err_vs_merged']:.1e} |" if r.get("graphed") else " – | – | – |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -131,6 +139,11 @@ def goals(res: dict) -> list[tuple[str, str, str, str]]:
             q = r[mode]["median"] / r["plain"]["median"]
             out.append(("P1 LoRA source call, functional ÷ merged weights", "≤ 1.05",
                         f"{r['px']} px, {name}: {q:.3f}", verdict(q <= 1.05)))
+        if r.get("graphed"):
+            q = r["graph_held"]["median"] / r["graph_plain"]["median"]
+            out.append(("P1 LoRA source call, functional ÷ merged weights", "≤ 1.05",
+                        f"{r['px']} px, both as CUDA graphs (the A1111 default on a GPU): {q:.3f}",
+                        verdict(q <= 1.05)))
     for pair in pairs.values():
         rows = pair["schemes"]
         d, ref = _find(rows, "default"), _find(rows, "reference")

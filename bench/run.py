@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from devkit.sampling import sample_euler
+from lib_delta.cuda_graph import GraphedCall
 
 from . import report
 from .measure import PeakMemory, psnr, rel_err, summary, time_calls
@@ -308,19 +309,33 @@ def measure_source_call(env: Env, models: Models, rig: PairRig, args: argparse.N
             with patch, patch.rows(plan):
                 return den(x4, s4, cond4)
 
+        def held_on(x, s, c, patch=patch):
+            patch.attach()
+            with patch.rows(plan):
+                return den(x, s, c)
+
+        # both replayed as CUDA graphs, as the A1111 host runs the source on a GPU: launches no longer count
+        graph_plain, graph_held = GraphedCall(den), GraphedCall(held_on)
         calls = {"plain": lambda: den(x4, s4, cond4), "held": held, "attach": per_call,
                  "two_calls": lambda merged=merged: (den(x4[:2], s4[:2], take(cond4, [0, 1])),
-                                                     merged(x4[2:], s4[2:], take(cond4, [2, 3])))}
+                                                     merged(x4[2:], s4[2:], take(cond4, [2, 3]))),
+                 "graph_plain": lambda g=graph_plain: g(x4, s4, cond4),
+                 "graph_held": lambda g=graph_held: g(x4, s4, cond4)}
         samples: dict[str, list[float]] = {k: [] for k in calls}
         for rnd in range(args.rounds):
             for k, fn in calls.items():
                 samples[k] += time_calls(env, fn, args.warmup if rnd == 0 else 1, args.iters)
             patch.detach()
         got = held()[2:]
+        got_graph = graph_held(x4, s4, cond4)[2:]
         patch.detach()
         want = merged(x4[2:], s4[2:], take(cond4, [2, 3]))
+        graphed = graph_held.replays > 0 and graph_plain.replays > 0
+        graph_plain.reset()
+        graph_held.reset()
         out.append({"px": rig.pair.px, "adapter": adapter, "layers": len(patch.modules),
                     "lora_mb": patch.nbytes() / 2**20, "err_vs_merged": rel_err(got, want),
+                    "graph_err_vs_merged": rel_err(got_graph, want), "graphed": graphed,
                     **{k: summary(v) for k, v in samples.items()}})
     return out
 
