@@ -439,3 +439,20 @@ def test_graphed_source_gives_the_eager_images_and_records_once_per_shape(ui, mo
     monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", False, raising=False)
     assert not allowed(torch.device("cuda"))
     assert not allowed(torch.device("cpu"))
+
+
+def test_the_source_keeps_its_own_largest_noise_level(ui, monkeypatch):
+    """The source's σ cap comes from its own schedule (SD1: linear betas 0.00085-0.012 over 1000 steps), read at
+    load, not from the target's alphas that a pass gives it."""
+    seen = []
+    real = host.ModelSpace
+    monkeypatch.setattr(host, "ModelSpace", lambda *a, **k: seen.append(k.get("sigma_max")) or real(*a, **k))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    last = float(torch.cumprod(1 - betas, 0)[-1])
+    want = ((1 - last) / last) ** 0.5
+    for target in ("v2v", "base"):
+        ui.load(target)
+        ui.txt2img(delta(adapted_prompt="in the snow"), **BASE)
+    (entry,) = a1111_source.cached()
+    assert entry.sigma_max == pytest.approx(want, rel=1e-4)
+    assert seen == [entry.sigma_max, entry.sigma_max]

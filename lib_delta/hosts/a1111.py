@@ -257,7 +257,7 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     graphs = run.graphs if int(getattr(p, "steps", 0) or 0) >= source_mod.MIN_GRAPH_STEPS else None
     source = step_mod.SourceEval(variants, run.device, wrappers, image_cond_rows, run.lora, graphs)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
-    space = ModelSpace(run.source.latent, convention, "x0")
+    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
     ps = step_mod.Pass(run.settings, sampler, target, source, space, label)
     ps.arm()

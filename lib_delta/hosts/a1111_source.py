@@ -38,6 +38,11 @@ class PrivateModel:
     key: tuple[str, str]
     shorthash: str
     load_seconds: float
+    sigma_max: float | None = None  # its own schedule's largest noise level (SD3: None), before any sharing
+
+    def __post_init__(self) -> None:
+        if self.sigma_max is None:
+            self.sigma_max = own_sigma_max(self.model)
 
     @property
     def latent(self) -> LatentFormat:
@@ -49,6 +54,18 @@ class PrivateModel:
 
 
 # --- the model's kind ----------------------------------------------------------------------------------------
+
+
+def own_sigma_max(model: Any) -> float | None:
+    """The largest noise level of a discrete (ldm/sgm) model's own schedule; None for a flow model (SD3).
+
+    Read once at load: a pass later gives the model the target's ``alphas_cumprod`` (see ``denoiser_for``), and a
+    target on a zero-terminal-SNR schedule reaches levels the source was never trained at."""
+    alphas = getattr(model, "alphas_cumprod", None)
+    if alphas is None or getattr(model, "is_sd3", False):
+        return None
+    last = float(alphas[-1])
+    return ((1.0 - last) / last) ** 0.5 if last > 0 else None
 
 
 def latent_format(model: Any) -> LatentFormat:

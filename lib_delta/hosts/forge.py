@@ -152,7 +152,7 @@ class ForgeRun:
                       f"({tgt.name}) have different VAEs; the source sees the target's latent converted through "
                       "the unscaled latent, an approximation.")
             self.p.extra_generation_params["Delta latent conversion"] = "; ".join(self.notes)
-        return SpaceBridge(ModelSpace(src, forge_models.convention(source)),
+        return SpaceBridge(ModelSpace(src, forge_models.convention(source), sigma_max=forge_models.sigma_max(source)),
                            ModelSpace(tgt, forge_models.convention(target)))
 
     def _scale_recorder(self):

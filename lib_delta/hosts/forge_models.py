@@ -51,6 +51,15 @@ def convention(engine: Any) -> str:
     return "flow" if engine.forge_objects.unet.model.predictor.prediction_type == "const" else "ve"
 
 
+def sigma_max(engine: Any) -> float | None:
+    """A VE engine's largest trained noise level (its own predictor's: Forge rescales only the active model's for
+    zero-terminal SNR), so that a target starting above it does not drive the source off its schedule."""
+    if convention(engine) != "ve":
+        return None
+    sigmas = getattr(engine.forge_objects.unet.model.predictor, "sigmas", None)
+    return None if sigmas is None or len(sigmas) == 0 else float(sigmas[-1])
+
+
 def same_latent_space(a: Any, b: Any) -> bool:
     """Whether two engines' VAEs share one latent space (then only the scale differs)."""
     return LATENT_SPACES[family_of(a)] == LATENT_SPACES[family_of(b)]
