@@ -88,3 +88,18 @@ def _fit(tile: np.ndarray, h: int, w: int) -> np.ndarray:
     ys = (np.arange(h) * tile.shape[0] // h).clip(0, tile.shape[0] - 1)
     xs = (np.arange(w) * tile.shape[1] // w).clip(0, tile.shape[1] - 1)
     return tile[ys][:, xs]
+
+
+def append_to(processed: object, strip: np.ndarray) -> None:
+    """Add the strip to a WebUI result as one more image (a PIL image in the WebUI), with the first infotext beside
+    it so that the gallery's image and infotext lists stay aligned."""
+    images = processed.images  # type: ignore[attr-defined]
+    try:
+        from PIL import Image
+    except ImportError:  # outside the WebUI (tests): the array itself
+        images.append(strip)
+    else:
+        images.append(Image.fromarray(strip))
+    infotexts = getattr(processed, "infotexts", None)
+    if isinstance(infotexts, list):
+        infotexts.append(infotexts[0] if infotexts else "")

@@ -323,12 +323,4 @@ def _append_preview(run: Run, processed: Any) -> None:
     strip = preview.render(records, run.source.latent.name, target)
     if strip is None:
         return
-    try:
-        from PIL import Image
-    except ImportError:  # outside the WebUI (tests): the array itself
-        processed.images.append(strip)
-    else:
-        processed.images.append(Image.fromarray(strip))
-    infotexts = getattr(processed, "infotexts", None)
-    if isinstance(infotexts, list):
-        infotexts.append(infotexts[0] if infotexts else "")
+    preview.append_to(processed, strip)

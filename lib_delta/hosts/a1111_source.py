@@ -21,6 +21,7 @@ import torch
 
 from ..errors import DeltaError
 from ..spaces import SD1, SD2, SD3, SDXL, LatentFormat
+from . import listed
 from .a1111_interfaces import SETTING_CUDA_GRAPH
 
 _VAE_PREFIX = "first_stage_model."
@@ -109,13 +110,7 @@ def model_label(model: Any) -> str:
 
 def resolve(name: str, what: str = "source checkpoint") -> Any:
     """The listed checkpoint a name refers to (title, name, hash or a unique part of the title)."""
-    from modules import sd_models
-
-    info = sd_models.get_closet_checkpoint_match(name.strip()) if name.strip() else None
-    if info is None:
-        raise DeltaError(f"Delta Sampling {what} '{name}' is not among the WebUI's checkpoints: pick one from the "
-                         "checkpoint list (after adding a file, refresh the list).")
-    return info
+    return listed.checkpoint(name, what, "the WebUI's")
 
 
 def acquire(name: str, what: str = "source checkpoint") -> PrivateModel:

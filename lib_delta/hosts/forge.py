@@ -211,15 +211,7 @@ class ForgeRun:
         strip = preview.render(self.records, self.source.base.latent.name, target)
         if strip is None:
             return
-        try:
-            from PIL import Image
-        except ImportError:  # outside the WebUI (tests): the array itself
-            processed.images.append(strip)
-        else:
-            processed.images.append(Image.fromarray(strip))
-        infotexts = getattr(processed, "infotexts", None)
-        if isinstance(infotexts, list):
-            infotexts.append(infotexts[0] if infotexts else "")
+        preview.append_to(processed, strip)
 
 
 def sampling_levels(p: Any) -> list[float]:

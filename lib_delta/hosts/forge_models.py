@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import DeltaError
 from ..spaces import LatentFormat
+from . import listed
 
 # Models kept between generations, keyed by file and hash (the one piece of module state besides registration).
 _cache: dict[tuple[str, str], PrivateEngine] = {}
@@ -105,13 +106,7 @@ class PrivateEngine:
 
 def resolve(name: str, what: str = "source checkpoint") -> Any:
     """The listed checkpoint a name refers to; never a path from the request."""
-    from modules import sd_models
-
-    info = sd_models.get_closet_checkpoint_match(name.strip()) if name.strip() else None
-    if info is None:
-        raise DeltaError(f"Delta Sampling {what} '{name}' is not among Forge's checkpoints: pick one from the "
-                         "checkpoint list (after adding a file, refresh the list).")
-    return info
+    return listed.checkpoint(name, what, "Forge's")
 
 
 def acquire(name: str, what: str = "source checkpoint") -> PrivateEngine:
