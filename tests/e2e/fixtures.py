@@ -136,9 +136,10 @@ def calibrate_vae_encoder(model: torch.nn.Module, scale_factor: float, gen: torc
     sampling noise and, once multiplied by the scale factor, far smaller than a real latent: img2img and inpainting
     would then hardly see their init image, and would depend on the unseeded posterior sample. Rescaling
     `quant_conv`'s mean rows (latent std 1/scale_factor, i.e. 1 after scaling, as for trained SD VAEs) and pushing
-    its log-variance rows below the -30 clamp of DiagonalGaussianDistribution (std 3e-7, under an fp32 ulp of the
-    means) fixes both; the keys and the decoder are untouched. A random decoder is no inverse of the encoder, so
-    pixels still do not survive an encode/decode round trip.
+    its log-variance rows below the -30 clamp of DiagonalGaussianDistribution (std 3e-7, about half an fp32 ulp of
+    the means: the unseeded sample still flips the last bit of some latent values, so img2img repeats to float
+    rounding, not bit for bit) fixes both; the keys and the decoder are untouched. A random decoder is no inverse
+    of the encoder, so pixels still do not survive an encode/decode round trip.
     """
     vae = model.first_stage_model
     conv = vae.quant_conv

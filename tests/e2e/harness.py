@@ -210,6 +210,13 @@ def decode_image(png: bytes):
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
 
 
+def same_pixels(a: bytes, b: bytes) -> bool:
+    """Whether two API images have exactly the same pixels. The PNG bytes also hold the infotext (the WebUI writes
+    it into a text chunk), so images made with different settings that draw the same pixels differ as files."""
+    x, y = decode_image(a), decode_image(b)
+    return x.shape == y.shape and bool((x == y).all())
+
+
 def psnr(a: bytes, b: bytes) -> float:
     """PSNR in dB between two 8-bit images; inf when identical."""
     x, y = decode_image(a), decode_image(b)

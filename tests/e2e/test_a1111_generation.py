@@ -3,7 +3,7 @@
 - Off means off: disabled, and λ = 0, give the bytes of a WebUI without the extension.
 - The identity: target == source, LoRA L, λ = 1 in "cfg" mode equals the WebUI's own ``<lora:L:1>`` (PSNR recorded;
   float rounding differs between merged weights and the functional LoRA) for Euler, DPM++ 2M, DDIM and UniPC, and
-  for a batch of 2, hires fix and img2img inpainting (whose protected region stays the WebUI's).
+  for a batch of 2, hires fix, img2img and inpainting (whose protected region stays the WebUI's).
 - Other families: an SD1.5 source steers SD2.1-v and SDXL targets.
 - Bad inputs are HTTP errors naming the problem, and the next plain generation is byte-identical to a fresh
   server's; 20 alternating generations keep every plain one identical (the server's RSS growth is recorded).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import Generation, ModelFixture, ServerConfig, ServerPool, WebUIClient, psnr
+from harness import Generation, ModelFixture, ServerConfig, ServerPool, WebUIClient, psnr, same_pixels
 
 SCRIPT = "Delta Sampling"
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -78,6 +78,9 @@ MASK = mask_b64(64, 64)
 IMG2IMG = {"init_images": [INIT], "denoising_strength": 0.6, "steps": 4, "width": 64, "height": 64, "seed": 1,
            "cfg_scale": 7.0, "sampler_name": "Euler", "prompt": PROMPT, "negative_prompt": ""}
 INPAINT = {**IMG2IMG, "mask": MASK, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False}
+# The soak's requests: 2 steps instead of 4 (20 generations on a shared 2-core CPU). What it checks (state left
+# behind by a generation with the extension, memory growth) does not depend on the step count.
+SOAK = {"steps": 2}
 
 
 def img2img(client: WebUIClient, payload: dict) -> Generation:
@@ -122,6 +125,7 @@ def fresh(server_pool: ServerPool, fixtures: dict[str, ModelFixture]) -> dict[st
     return {
         "txt2img": client.txt2img(PROMPT).image,
         "inpaint": img2img(client, INPAINT).image,
+        "soak": client.txt2img(PROMPT, **SOAK).image,
     }
 
 
@@ -136,13 +140,18 @@ def sd15_client(fresh: dict[str, bytes], client: WebUIClient, fixtures: dict[str
 
 def test_disabled_and_zero_strength_are_byte_identical_to_not_installed(
         sd15_client: WebUIClient, fresh: dict[str, bytes], fixtures: dict[str, ModelFixture], record_property) -> None:
+    """Installed, and disabled, the PNG files are the same bytes as a fresh server's (pixels and infotext). With
+    λ = 0 the pixels are the same; the file differs only in its infotext, which records the Delta settings."""
     sd15 = fixtures["sd15"]
     assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
     off = sd15_client.txt2img(PROMPT, **scripts({**delta(sd15), "enabled": False}))
     zero = sd15_client.txt2img(PROMPT, **scripts(delta(sd15, strength=0.0)))
     assert off.image == fresh["txt2img"]
-    assert zero.image == fresh["txt2img"]
+    assert "Delta" not in off.infotext
+    assert same_pixels(zero.image, fresh["txt2img"])
     assert zero.param("Delta lambda") == "0"
+    # off's PNG equals the fresh server's, its infotext included: the rest of λ = 0's infotext must equal it
+    assert {k: v for k, v in zero.params().items() if not k.startswith("Delta")} == off.params()
     record_property("seconds_zero_strength", round(zero.seconds, 1))
 
 
@@ -190,6 +199,19 @@ def test_hires_fix(sd15_client: WebUIClient, fixtures: dict[str, ModelFixture], 
     assert db > IDENTICAL_ABOVE_DB
 
 
+def test_img2img(sd15_client: WebUIClient, fixtures: dict[str, ModelFixture], record_property) -> None:
+    sd15 = fixtures["sd15"]
+    plain = img2img(sd15_client, IMG2IMG)
+    own = img2img(sd15_client, {**IMG2IMG, "prompt": own_lora(sd15)})
+    ours = img2img(sd15_client, {**IMG2IMG, **scripts(delta(sd15))})
+    db_own, db_plain = psnr(ours.image, own.image), psnr(own.image, plain.image)
+    record_property("psnr_db_vs_own_lora", round(db_own, 2))
+    record_property("psnr_db_own_lora_vs_plain", round(db_plain, 2))
+    assert db_plain < CHANGED_BELOW_DB
+    assert db_own > IDENTICAL_ABOVE_DB, (db_own, db_plain)
+    assert ours.param("Denoising strength") == "0.6" and ours.param("Delta LoRAs"), ours.infotext
+
+
 def test_inpainting_keeps_the_protected_region(sd15_client: WebUIClient, fresh: dict[str, bytes],
                                                fixtures: dict[str, ModelFixture], record_property) -> None:
     sd15 = fixtures["sd15"]
@@ -212,13 +234,16 @@ def test_bad_inputs_are_http_errors_and_leave_the_server_clean(
         (delta(sd15, source="no_such_model"), "no_such_model"),
         (delta(sd15, loras=[{"name": "no_such_lora", "weight": 1.0}]), "no_such_lora"),
         (delta(sd15, loras=[{"name": sd15.lora("corrupt"), "weight": 1.0}]), sd15.lora("corrupt")),
+        (delta(sd15, strength="strong"), "strength"),  # wrong types
+        (delta(sd15, loras=[{"name": sd15.lora(), "weight": [1]}]), "weight"),
+        ({**delta(sd15), "lambda": 1.0}, "lambda"),  # an unknown key
     ]
     for args, named in cases:
         r = error_of(sd15_client, {"prompt": PROMPT, "steps": 4, "width": 64, "height": 64, "seed": 1,
                                    "cfg_scale": 7.0, "sampler_name": "Euler", **scripts(args)})
         assert r.status_code in (400, 422), (args, r.text[:500])
         assert named in r.json()["detail"], r.text[:500]
-        assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
+        assert sd15_client.txt2img(PROMPT, **SOAK).image == fresh["soak"], f"plain generation after {named!r}"
 
 
 def test_channel_mismatch() -> None:
@@ -235,13 +260,20 @@ def test_alternating_generations_keep_plain_ones_identical(
     pid = server_pool.current.process.pid
     start = rss_mb(pid)
     peaks = []
-    for _ in range(rounds):
-        sd15_client.txt2img(PROMPT, **scripts(delta(fixtures["sd15"])))
-        assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
+    for i in range(rounds):
+        ours = sd15_client.txt2img(PROMPT, **SOAK, **scripts(delta(fixtures["sd15"])))
+        assert ours.param("Delta LoRAs"), ours.infotext
+        plain = sd15_client.txt2img(PROMPT, **SOAK)
+        assert plain.image == fresh["soak"], f"plain generation {i + 1} differs from a fresh server's"
         peaks.append(rss_mb(pid))
+    growth_total = peaks[-1] - start
+    growth_second_half = peaks[-1] - peaks[len(peaks) // 2 - 1]
     record_property("rss_mb_start", round(start))
     record_property("rss_mb_after_each_pair", [round(v) for v in peaks])
-    record_property("rss_mb_growth_second_half", round(peaks[-1] - peaks[len(peaks) // 2 - 1]))
+    record_property("rss_mb_growth_total", round(growth_total))
+    record_property("rss_mb_growth_second_half", round(growth_second_half))
+    print(f"RSS {start:.0f} MB at start, after each pair: {[round(v) for v in peaks]} MB; growth "
+          f"{growth_total:+.0f} MB in all, {growth_second_half:+.0f} MB over the second half")
 
 
 # ---------------------------------------------------------------------------------------------- other families

@@ -30,6 +30,7 @@ OTHER_PROMPT = "a watercolor landscape with snowy mountains at dusk"
 # Random-weight images: different prompts land around 25 dB apart, a rank-4 LoRA around 20 dB. Far below the
 # 40 dB that would mean "barely moved", far above the ~8 dB of unrelated noise.
 CHANGED_BELOW_DB = 35.0
+SAME_ABOVE_DB = 35.0  # equal but for float rounding
 
 
 class ModelUnderTest:
@@ -114,17 +115,24 @@ def test_corrupt_lora_is_skipped(model: ModelUnderTest) -> None:
 
 
 def test_img2img_depends_on_its_init_image(model: ModelUnderTest, record_property) -> None:
-    """img2img is deterministic and sees its init image (the fixture VAE encodes like a trained one).
+    """img2img is repeatable and sees its init image (the fixture VAE encodes like a trained one).
 
-    Pixels are not compared with the init image: a random decoder does not invert the encoder."""
+    Repeatable to float rounding, not bit for bit: the WebUI samples the VAE posterior with the global torch RNG,
+    which no request seeds. The fixture's posterior std is the clamp floor, exp(-15) = 3e-7, against latent means of
+    order 5 whose fp32 spacing is 5e-7, so the sample flips the last bit of some latent values, and a 4-step random
+    UNet carries that into a few pixel values. Hence "the same" is PSNR > 35 dB (the init images here differ by
+    far more). Pixels are not compared with the init image: a random decoder does not invert the encoder."""
     if model.fixture.key != "sd15":
         pytest.skip("img2img is exercised on SD1.5 only (runtime)")
     first = model.client.img2img(PROMPT, model.plain().image, denoising_strength=0.3, seed=2)
     again = model.client.img2img(PROMPT, model.plain().image, denoising_strength=0.3, seed=2)
     other_init = model.client.img2img(PROMPT, model.other().image, denoising_strength=0.3, seed=2)
     assert first.param("Denoising strength") == "0.3", first.infotext
-    assert again.image == first.image
+    db_again = psnr(first.image, again.image)
     db = psnr(first.image, other_init.image)
+    record_property("psnr_db_same_request_twice", round(db_again, 2))
     record_property("psnr_db", round(db, 2))
-    print(f"{model.fixture.key}: img2img PSNR(init A, init B) at denoising 0.3 = {db:.2f} dB")
+    print(f"{model.fixture.key}: img2img PSNR(same request twice) = {db_again:.2f} dB, PSNR(init A, init B) at "
+          f"denoising 0.3 = {db:.2f} dB")
+    assert db_again > SAME_ABOVE_DB
     assert db < CHANGED_BELOW_DB
