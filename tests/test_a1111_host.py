@@ -456,3 +456,33 @@ def test_the_source_keeps_its_own_largest_noise_level(ui, monkeypatch):
     (entry,) = a1111_source.cached()
     assert entry.sigma_max == pytest.approx(want, rel=1e-4)
     assert seen == [entry.sigma_max, entry.sigma_max]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui, monkeypatch):
+    """The source on cuda:0 (the "Device for the source model" setting; the stand-in's target stays on the CPU),
+    with the real CUDA-graph backend: the same images as eager calls on that GPU, from replays."""
+    from modules import shared
+
+    made = []
+
+    class Recorded(host.GraphedCall):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(host, "GraphedCall", Recorded)
+    monkeypatch.setattr(shared.opts, "delta_sampling_device", "cuda:0", raising=False)
+    kw = {**BASE, "steps": 8, "n_iter": 2}
+    settings = delta(loras="<lora:style:1>", adapted_prompt="in the snow")
+    plain = images(ui.txt2img(**BASE))
+    monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", False, raising=False)
+    eager = images(ui.txt2img(settings, **kw))
+    assert not made
+    monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", True, raising=False)
+    graphed = images(ui.txt2img(settings, **kw))
+    assert made and not [f for g in made for f in g.failures]
+    assert sum(g.captures for g in made) == 1 and sum(g.replays for g in made) == 2 * 8
+    assert rel(graphed, eager) < 1e-5
+    assert rel(graphed, images(ui.txt2img(**kw))) > 1e-2  # the delta really moved the images
+    assert torch.equal(images(ui.txt2img(**BASE)), plain)  # and nothing of it is left behind
