@@ -46,6 +46,8 @@ class StudyConfig:
     targets: tuple[str, ...] = ("self", "same_family", "v_unet", "flow_dit")
     sweep_targets: tuple[str, ...] = ("same_family", "v_unet", "flow_dit")  # targets of the non-λ stages
     clamp_targets: tuple[str, ...] = ("flow_dit",)  # targets whose schedule reaches above the source's σ_max
+    reuse_models: bool = False  # load a model trained by an earlier run into the same --out instead of training it
+    models_only: tuple[str, ...] = ()  # train (or reuse) just these models, save them and stop
 
     def as_dict(self) -> dict:
         d = asdict(self)

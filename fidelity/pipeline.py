@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lib_delta.lora import DeltaPatch, LoraUse, build_patch, read_lora
@@ -110,6 +110,9 @@ def run_study(cfg: StudyConfig, device: torch.device, out: Path, results_dir: Pa
     st = Study(cfg, device, out, results_dir)
     detectors, clf = _measures(st)
     zoo = _train_models(st)
+    if cfg.models_only:
+        st.checkpoint("models_only")
+        return st.res, st.images
     patches = _train_adapters(st, zoo["source"])
     labels, noise, alone = _references(st, zoo, patches, detectors, clf)
     _grid(st, zoo, patches, labels, noise, alone, detectors, clf)
@@ -136,15 +139,31 @@ def _train_models(st: Study) -> dict[str, models.DiffusionModel]:
     zoo: dict[str, models.DiffusionModel] = {}
     st.res["training"] = {}
     for name, spec in models.specs(st.cfg.toy).items():
+        if st.cfg.models_only and name not in st.cfg.models_only:
+            continue
         model = models.build(spec, st.device)
-        rep = models.train_model(model, st.cfg.model_train[name], st.cfg.size,
-                                 probe_images=16 if st.cfg.toy else 256)
+        weights, report = st.out / f"{name}.safetensors", st.out / f"{name}.json"
+        if st.cfg.reuse_models and weights.exists() and report.exists():
+            # trained by an earlier run into this folder (a long training split over several runs)
+            state = load_file(str(weights), device=str(st.device))
+            model.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+            model.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+            model.net.eval().requires_grad_(False)
+            model.encoder.eval().requires_grad_(False)
+            rep = json.loads(report.read_text()) | {"reused": True}
+            model.train_report = rep
+            verb = "reused"
+        else:
+            rep = models.train_model(model, st.cfg.model_train[name], st.cfg.size,
+                                     probe_images=16 if st.cfg.toy else 256)
+            save_file({f"net.{k}": v.contiguous() for k, v in model.net.state_dict().items()}
+                      | {f"encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()},
+                      str(weights))
+            report.write_text(json.dumps(rep, default=float))
+            verb = "trained"
         zoo[name] = model
         st.res["training"][name] = rep
-        save_file({f"net.{k}": v.contiguous() for k, v in model.net.state_dict().items()}
-                  | {f"encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()},
-                  str(st.out / f"{name}.safetensors"))
-        st.log(f"trained {name}: {rep['params']:,} params, {rep['steps']} steps in {rep['seconds']}s, "
+        st.log(f"{verb} {name}: {rep['params']:,} params, {rep['steps']} steps in {rep['seconds']}s, "
                f"loss {rep['first_loss']:.4f} -> {rep['last_loss']:.4f}")
         st.checkpoint(f"train_{name}")
     zoo["self"] = zoo["source"]

@@ -34,6 +34,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="evaluation images per configuration")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
     p.add_argument("--stages", default=None, help="comma-separated subset of the grid's stages")
+    p.add_argument("--reuse-models", action="store_true",
+                   help="load models an earlier run trained into the same --out instead of training them again")
+    p.add_argument("--models-only", default=None,
+                   help="comma-separated models to train (or reuse), save to --out, and stop: a long training split "
+                        "over several runs, finished by one with --reuse-models")
     return p.parse_args(argv)
 
 
@@ -41,13 +46,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     cfg = config.toy() if args.toy else config.full(args.train_scale, batch_scale=args.batch_scale)
     cfg = config.with_overrides(cfg, images=args.images, steps=args.steps, deadline_s=args.deadline,
-                                stages=tuple(args.stages.split(",")) if args.stages else None)
+                                stages=tuple(args.stages.split(",")) if args.stages else None,
+                                reuse_models=args.reuse_models or None,
+                                models_only=tuple(args.models_only.split(",")) if args.models_only else None)
     results_dir = args.results or args.out
     device = torch.device(args.device)
     t0 = time.perf_counter()
     res, images = run_study(cfg, device, args.out, results_dir)
     res["timings"]["total"] = round(time.perf_counter() - t0, 1)
     results_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.models_only:
+        print(f"trained {', '.join(cfg.models_only)} into {args.out} in {res['timings']['total']}s")
+        return res
     (results_dir / "results.json").write_text(json.dumps(res, indent=1, default=float))
     try:
         written = plots.make_all(res, images, results_dir)

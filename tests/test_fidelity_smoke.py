@@ -93,3 +93,17 @@ def test_self_target_at_unit_strength_samples_the_adapted_source(toy):
         assert diff < 1e-3, name
     moved = [r for r in res["runs"] if r["target"] == "self" and r["variant"]["strength"] == 1.0]
     assert moved and all(r["change_rms"] > 0 for r in moved)
+
+
+def test_models_trained_by_one_run_are_reused_by_the_next(tmp_path):
+    """A long training split over runs: --models-only trains and saves, --reuse-models loads instead of training."""
+    from safetensors.torch import load_file
+
+    first = run.main(["--toy", "--out", str(tmp_path), "--models-only", "source"])
+    assert set(first["training"]) == {"source"}
+    saved = load_file(str(tmp_path / "source.safetensors"))
+    second = run.main(["--toy", "--out", str(tmp_path), "--reuse-models", "--stages", "lambda"])
+    assert second["training"]["source"]["reused"] and "reused" not in second["training"]["v_unet"]
+    assert second["training"]["source"]["steps"] == first["training"]["source"]["steps"]
+    again = load_file(str(tmp_path / "source.safetensors"))  # not trained (and saved) again
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
