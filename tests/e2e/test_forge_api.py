@@ -3,8 +3,10 @@
 - the extension disabled gives PNGs byte-identical to Forge without the extension, and enabled with λ = 0 (or an
   empty window) the same pixels;
 - source == target with the fixture LoRA L and λ = 1 comes close to Forge's own ``<lora:L:1>`` (and hires fix,
-  whose hook Forge calls twice per pass, applies the delta once);
-- an SD1.5 source steers an SDXL target: it runs and changes the image;
+  whose hook Forge calls twice per pass, applies the delta once), in img2img too; inpainting keeps the unmasked
+  region Forge's own;
+- the X/Y/Z plot over ``[Delta] Lambda`` returns its grid, and each cell is the single generation at its λ;
+- an SD1.5 source steers an SDXL target and a v-prediction SD2.1 target: it runs and changes the image;
 - bad inputs are HTTP errors with the reason, the server keeps serving, and the next plain image is unchanged;
 - the infotext records the settings and, sent back, reproduces the image; nothing outlives a generation (the plain
   image after a delta one is the plain image from before).
@@ -12,13 +14,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import requests
 from forge_harness import ForgeInstall, ForgeServerPool
-from harness import Generation, ServerConfig, WebUIClient, decode_image, psnr
+from harness import Generation, ServerConfig, WebUIClient, decode_image, psnr, same_pixels
 
 PROMPT = "a photo of a cat sitting on a red chair"
 MODELS = ("sd15", "sdxl")
@@ -30,6 +34,23 @@ CHANGED_BELOW_DB = 35.0
 HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.6,
          "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"]}
 LOW_MEMORY = ("--unet-in-bf16", "--clip-in-fp16")
+
+
+def png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# img2img and inpainting start from a fixed noise picture; the mask repaints the right half (white) and keeps the
+# left (black). mask_blur 0 and whole-picture inpainting: the kept region has a sharp, known edge.
+INIT = png((np.random.default_rng(5).random((64, 64, 3)) * 255).astype("uint8"))
+MASK = png(np.concatenate([np.zeros((64, 32), "uint8"), np.full((64, 32), 255, "uint8")], axis=1))
+IMG2IMG = {"denoising_strength": 0.6}
+INPAINT = {**IMG2IMG, "mask": base64.b64encode(MASK).decode(), "mask_blur": 0, "inpainting_fill": 1,
+           "inpaint_full_res": False}
 
 
 def delta(**settings) -> dict:
@@ -62,7 +83,9 @@ def plain(pool: ForgeServerPool) -> dict[str, Generation]:
     client = server.client
     assert client is not None
     client.set_model(pool.fixtures(MODELS)["sd15"].model_name)
-    refs = {"sd15": client.txt2img(PROMPT), "sd15_hires": client.txt2img(PROMPT, **HIRES)}
+    refs = {"sd15": client.txt2img(PROMPT), "sd15_hires": client.txt2img(PROMPT, **HIRES),
+            "sd15_img2img": client.img2img(PROMPT, INIT, **IMG2IMG),
+            "sd15_inpaint": client.img2img(PROMPT, INIT, **INPAINT)}
     assert client.txt2img(PROMPT).image == refs["sd15"].image, "Forge itself must be deterministic here"
     return refs
 
@@ -128,6 +151,76 @@ def test_the_infotext_sent_back_reproduces_the_delta_image(forge, sd15):
     assert np.array_equal(decode_image(again.image), decode_image(got.image))
 
 
+def psnr_of(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_img2img_source_equal_to_target_with_its_lora_matches_forges_own_lora(forge, sd15, plain, record_property):
+    lora = f"<lora:{sd15.lora()}:1>"
+    own = forge.img2img(f"{PROMPT} {lora}", INIT, **IMG2IMG)
+    got = forge.img2img(PROMPT, INIT, **IMG2IMG, **delta(enabled=True, source=sd15.model_name, loras=lora,
+                                                         strength=1.0))
+    moved, db = psnr(plain["sd15_img2img"].image, own.image), psnr(got.image, own.image)
+    record_property("psnr_lora_moves_db", round(moved, 2))
+    record_property("psnr_delta_vs_forge_lora_db", round(db, 2))
+    print(f"img2img: PSNR(plain, <lora>) = {moved:.2f} dB; PSNR(delta, <lora>) = {db:.2f} dB")
+    assert moved < CHANGED_BELOW_DB, "the fixture LoRA must move the image for this to mean anything"
+    assert db > CLOSE_DB
+    assert got.param("Denoising strength") == "0.6" and got.param("Delta source") == sd15.model_name, got.infotext
+    assert got.param("Delta LoRAs") == lora
+    # the whole PNG after it is Forge's own again (img2img without the extension, from the server before)
+    assert forge.img2img(PROMPT, INIT, **IMG2IMG).image == plain["sd15_img2img"].image
+
+
+def test_inpainting_keeps_the_unmasked_region_forges_own(forge, sd15, plain, record_property):
+    lora = f"<lora:{sd15.lora()}:1>"
+    own = forge.img2img(f"{PROMPT} {lora}", INIT, **INPAINT)
+    got = forge.img2img(PROMPT, INIT, **INPAINT, **delta(enabled=True, source=sd15.model_name, loras=lora,
+                                                         strength=1.0))
+    ref, mine, yours = (decode_image(x) for x in (plain["sd15_inpaint"].image, got.image, own.image))
+    # The unmasked (left) half: exact equality, not a PSNR. Forge pastes the init picture back over every pixel the
+    # mask keeps (mask_blur 0, so the edge is sharp), after decoding: whatever the sampler did there, delta or not,
+    # those pixels are the init's, bit for bit. Any difference would mean the delta leaked past the mask.
+    kept, repainted = np.s_[:, :32], np.s_[:, 32:]
+    assert np.array_equal(mine[kept], ref[kept])
+    assert np.array_equal(mine[kept], decode_image(INIT)[kept])
+    # The repainted half: the delta against Forge's own <lora:L:1> inpainting, there only (the kept half would add
+    # 3 dB of agreement for free).
+    moved, db = psnr_of(ref[repainted], yours[repainted]), psnr_of(mine[repainted], yours[repainted])
+    record_property("psnr_lora_moves_masked_db", round(moved, 2))
+    record_property("psnr_delta_vs_forge_lora_masked_db", round(db, 2))
+    print(f"inpaint (masked half): PSNR(plain, <lora>) = {moved:.2f} dB; PSNR(delta, <lora>) = {db:.2f} dB")
+    assert moved < CHANGED_BELOW_DB
+    assert db > CLOSE_DB
+    assert forge.img2img(PROMPT, INIT, **INPAINT).image == plain["sd15_inpaint"].image
+
+
+def test_xyz_plot_over_lambda_gives_the_single_generations(forge, sd15, plain, record_property):
+    grid_script = next(s for s in forge.get("/sdapi/v1/script-info")
+                       if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    axis = grid_script["args"][0]["choices"].index("[Delta] Lambda")  # depends on the installed scripts
+    settings = dict(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>", strength=1.0)
+    # x: λ over three values (overriding the panel's 1.0); no y or z; legend, the cells' own images; csv mode off
+    script_args = [axis, "0, 0.5, 1", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0,
+                   False]
+    grid = forge.txt2img(PROMPT, script_name="x/y/z plot", script_args=script_args, **delta(**settings))
+    record_property("seconds_grid", round(grid.seconds, 1))
+    assert len(grid.images) == 4, "the grid, then one image per cell"
+    assert decode_image(grid.image).shape[1] >= 3 * 64
+    cells = grid.images[1:]
+    lambdas = [float(Generation([], {"infotexts": [t]}, 0).param("Delta lambda") or "nan")
+               for t in grid.info["infotexts"][1:]]
+    assert lambdas == [0.0, 0.5, 1.0], grid.info["infotexts"]
+    assert len({decode_image(c).tobytes() for c in cells}) == 3
+    # a cell has exactly the pixels of the single generation with its λ (the files differ: a cell's infotext also
+    # names the axis); λ = 0 is Forge's own image
+    single = forge.txt2img(PROMPT, **delta(**{**settings, "strength": 0.5}))
+    assert same_pixels(cells[1], single.image)
+    assert same_pixels(cells[0], plain["sd15"].image)
+    assert forge.txt2img(PROMPT).image == plain["sd15"].image
+
+
 def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(pool, forge, sd15, plain):
     lora = f"<lora:{sd15.lora()}:1>"
     bad = {
@@ -170,3 +263,28 @@ def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
     assert got.param("Model") == xl.model_name and got.param("Delta source") == sd15.model_name
     assert db < CHANGED_BELOW_DB
     assert forge.txt2img(PROMPT).image == off.image, "the SDXL image after the delta one must be the one before"
+
+
+def test_sd15_source_steers_an_sd21v_target(pool, record_property):
+    # Forge reads the yaml beside the fixture (parameterization: v) and so loads it as a v-prediction SD2.1; the
+    # source is eps-prediction SD1.5. Both in fp32: their own server, no SDXL beside them.
+    try:
+        fixtures = pool.fixtures(("sd15", "sd21v"))
+    except LookupError as e:
+        pytest.skip(str(e))
+    server = pool.get(ServerConfig(extension=True, models=("sd15", "sd21v")))
+    forge = server.client
+    assert forge is not None
+    v, sd15 = fixtures["sd21v"], fixtures["sd15"]
+    forge.set_model(v.model_name)
+    off = forge.txt2img(PROMPT)
+    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>"))
+    db = psnr(off.image, got.image)
+    record_property("psnr_db", round(db, 2))
+    record_property("seconds", round(got.seconds, 1))
+    print(f"SD1.5 -> SD2.1-v: PSNR(off, delta) = {db:.2f} dB in {got.seconds:.1f}s")
+    assert got.param("Model") == v.model_name and got.param("Delta source") == sd15.model_name
+    assert db < CHANGED_BELOW_DB
+    # a picture, not a blank: NaNs in the latents decode to a single flat colour, which would "change" it too
+    assert decode_image(got.image).std(axis=(0, 1)).min() > 5
+    assert forge.txt2img(PROMPT).image == off.image, "the SD2.1 image after the delta one must be the one before"
