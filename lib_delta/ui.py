@@ -58,8 +58,9 @@ TOOLTIPS: dict[str, str] = {
     "mode": "delta: add λ·(adapted − base) to the active model's prediction. base-first: the source (with its "
             "adaptation) predicts the steps inside the window instead of the active model, e.g. the first steps "
             "of a distilled (Turbo, Lightning, LCM) model.",
-    "cfg_mode": "cfg: the source runs with classifier-free guidance like the active model. cond: it runs on the "
-                "positive prompt only (faster, the delta is the conditional difference).",
+    "cfg_mode": "cfg: the source runs with classifier-free guidance like the active model (with the source as "
+                "the target, λ 1 gives exactly the adapted model). cond: it runs on the positive prompt only "
+                "(faster; often keeps the prompt better on a target of another architecture).",
     "trajectory": "shared: the source sees the active model's own noisy latent. separate: the source follows its "
                   "own sampling trajectory, as the reference implementation does.",
     "preview": "Add a strip to the results showing the source base, the adapted source and the result side by side.",
