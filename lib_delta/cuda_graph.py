@@ -21,7 +21,6 @@ a memory pool, which is safe because they replay one at a time on one stream and
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -157,15 +156,19 @@ def storage_fingerprint(modules: Iterable[nn.Module], tensors: Callable[[], Iter
     """Where the modules' parameters and buffers (and ``tensors()``) live now, as a fingerprint function.
 
     Moving a model (``.to()``, offloading) or replacing a parameter changes it, so a graph recorded over the old
-    storage is never replayed; in-place updates keep it, and the replay reads the new values.
+    storage is never replayed; in-place updates keep it, and the replay reads the new values. It runs before every
+    replay, so the slots (each module's parameter and buffer dicts, and their names) are listed once here; a
+    parameter or buffer registered later is not watched.
     """
-    owners = [m for root in modules for m in root.modules()]
+    slots = [(d, name) for root in modules for m in root.modules() for d in (m._parameters, m._buffers)
+             for name, t in d.items() if t is not None]
 
     def fingerprint() -> tuple:
-        ptrs = (t.data_ptr() for m in owners for t in itertools.chain(m._parameters.values(), m._buffers.values())
-                if t is not None)
-        extra = () if tensors is None else (t.data_ptr() for t in tensors())
-        return (*ptrs, None, *extra)
+        ptrs = [t.data_ptr() if (t := d.get(name)) is not None else None for d, name in slots]
+        if tensors is not None:
+            ptrs.append(None)
+            ptrs.extend(t.data_ptr() for t in tensors())
+        return tuple(ptrs)
 
     return fingerprint
 
