@@ -26,12 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT, ADAPTED = "a red cube on a table", "a watercolor painting of a red cube"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
