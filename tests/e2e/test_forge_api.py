@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 from forge_harness import ForgeInstall, ForgeServerPool
-from harness import Generation, ServerConfig, WebUIClient, decode_image, psnr, same_pixels
+from harness import Generation, ModelFixture, ServerConfig, WebUIClient, decode_image, psnr, same_pixels
 
 PROMPT = "a photo of a cat sitting on a red chair"
 MODELS = ("sd15", "sdxl")
@@ -245,24 +245,30 @@ def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(pool, 
         "every refusal must be answered by the app itself, not re-raised to the server:\n" + log[-4000:]
 
 
-def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
-    # A full-precision SDXL beside an SD1.5 source needs more RAM than the CPU machines here have to spare;
-    # this check (runs, moves the image) holds in half precision too.
-    server = pool.get(ServerConfig(extension=True, models=MODELS, extra_args=LOW_MEMORY))
-    forge = server.client
-    assert forge is not None
-    fixtures = pool.fixtures(MODELS)
-    xl, sd15 = fixtures["sdxl"], fixtures["sd15"]
-    forge.set_model(xl.model_name)
+def _steers(forge: WebUIClient, target: ModelFixture, sd15: ModelFixture, label: str, record_property) -> None:
+    """The SD1.5 source with its LoRA on another family's target: runs, names both models, changes the image into
+    a picture (NaNs in the latents decode to one flat colour, which would "change" it too), and leaves the next
+    plain image as it was."""
+    forge.set_model(target.model_name)
     off = forge.txt2img(PROMPT)
     got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>"))
     db = psnr(off.image, got.image)
     record_property("psnr_db", round(db, 2))
     record_property("seconds", round(got.seconds, 1))
-    print(f"SD1.5 -> SDXL: PSNR(off, delta) = {db:.2f} dB in {got.seconds:.1f}s")
-    assert got.param("Model") == xl.model_name and got.param("Delta source") == sd15.model_name
+    print(f"SD1.5 -> {label}: PSNR(off, delta) = {db:.2f} dB in {got.seconds:.1f}s")
+    assert got.param("Model") == target.model_name and got.param("Delta source") == sd15.model_name
     assert db < CHANGED_BELOW_DB
-    assert forge.txt2img(PROMPT).image == off.image, "the SDXL image after the delta one must be the one before"
+    assert decode_image(got.image).std(axis=(0, 1)).min() > 5
+    assert forge.txt2img(PROMPT).image == off.image, f"the {label} image after the delta one must be the one before"
+
+
+def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
+    # A full-precision SDXL beside an SD1.5 source needs more RAM than the CPU machines here have to spare;
+    # this check (runs, moves the image) holds in half precision too.
+    server = pool.get(ServerConfig(extension=True, models=MODELS, extra_args=LOW_MEMORY))
+    assert server.client is not None
+    fixtures = pool.fixtures(MODELS)
+    _steers(server.client, fixtures["sdxl"], fixtures["sd15"], "SDXL", record_property)
 
 
 def test_sd15_source_steers_an_sd21v_target(pool, record_property):
@@ -273,18 +279,5 @@ def test_sd15_source_steers_an_sd21v_target(pool, record_property):
     except LookupError as e:
         pytest.skip(str(e))
     server = pool.get(ServerConfig(extension=True, models=("sd15", "sd21v")))
-    forge = server.client
-    assert forge is not None
-    v, sd15 = fixtures["sd21v"], fixtures["sd15"]
-    forge.set_model(v.model_name)
-    off = forge.txt2img(PROMPT)
-    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>"))
-    db = psnr(off.image, got.image)
-    record_property("psnr_db", round(db, 2))
-    record_property("seconds", round(got.seconds, 1))
-    print(f"SD1.5 -> SD2.1-v: PSNR(off, delta) = {db:.2f} dB in {got.seconds:.1f}s")
-    assert got.param("Model") == v.model_name and got.param("Delta source") == sd15.model_name
-    assert db < CHANGED_BELOW_DB
-    # a picture, not a blank: NaNs in the latents decode to a single flat colour, which would "change" it too
-    assert decode_image(got.image).std(axis=(0, 1)).min() > 5
-    assert forge.txt2img(PROMPT).image == off.image, "the SD2.1 image after the delta one must be the one before"
+    assert server.client is not None
+    _steers(server.client, fixtures["sd21v"], fixtures["sd15"], "SD2.1-v", record_property)
