@@ -131,6 +131,7 @@ class DeltaGuidance:
         self.record = record
         self.records: list[StepRecord] = []
         self.source_calls = 0
+        self.prefetched = 0  # calls whose source prediction was started before the target's forward
         self.trajectory = SeparateTrajectory(bridge) if settings.trajectory == "separate" else None
         self._pending: tuple[tuple, Tensor] | None = None  # (call key, prediction) from prefetch()
         self._row_indices: dict[tuple[CfgLayout, torch.device], Tensor] = {}
@@ -156,6 +157,7 @@ class DeltaGuidance:
         base_first, cond_only, rows, variants = self._request(layout, active)
         if pending is not None and pending[0] == _call_key(x, level, progress, rows, variants):
             pred = pending[1]
+            self.prefetched += 1
         else:
             if self.trajectory is not None:
                 xs, ls = self.trajectory.source_point(x_ve, sigma, layout)

@@ -23,7 +23,7 @@ import networks  # noqa: E402
 
 from lib_delta.errors import DeltaError  # noqa: E402
 from lib_delta.hosts import a1111 as host  # noqa: E402
-from lib_delta.hosts import a1111_source  # noqa: E402
+from lib_delta.hosts import a1111_source, a1111_step  # noqa: E402
 
 PROMPT = "a photo of a cat on a red sofa"
 NEGATIVE = "blurry, dark"
@@ -458,6 +458,46 @@ def test_the_source_keeps_its_own_largest_noise_level(ui, monkeypatch):
     assert seen == [entry.sigma_max, entry.sigma_max]
 
 
+# --- a source on another GPU, started before the target's forward ------------------------------------------------
+
+
+def _guidances(monkeypatch) -> list:
+    made = []
+    real = a1111_step.DeltaGuidance
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(a1111_step, "DeltaGuidance", spy)
+    return made
+
+
+@pytest.mark.parametrize("sampler, trajectory", [("Euler", "shared"), ("DDIM", "shared"), ("Euler", "separate")])
+def test_a_source_beside_the_target_is_started_first_and_changes_nothing(ui, monkeypatch, sampler, trajectory):
+    """With the source on a GPU of its own, each step's source call starts at ``cfg_denoiser``, before the
+    target's forward, and ``cfg_denoised`` takes that prediction: the same images, one source call per model call.
+    On the CPU the "other GPU" is simulated; the GPU test below runs it on a real one."""
+    kw = {**BASE, "sampler_name": sampler, "batch_size": 2, "enable_hr": True, "hr_scale": 1.5,
+          "hr_second_pass_steps": 3, "denoising_strength": 0.6}
+    settings = delta(loras="<lora:style:1>", adapted_prompt="in the snow", trajectory=trajectory)
+    sequential = images(ui.txt2img(settings, **kw))
+    made = _guidances(monkeypatch)
+    monkeypatch.setattr(a1111_source, "runs_beside", lambda device: True)
+    beside = images(ui.txt2img(settings, **kw))
+    assert torch.equal(beside, sequential)
+    assert len(made) == 2 and all(g.source_calls > 0 for g in made)  # the first pass and the hires pass
+    for g in made:  # a separate trajectory's source point needs the target's previous prediction: not started early
+        assert g.prefetched == (0 if trajectory == "separate" else g.source_calls)
+
+
+def test_only_another_gpu_counts_as_beside(ui):
+    from modules import devices
+
+    assert devices.device.type == "cpu"
+    assert not a1111_source.runs_beside(torch.device("cpu"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui, monkeypatch):
     """The source on cuda:0 (the "Device for the source model" setting; the stand-in's target stays on the CPU),
@@ -473,6 +513,8 @@ def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui,
 
     monkeypatch.setattr(host, "GraphedCall", Recorded)
     monkeypatch.setattr(shared.opts, "delta_sampling_device", "cuda:0", raising=False)
+    assert a1111_source.runs_beside(torch.device("cuda:0"))  # the stand-in's target computes on the CPU
+    guidances = _guidances(monkeypatch)
     kw = {**BASE, "steps": 8, "n_iter": 2}
     settings = delta(loras="<lora:style:1>", adapted_prompt="in the snow")
     plain = images(ui.txt2img(**BASE))
@@ -483,6 +525,8 @@ def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui,
     graphed = images(ui.txt2img(settings, **kw))
     assert made and not [f for g in made for f in g.failures]
     assert sum(g.captures for g in made) == 1 and sum(g.replays for g in made) == 2 * 8
+    # started on the GPU at cfg_denoiser, while the target computed on the CPU; the eager run too
+    assert [g.prefetched for g in guidances] == [g.source_calls for g in guidances] == [8] * 4
     assert rel(graphed, eager) < 1e-5
     assert rel(graphed, images(ui.txt2img(**kw))) > 1e-2  # the delta really moved the images
     assert torch.equal(images(ui.txt2img(**BASE)), plain)  # and nothing of it is left behind

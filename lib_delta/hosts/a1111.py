@@ -255,7 +255,8 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
         wrappers[id(m)] = run.wrappers[key]
     image_cond_rows = source_mod.is_inpainting(target) and source_mod.is_inpainting(run.source.model)
     graphs = run.graphs if int(getattr(p, "steps", 0) or 0) >= source_mod.MIN_GRAPH_STEPS else None
-    source = step_mod.SourceEval(variants, run.device, wrappers, image_cond_rows, run.lora, graphs)
+    source = step_mod.SourceEval(variants, run.device, wrappers, image_cond_rows, run.lora, graphs,
+                                 concurrent=source_mod.runs_beside(run.device))
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
     space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
@@ -307,8 +308,10 @@ def finish(p: Any, processed: Any = None) -> None:
                 _append_preview(run, processed)
             except Exception as e:
                 print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
-        calls = sum(ps.guidance.source_calls for ps in run.passes if ps.guidance is not None)
-        print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {calls} source calls, "
+        guided = [ps.guidance for ps in run.passes if ps.guidance is not None]
+        calls, beside = sum(g.source_calls for g in guided), sum(g.prefetched for g in guided)
+        where = f" ({beside} beside the target on {run.device})" if beside else ""
+        print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {calls} source calls{where}, "
               f"{run.overhead():.1f}s source overhead")
     finally:
         source_mod.settle({m.key for m in run.models})

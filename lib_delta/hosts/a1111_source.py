@@ -274,6 +274,20 @@ def source_device() -> torch.device:
     return device
 
 
+def runs_beside(device: torch.device) -> bool:
+    """Whether the source runs on a GPU the target does not use. Its call is then started before the target's
+    forward of the same step (``DeltaGuidance.prefetch``), and the two devices compute at the same time."""
+    from modules import devices
+
+    return device.type == "cuda" and _resolved(device) != _resolved(torch.device(devices.device))
+
+
+def _resolved(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def target_uses_lowvram() -> bool:
     from modules import lowvram, shared
 

@@ -137,6 +137,7 @@ class SourceEval:
     image_cond_rows: bool  # give the source the target's image conditioning (both are inpainting models)
     lora: Any = None  # a1111_lora.Adapter, or None
     graphs: dict[int, GraphedCall] | None = None  # per source model; None: run eagerly
+    concurrent: bool = False  # on another GPU than the target: started before the target's forward
     call: CallState | None = None
     seconds: float = 0.0
     _rows_cache: dict[tuple[int, int], tuple] = field(default_factory=dict)
@@ -144,7 +145,9 @@ class SourceEval:
     def __call__(self, x: Tensor, level: Tensor, rows: Sequence[int], variants: Sequence[int]) -> Tensor:
         t0 = time.perf_counter()
         assert self.call is not None
-        out = torch.empty((len(variants), len(rows), *x.shape[1:]), dtype=torch.float32, device=x.device)
+        # concurrent: the prediction stays on the source's GPU until the guidance adds it (no wait for the target)
+        device = self.device if self.concurrent else x.device
+        out = torch.empty((len(variants), len(rows), *x.shape[1:]), dtype=torch.float32, device=device)
         batches: dict[tuple[int, int], list[tuple[int, list[int], Any, int]]] = {}
         for k, v in enumerate(variants):
             for positions, cond in self._cond_chunks(v, rows):
@@ -179,11 +182,11 @@ class SourceEval:
         assert self.call is not None
         entry = self.variants[chunks[0][3]].model
         positions = [i for _, pos, _, _ in chunks for i in pos]
-        xs = x[positions].to(self.device)
-        ls = level.reshape(-1)[positions].to(self.device)
+        xs = _take(x, positions).to(self.device)
+        ls = _take(level.reshape(-1), positions).to(self.device)
         cond = conds_mod.move(conds_mod.cat_rows([c for _, _, c, _ in chunks]), self.device)
         if self.image_cond_rows:
-            image_cond = self.call.image_cond[[rows[i] for i in positions]].to(self.device)
+            image_cond = _take(self.call.image_cond, [rows[i] for i in positions]).to(self.device)
         else:
             image_cond = torch.zeros((len(positions), 5, 1, 1), dtype=xs.dtype, device=self.device)
         cond = {**cond, "c_concat": [image_cond]} if isinstance(cond, dict) else \
@@ -197,9 +200,22 @@ class SourceEval:
         x0 = x0.to(device=out.device, dtype=out.dtype)
         start = 0
         for k, pos, _, _ in chunks:
-            out[k, pos] = x0[start:start + len(pos)]
+            span = _span(pos)
+            out[k, span if span is not None else pos] = x0[start:start + len(pos)]
             start += len(pos)
 
+
+def _span(rows: Sequence[int]) -> slice | None:
+    """``rows`` as a slice when they are consecutive (the usual case): indexing by a list copies it to the GPU
+    first, which waits for the device's queue."""
+    if rows and list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return None
+
+
+def _take(t: Tensor, rows: Sequence[int]) -> Tensor:
+    span = _span(rows)
+    return t[span] if span is not None else t[list(rows)]
 
 
 def forward_source(lora: Any, entry: source_mod.PrivateModel, wrapper: Any, xs: Tensor, ls: Tensor, cond: Any,
@@ -299,6 +315,18 @@ class Pass:
         if wrap is not None:
             vars(wrap)[PASS_ATTR] = self
         self.call = CallState(params.x, params.sigma, params.image_cond, int(d.step), d)
+        if self.source.concurrent:
+            self._start_source(self.call)
+
+    def _start_source(self, call: CallState) -> None:
+        """Start this call's source prediction now, on its own GPU, so it runs while the target's forward does."""
+        layout = self._layout(call)
+        if call.x.shape[0] != layout.n_rows:
+            return  # after_call names the problem
+        if self.guidance is None:
+            self.guidance = self._build_guidance(call)
+        self.source.call = call
+        self.guidance.prefetch(call.x, call.sigma, layout)
 
     def after_call(self, params: Any) -> None:
         """``cfg_denoised``: correct the per-row outputs in place."""
