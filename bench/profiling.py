@@ -24,7 +24,11 @@ def profile_steps(env: Env, fn: Callable[[], object], steps: int = 3, rows: int 
         wall = (time.perf_counter() - t0) * 1e3 / steps
     averages = prof.key_averages()
     events = prof.events()
-    kernel_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.time_range.elapsed_us() for e in kernels)
+    by_device: dict[int, float] = {}
+    for e in kernels:  # a source on a second GPU: how busy each one is
+        by_device[e.device_index] = by_device.get(e.device_index, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
     launches = sum(1 for e in events if e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch")))
     sort = "self_cuda_time_total" if env.cuda else "self_cpu_time_total"
     try:
@@ -33,4 +37,5 @@ def profile_steps(env: Env, fn: Callable[[], object], steps: int = 3, rows: int 
         table = averages.table(sort_by=sort, row_limit=rows)
     kernel_ms = kernel_us / 1e3 / steps
     return {"wall_ms": wall, "kernel_ms": kernel_ms, "launches": launches / steps,
-            "busy": kernel_ms / wall if wall else 0.0, "table": table}
+            "busy": kernel_ms / wall if wall else 0.0, "table": table,
+            "kernel_ms_by_device": {str(k): v for k, v in sorted(by_device.items())}}

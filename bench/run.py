@@ -145,8 +145,12 @@ class Run:
         pairs = self.pairs[:1] if self.env.toy else self.pairs
         for pair in [p for p in pairs if not self.args.profile_px or p.px == self.args.profile_px]:
             rig = self.rig(pair)
-            for scheme in (rig.target_only(), rig.delta("default", "DS default"),
-                           rig.delta("graph", "DS + CUDA graph of the source call", graphed=True)):
+            schemes = [rig.target_only(), rig.delta("default", "DS default"),
+                       rig.delta("graph", "DS + CUDA graph of the source call", graphed=True)]
+            if self.env.second is not None:  # where the time goes when the source runs beside the target
+                schemes.append(rig.delta("remote-graph", "DS, source on GPU 1 + CUDA graph", remote=True,
+                                         graphed=True))
+            for scheme in schemes:
                 prof = profile_steps(self.env, lambda s=scheme, r=rig: s.step(r.x, r.sigma), 1 if self.env.toy else 3)
                 out[f"{pair.key}/{scheme.key}"] = {"label": f"{pair.label}: {scheme.label}", **prof}
                 scheme.close()

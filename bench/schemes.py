@@ -26,6 +26,7 @@ from torch import Tensor
 
 from devkit.denoisers import Cond
 from lib_delta.args import AdaptationGroup, DeltaSettings, LoraRef
+from lib_delta.cuda_graph import GraphedCall
 from lib_delta.guidance import CfgLayout, DeltaGuidance, cfg_combine
 from lib_delta.schedule import ProgressClock
 from lib_delta.spaces import SD1, SDXL, ModelSpace, SpaceBridge
@@ -130,9 +131,11 @@ class PairRig:
 
         return step
 
-    def floor(self, sync: bool = False) -> Scheme:
-        """``sync``: plus one host read of the noise level, as the guidance makes to find λ(t)."""
+    def floor(self, sync: bool = False, graphed: bool = False) -> Scheme:
+        """``sync``: plus one host read of the noise level, as the guidance makes to find λ(t). ``graphed``: the
+        source call replayed as a CUDA graph, the floor of the schemes that replay theirs."""
         cond4 = take(self.source_cond, [0, 1], 2)
+        source = GraphedCall(self.source) if graphed else self.source
 
         def step(x: Tensor, sigma: Tensor) -> Tensor:
             x2, s2 = cat2(x), cat2(sigma)
@@ -140,12 +143,16 @@ class PairRig:
             if sync:
                 float(s2[0])
             xs, ss = self.bridge.to_source(x2, s2)
-            self.source(cat2(xs), cat2(ss), cond4)
+            source(cat2(xs), cat2(ss), cond4)
             return cfg_combine(out, self.layout)
 
         key, label = ("floor-sync", "floor + one host sync (the λ(t) read)") if sync else \
             ("floor", "floor: target + one plain 4-row source call")
-        return Scheme(key, label, None, step, nbytes(self.target_unet) + nbytes(self.source_unet), check="none")
+        if graphed:
+            key, label = "floor-graph", "floor, its source call as a CUDA graph"
+        closers = [source.reset] if isinstance(source, GraphedCall) else []
+        return Scheme(key, label, None, step, nbytes(self.target_unet) + nbytes(self.source_unet), check="none",
+                      closers=closers)
 
     def delta(self, key: str, label: str, adapter: str = "lora", *, cfg_mode: str = "cfg", hold: bool = False,
               graphed: bool = False, compiled: bool = False, remote: bool = False, end: float = 1.0,
@@ -203,6 +210,7 @@ def step_schemes(rig: PairRig, remote: bool, full: bool) -> list[tuple[str, str,
         ("default", "DS default", lambda: rig.delta("default", "DS default: one source call, functional LoRA")),
         ("held", "DS held", lambda: rig.delta("held", "DS, LoRA patch held attached", hold=True)),
         ("cond", "DS cond", lambda: rig.delta("cond", "DS cond-only (2 source rows)", cfg_mode="cond")),
+        ("floor-graph", "floor graph", lambda: rig.floor(graphed=True)),
         ("graph", "DS graph", lambda: rig.delta("graph", "DS + CUDA graph of the source call", graphed=True)),
     ]
     if full:

@@ -65,7 +65,8 @@ UNET_CASES = {
         (CONV1, P(oft_parts, rescale=True, blocks=8)),
     ],
     "boft": [(LIN, P(oft_parts, boft=2)), (CONV3, P(oft_parts, boft=2, rescale=True))],
-    "full": [(LIN_B, full_parts), (CONV3, full_parts), (LIN, full_parts)],  # LIN has no bias: diff_b adds one
+    # LIN has no bias: diff_b adds one; CONV1 is the 1×1 path with a bias
+    "full": [(LIN_B, full_parts), (CONV3, full_parts), (LIN, full_parts), (CONV1, full_parts)],
     "norm": [(GN, norm_parts), (LN, norm_parts)],
 }
 
