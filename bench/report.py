@@ -77,6 +77,28 @@ def pair_table(pair: dict) -> str:
     return "\n".join(lines)
 
 
+def _lora_layers(res: dict) -> str:
+    lay = res["lora_layers"]
+    how = f"replayed {lay['reps']}× inside one CUDA graph" if lay["graphed"] else "timed eagerly (no GPU)"
+    name = res.get("adapters", {}).get(lay["adapter"], lay["adapter"])
+    lines = [f"Each distinct update of the {name} on the adapted rows of the 4-row SD1.5 source call at "
+             f"{lay['px']} px, {how}: {lay['kernels']} kernels in all, {_ms(lay['sum_ms'])} ms per call summed. "
+             f"The shortest kernel takes {lay['shortest_kernel_us']:.1f} µs whatever its size, so the kernel count "
+             f"alone costs {lay['kernels'] * lay['shortest_kernel_us'] / 1e3:.2f} ms. 'out r+w': one read and "
+             "write of the layer's output rows, the bandwidth floor of any update added into it.", "",
+             "| layer update | input | output | per call | µs each | down GEMM | up GEMM + add | out r+w | "
+             "µs per call, all |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def us(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    for r in lay["rows"]:
+        lines.append(f"| {r['op']} | {'×'.join(map(str, r['x']))} | {'×'.join(map(str, r['out']))} | {r['count']} | "
+                     f"{us(r['us'])} | {us(r.get('down_us'))} | {us(r.get('up_us'))} | {us(r['out_rw_us'])} | "
+                     f"{r['us'] * r['count']:.0f} |")
+    return "\n".join(lines)
+
+
 def _source_call_table(rows: list[dict]) -> str:
     graphs = any(r.get("graphed") for r in rows)
     lines = ["| size | adapter | layers | LoRA | plain 4 rows (= merged weights) | functional, held | "
@@ -315,6 +337,8 @@ def render(res: dict, chart_path: str) -> str:
     if res.get("source_call"):
         parts += ["## The source call alone (4 rows: base cond/uncond, adapted cond/uncond)", "",
                   _source_call_table(res["source_call"]), ""]
+    if res.get("lora_layers"):
+        parts += ["## The LoRA terms layer by layer", "", _lora_layers(res), ""]
     if res.get("generation"):
         g = res["generation"]
         parts += [f"## Whole generation: {g['steps']} Euler steps, {g['label']}", "", _generation_table(g), ""]
@@ -368,7 +392,7 @@ def write(res: dict, out: Path, docs: bool = False) -> None:
         page.write_text(text)
 
 
-MERGED = ("generation", "source_call", "reuse", "compile", "flops")
+MERGED = ("generation", "source_call", "lora_layers", "reuse", "compile", "flops")
 
 
 def merge(base: dict, update: dict) -> dict:

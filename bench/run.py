@@ -26,6 +26,7 @@ from devkit.sampling import sample_euler
 from lib_delta.cuda_graph import GraphedCall
 
 from . import report
+from .layers import measure_lora_layers
 from .measure import PeakMemory, psnr, rel_err, summary, time_calls
 from .profiling import profile_steps
 from .rig import ADAPTERS, FULL_PAIRS, TOY_PAIRS, Env, Models, Pair, latent
@@ -110,6 +111,10 @@ class Run:
             out += measure_source_call(self.env, self.models, self.rig(pair), self.args)
         self.results["source_call"] = out
 
+    def lora_layers(self) -> None:
+        pair = next(p for p in self.pairs if p.px == 512) if not self.env.toy else self.pairs[0]
+        self.results["lora_layers"] = measure_lora_layers(self.env, self.models, self.rig(pair))
+
     def generation(self, pair: Pair) -> None:
         rig = self.rig(pair)
         make: list[tuple[str, Callable[[], Scheme]]] = [
@@ -191,6 +196,7 @@ class Run:
         sections: dict[str, tuple[Callable[[], None], float]] = {
             "generation": (lambda: self.generation(big), 40),
             "source-call": (self.source_call, 20),
+            "lora-layers": (self.lora_layers, 15),
             "reuse": (lambda: self.reuse(small), 30),
             "profiles": (self.profiles, 20),
             "compile": (lambda: self.compiled(small), 100),
@@ -204,7 +210,7 @@ class Run:
         print(f"-- done in {self.elapsed:.0f} s; {self.out / 'performance.md'}", flush=True)
 
 
-SECTIONS = ("steps", "generation", "source-call", "reuse", "profiles", "compile", "flops")
+SECTIONS = ("steps", "generation", "source-call", "lora-layers", "reuse", "profiles", "compile", "flops")
 
 
 # --- measuring helpers -------------------------------------------------------------------------------------------

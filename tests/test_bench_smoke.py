@@ -29,8 +29,12 @@ def test_every_section_ran_and_the_json_matches(run):
     assert results["skipped"] == {}
     assert json.loads((out / "results.json").read_text())["pairs"].keys() == results["pairs"].keys()
     assert len(results["pairs"]) == 3
-    for key in ("source_call", "generation", "reuse", "profiles", "flops"):
+    for key in ("source_call", "lora_layers", "generation", "reuse", "profiles", "flops"):
         assert results[key], key
+    # every patched layer of the source call is timed once, under its own shapes
+    layers = results["lora_layers"]
+    assert sum(r["count"] for r in layers["rows"]) == results["source_call"][0]["layers"]
+    assert all(r["us"] > 0 and r["out_rw_us"] > 0 for r in layers["rows"])
 
 
 def test_each_scheme_gives_the_reference_output(run):
