@@ -131,8 +131,12 @@ class ForgeServer(WebUIServer):
         self.port = _free_port()
         env = _server_env(self.install)  # type: ignore[arg-type]
         env["SD_WEBUI_CACHE_DIR"] = str(self.install.cache / "forge-webui-cache")
+        # Forge serves its own JavaScript and CSS through gradio 4's file route, which answers 403 outside the
+        # allowed paths; Forge allows only the data dir by default, and ours is elsewhere, so the UI would load
+        # without its scripts (no hints, no input accordions).
         cmd = [str(self.install.python), "launch.py", *FORGE_ARGS, *self.install.extra_args,  # type: ignore[attr-defined]
-               "--port", str(self.port), "--data-dir", str(self.data_dir), *self.config.extra_args]
+               "--port", str(self.port), "--data-dir", str(self.data_dir),
+               "--gradio-allowed-path", str(self.install.root), *self.config.extra_args]
         self._log_handle = open(self.log_path, "w")  # closed in stop()
         self.process = subprocess.Popen(cmd, cwd=self.install.root, env=env, stdout=self._log_handle,
                                         stderr=subprocess.STDOUT, start_new_session=True)

@@ -9,13 +9,18 @@
 - an SD1.5 source steers an SDXL target and a v-prediction SD2.1 target: it runs and changes the image;
 - bad inputs are HTTP errors with the reason, the server keeps serving, and the next plain image is unchanged;
 - the infotext records the settings and, sent back, reproduces the image; nothing outlives a generation (the plain
-  image after a delta one is the plain image from before).
+  image after a delta one is the plain image from before);
+- base-first mode: the target as its own source over the first steps gives the target's image, the source with
+  the LoRA over every step gives Forge's own ``<lora:L:1>``, and an SD1.5 source on an SD2.1-v target changes it;
+- several adaptation groups: two groups holding L at λ = 0.5 give the image of one at λ = 1, and the infotext of
+  a two-group image, sent back, reproduces it.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +35,10 @@ MODELS = ("sd15", "sdxl")
 # differs only by float rounding (and Forge merging in place), so "close" is far above that.
 CLOSE_DB = 35.0
 CHANGED_BELOW_DB = 35.0
+# Two groups with the same LoRA at λ = 0.5 against one at λ = 1: both are the extension's own delta, summed in a
+# different order, so they agree to float rounding (identical pixels on the CPU here; see docs/e2e.md); 50 dB leaves
+# room for another CPU's or BLAS's rounding and is far above the λ = 0.5 image (about 26 dB from λ = 1).
+GROUPS_SUM_DB = 50.0
 # Forge's API needs hr_additional_modules for hires fix (None fails inside Forge's own hires code)
 HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.6,
          "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"]}
@@ -245,13 +254,81 @@ def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(pool, 
         "every refusal must be answered by the app itself, not re-raised to the server:\n" + log[-4000:]
 
 
-def _steers(forge: WebUIClient, target: ModelFixture, sd15: ModelFixture, label: str, record_property) -> None:
-    """The SD1.5 source with its LoRA on another family's target: runs, names both models, changes the image into
-    a picture (NaNs in the latents decode to one flat colour, which would "change" it too), and leaves the next
-    plain image as it was."""
+def test_base_first_with_the_target_as_its_own_source_is_the_targets_image(forge, sd15, plain, record_property):
+    # base-first: x0' = x0_target + λ(t)·(x0_source − x0_target) inside the window. With the target's own checkpoint
+    # as the source and no adaptation the source predicts what the target would have (the same file, in the same
+    # precision, in a private engine), so the first half of the steps (2 of 4) gives Forge's own image.
+    lora = f"<lora:{sd15.lora()}:1>"
+    first = dict(enabled=True, source=sd15.model_name, mode="base-first", start=0.0, end=0.5)
+    own_steps = forge.txt2img(PROMPT, **delta(**first))
+    # The source with the LoRA predicting every step is the adapted model itself: Forge's own <lora:L:1>.
+    own_lora = forge.txt2img(f"{PROMPT} {lora}")
+    every = forge.txt2img(PROMPT, **delta(**{**first, "end": 1.0, "loras": lora}))
+    # Over the first half only, the adapted source starts the picture and the target finishes it.
+    half = forge.txt2img(PROMPT, **delta(**first, loras=lora))
+    db = {"target_source_vs_plain": psnr(own_steps.image, plain["sd15"].image),
+          "lora_moves": psnr(plain["sd15"].image, own_lora.image),
+          "adapted_every_step_vs_forge_lora": psnr(every.image, own_lora.image),
+          "adapted_first_half_vs_plain": psnr(half.image, plain["sd15"].image),
+          "adapted_first_half_vs_forge_lora": psnr(half.image, own_lora.image)}
+    for key, value in db.items():
+        record_property(f"psnr_{key}_db", round(value, 2))
+    record_property("seconds_base_first", round(own_steps.seconds, 1))
+    print("base-first: " + "; ".join(f"{k} = {v:.2f} dB" for k, v in db.items()))
+    assert db["target_source_vs_plain"] > CLOSE_DB
+    assert db["lora_moves"] < CHANGED_BELOW_DB, "the fixture LoRA must move the image for this to mean anything"
+    assert db["adapted_every_step_vs_forge_lora"] > CLOSE_DB
+    assert db["adapted_first_half_vs_plain"] < CHANGED_BELOW_DB
+    assert own_steps.param("Delta mode") == "base-first" and own_steps.param("Delta window") == "0-0.5"
+    assert own_steps.param("Delta source") == sd15.model_name and own_steps.param("Delta LoRAs") is None
+    assert every.param("Delta mode") == "base-first" and every.param("Delta window") is None
+    assert half.param("Delta LoRAs") == lora
+    # sent back, the infotext makes the same picture again (mode and window included)
+    again = forge.txt2img(PROMPT, infotext=half.infotext, styles=[])
+    assert again.param("Delta mode") == "base-first" and again.param("Delta window") == "0-0.5", again.infotext
+    assert same_pixels(again.image, half.image)
+    assert forge.txt2img(PROMPT).image == plain["sd15"].image
+
+
+def test_two_groups_at_half_strength_equal_one_group_at_full_strength(forge, sd15, plain, record_property):
+    # Σ_g λ_g·(x0_adapted_g − x0_base) is linear in λ in cfg mode: two groups holding the same LoRA at λ = 0.5 add
+    # two equal halves of one delta. The two paths differ only in float rounding (the adapted rows are evaluated
+    # twice, side by side in one batch, and summed), so they agree far above the 35 dB of the other tests, while
+    # a second group dropped gives the λ = 0.5 image, which is checked to lie below 35 dB.
+    lora = f"<lora:{sd15.lora()}:1>"
+    one = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=lora, strength=1.0))
+    half = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=lora, strength=0.5))
+    group = {"loras": lora, "strength": 0.5}
+    two = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, groups=[group, group]))
+    db_half, db_two = psnr(half.image, one.image), psnr(two.image, one.image)
+    record_property("psnr_one_group_half_vs_full_db", round(db_half, 2))
+    record_property("psnr_two_halves_vs_one_full_db", round(db_two, 2))
+    record_property("seconds_one_group", round(one.seconds, 1))
+    record_property("seconds_two_groups", round(two.seconds, 1))
+    print(f"groups: PSNR(λ 0.5, λ 1) = {db_half:.2f} dB; PSNR(2 × λ 0.5, λ 1) = {db_two:.2f} dB; "
+          f"{one.seconds:.1f}s with one group, {two.seconds:.1f}s with two")
+    assert db_half < CHANGED_BELOW_DB, "half the delta must look different for this to mean anything"
+    assert db_two > GROUPS_SUM_DB
+    # the infotext: the first group flat, the second as JSON
+    assert two.param("Delta LoRAs") == lora and two.param("Delta lambda") == "0.5", two.infotext
+    second = json.loads(two.param("Delta group 2") or "null")
+    assert second["loras"] == [{"name": sd15.lora(), "weight": 1.0}] and second["strength"] == 0.5, second
+    # sent back, it reproduces the two-group image (one group read back would give the λ = 0.5 picture)
+    again = forge.txt2img(PROMPT, infotext=two.infotext, styles=[])
+    assert again.param("Delta group 2") == two.param("Delta group 2"), again.infotext
+    assert same_pixels(again.image, two.image)
+    assert forge.txt2img(PROMPT).image == plain["sd15"].image
+
+
+def _steers(forge: WebUIClient, target: ModelFixture, sd15: ModelFixture, label: str, record_property,
+            settings: dict | None = None) -> Generation:
+    """The SD1.5 source (by default with its LoRA) on another family's target: runs, names both models, changes the
+    image into a picture (NaNs in the latents decode to one flat colour, which would "change" it too), and leaves
+    the next plain image as it was."""
     forge.set_model(target.model_name)
     off = forge.txt2img(PROMPT)
-    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>"))
+    settings = settings or {"loras": f"<lora:{sd15.lora()}:1>"}
+    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, **settings))
     db = psnr(off.image, got.image)
     record_property("psnr_db", round(db, 2))
     record_property("seconds", round(got.seconds, 1))
@@ -260,6 +337,7 @@ def _steers(forge: WebUIClient, target: ModelFixture, sd15: ModelFixture, label:
     assert db < CHANGED_BELOW_DB
     assert decode_image(got.image).std(axis=(0, 1)).min() > 5
     assert forge.txt2img(PROMPT).image == off.image, f"the {label} image after the delta one must be the one before"
+    return got
 
 
 def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
@@ -281,3 +359,18 @@ def test_sd15_source_steers_an_sd21v_target(pool, record_property):
     server = pool.get(ServerConfig(extension=True, models=("sd15", "sd21v")))
     assert server.client is not None
     _steers(server.client, fixtures["sd21v"], fixtures["sd15"], "SD2.1-v", record_property)
+
+
+def test_base_first_with_an_sd15_source_changes_an_sd21v_target(pool, record_property):
+    # Another checkpoint as the source in base-first mode: the SD1.5 (eps) source predicts the first half of the
+    # steps of the SD2.1-v target, which finishes them. On the SD2.1-v test's server.
+    try:
+        fixtures = pool.fixtures(("sd15", "sd21v"))
+    except LookupError as e:
+        pytest.skip(str(e))
+    server = pool.get(ServerConfig(extension=True, models=("sd15", "sd21v")))
+    assert server.client is not None
+    got = _steers(server.client, fixtures["sd21v"], fixtures["sd15"], "SD2.1-v, base-first", record_property,
+                  {"mode": "base-first", "end": 0.5})
+    assert got.param("Delta mode") == "base-first" and got.param("Delta window") == "0-0.5", got.infotext
+    assert got.param("Delta LoRAs") is None
