@@ -10,6 +10,9 @@ ADAPTATIONS = {  # name -> (adapter kind, world style it is fine-tuned on, rank,
     "red_lora": ("lora", "red", 8, 8.0),
     "striped_loha": ("loha", "striped", 8, 2.0),
 }
+# The ε UNets' loss weighting (models.WEIGHTINGS): "none" is the plain ε MSE, which weighs an x0 error by 1/σ²;
+# "x0" weighs it as the v objective does, "min_snr" by min(1/σ², 5). Selectable with ``--eps-weighting``.
+EPS_WEIGHTING = "none"
 ATTRIBUTE = {"red_lora": "red", "striped_loha": "striped"}
 
 SEEDS = {
@@ -48,6 +51,7 @@ class StudyConfig:
     clamp_targets: tuple[str, ...] = ("flow_dit",)  # targets whose schedule reaches above the source's σ_max
     reuse_models: bool = False  # load a model trained by an earlier run into the same --out instead of training it
     models_only: tuple[str, ...] = ()  # train (or reuse) just these models, save them and stop
+    eps_channels: int | None = None  # the ε UNets' base width, if not models.specs' own (``--eps-channels``)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -56,11 +60,12 @@ class StudyConfig:
         return d
 
 
-def full(train_scale: float = 1.0, deadline_s: float = 470.0, batch_scale: float = 1.0) -> StudyConfig:
+def full(train_scale: float = 1.0, deadline_s: float = 470.0, batch_scale: float = 1.0,
+         eps_weighting: str = EPS_WEIGHTING) -> StudyConfig:
     """The GPU run. Training is budgeted in seconds (step counts are cut to what fits; the counts reached are
     reported) so that the whole study fits about eight minutes of one GPU; ``train_scale`` scales both,
     ``batch_scale`` the training batches (small models' steps look bound by kernel launches, so a larger batch
-    should cost little time)."""
+    should cost little time); ``eps_weighting`` is the ε UNets' loss weighting."""
 
     def budget(steps: int, seconds: float, batch: int, **kw) -> TrainConfig:
         return TrainConfig(steps=max(int(steps * train_scale), 20), seconds=seconds * train_scale,
@@ -72,8 +77,8 @@ def full(train_scale: float = 1.0, deadline_s: float = 470.0, batch_scale: float
         steps=20,
         cfg_scale=3.0,
         model_train={
-            "source": budget(4000, 60, batch=256, lr=1e-3, warmup=100),
-            "same_family": budget(4000, 55, batch=256, lr=1e-3, warmup=100),
+            "source": budget(4000, 60, batch=256, lr=1e-3, warmup=100, weighting=eps_weighting),
+            "same_family": budget(4000, 55, batch=256, lr=1e-3, warmup=100, weighting=eps_weighting),
             "v_unet": budget(4000, 55, batch=256, lr=1e-3, warmup=100),
             "flow_dit": budget(4000, 55, batch=256, lr=5e-4, warmup=100),
         },
@@ -89,15 +94,16 @@ def full(train_scale: float = 1.0, deadline_s: float = 470.0, batch_scale: float
     )
 
 
-def toy() -> StudyConfig:
+def toy(eps_weighting: str = EPS_WEIGHTING) -> StudyConfig:
     model = TrainConfig(steps=6, batch=8, lr=2e-3, warmup=2, ema=0.0)
+    eps_model = replace(model, weighting=eps_weighting)
     adapter = TrainConfig(steps=4, batch=8, lr=5e-3, warmup=2, ema=0.0)
     return StudyConfig(
         toy=True,
         images=6,  # class 0 twice, so diversity has a pair to measure
         steps=3,
         cfg_scale=3.0,
-        model_train=dict.fromkeys(("source", "same_family", "v_unet", "flow_dit"), model),
+        model_train={"source": eps_model, "same_family": eps_model, "v_unet": model, "flow_dit": model},
         adapter_train=dict.fromkeys(ADAPTATIONS, adapter),
         adapter_images=16,
         classifier_steps=5,

@@ -111,6 +111,7 @@ def run_study(cfg: StudyConfig, device: torch.device, out: Path, results_dir: Pa
     detectors, clf = _measures(st)
     zoo = _train_models(st)
     if cfg.models_only:
+        _alone(st, zoo, [n for n in models.specs(cfg.toy, cfg.eps_channels) if n in zoo], detectors, clf)
         st.checkpoint("models_only")
         return st.res, st.images
     patches = _train_adapters(st, zoo["source"])
@@ -138,12 +139,16 @@ def _measures(st: Study) -> tuple[metrics.Detectors, torch.nn.Module]:
 def _train_models(st: Study) -> dict[str, models.DiffusionModel]:
     zoo: dict[str, models.DiffusionModel] = {}
     st.res["training"] = {}
-    for name, spec in models.specs(st.cfg.toy).items():
+    for name, spec in models.specs(st.cfg.toy, st.cfg.eps_channels).items():
         if st.cfg.models_only and name not in st.cfg.models_only:
             continue
         model = models.build(spec, st.device)
         weights, report = st.out / f"{name}.safetensors", st.out / f"{name}.json"
-        if st.cfg.reuse_models and weights.exists() and report.exists():
+        train_cfg = st.cfg.model_train[name]
+        saved = json.loads(report.read_text()) if st.cfg.reuse_models and report.exists() else {}
+        # another weighting or width trains anew
+        if (weights.exists() and saved.get("weighting", "none") == train_cfg.weighting
+                and saved.get("params") == model.n_params()):
             # trained by an earlier run into this folder (a long training split over several runs)
             state = load_file(str(weights), device=str(st.device))
             model.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
@@ -154,7 +159,7 @@ def _train_models(st: Study) -> dict[str, models.DiffusionModel]:
             model.train_report = rep
             verb = "reused"
         else:
-            rep = models.train_model(model, st.cfg.model_train[name], st.cfg.size,
+            rep = models.train_model(model, train_cfg, st.cfg.size,
                                      probe_images=16 if st.cfg.toy else 256)
             save_file({f"net.{k}": v.contiguous() for k, v in model.net.state_dict().items()}
                       | {f"encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()},
@@ -164,7 +169,7 @@ def _train_models(st: Study) -> dict[str, models.DiffusionModel]:
         zoo[name] = model
         st.res["training"][name] = rep
         st.log(f"{verb} {name}: {rep['params']:,} params, {rep['steps']} steps in {rep['seconds']}s, "
-               f"loss {rep['first_loss']:.4f} -> {rep['last_loss']:.4f}")
+               f"loss {rep['first_loss']:.4f} -> {rep['last_loss']:.4f}; x0 MSE by σ {rep.get('x0_mse_by_sigma')}")
         st.checkpoint(f"train_{name}")
     zoo["self"] = zoo["source"]
     return zoo
@@ -197,16 +202,8 @@ def _references(st: Study, zoo: dict, patches: dict, detectors: metrics.Detector
                 clf: torch.nn.Module) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Every model alone and the adapted source alone, on the evaluation seeds (classes in turn)."""
     cfg = st.cfg
-    g = torch.Generator().manual_seed(SEEDS["eval_noise"])
-    labels = (torch.arange(cfg.images) % len(world.CLASSES)).to(st.device)
-    noise = torch.randn(cfg.images, 3, cfg.size, cfg.size, generator=g).to(st.device)
-    refs: dict[str, dict] = {}
-    alone: dict[str, Tensor] = {}
-    for name in ("source", "same_family", "v_unet", "flow_dit"):
-        imgs, secs = timed(sample, zoo[name], labels, noise, cfg.steps, cfg.cfg_scale)
-        alone[name] = imgs
-        st.images[f"alone:{name}"] = imgs[: cfg.grid_images]
-        refs[f"alone:{name}"] = measure(imgs, labels, detectors, clf) | {"seconds": round(secs, 2)}
+    labels, noise, alone, refs = _alone(st, zoo, ["source", "same_family", "v_unet", "flow_dit"], detectors, clf,
+                                        log=False)
     alone["self"] = alone["source"]
     for name, patch in patches.items():
         imgs, secs = timed(sample, zoo["source"], labels, noise, cfg.steps, cfg.cfg_scale, adapted=patch)
@@ -218,6 +215,26 @@ def _references(st: Study, zoo: dict, patches: dict, detectors: metrics.Detector
         st.log(f"{k}: {_fmt(v)}")
     st.checkpoint("references")
     return labels, noise, alone
+
+
+def _alone(st: Study, zoo: dict, names: list[str], detectors: metrics.Detectors, clf: torch.nn.Module,
+           log: bool = True) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, dict]]:
+    """Each model of ``names`` on its own on the evaluation seeds (classes in turn, the same noise for every
+    model); the measures go to ``st.res["references"]`` as ``alone:<name>``."""
+    cfg = st.cfg
+    g = torch.Generator().manual_seed(SEEDS["eval_noise"])
+    labels = (torch.arange(cfg.images) % len(world.CLASSES)).to(st.device)
+    noise = torch.randn(cfg.images, 3, cfg.size, cfg.size, generator=g).to(st.device)
+    refs: dict[str, dict] = st.res.setdefault("references", {})
+    alone: dict[str, Tensor] = {}
+    for name in names:
+        imgs, secs = timed(sample, zoo[name], labels, noise, cfg.steps, cfg.cfg_scale)
+        alone[name] = imgs
+        st.images[f"alone:{name}"] = imgs[: cfg.grid_images]
+        refs[f"alone:{name}"] = measure(imgs, labels, detectors, clf) | {"seconds": round(secs, 2)}
+        if log:
+            st.log(f"alone:{name}: {_fmt(refs[f'alone:{name}'])}")
+    return labels, noise, alone, refs
 
 
 def _grid(st: Study, zoo: dict, patches: dict, labels: Tensor, noise: Tensor, alone: dict[str, Tensor],

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import config, plots
+from .models import WEIGHTINGS
 from .pipeline import run_study
 
 
@@ -37,17 +38,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse-models", action="store_true",
                    help="load models an earlier run trained into the same --out instead of training them again")
     p.add_argument("--models-only", default=None,
-                   help="comma-separated models to train (or reuse), save to --out, and stop: a long training split "
-                        "over several runs, finished by one with --reuse-models")
+                   help="comma-separated models to train (or reuse), save to --out, measure each alone, and stop: a "
+                        "long training split over several runs, finished by one with --reuse-models")
+    p.add_argument("--eps-channels", type=int, default=None,
+                   help="base width of the two ε UNets (the layout's GroupNorm has 32 groups: at 32 channels it "
+                        "normalises every channel on its own)")
+    p.add_argument("--eps-weighting", choices=sorted(WEIGHTINGS), default=config.EPS_WEIGHTING,
+                   help="loss weighting of the two ε UNets: none (the plain ε MSE, the default), x0 (their x0 "
+                        "error weighted as the v objective weighs it) or min_snr (min-SNR-5)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    cfg = config.toy() if args.toy else config.full(args.train_scale, batch_scale=args.batch_scale)
+    cfg = (config.toy(args.eps_weighting) if args.toy
+           else config.full(args.train_scale, batch_scale=args.batch_scale, eps_weighting=args.eps_weighting))
     cfg = config.with_overrides(cfg, images=args.images, steps=args.steps, deadline_s=args.deadline,
                                 stages=tuple(args.stages.split(",")) if args.stages else None,
-                                reuse_models=args.reuse_models or None,
+                                reuse_models=args.reuse_models or None, eps_channels=args.eps_channels,
                                 models_only=tuple(args.models_only.split(",")) if args.models_only else None)
     results_dir = args.results or args.out
     device = torch.device(args.device)
@@ -56,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     res["timings"]["total"] = round(time.perf_counter() - t0, 1)
     results_dir.mkdir(parents=True, exist_ok=True)
     if cfg.models_only:
-        print(f"trained {', '.join(cfg.models_only)} into {args.out} in {res['timings']['total']}s")
+        alone = ", ".join(f"{k[6:]} {v['fidelity']:.1%}" for k, v in res.get("references", {}).items())
+        print(f"trained {', '.join(cfg.models_only)} into {args.out} in {res['timings']['total']}s; "
+              f"class fidelity alone: {alone}")
         return res
     (results_dir / "results.json").write_text(json.dumps(res, indent=1, default=float))
     try:

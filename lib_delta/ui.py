@@ -60,7 +60,7 @@ TOOLTIPS: dict[str, str] = {
             "of a distilled (Turbo, Lightning, LCM) model.",
     "cfg_mode": "cfg: the source runs with classifier-free guidance like the active model (with the source as "
                 "the target, λ 1 gives exactly the adapted model). cond: it runs on the positive prompt only "
-                "(faster; often keeps the prompt better on a target of another architecture).",
+                "(faster; try it when the image stops following the prompt).",
     "trajectory": "shared: the source sees the active model's own noisy latent. separate: the source follows its "
                   "own sampling trajectory, as the reference implementation does.",
     "preview": "Add a strip to the results showing the source base, the adapted source and the result side by side.",

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from fidelity import metrics, png, run, world
+from fidelity import metrics, models, png, run, world
 from fidelity.config import ADAPTATIONS
 
 
@@ -101,9 +101,24 @@ def test_models_trained_by_one_run_are_reused_by_the_next(tmp_path):
 
     first = run.main(["--toy", "--out", str(tmp_path), "--models-only", "source"])
     assert set(first["training"]) == {"source"}
+    assert set(first["references"]) == {"alone:source"}  # each model measured on its own
+    assert 0.0 <= first["references"]["alone:source"]["fidelity"] <= 1.0
+    assert set(first["training"]["source"]["x0_mse_by_sigma"]) == {f"{s:g}" for s in models.PROBE_SIGMAS}
     saved = load_file(str(tmp_path / "source.safetensors"))
     second = run.main(["--toy", "--out", str(tmp_path), "--reuse-models", "--stages", "lambda"])
     assert second["training"]["source"]["reused"] and "reused" not in second["training"]["v_unet"]
     assert second["training"]["source"]["steps"] == first["training"]["source"]["steps"]
     again = load_file(str(tmp_path / "source.safetensors"))  # not trained (and saved) again
     assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_loss_weightings_are_x0_errors_weighted_as_named():
+    """"x0" makes an ε model's loss the v objective's weighting of its x0 error, whatever the parameterisation."""
+    sigma = torch.tensor([0.03, 1.0, 14.6])
+    for prediction in ("eps", "v"):
+        den = models.make_denoiser(torch.nn.Identity(), prediction)
+        c_out = den.get_scalings(sigma)[1]
+        x0_weight = models.WEIGHTINGS["x0"](sigma, c_out) / c_out**2  # per unit of squared x0 error
+        assert torch.allclose(x0_weight, (sigma**2 + 1) / sigma**2)
+        assert torch.allclose(models.WEIGHTINGS["min_snr"](sigma, c_out) / c_out**2, (1 / sigma**2).clamp(max=5))
+    assert torch.equal(models.WEIGHTINGS["none"](sigma, sigma), torch.ones(3))
