@@ -24,6 +24,7 @@ from tests.fake_forge import backend, installed, webui
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT, ADAPTED = "a red cube on a table", "a watercolor painting of a red cube"
+APPENDED = f"{PROMPT}, {ADAPTED}"  # what an adapted prompt adds to: the target's own prompt
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,7 +131,7 @@ def test_source_equal_to_target_at_unit_strength_samples_the_adapted_model(forge
         group = {"loras": f"<lora:{lora}:1>"}
         adapted = lambda **kw: forge.generate(merged(forge, base, lora, "sd1"), **kw)  # noqa: E731
     elif kind == "prompt":
-        group, adapted = {"adapted_prompt": ADAPTED}, lambda **kw: forge.generate(target, prompt=ADAPTED, **kw)
+        group, adapted = {"adapted_prompt": ADAPTED}, lambda **kw: forge.generate(target, prompt=APPENDED, **kw)
     else:
         tuned = forge.checkpoint("tuned", family="sd1", seed=1, text_seed=0)
         group, adapted = {"checkpoint": tuned}, lambda **kw: forge.generate(forge.load(tuned), **kw)
@@ -157,7 +158,7 @@ def test_hires_fix_hook_called_twice_per_pass_applies_the_delta_once(forge, monk
     monkeypatch.setattr(forge.adapter.ForgeRun, "arm", arm)
     hr = {"enable_hr": True, "hr_second_pass_steps": 3, "denoising_strength": 0.6}
     got = forge.run(target, base, {"adapted_prompt": ADAPTED}, **hr)
-    want = forge.generate(target, prompt=ADAPTED, **hr)
+    want = forge.generate(target, prompt=APPENDED, **hr)
     assert encodes == [False, True]
     assert hooks == [(1, 1)] * 3
     assert close(got, want)
@@ -166,9 +167,12 @@ def test_hires_fix_hook_called_twice_per_pass_applies_the_delta_once(forge, monk
 def test_cfg_one_and_weighted_and_prompts_keep_the_identity(forge):
     base = forge.checkpoint("base", family="sd1", seed=0)
     target = forge.load(base)
-    for kw in ({"cfg_scale": 1.0}, {"prompt": "a red cube AND a tall tree:0.6"}):
+    # the adapted text goes into every AND part, before its weight, so the rows stay the target's
+    for kw, adapted in (({"cfg_scale": 1.0}, APPENDED),
+                        ({"prompt": "a red cube AND a tall tree:0.6"},
+                         f"a red cube, {ADAPTED} AND a tall tree, {ADAPTED} :0.6")):
         got = forge.run(target, base, {"adapted_prompt": ADAPTED}, **kw)
-        assert close(got, forge.generate(target, **{**kw, "prompt": ADAPTED}))
+        assert close(got, forge.generate(target, **{**kw, "prompt": adapted}))
 
 
 def test_sd1_source_steers_an_sdxl_target(forge):

@@ -27,6 +27,7 @@ from ..args import DeltaSettings
 from ..errors import DeltaError
 from ..lora import DeltaPatch, LoraUse, build_patch, read_lora
 from . import forge_models
+from .a1111_conds import append_to_prompt
 from .forge_models import PrivateEngine
 
 # The text encoders a LoRA's text-encoder part maps to, per family (keys of Forge's JointTextEncoder).
@@ -111,8 +112,9 @@ class ForgeSource:
         for v in dict.fromkeys(self.variants):
             slot = self.slots[v.slot]
             engine = slot.entry.engine
-            texts = prompt_parser.SdConditioning([v.prompt] * len(prompts) if v.prompt else prompts, width=width,
-                                                 height=height, distilled_cfg_scale=distilled)
+            texts = prompt_parser.SdConditioning([append_to_prompt(t, v.prompt) for t in prompts] if v.prompt
+                                                 else prompts, width=width, height=height,
+                                                 distilled_cfg_scale=distilled)
             plan = contextlib.nullcontext() if v.group is None else slot.patch.rows([(slice(None), v.group)])
             with torch.inference_mode(), devices.autocast(), plan:
                 engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))

@@ -92,8 +92,8 @@ def list_available_networks():
 # --- modules.prompt_parser ------------------------------------------------------------------------------------------
 
 ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
-_AND = re.compile(r"\bAND\b")
-_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+re_AND = re.compile(r"\bAND\b")
+re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
 
 
 class SdConditioning(list):
@@ -130,8 +130,8 @@ def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, 
     flat, indexes = SdConditioning([], copy_from=prompts), []
     for prompt in prompts:
         row = []
-        for sub in _AND.split(prompt):
-            text, weight = _WEIGHT.search(sub).groups()
+        for sub in re_AND.split(prompt):
+            text, weight = re_weight.search(sub).groups()
             if text not in flat:
                 flat.append(text)
             row.append((flat.index(text), float(weight) if weight is not None else 1.0))
