@@ -80,8 +80,10 @@ def latent_format(model: Any) -> LatentFormat:
 
 
 def unet_in_channels(model: Any) -> int:
-    conv = model.model.diffusion_model.input_blocks[0][0]
-    return int(conv.weight.shape[1])
+    diffusion_model = model.model.diffusion_model
+    if getattr(model, "is_sd3", False):  # an MMDiT: its patch embedding takes the latent
+        return int(diffusion_model.x_embedder.proj.weight.shape[1])
+    return int(diffusion_model.input_blocks[0][0].weight.shape[1])
 
 
 def is_inpainting(model: Any) -> bool:
@@ -221,8 +223,7 @@ def _load_weights(model: torch.nn.Module, state_dict: dict) -> None:
     if hasattr(model, "after_load_weights"):
         model.after_load_weights(state_dict)
     state_dict.clear()
-    unet_input = model.model.diffusion_model.input_blocks[0][0].weight
-    model.is_sdxl_inpaint = bool(model.is_sdxl and unet_input.shape[1] == 9)
+    model.is_sdxl_inpaint = bool(model.is_sdxl and unet_in_channels(model) == 9)
     # Layers built on meta take the file's dtype: cast everything as the WebUI does (float() with --no-half, else
     # half()), with alphas_cumprod kept in float32.
     alphas = getattr(model, "alphas_cumprod", None)
