@@ -19,6 +19,13 @@ Models (written to <out>/<model>/):
   attention layer instead of 2 and 10). Every key keeps its real SDXL name and shape; only the extra
   `transformer_blocks.N` (N >= 1) are absent. A full-size random SDXL needs about 15 GB of RAM to run on the CPU,
   this one about 6-9 GB. Its yaml is written beside it.
+- sd3:   SD3 (medium) single-file layout with an MMDiT of depth SD3_DEPTH instead of 24: both WebUIs size the MMDiT
+  from the checkpoint's shapes (hidden size 64 * depth). Built from the WebUI's own SD3 classes
+  (modules/models/sd3/): the MMDiT, the 16-channel VAE, and full-size CLIP-L and CLIP-G under `text_encoders.*`
+  (their sizes are fixed in both WebUIs). T5-XXL is left out but for its 50 norm and relative-position tensors
+  (200 K values): both WebUIs generate with T5 off by default (option sd3_enable_t5) and then never run it; A1111
+  does not build it, and Forge, which refuses a checkpoint without T5 tensors ("You do not have T5 state dict!"),
+  loads the ones given and reports the rest missing. 1.8 GB in fp16 (CLIP-G is 1.4 GB of it). No LoRA files.
 
 LoRA files per model (kohya naming, rank 4, alpha 2): `<model>_lora`; for sd15 also a LyCORIS LoHa (`sd15_loha`) and
 a truncated, unreadable copy of the LoRA (`sd15_corrupt`).
@@ -49,9 +56,19 @@ LORA_ALPHA = 2.0
 # change still scales with the multiplier (about 6 dB per halving); at 3.5x this strength it saturates near 17 dB.
 LORA_STRENGTH = 0.1
 
-MODELS = ("sd15", "sd21v", "sdxl")
-CHECKPOINT_NAMES = {"sd15": "delta_e2e_sd15", "sd21v": "delta_e2e_sd21v", "sdxl": "delta_e2e_sdxl_small"}
+MODELS = ("sd15", "sd21v", "sdxl", "sd3")  # append only: a model's index seeds its generator
+CHECKPOINT_NAMES = {"sd15": "delta_e2e_sd15", "sd21v": "delta_e2e_sd21v", "sdxl": "delta_e2e_sdxl_small",
+                    "sd3": "delta_e2e_sd3_small"}
 SDXL_TRANSFORMER_DEPTH = "[1, 1, 1]"
+SD3_DEPTH = 2  # joint blocks; SD3 medium has 24 (hidden size 64 * depth, one attention head per block)
+SD3_POS_EMBED_MAX_SIZE = 192  # SD3 medium's position-embedding grid (patches per side)
+SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # SD3's latent scale and shift (SD3LatentFormat)
+# modules/models/sd3/sd3_cond.py's CLIPL_CONFIG and CLIPG_CONFIG (that module imports the WebUI's runtime state)
+SD3_CLIPL_CONFIG = {"hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072,
+                    "num_attention_heads": 12, "num_hidden_layers": 12}
+SD3_CLIPG_CONFIG = {"hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                    "num_hidden_layers": 32, "textual_inversion_key": "clip_g"}
+SD3_T5_LAYERS, SD3_T5_DIM, SD3_T5_HEADS = 24, 4096, 64  # T5-XXL encoder (the shapes of the tensors written)
 
 
 def _repositories(webui: Path) -> dict[str, Path]:
@@ -143,11 +160,17 @@ def calibrate_vae_encoder(model: torch.nn.Module, scale_factor: float, gen: torc
     """
     vae = model.first_stage_model
     conv = vae.quant_conv
+    return _rescale_posterior(conv, lambda images: conv(vae.encoder(images)), scale_factor, gen)
+
+
+def _rescale_posterior(conv: torch.nn.Module, moments, scale_factor: float, gen: torch.Generator) -> float:
+    """Scale the mean rows of `conv` (the layer that outputs the posterior's means and log-variances, as `moments`
+    of an image batch) to latent std 1/scale_factor, and push its log-variances below the -30 clamp."""
     half = conv.out_channels // 2
     # smooth random images in [-1, 1], closer to photos than per-pixel noise
     images = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1
     images = torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False)
-    mean_std = float(conv(vae.encoder(images))[:, :half].std())
+    mean_std = float(moments(images)[:, :half].std())
     factor = 1.0 / (scale_factor * mean_std)
     with torch.no_grad():
         conv.weight[:half] *= factor
@@ -193,6 +216,87 @@ def build_model(webui: Path, model: str) -> tuple[torch.nn.Module, str | None]:
     else:
         raise ValueError(model)
     return _instantiate(config), yaml_beside
+
+
+def _import_sd3_classes(webui: Path) -> dict:
+    """The WebUI's SD3 model classes, imported without its runtime: other_impls.py needs only
+    sd_hijack.TextualInversionEmbeddings, an nn.Embedding with the same parameters (stood in for here, since
+    importing sd_hijack starts the WebUI's shared state and command-line parsing)."""
+    import types
+
+    if str(webui) not in sys.path:
+        sys.path.insert(0, str(webui))
+    if "modules.sd_hijack" not in sys.modules:
+
+        class TextualInversionEmbeddings(torch.nn.Embedding):
+            def __init__(self, num_embeddings: int, embedding_dim: int, textual_inversion_key: str = "clip_l",
+                         **kwargs) -> None:
+                super().__init__(num_embeddings, embedding_dim, **kwargs)
+
+        stub = types.ModuleType("modules.sd_hijack")
+        stub.TextualInversionEmbeddings = TextualInversionEmbeddings  # type: ignore[attr-defined]
+        sys.modules["modules.sd_hijack"] = stub
+    from modules.models.sd3.mmdit import get_2d_sincos_pos_embed
+    from modules.models.sd3.other_impls import SDClipModel, SDXLClipG
+    from modules.models.sd3.sd3_impls import SDVAE, BaseModel
+
+    return {"BaseModel": BaseModel, "SDVAE": SDVAE, "SDClipModel": SDClipModel, "SDXLClipG": SDXLClipG,
+            "sincos": get_2d_sincos_pos_embed}
+
+
+def build_sd3(webui: Path, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """The reduced SD3 checkpoint's state dict (fp16, the single-file key layout) and build statistics."""
+    import numpy as np
+
+    classes = _import_sd3_classes(webui)
+    hidden = 64 * SD3_DEPTH
+    prefix = "model.diffusion_model."
+    # BaseModel reads the MMDiT's size from these four shapes, as the WebUI does when it loads a checkpoint
+    shapes = {"x_embedder.proj.weight": (hidden, 16, 2, 2), "pos_embed": (1, SD3_POS_EMBED_MAX_SIZE ** 2, hidden),
+              "y_embedder.mlp.0.weight": (hidden, 768 + 1280), "context_embedder.weight": (hidden, 4096)}
+    sizing = {prefix + k: torch.empty(v) for k, v in shapes.items()}
+    mmdit = classes["BaseModel"](shift=3, state_dict=sizing, prefix=prefix, device="cpu",
+                                 dtype=torch.float32).diffusion_model.eval()
+    with torch.no_grad():  # the fixed sin-cos embedding the trained model holds (the class leaves zeros)
+        mmdit.pos_embed.copy_(torch.from_numpy(
+            classes["sincos"](hidden, SD3_POS_EMBED_MAX_SIZE).astype(np.float32)).unsqueeze(0))
+    vae = classes["SDVAE"](device="cpu", dtype=torch.float32).eval()
+    clip_l = classes["SDClipModel"](layer="hidden", layer_idx=-2, device="cpu", dtype=torch.float32,
+                                    layer_norm_hidden_state=False, return_projected_pooled=False,
+                                    textmodel_json_config=SD3_CLIPL_CONFIG).eval()
+    clip_g = classes["SDXLClipG"](SD3_CLIPG_CONFIG, device="cpu", dtype=torch.float32).eval()
+    parts = {prefix: mmdit, "first_stage_model.": vae, "text_encoders.clip_l.": clip_l,
+             "text_encoders.clip_g.": clip_g}
+    filled = [p + name for p, module in parts.items() for name in fill_zero_parameters(module, gen)]
+    # SD3's VAE has no quant_conv: the encoder's conv_out gives the posterior's means and log-variances
+    factor = _rescale_posterior(vae.encoder.conv_out, vae.encoder, SD3_SCALE, gen)
+    for module in parts.values():
+        half_parameters(module)  # in place, one module at a time: CLIP-G alone is 2.8 GB in fp32
+    state = {p + k: v.half().contiguous() for p, module in parts.items() for k, v in module.state_dict().items()}
+    del parts, mmdit, vae, clip_l, clip_g
+    t5 = "text_encoders.t5xxl.transformer.encoder."
+    for i in range(SD3_T5_LAYERS):
+        for j in (0, 1):
+            state[f"{t5}block.{i}.layer.{j}.layer_norm.weight"] = torch.ones(SD3_T5_DIM, dtype=torch.float16)
+    state[f"{t5}final_layer_norm.weight"] = torch.ones(SD3_T5_DIM, dtype=torch.float16)
+    state[f"{t5}block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+        torch.randn(32, SD3_T5_HEADS, generator=gen) * 0.02).half()
+    return state, {"zero_tensors_filled": len(filled), "vae_mean_rescale": round(factor, 3), "sd3_depth": SD3_DEPTH,
+                   "mmdit_parameters": sum(v.numel() for k, v in state.items() if k.startswith(prefix))}
+
+
+def write_sd3(webui: Path, dest: Path, gen: torch.Generator, started: float) -> dict:
+    from safetensors.torch import save_file
+
+    state, stats = build_sd3(webui, gen)
+    ckpt = dest / f"{CHECKPOINT_NAMES['sd3']}.safetensors"
+    save_file(state, str(ckpt), metadata={"delta_e2e_fixture": str(FIXTURE_VERSION), "delta_e2e_model": "sd3"})
+    manifest = {
+        "fixture_version": FIXTURE_VERSION, "model": "sd3", "seed": SEED, "files": {"checkpoint": ckpt.name},
+        "loras": {}, **stats, "seconds": round(time.monotonic() - started, 1),
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def half_parameters(model: torch.nn.Module) -> None:
@@ -318,6 +422,8 @@ def write_model(webui: Path, model: str, out: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)  # module default initialisation draws from the global generator
     gen = torch.Generator().manual_seed(SEED + MODELS.index(model))
+    if model == "sd3":
+        return write_sd3(webui, dest, gen, started)
 
     net, yaml_beside = build_model(webui, model)
     filled = fill_zero_parameters(net, gen)

@@ -21,9 +21,11 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import requests
 from harness import (
     A1111Install,
@@ -190,3 +192,23 @@ class ForgeServerPool(ServerPool):
         server.__enter__()
         self.current = server
         return server
+
+
+def open_pool(models: tuple[str, ...]) -> Iterator[ForgeServerPool]:
+    """A test module's Forge servers, closed at the end; a skip when DELTA_E2E_FORGE is unset or a fixture is
+    missing, a failure naming what is wrong when the install is unusable. The body of each module's ``pool``."""
+    install = ForgeInstall.from_env()
+    if install is None:
+        pytest.skip("set DELTA_E2E_FORGE to a Forge 2 install to run the Forge end-to-end tests")
+    problems = install.problems()
+    if problems:
+        pytest.fail("DELTA_E2E_FORGE is set but unusable:\n" + "\n".join(problems), pytrace=False)
+    try:
+        pool = ForgeServerPool(install)
+        pool.fixtures(models)
+    except LookupError as e:
+        pytest.skip(str(e))
+    try:
+        yield pool
+    finally:
+        pool.close()

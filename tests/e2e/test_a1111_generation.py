@@ -7,6 +7,9 @@
 - Other families: an SD1.5 source steers SD2.1-v and SDXL targets.
 - Bad inputs are HTTP errors naming the problem, and the next plain generation is byte-identical to a fresh
   server's; 20 alternating generations keep every plain one identical (the server's RSS growth is recorded).
+- SD3 (the reduced 16-channel fixture): an SD1.5 source is refused with a 422 naming both models and the way out,
+  and the next plain SD3 image is unchanged; SD3 as its own source with an adapted prompt at λ = 1 equals the
+  WebUI's own generation with that text appended to the prompt.
 
 Measured values go to the JUnit properties (``record_property``): PSNRs in dB, seconds, RSS in MB.
 """
@@ -21,7 +24,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import Generation, ModelFixture, ServerConfig, ServerPool, WebUIClient, psnr, same_pixels
+from harness import (
+    Generation,
+    ModelFixture,
+    ServerConfig,
+    ServerPool,
+    WebUIClient,
+    decode_image,
+    psnr,
+    same_pixels,
+)
 
 SCRIPT = "Delta Sampling"
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -246,10 +258,6 @@ def test_bad_inputs_are_http_errors_and_leave_the_server_clean(
         assert sd15_client.txt2img(PROMPT, **SOAK).image == fresh["soak"], f"plain generation after {named!r}"
 
 
-def test_channel_mismatch() -> None:
-    pytest.skip("no 16-channel (SD3) fixture: the refusal is covered by tests/test_spaces.py and the stand-in suite")
-
-
 # ---------------------------------------------------------------------------------------------- soak
 
 
@@ -291,3 +299,63 @@ def test_sd15_source_steers_another_family(client: WebUIClient, fixtures: dict[s
     record_property("seconds", round(ours.seconds, 1))
     assert db < CHANGED_BELOW_DB
     assert ours.param("Model") == fixtures[target].model_name
+
+
+# ---------------------------------------------------------------------------------------------- SD3
+# Their own server, after every other test: the reduced SD3 fixture (loaded at start) and the SD1.5 source.
+
+SD3_MODELS = ("sd3", "sd15")
+ADAPTED_PROMPT = "in the style of a watercolor painting"
+
+
+@pytest.fixture
+def sd3_client(server_pool: ServerPool) -> tuple[WebUIClient, dict[str, ModelFixture]]:
+    # A1111 builds SD3's T5 tokenizer even with T5 off: offline, HF_HOME must hold google/t5-v1_1-xxl's
+    hf_home = server_pool.install.hf_home
+    if hf_home is not None and not (hf_home / "hub" / "models--google--t5-v1_1-xxl").is_dir():
+        pytest.skip(f"the SD3 tests need the google/t5-v1_1-xxl tokenizer in {hf_home} (A1111 loads it for SD3)")
+    fixtures = server_pool.fixtures(SD3_MODELS)
+    server = server_pool.get(ServerConfig(extension=True, models=SD3_MODELS))
+    assert server.client is not None
+    server.client.set_model(fixtures["sd3"].model_name)
+    return server.client, fixtures
+
+
+def test_channel_mismatch(sd3_client: tuple[WebUIClient, dict[str, ModelFixture]], record_property) -> None:
+    """An SD1.5 source (4 latent channels) on the SD3 target (16) is an HTTP 422 naming both models and the way
+    out; the next plain generation has the PNG bytes of the one before."""
+    client, fixtures = sd3_client
+    sd15, sd3 = fixtures["sd15"], fixtures["sd3"]
+    plain = client.txt2img(PROMPT)
+    assert plain.param("Model") == sd3.model_name, plain.infotext
+    assert decode_image(plain.image).std(axis=(0, 1)).min() > 5, "a picture, not one flat colour (NaN latents)"
+    r = error_of(client, {"prompt": PROMPT, "negative_prompt": "", "steps": 4, "width": 64, "height": 64, "seed": 1,
+                          "cfg_scale": 7.0, "sampler_name": "Euler", **scripts(delta(sd15))})
+    detail = r.json()["detail"]
+    record_property("detail", detail)
+    assert r.status_code == 422, r.text[:500]
+    assert f"'{sd15.model_name}' (SD1, 4 latent channels)" in detail, detail
+    assert f"'{sd3.model_name}' (SD3, 16 latent channels)" in detail, detail
+    assert "Choose a source of the target's family (a 16-channel model such as SD3, Flux)" in detail, detail
+    assert client.txt2img(PROMPT).image == plain.image
+
+
+def test_sd3_as_its_own_source_with_an_adapted_prompt_equals_the_webuis_own_prompt(
+        sd3_client: tuple[WebUIClient, dict[str, ModelFixture]], record_property) -> None:
+    """Target == source == SD3, adapted prompt P at λ = 1 in "cfg" mode: the WebUI's own image for "PROMPT, P"
+    (the flow-matching model, its own denoiser and sigmas; Euler, as A1111 samples SD3 with k-diffusion only)."""
+    client, fixtures = sd3_client
+    sd3 = fixtures["sd3"]
+    plain = client.txt2img(PROMPT)
+    own = client.txt2img(f"{PROMPT}, {ADAPTED_PROMPT}")
+    ours = client.txt2img(PROMPT, **scripts({"enabled": True, "source": sd3.model_name,
+                                             "adapted_prompt": ADAPTED_PROMPT, "strength": 1.0}))
+    db_own, db_plain = psnr(ours.image, own.image), psnr(own.image, plain.image)
+    record_property("psnr_db_vs_own_prompt", round(db_own, 2))
+    record_property("psnr_db_own_prompt_vs_plain", round(db_plain, 2))
+    record_property("seconds_plain", round(plain.seconds, 1))
+    record_property("seconds_delta", round(ours.seconds, 1))
+    assert db_plain < CHANGED_BELOW_DB  # the appended text really changes the image
+    assert db_own > IDENTICAL_ABOVE_DB, (db_own, db_plain)
+    assert ours.param("Delta prompt") == ADAPTED_PROMPT and ours.param("Model") == sd3.model_name, ours.infotext
+    assert client.txt2img(PROMPT).image == plain.image

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import requests
-from forge_harness import ForgeInstall, ForgeServerPool
+from forge_harness import ForgeServerPool, open_pool
 from harness import Generation, ModelFixture, ServerConfig, WebUIClient, decode_image, psnr, same_pixels
 
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -68,21 +68,7 @@ def delta(**settings) -> dict:
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[ForgeServerPool]:
-    install = ForgeInstall.from_env()
-    if install is None:
-        pytest.skip("set DELTA_E2E_FORGE to a Forge 2 install to run the Forge end-to-end tests")
-    problems = install.problems()
-    if problems:
-        pytest.fail("DELTA_E2E_FORGE is set but unusable:\n" + "\n".join(problems), pytrace=False)
-    try:
-        pool = ForgeServerPool(install)
-        pool.fixtures(MODELS)
-    except LookupError as e:
-        pytest.skip(str(e))
-    try:
-        yield pool
-    finally:
-        pool.close()
+    yield from open_pool(MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +360,70 @@ def test_base_first_with_an_sd15_source_changes_an_sd21v_target(pool, record_pro
                   {"mode": "base-first", "end": 0.5})
     assert got.param("Delta mode") == "base-first" and got.param("Delta window") == "0-0.5", got.infotext
     assert got.param("Delta LoRAs") is None
+
+
+# ---------------------------------------------------------------------------------------------- SD3
+# The reduced SD3 fixture (16 latent channels; Forge loads it as its SD3 engine, T5 off as by default) with the SD1.5
+# source, on a server of their own: last, so that no other test pays for the switch.
+
+SD3_MODELS = ("sd3", "sd15")
+ADAPTED_PROMPT = "in the style of a watercolor painting"
+# An explicit scheduler: with "Automatic" (what a request without one gets) Forge's SD3 sampling reaches sigma 0
+# before its last Euler step and returns NaN latents (a black image), with or without the extension.
+SD3 = {"scheduler": "Simple"}
+
+
+@pytest.fixture
+def sd3_forge(pool: ForgeServerPool) -> tuple[WebUIClient, dict[str, ModelFixture]]:
+    try:
+        fixtures = pool.fixtures(SD3_MODELS)
+    except LookupError as e:
+        pytest.skip(str(e))
+    server = pool.get(ServerConfig(extension=True, models=SD3_MODELS))
+    assert server.client is not None
+    server.client.set_model(fixtures["sd3"].model_name)
+    return server.client, fixtures
+
+
+def test_sd15_source_on_an_sd3_target_is_refused_and_the_next_image_is_unchanged(pool, sd3_forge):
+    forge, fixtures = sd3_forge
+    sd15, sd3 = fixtures["sd15"], fixtures["sd3"]
+    plain = forge.txt2img(PROMPT, **SD3)
+    assert plain.param("Model") == sd3.model_name, plain.infotext
+    assert decode_image(plain.image).std(axis=(0, 1)).min() > 5, "a picture, not one flat colour (NaN latents)"
+    server = pool.current
+    log_start = len(server.log_path.read_text(errors="replace"))
+    with pytest.raises(requests.HTTPError) as err:
+        forge.txt2img(PROMPT, **SD3, **delta(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>"))
+    response = err.value.response
+    assert response.status_code == 422, err.value
+    detail = response.json()["detail"]
+    assert f"'{sd15.model_name}' (SD1, 4 latent channels)" in detail, detail
+    assert f"'{sd3.model_name}' (SD3, 16 latent channels)" in detail, detail
+    assert "Choose a source of the target's family (a 16-channel model such as SD3, Flux)" in detail, detail
+    # the whole PNG of the next plain image is the one from before, on the same keep-alive connection
+    assert forge.txt2img(PROMPT, **SD3).image == plain.image
+    log = server.log_path.read_text(errors="replace")[log_start:]
+    assert "Exception in ASGI application" not in log, log[-4000:]
+
+
+def test_sd3_as_its_own_source_with_an_adapted_prompt_matches_forges_own_prompt(sd3_forge, record_property):
+    # Target == source == SD3 (flow matching), adapted prompt P at λ = 1: Forge's own image for "PROMPT, P".
+    forge, fixtures = sd3_forge
+    sd3 = fixtures["sd3"]
+    plain = forge.txt2img(PROMPT, **SD3)
+    own = forge.txt2img(f"{PROMPT}, {ADAPTED_PROMPT}", **SD3)
+    got = forge.txt2img(PROMPT, **SD3, **delta(enabled=True, source=sd3.model_name, adapted_prompt=ADAPTED_PROMPT,
+                                        strength=1.0))
+    assert decode_image(plain.image).std(axis=(0, 1)).min() > 5, "a picture, not one flat colour (NaN latents)"
+    moved, db = psnr(plain.image, own.image), psnr(got.image, own.image)
+    record_property("psnr_prompt_moves_db", round(moved, 2))
+    record_property("psnr_delta_vs_forge_prompt_db", round(db, 2))
+    record_property("seconds_delta", round(got.seconds, 1))
+    record_property("seconds_plain", round(plain.seconds, 1))
+    print(f"SD3: PSNR(plain, own prompt) = {moved:.2f} dB; PSNR(delta, own prompt) = {db:.2f} dB; "
+          f"{got.seconds:.1f}s with the delta, {plain.seconds:.1f}s without")
+    assert moved < CHANGED_BELOW_DB, "the appended text must move the image for this to mean anything"
+    assert db > CLOSE_DB
+    assert got.param("Delta source") == sd3.model_name and got.param("Delta prompt") == ADAPTED_PROMPT, got.infotext
+    assert forge.txt2img(PROMPT, **SD3).image == plain.image
