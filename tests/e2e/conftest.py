@@ -7,7 +7,9 @@ avoid restarts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from harness import ALL_MODELS, A1111Install, ModelFixture, ServerConfig, ServerPool, WebUIClient, WebUIServer
@@ -83,3 +85,14 @@ def client(webui: WebUIServer) -> WebUIClient:
 def plain_client(webui_plain: WebUIServer) -> WebUIClient:
     assert webui_plain.client is not None
     return webui_plain.client
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium the browser tests drive (``DELTA_E2E_CHROMIUM``, default /usr/bin/chromium) through Playwright;
+    a skip naming what is missing."""
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")
+    path = os.environ.get("DELTA_E2E_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).is_file():
+        pytest.skip(f"no Chromium at {path} (set DELTA_E2E_CHROMIUM)")
+    return path

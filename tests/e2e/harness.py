@@ -51,6 +51,10 @@ BASE_ARGS = (
 # Settings written to the data dir's config.json. Live previews off: SDXL's tries to download a preview model.
 BASE_CONFIG: dict[str, Any] = {"live_previews_enable": False}
 
+# headless Chromium for the browser tests: offline, no first-run work
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
 
 # ---------------------------------------------------------------------------------------------- locating things
 

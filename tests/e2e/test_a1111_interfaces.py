@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import tempfile
-from pathlib import Path
 
 import pytest
 import requests
-from harness import REPO_ROOT, Generation, ModelFixture, WebUIClient, decode_image, psnr, same_pixels
+from harness import CHROMIUM_FLAGS, REPO_ROOT, Generation, ModelFixture, WebUIClient, decode_image, psnr, same_pixels
 
 from lib_delta.args import POSITIONAL_FIELDS, DeltaSettings, to_positional
 
@@ -172,20 +170,7 @@ def test_grid_rejects_bad_axis_values_before_it_starts(api: WebUIClient, sd15: M
 # ---------------------------------------------------------------------------------------------- browser
 
 
-def _chromium() -> str:
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")
-    path = os.environ.get("DELTA_E2E_CHROMIUM", "/usr/bin/chromium")
-    if not Path(path).is_file():
-        pytest.skip(f"no Chromium at {path} (set DELTA_E2E_CHROMIUM)")
-    return path
-
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
-
-
-def test_panel_in_the_browser(api: WebUIClient, sd15: ModelFixture, record_property) -> None:
-    chromium = _chromium()
+def test_panel_in_the_browser(api: WebUIClient, sd15: ModelFixture, chromium: str, record_property) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     p = "script_txt2img_delta_sampling_"

@@ -9,49 +9,23 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from forge_harness import ForgeInstall, ForgeServerPool
-from harness import REPO_ROOT, Generation, ModelFixture, ServerConfig, WebUIClient, same_pixels
+from forge_harness import ForgeServerPool, open_pool
+from harness import CHROMIUM_FLAGS, REPO_ROOT, Generation, ModelFixture, ServerConfig, WebUIClient, same_pixels
 from PIL import Image
 
 from lib_delta.args import POSITIONAL_FIELDS
 
 PROMPT = "a photo of a cat sitting on a red chair"
 MODELS = ("sd15",)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
-
-
-def _chromium() -> str:
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")
-    path = os.environ.get("DELTA_E2E_CHROMIUM", "/usr/bin/chromium")
-    if not Path(path).is_file():
-        pytest.skip(f"no Chromium at {path} (set DELTA_E2E_CHROMIUM)")
-    return path
 
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[ForgeServerPool]:
-    install = ForgeInstall.from_env()
-    if install is None:
-        pytest.skip("set DELTA_E2E_FORGE to a Forge 2 install to run the Forge end-to-end tests")
-    problems = install.problems()
-    if problems:
-        pytest.fail("DELTA_E2E_FORGE is set but unusable:\n" + "\n".join(problems), pytrace=False)
-    try:
-        pool = ForgeServerPool(install)
-        pool.fixtures(MODELS)
-    except LookupError as e:
-        pytest.skip(str(e))
-    try:
-        yield pool
-    finally:
-        pool.close()
+    yield from open_pool(MODELS)
 
 
 @pytest.fixture
@@ -67,8 +41,7 @@ def forge(pool: ForgeServerPool, sd15: ModelFixture) -> WebUIClient:
     return server.client
 
 
-def test_panel_in_the_browser(forge: WebUIClient, sd15: ModelFixture, record_property) -> None:
-    chromium = _chromium()
+def test_panel_in_the_browser(forge: WebUIClient, sd15: ModelFixture, chromium: str, record_property) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     source_file = sd15.checkpoint.name  # Forge's checkpoint dropdowns list file names, without a hash
