@@ -335,28 +335,30 @@ def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
     _steers(server.client, fixtures["sdxl"], fixtures["sd15"], "SDXL", record_property)
 
 
-def test_sd15_source_steers_an_sd21v_target(pool, record_property):
-    # Forge reads the yaml beside the fixture (parameterization: v) and so loads it as a v-prediction SD2.1; the
-    # source is eps-prediction SD1.5. Both in fp32: their own server, no SDXL beside them.
+@pytest.fixture
+def sd21v_server(pool) -> tuple[WebUIClient, dict[str, ModelFixture]]:
+    """Forge with the SD1.5 source and the SD2.1-v target, both in fp32: their own server, no SDXL beside them.
+    Forge reads the yaml beside the fixture (parameterization: v) and so loads it as a v-prediction SD2.1."""
     try:
         fixtures = pool.fixtures(("sd15", "sd21v"))
     except LookupError as e:
         pytest.skip(str(e))
     server = pool.get(ServerConfig(extension=True, models=("sd15", "sd21v")))
     assert server.client is not None
-    _steers(server.client, fixtures["sd21v"], fixtures["sd15"], "SD2.1-v", record_property)
+    return server.client, fixtures
 
 
-def test_base_first_with_an_sd15_source_changes_an_sd21v_target(pool, record_property):
+def test_sd15_source_steers_an_sd21v_target(sd21v_server, record_property):
+    # the source is eps-prediction SD1.5, the target v-prediction SD2.1
+    client, fixtures = sd21v_server
+    _steers(client, fixtures["sd21v"], fixtures["sd15"], "SD2.1-v", record_property)
+
+
+def test_base_first_with_an_sd15_source_changes_an_sd21v_target(sd21v_server, record_property):
     # Another checkpoint as the source in base-first mode: the SD1.5 (eps) source predicts the first half of the
-    # steps of the SD2.1-v target, which finishes them. On the SD2.1-v test's server.
-    try:
-        fixtures = pool.fixtures(("sd15", "sd21v"))
-    except LookupError as e:
-        pytest.skip(str(e))
-    server = pool.get(ServerConfig(extension=True, models=("sd15", "sd21v")))
-    assert server.client is not None
-    got = _steers(server.client, fixtures["sd21v"], fixtures["sd15"], "SD2.1-v, base-first", record_property,
+    # steps of the SD2.1-v target, which finishes them.
+    client, fixtures = sd21v_server
+    got = _steers(client, fixtures["sd21v"], fixtures["sd15"], "SD2.1-v, base-first", record_property,
                   {"mode": "base-first", "end": 0.5})
     assert got.param("Delta mode") == "base-first" and got.param("Delta window") == "0-0.5", got.infotext
     assert got.param("Delta LoRAs") is None
