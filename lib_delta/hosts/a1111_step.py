@@ -124,6 +124,7 @@ class CallState:
     image_cond: Tensor
     step: int
     denoiser: Any
+    layout: CfgLayout | None = None  # read once per call: at cfg_denoiser when the source starts there
 
 
 @dataclass
@@ -320,7 +321,7 @@ class Pass:
 
     def _start_source(self, call: CallState) -> None:
         """Start this call's source prediction now, on its own GPU, so it runs while the target's forward does."""
-        layout = self._layout(call)
+        layout = call.layout = self._layout(call)
         if call.x.shape[0] != layout.n_rows:
             return  # after_call names the problem
         if self.guidance is None:
@@ -333,7 +334,7 @@ class Pass:
         call, self.call = self.call, None
         if call is None or self.stopped:
             return
-        layout = self._layout(call)
+        layout = call.layout if call.layout is not None else self._layout(call)
         out = params.x
         if out.shape[0] != layout.n_rows or call.x.shape[0] != layout.n_rows:
             raise DeltaError(f"Delta Sampling met an unexpected batch layout ({out.shape[0]} rows for "
