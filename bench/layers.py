@@ -5,6 +5,9 @@ input shape, output shape, how often). Each is then timed alone on the adapted r
 times inside one CUDA graph, so that launch costs are out and what remains is GPU time, as in the host's graphed
 source call. Beside it, its two GEMMs separately, and one read and write of its output: the bandwidth floor of any
 update that adds into the layer's output.
+
+The updates are recorded unfolded (:mod:`lib_delta.lora.fold`): folding moves the down GEMM into the layer's own,
+so what a folded layer adds is its up-projection (``up_us``) and the wider GEMM's extra columns.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ def measure_lora_layers(env: Env, models: Models, rig: PairRig, adapter: str = "
         cls.__call__ = recorder(cls)
     try:
         with patch, patch.rows([(slice(0, 2), None), (slice(2, 4), 0)]):
+            patch.folding = False  # each update whole, its down-projection included, as an op call
             rig.source(x4, s4, cond4)
     finally:
+        patch.folding = True
         for cls, fn in originals.items():
             cls.__call__ = fn
 

@@ -101,23 +101,31 @@ def _lora_layers(res: dict) -> str:
 
 def _source_call_table(rows: list[dict]) -> str:
     graphs = any(r.get("graphed") for r in rows)
-    lines = ["| size | adapter | layers | LoRA | plain 4 rows (= merged weights) | functional, held | "
-             "functional, attached per call | two calls (base + merged copy) | adapted rows vs merged |"
-             + (" CUDA graph: merged weights | CUDA graph: functional | graphed adapted rows vs merged |"
-                if graphs else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if graphs else "")]
+    unfolded = all("unfolded" in r for r in rows)  # results from before folding have no unfolded runs
+
+    def rel(key: str, base: float) -> str:
+        return f"{_ms(r[key]['median'])} ms ({r[key]['median'] / base - 1:+.1%})"
+
+    head = ["size", "adapter", "layers (folded)" if unfolded else "layers", "LoRA", "plain 4 rows (= merged weights)",
+            "functional, held", *(["held, unfolded"] if unfolded else []), "functional, attached per call",
+            "two calls (base + merged copy)", "adapted rows vs merged"]
+    if graphs:
+        head += ["CUDA graph: merged weights", "CUDA graph: functional",
+                 *(["CUDA graph: unfolded"] if unfolded else []), "graphed adapted rows vs merged"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         p = r["plain"]["median"]
-        line = (f"| {r['px']} px | {r['adapter']} | {r['layers']} | {_mb(r['lora_mb'])} | {_ms(p)} ms | "
-                f"{_ms(r['held']['median'])} ms ({r['held']['median'] / p - 1:+.1%}) | "
-                f"{_ms(r['attach']['median'])} ms ({r['attach']['median'] / p - 1:+.1%}) | "
-                f"{_ms(r['two_calls']['median'])} ms ({r['two_calls']['median'] / p - 1:+.1%}) | "
-                f"{r['err_vs_merged']:.1e} |")
-        if graphs:
+        layers = f"{r['layers']} ({r['folded']})" if unfolded else str(r["layers"])
+        cells = [f"{r['px']} px", r["adapter"], layers, _mb(r["lora_mb"]), f"{_ms(p)} ms", rel("held", p),
+                 *([rel("unfolded", p)] if unfolded else []), rel("attach", p), rel("two_calls", p),
+                 f"{r['err_vs_merged']:.1e}"]
+        if graphs and r.get("graphed"):
             g = r["graph_plain"]["median"]
-            line += (f" {_ms(g)} ms | {_ms(r['graph_held']['median'])} ms ({r['graph_held']['median'] / g - 1:+.1%}) | "
-                     f"{r['graph_err_vs_merged']:.1e} |" if r.get("graphed") else " – | – | – |")
-        lines.append(line)
+            cells += [f"{_ms(g)} ms", rel("graph_held", g), *([rel("graph_unfolded", g)] if unfolded else []),
+                      f"{r['graph_err_vs_merged']:.1e}"]
+        elif graphs:
+            cells += ["–"] * (4 if unfolded else 3)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

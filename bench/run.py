@@ -324,13 +324,23 @@ def measure_source_call(env: Env, models: Models, rig: PairRig, args: argparse.N
             with patch.rows(plan):
                 return den(x, s, c)
 
-        # both replayed as CUDA graphs, as the A1111 host runs the source on a GPU: launches no longer count
-        graph_plain, graph_held = GraphedCall(den), GraphedCall(held_on)
-        calls = {"plain": lambda: den(x4, s4, cond4), "held": held, "attach": per_call,
+        def unfolded(x=x4, s=s4, c=cond4, patch=patch):  # the same patch, its down-projections as GEMMs of their own
+            patch.attach()
+            patch.folding = False
+            try:
+                with patch.rows(plan):
+                    return den(x, s, c)
+            finally:
+                patch.folding = True
+
+        # replayed as CUDA graphs, as the A1111 host runs the source on a GPU: launches no longer count
+        graph_plain, graph_held, graph_unfolded = GraphedCall(den), GraphedCall(held_on), GraphedCall(unfolded)
+        calls = {"plain": lambda: den(x4, s4, cond4), "held": held, "attach": per_call, "unfolded": unfolded,
                  "two_calls": lambda merged=merged: (den(x4[:2], s4[:2], take(cond4, [0, 1])),
                                                      merged(x4[2:], s4[2:], take(cond4, [2, 3]))),
                  "graph_plain": lambda g=graph_plain: g(x4, s4, cond4),
-                 "graph_held": lambda g=graph_held: g(x4, s4, cond4)}
+                 "graph_held": lambda g=graph_held: g(x4, s4, cond4),
+                 "graph_unfolded": lambda g=graph_unfolded: g(x4, s4, cond4)}
         samples: dict[str, list[float]] = {k: [] for k in calls}
         for rnd in range(args.rounds):
             for k, fn in calls.items():
@@ -340,10 +350,12 @@ def measure_source_call(env: Env, models: Models, rig: PairRig, args: argparse.N
         got_graph = graph_held(x4, s4, cond4)[2:]
         patch.detach()
         want = merged(x4[2:], s4[2:], take(cond4, [2, 3]))
-        graphed = graph_held.replays > 0 and graph_plain.replays > 0
-        graph_plain.reset()
-        graph_held.reset()
-        out.append({"px": rig.pair.px, "adapter": adapter, "layers": len(patch.modules),
+        graphed = graph_held.replays > 0 and graph_plain.replays > 0 and graph_unfolded.replays > 0
+        folded = sum(1 for m in patch.modules if (w := getattr(m, "weight", None)) is not None
+                     and w.untyped_storage().nbytes() > w.nbytes)
+        for g in (graph_plain, graph_held, graph_unfolded):
+            g.reset()
+        out.append({"px": rig.pair.px, "adapter": adapter, "layers": len(patch.modules), "folded": folded,
                     "lora_mb": patch.nbytes() / 2**20, "err_vs_merged": rel_err(got, want),
                     "graph_err_vs_merged": rel_err(got_graph, want), "graphed": graphed,
                     **{k: summary(v) for k, v in samples.items()}})

@@ -24,6 +24,7 @@ import networks  # noqa: E402
 from lib_delta.errors import DeltaError  # noqa: E402
 from lib_delta.hosts import a1111 as host  # noqa: E402
 from lib_delta.hosts import a1111_source, a1111_step  # noqa: E402
+from lib_delta.lora.fold import WeightFold  # noqa: E402
 
 PROMPT = "a photo of a cat on a red sofa"
 NEGATIVE = "blurry, dark"
@@ -512,6 +513,15 @@ def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui,
             made.append(self)
 
     monkeypatch.setattr(host, "GraphedCall", Recorded)
+    stacked = []
+    lay_out = WeightFold.lay_out
+
+    def recording_lay_out(self):
+        before = self.wide()
+        lay_out(self)
+        stacked.append(before is None and self.wide() is not None)
+
+    monkeypatch.setattr(WeightFold, "lay_out", recording_lay_out)
     monkeypatch.setattr(shared.opts, "delta_sampling_device", "cuda:0", raising=False)
     assert a1111_source.runs_beside(torch.device("cuda:0"))  # the stand-in's target computes on the CPU
     guidances = _guidances(monkeypatch)
@@ -524,7 +534,12 @@ def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui,
     monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", True, raising=False)
     graphed = images(ui.txt2img(settings, **kw))
     assert made and not [f for g in made for f in g.failures]
+    # the LoRA layers were folded before the graph was keyed on their weights: one recording, then replays
     assert sum(g.captures for g in made) == 1 and sum(g.replays for g in made) == 2 * 8
+    assert any(stacked)
+    for entry in a1111_source._cache.values():  # and given compact weights back after the generation
+        for p in entry.model.parameters():
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
     # started on the GPU at cfg_denoiser, while the target computed on the CPU; the eager run too
     assert [g.prefetched for g in guidances] == [g.source_calls for g in guidances] == [8] * 4
     assert rel(graphed, eager) < 1e-5

@@ -147,6 +147,8 @@ def _start(p: Any, settings: DeltaSettings) -> None:
         lora = a1111_lora.Adapter.create(settings, source, groups, device)
     for entry in {id(m): m for m in (source, *(g.checkpoint for g in groups if g.checkpoint))}.values():
         source_mod.place_for_generation(entry, device)
+    if lora is not None:
+        lora.lay_out()
     run = Run(settings, source, groups, device, lora)
     if source_mod.graphs_allowed(device):
         run.graphs = {id(m): GraphedCall(step_mod.forward_source, fingerprint=storage_fingerprint([m.model.model]))

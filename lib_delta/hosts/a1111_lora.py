@@ -111,7 +111,9 @@ class Adapter:
             mine = [u if group_model[i] is model else [] for i, u in enumerate(uses)]
             if not any(mine):
                 continue
-            patch = build_patch(model_roots(model.model), model_family(model.model), mine)
+            # under lowvram the source moves to the GPU for each call: folded weights would be stacked anew each time
+            patch = build_patch(model_roots(model.model), model_family(model.model), mine,
+                                fold=False if source_mod.target_uses_lowvram() else None)
             patches[id(model)] = patch
             for i, reports in enumerate(patch.reports):
                 if any(r.te_modules and r.te_multiplier for r in reports):
@@ -156,9 +158,15 @@ class Adapter:
         with patch, patch.rows(rows):
             yield
 
+    def lay_out(self) -> None:
+        """Stack folded weights now that the models sit where they run, before a CUDA graph keys on them."""
+        for patch in self._patches.values():
+            patch.to(device=self.device)
+            patch.lay_out()
+
     def close(self) -> None:
         for patch in self._patches.values():
-            patch.detach()
+            patch.release()  # the source models keep compact weights between generations
 
 
 def _note_hash(entry: Any, ref: LoraRef, hashes: dict[str, str]) -> None:

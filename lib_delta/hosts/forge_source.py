@@ -222,7 +222,8 @@ def _assemble(settings: DeltaSettings, files: list[tuple[LoraUse, ...]], slots: 
     for slot in slots:
         forge_models.place(slot.entry)
         if slot.lora_groups:
-            slot.patch = build_patch(_roots(slot.entry), slot.entry.family, slot.lora_groups)
+            # Forge's operations are not plain Linear/Conv2d and its memory manager moves weights: no folding
+            slot.patch = build_patch(_roots(slot.entry), slot.entry.family, slot.lora_groups, fold=False)
     fold = settings.cfg_mode == "cfg" or settings.mode == "base-first"
     return ForgeSource(slots, variants, fold)
 

@@ -91,11 +91,18 @@ class LinearLowRank(_Op):
             if x.device != self.down.device:
                 self.to(device=x.device)
             x = x.to(dt)
-        h = torch.mm(x.reshape(-1, x.shape[-1]), self.down_t)
-        if h.dtype == dt and out.dtype == dt and out.is_contiguous():
-            out.view(-1, out.shape[-1]).addmm_(h, self.up_t)
-        else:  # an autocast to another dtype, or a strided output
-            out.add_(torch.mm(h, self.up_t).view(out.shape).to(out.dtype))
+        self.add_up(torch.mm(x.reshape(-1, x.shape[-1]), self.down_t), out)
+
+    def add_up(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += h @ upᵀ (+ bias)``: ``h`` the rows' down-projection, ``out`` their output (may be strided)."""
+        if self.up.device != out.device:
+            self.to(device=out.device)
+        h = h.reshape(-1, h.shape[-1])
+        rows = _flat_rows(out) if h.dtype == self.up.dtype == out.dtype else None
+        if rows is not None:  # in place, into the output's own memory: one GEMM with beta = 1
+            rows.addmm_(h, self.up_t)
+        else:  # an autocast to another dtype, or an output whose rows cannot be flattened
+            out.add_(torch.mm(h.to(self.up.dtype), self.up_t).view(out.shape).to(out.dtype))
         if self.bias is not None:
             out.add_(self.bias)
 
@@ -166,11 +173,19 @@ class ConvLowRank(_ConvOp):
             h = self.conv(x, self.down)
         else:
             h = F.conv2d(x, self.down, None, m.stride, m.padding, m.dilation)
+        self.add_up(h, out)
+
+    def add_up(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += up ⊛ h (+ bias)``, the 1×1 up-projection as a batched GEMM into the output (may be strided)."""
+        if self.up.device != out.device:
+            self.to(device=out.device)
         n = h.shape[0]
-        if h.dtype == self.up.dtype and out.dtype == h.dtype and out.is_contiguous():
-            out.view(n, out.shape[1], -1).baddbmm_(self.up.expand(n, -1, -1), h.reshape(n, h.shape[1], -1))
-        else:
-            out.add_(torch.matmul(self.up, h.reshape(n, h.shape[1], -1)).view(out.shape).to(out.dtype))
+        h = h.reshape(n, h.shape[1], -1)
+        planes = _flat_planes(out) if h.dtype == self.up.dtype == out.dtype else None
+        if planes is not None:
+            planes.baddbmm_(self.up.expand(n, -1, -1), h)
+        else:  # another dtype, or channels-last memory
+            out.add_(torch.matmul(self.up, h.to(self.up.dtype)).view(out.shape).to(out.dtype))
         if self.bias is not None:
             out.add_(self.bias)
 
@@ -199,6 +214,24 @@ class ConvDense(_ConvOp):
 
     def weight_delta(self) -> torch.Tensor | None:
         return self.delta
+
+
+def _flat_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as (rows, features) without a copy: contiguous, or the leading columns of a wider output."""
+    try:
+        flat = t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+    return flat if flat.stride(1) == 1 else None
+
+
+def _flat_planes(t: torch.Tensor) -> torch.Tensor | None:
+    """An NCHW output as (N, C, H·W) without a copy, for a batched GEMM (cuBLAS takes any batch stride)."""
+    try:
+        flat = t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
+        return None
+    return flat if flat.stride(2) == 1 and flat.stride(1) >= flat.shape[2] else None
 
 
 def _swap(module: nn.Module, name: str, value: torch.Tensor | None) -> torch.Tensor | None:

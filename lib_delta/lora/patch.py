@@ -40,11 +40,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeltaError
 from .family import guess_family, label, looks_like
 from .files import LoraFile
+from .fold import WeightFold
 from .formats import Delta, ShapeMismatch, build_delta, detect_format, format_label
 from .index import Layer, ModelIndex
 from .keys import parse_key
@@ -180,7 +182,7 @@ def plan_file(use: LoraUse, index: ModelIndex, weight_of: Callable[[Layer], torc
 
 
 def build_patch(roots: Mapping[str, nn.Module], family: str, groups: Sequence[Sequence[LoraUse]], *,
-                dense: bool = False) -> DeltaPatch:
+                dense: bool = False, fold: bool | None = None) -> DeltaPatch:
     """Validate and precompute every group; returns a detached patch.
 
     ``roots``: ``{"unet": diffusion_model, "te": text_encoder}`` for "sd1"/"sd2",
@@ -189,6 +191,12 @@ def build_patch(roots: Mapping[str, nn.Module], family: str, groups: Sequence[Se
 
     ``dense=True`` materialises every change as a full ``ΔW``: one kernel per layer instead of two, which pays off
     when the call is launch-bound (small batches), at the memory of one weight copy per patched layer and group.
+
+    ``fold`` stacks low-rank down factors under the weights of plain Linear/Conv2d layers
+    (:mod:`~lib_delta.lora.fold`): one kernel per layer and group fewer, which matters where launches are the
+    cost. ``None`` (default): on CUDA devices only; ``True``: wherever the model is; ``False``: never. Leave it
+    off where the model's parameters move between calls (the WebUI's lowvram mode): each move undoes the stack,
+    and the next :meth:`DeltaPatch.attach` builds it again.
     """
     index = ModelIndex(roots, family)
     reports: list[list[LoadReport]] = []
@@ -213,10 +221,12 @@ def build_patch(roots: Mapping[str, nn.Module], family: str, groups: Sequence[Se
                     delta = _compact(delta, layer)
                     slots.setdefault(layer.slot, []).append(delta)
                     so_far.setdefault((id(layer.module), layer.slot), []).append(delta)
-        sites = [_Site(module, kind, tuple(_make_op(module, kind, per_group.get(g), not dense)
-                                           for g in range(len(groups))))
-                 for module, kind, per_group in collected.values()]
-    return DeltaPatch(sites, reports)
+        sites = []
+        for module, kind, per_group in collected.values():
+            ops = tuple(_make_op(module, kind, per_group.get(g), not dense) for g in range(len(groups)))
+            sites.append(_Site(module, kind, ops, WeightFold(module, ops)
+                               if fold is not False and WeightFold.applies(module, ops) else None))
+    return DeltaPatch(sites, reports, fold_on_cpu=fold is True)
 
 
 def _compact(delta: Delta, layer: Layer) -> Delta:
@@ -256,10 +266,11 @@ def _f32(d: Delta) -> Delta:
 
 
 class _RowState:
-    __slots__ = ("segments",)
+    __slots__ = ("folding", "segments")
 
     def __init__(self):
         self.segments: tuple[tuple[slice | None, int], ...] = ()
+        self.folding = True
 
 
 @dataclass(eq=False)
@@ -267,6 +278,7 @@ class _Site:
     module: nn.Module
     kind: str
     ops: tuple  # one op or None per group
+    fold: WeightFold | None = None
     saved_forward: object = None  # an instance-level forward that was there before us
 
 
@@ -276,8 +288,9 @@ _MARK = "_delta_lora_patched"
 class DeltaPatch:
     """Reversible functional LoRA on the layers of one source model, for any number of groups."""
 
-    def __init__(self, sites: list[_Site], reports: list[list[LoadReport]]):
+    def __init__(self, sites: list[_Site], reports: list[list[LoadReport]], fold_on_cpu: bool = False):
         self._sites = sites
+        self._fold_on_cpu = fold_on_cpu
         self.reports = reports
         self.groups = len(reports)
         self._state = _RowState()
@@ -294,9 +307,11 @@ class DeltaPatch:
         for site in self._sites:
             module = site.module
             site.saved_forward = module.__dict__.get("forward")
-            module.forward = _FORWARDS[site.kind](module, site.ops, self._state, site.saved_forward)
+            fold = site.fold if site.saved_forward is None else None
+            module.forward = _FORWARDS[site.kind](module, site.ops, self._state, site.saved_forward, fold)
             module.__dict__[_MARK] = True
         self.attached = True
+        self.lay_out()
         return self
 
     def detach(self) -> None:
@@ -312,6 +327,32 @@ class DeltaPatch:
             site.saved_forward = None
         self._state.segments = ()
         self.attached = False
+
+    @property
+    def folding(self) -> bool:
+        """Whether forwards use the stacked weights (built with ``fold=True``); False runs the unfolded path."""
+        return self._state.folding
+
+    @folding.setter
+    def folding(self, on: bool) -> None:
+        self._state.folding = bool(on)
+
+    def lay_out(self) -> None:
+        """Stack folded layers' weights where they are now (a no-op for those in place). :meth:`attach` does it;
+        a host calls it once the model sits on its device and before a CUDA graph records the call, whose key
+        names the weights' addresses."""
+        if self._state.folding:
+            for site in self._sites:
+                own_forward = site.saved_forward if self.attached else site.module.__dict__.get("forward")
+                if site.fold is not None and own_forward is None and (self._fold_on_cpu or site.module.weight.is_cuda):
+                    site.fold.lay_out()
+
+    def release(self) -> None:
+        """Detach and give folded layers compact weights again: the model is as it was built, values and memory."""
+        self.detach()
+        for site in self._sites:
+            if site.fold is not None:
+                site.fold.undo()
 
     def __enter__(self) -> DeltaPatch:
         return self.attach()
@@ -419,14 +460,20 @@ def _autocast_probe():
     return lambda dt: torch.get_autocast_gpu_dtype() if dt == "cuda" and torch.is_autocast_enabled() else None
 
 
-def _additive_forward(module: nn.Module, ops: tuple, state: _RowState, saved):
+def _additive_forward(module: nn.Module, ops: tuple, state: _RowState, saved, fold: WeightFold | None):
     cls = type(module)  # looked up per call: hosts patch class forwards (the WebUI's Lora, manual casts)
     dtype = compute_dtype(module.weight)
     autocast_dtype = _autocast_probe()
+    conv = isinstance(module, nn.Conv2d)
 
     def forward(x, *args, **kwargs):
-        if state.segments and x.dtype != dtype and autocast_dtype(x.device.type) == dtype:
-            x = x.to(dtype)  # the layer casts its input anyway: cast once, for it and for the LoRA terms
+        if state.segments:
+            cast = autocast_dtype(x.device.type)
+            if x.dtype != dtype and cast == dtype:
+                x = x.to(dtype)  # the layer casts its input anyway: cast once, for it and for the LoRA terms
+            if fold is not None and state.folding and x.dtype == dtype and cast in (None, dtype) and not args \
+                    and not kwargs and (wide := fold.wide()) is not None:
+                return _folded_call(module, ops, state.segments, fold, wide, x, conv)
         out = saved(x, *args, **kwargs) if saved is not None else cls.forward(module, x, *args, **kwargs)
         for rows, group in state.segments:
             op = ops[group]
@@ -440,7 +487,27 @@ def _additive_forward(module: nn.Module, ops: tuple, state: _RowState, saved):
     return forward
 
 
-def _norm_forward(module: nn.Module, ops: tuple, state: _RowState, saved):
+def _folded_call(module: nn.Module, ops: tuple, segments: tuple, fold: WeightFold, wide: tuple, x: torch.Tensor,
+                 conv: bool) -> torch.Tensor:
+    """One GEMM (or convolution) over the stacked weight; its first columns are the layer's output, each
+    group's columns the down-projection that its up-projection adds into that group's rows."""
+    weight, bias = wide
+    full = module._conv_forward(x, weight, bias) if conv else F.linear(x, weight, bias)
+    dim = 1 if conv else -1
+    out = full.narrow(dim, 0, fold.rows)
+    for rows, group in segments:
+        op = ops[group]
+        if op is None:
+            continue
+        span = fold.spans.get(group)
+        if span is None:  # this group's change is dense here
+            op(x if rows is None else x[rows], out if rows is None else out[rows])
+        else:
+            op.add_up((full if rows is None else full[rows]).narrow(dim, *span), out if rows is None else out[rows])
+    return out
+
+
+def _norm_forward(module: nn.Module, ops: tuple, state: _RowState, saved, fold=None):
     cls = type(module)
 
     def call(x):
@@ -465,7 +532,7 @@ def _mha_signature() -> inspect.Signature:
     return inspect.signature(nn.MultiheadAttention.forward)
 
 
-def _mha_forward(module: nn.MultiheadAttention, ops: tuple, state: _RowState, saved):
+def _mha_forward(module: nn.MultiheadAttention, ops: tuple, state: _RowState, saved, fold=None):
     cls = type(module)
 
     def call(*args, **kwargs):

@@ -1,0 +1,93 @@
+"""A layer's weight and its groups' LoRA down-projections in one buffer, so that one GEMM gives both.
+
+With low-rank terms a patched layer launches three kernels where the merged model launches one: its own GEMM on
+the whole batch, the down-projection of the adapted rows, and the up-projection added into their output. On a
+launch-bound call (the source at 512 px) the count is the cost. Folding stacks the down factors under the weight,
+``[W; A₀; A₁ …]``, and makes the layer's parameter a view of the stack's first rows: the layer's output and every
+group's ``A·x`` come out of one GEMM (or convolution) of ``out + Σr`` columns, and only the up-projection remains.
+Memory: the stack replaces the weight; the down factors it holds are the ones the ops keep anyway (a second copy
+of them, ``Σ r·in`` per layer: a few MiB).
+
+The base rows pay ``r/out`` more FLOPs, and each output column is computed by the same loop over the input as
+before: the plain columns matched the unfolded layer bit for bit on an H100 (float16, cuBLAS) and on the CPU
+(float32); nothing in BLAS promises it for every shape, which is why :class:`~lib_delta.lora.DeltaPatch` can be
+built with ``fold=False``.
+
+Only exact ``nn.Linear``/``nn.Conv2d`` layers in float16/bfloat16/float32 are folded: their forward is one
+``F.linear``/``_conv_forward``, which the folded call reproduces. A subclass with its own forward (Forge's manual-cast
+operations), an instance-level forward, or storage-only dtypes keep the unfolded path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .ops import ConvLowRank, LinearLowRank
+
+_FOLDABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class WeightFold:
+    """The stacked weight of one layer; :meth:`lay_out` builds it, :meth:`wide` hands it to a forward."""
+
+    __slots__ = ("_bias", "_ptrs", "_weight", "module", "ops", "rows", "spans")
+
+    def __init__(self, module: nn.Module, ops: tuple) -> None:
+        self.module = module
+        self.ops = ops
+        self.rows = module.weight.shape[0]
+        self.spans: dict[int, tuple[int, int]] = {}  # group → (first row in the stack, rank)
+        start = self.rows
+        for group, op in enumerate(ops):
+            if isinstance(op, (LinearLowRank, ConvLowRank)):
+                self.spans[group] = (start, op.down.shape[0])
+                start += op.down.shape[0]
+        self._weight: Tensor | None = None
+        self._bias: Tensor | None = None
+        self._ptrs: tuple[int, int] = (0, 0)
+
+    @staticmethod
+    def applies(module: nn.Module, ops: tuple) -> bool:
+        return (type(module) in (nn.Linear, nn.Conv2d) and module.weight.dtype in _FOLDABLE_DTYPES
+                and any(isinstance(op, (LinearLowRank, ConvLowRank)) for op in ops))
+
+    def wide(self) -> tuple[Tensor, Tensor | None] | None:
+        """(stacked weight, stacked bias) while the layer's parameters still live in them; else None (the model
+        was moved or its parameters replaced since :meth:`lay_out`)."""
+        if self._weight is None or self._where() != self._ptrs:
+            return None
+        return self._weight, self._bias
+
+    @torch.no_grad()
+    def lay_out(self) -> None:
+        """Stack the weight (and bias) with the down factors, on the layer's device; a no-op when in place."""
+        if self.wide() is not None:
+            return
+        m = self.module
+        weight = m.weight
+        downs = [self.ops[g].down.to(device=weight.device, dtype=weight.dtype).reshape(r, *weight.shape[1:])
+                 for g, (_, r) in self.spans.items()]
+        stacked = torch.cat([weight.detach(), *downs])
+        bias = None
+        if m.bias is not None:
+            bias = torch.cat([m.bias.detach(), m.bias.new_zeros(stacked.shape[0] - self.rows)])
+            m.bias.data = bias[: self.rows]
+        m.weight.data = stacked[: self.rows]
+        self._weight, self._bias = stacked, bias
+        self._ptrs = self._where()
+
+    def _where(self) -> tuple[int, int]:
+        bias = self.module.bias
+        return self.module.weight.data_ptr(), 0 if bias is None else bias.data_ptr()
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        """Give the layer compact parameters again and drop the stack (the layer's values are unchanged)."""
+        if self.wide() is not None:
+            m = self.module
+            m.weight.data = m.weight.data.clone()
+            if m.bias is not None:
+                m.bias.data = m.bias.data.clone()
+        self._weight = self._bias = None
+        self._ptrs = (0, 0)

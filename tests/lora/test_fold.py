@@ -1,0 +1,194 @@
+"""Down factors stacked under the layer's weight: one GEMM for the layer and every group's down-projection.
+
+The folded forward must give what the unfolded one gives (adapted rows equal to the merged model, base rows the
+plain model's), follow the model when its parameters move, and leave it compact and unchanged on release.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorakit import (
+    Change,
+    family,
+    full_parts,
+    layer_weight,
+    loha_parts,
+    lora_parts,
+    merge_reference,
+    rel_err,
+    roots,
+    run_unet,
+    unet_inputs,
+    write_file,
+)
+
+from lib_delta.lora import LoraUse, build_patch, read_lora
+
+LIN = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"  # Linear, no bias
+LIN_B = "input_blocks.1.1.transformer_blocks.0.ff.net.2"  # Linear with bias
+CROSS = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"  # Linear on the text conditioning
+CONV1 = "input_blocks.1.1.proj_in"  # 1×1 conv with bias
+CONV3 = "input_blocks.1.0.in_layers.2"  # 3×3 conv
+DOWN = "input_blocks.3.0.op"  # 3×3 conv, stride 2
+LOW_RANK = [LIN, LIN_B, CROSS, CONV1, CONV3, DOWN]
+
+
+def _file(tmp_path, unet, name, specs, seed):
+    g = torch.Generator().manual_seed(seed)
+    changes = [Change("unet", p, "lora_unet_" + p.replace(".", "_"), f(g, layer_weight(unet, p))) for p, f in specs]
+    return read_lora(write_file(tmp_path, name, changes)), changes
+
+
+def _module(root, path):
+    return root.get_submodule(path)
+
+
+def _stacked(module) -> bool:
+    w = module.weight
+    return w.untyped_storage().nbytes() > w.numel() * w.element_size()
+
+
+def _batch(fam, copies):
+    return tuple(None if t is None else torch.cat([t] * copies) for t in unet_inputs(fam, 2))
+
+
+def test_folded_rows_equal_merged_and_plain(tmp_path):
+    fam = family("sd1")
+    unet = fam.unet
+    lora, changes = _file(tmp_path, unet, "a.safetensors",
+                          [(p, lora_parts) for p in LOW_RANK[:-1]] + [(DOWN, lambda g, w: lora_parts(g, w, rank=6))], 1)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    reference = merge_reference({"unet": unet}, changes, unet=0.8)["unet"]
+    patch = build_patch(roots(fam), "sd1", [[LoraUse(lora, 1.0, 0.8)]], fold=True)
+    both = _batch(fam, 2)
+    plain = run_unet(unet, both)
+    with patch, patch.rows([(slice(0, 2), None), (slice(2, 4), 0)]):
+        assert all(_stacked(_module(unet, p)) for p in LOW_RANK)  # every low-rank layer is folded
+        dual = run_unet(unet, both)
+    assert rel_err(dual[:2], plain[:2]) <= 1e-6  # the plain columns of a wider GEMM
+    assert rel_err(dual[2:], run_unet(reference, unet_inputs(fam, 2))) <= 1e-5
+    assert rel_err(dual[2:], plain[2:]) > 1e-3
+
+    assert all(_stacked(_module(unet, p)) for p in LOW_RANK)  # kept between calls: no copy per step
+    patch.release()
+    assert not any(_stacked(_module(unet, p)) for p in LOW_RANK)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    assert torch.equal(run_unet(unet, both), plain)
+
+
+def test_two_groups_and_a_dense_change_on_one_layer(tmp_path):
+    fam = family("sd1")
+    unet = fam.unet
+    a, _ = _file(tmp_path, unet, "a.safetensors", [(LIN, lora_parts), (CONV1, lora_parts)], 2)
+    b, _ = _file(tmp_path, unet, "b.safetensors", [(LIN, lambda g, w: lora_parts(g, w, rank=3)),
+                                                    (CONV1, full_parts), (LIN_B, loha_parts)], 3)
+    groups = [[LoraUse(a, 1.0, 0.7)], [LoraUse(b, 1.0, -1.2)]]
+    batch = _batch(fam, 3)
+    plan = [(slice(0, 2), None), (slice(2, 4), 0), (slice(4, 6), 1)]
+    results = {}
+    for fold in (False, True):
+        patch = build_patch(roots(fam), "sd1", groups, fold=fold)
+        with patch, patch.rows(plan):
+            assert _stacked(_module(unet, LIN)) == fold and _stacked(_module(unet, CONV1)) == fold
+            results[fold] = run_unet(unet, batch)
+        patch.release()
+    assert rel_err(results[True], results[False]) <= 1e-6
+    assert rel_err(results[True][2:4], results[True][4:6]) > 1e-3
+
+
+def test_moved_parameters_fall_back_then_fold_again(tmp_path):
+    fam = family("sd1")
+    unet = fam.unet
+    lora, _ = _file(tmp_path, unet, "a.safetensors", [(LIN, lora_parts), (CONV1, lora_parts)], 4)
+    patch = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=True)
+    unfolded = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=False)
+    both = _batch(fam, 2)
+    plan = [(slice(0, 2), None), (slice(2, 4), 0)]
+    with unfolded, unfolded.rows(plan):
+        want = run_unet(unet, both)
+    with patch, patch.rows(plan):
+        folded = run_unet(unet, both)
+        for p in (LIN, CONV1):  # what .to() or an offload does: new, compact storage
+            module = _module(unet, p)
+            module.weight.data = module.weight.data.clone()
+        moved = run_unet(unet, both)  # the stack no longer holds the weights: the unfolded path
+        assert not _stacked(_module(unet, LIN))
+    assert torch.equal(moved, want)
+    assert rel_err(folded, want) <= 1e-6
+    with patch, patch.rows(plan):
+        assert _stacked(_module(unet, LIN)) and _stacked(_module(unet, CONV1))  # attach stacked them again
+        assert rel_err(run_unet(unet, both), want) <= 1e-6
+    patch.release()
+
+
+def test_folding_switch_and_cpu_default(tmp_path):
+    fam = family("sd1")
+    unet = fam.unet
+    lora, _ = _file(tmp_path, unet, "a.safetensors", [(LIN, lora_parts), (CONV3, lora_parts)], 5)
+    both = _batch(fam, 2)
+    plan = [(slice(0, 2), None), (slice(2, 4), 0)]
+    unfolded = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=False)
+    with unfolded, unfolded.rows(plan):
+        want = run_unet(unet, both)
+
+    default = build_patch(roots(fam), "sd1", [[LoraUse(lora)]])  # fold=None: CUDA only
+    with default, default.rows(plan):
+        assert not _stacked(_module(unet, LIN))
+        assert torch.equal(run_unet(unet, both), want)
+    default.release()
+
+    patch = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=True)
+    with patch, patch.rows(plan):
+        patch.folding = False  # the stack stays; the forwards take the unfolded path
+        assert _stacked(_module(unet, LIN))
+        assert torch.equal(run_unet(unet, both), want)
+        patch.folding = True
+        assert not torch.equal(run_unet(unet, both)[2:], run_unet(unet, both)[:2])
+    patch.release()
+
+
+def test_instance_forwards_and_merge_keep_the_unfolded_path(tmp_path):
+    """A layer with its own instance forward (another tool's hook) is not folded: the hook must run."""
+    fam = family("sd1")
+    unet = fam.unet
+    lora, changes = _file(tmp_path, unet, "a.safetensors", [(LIN, lora_parts), (LIN_B, lora_parts)], 6)
+    module = _module(unet, LIN)
+    calls = []
+    module.forward = lambda x, _m=module: (calls.append(1), type(_m).forward(_m, x))[1]
+    try:
+        patch = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=True)
+        with patch, patch.rows([(slice(None), 0)]):
+            adapted = run_unet(unet, unet_inputs(fam, 2))
+            assert not _stacked(module) and _stacked(_module(unet, LIN_B)) and calls
+        patch.release()
+    finally:
+        del module.forward
+    reference = merge_reference({"unet": unet}, changes)["unet"]
+    assert rel_err(adapted, run_unet(reference, unet_inputs(fam, 2))) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fold_default_base_rows_exact_and_fewer_kernels(tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    fam = family("sd1")
+    unet = fam.unet.cuda().half()
+    lora, _ = _file(tmp_path, fam.unet, "a.safetensors", [(p, lora_parts) for p in LOW_RANK], 7)
+    both = tuple(None if t is None else t.cuda() for t in _batch(fam, 2))
+    both = (both[0].half(), both[1], both[2].half(), both[3])
+    plan = [(slice(0, 2), None), (slice(2, 4), 0)]
+    counts, outs = {}, {}
+    plain = run_unet(unet, both)
+    for fold in (False, None):
+        patch = build_patch({"unet": unet}, "sd1", [[LoraUse(lora)]], fold=fold)
+        with patch, patch.rows(plan):
+            run_unet(unet, both)  # lay out, warm up
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                outs[fold] = run_unet(unet, both)
+                torch.cuda.synchronize()
+        counts[fold] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        patch.release()
+    assert torch.equal(outs[None][:2], plain[:2])
+    assert rel_err(outs[None], outs[False]) <= 2e-3
+    assert counts[None] == counts[False] - len(LOW_RANK)
