@@ -351,8 +351,7 @@ def measure_source_call(env: Env, models: Models, rig: PairRig, args: argparse.N
         patch.detach()
         want = merged(x4[2:], s4[2:], take(cond4, [2, 3]))
         graphed = graph_held.replays > 0 and graph_plain.replays > 0 and graph_unfolded.replays > 0
-        folded = sum(1 for m in patch.modules if (w := getattr(m, "weight", None)) is not None
-                     and w.untyped_storage().nbytes() > w.nbytes)
+        folded = patch.folded_layers
         for g in (graph_plain, graph_held, graph_unfolded):
             g.reset()
         out.append({"px": rig.pair.px, "adapter": adapter, "layers": len(patch.modules), "folded": folded,

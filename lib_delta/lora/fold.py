@@ -4,7 +4,8 @@ With low-rank terms a patched layer launches three kernels where the merged mode
 the whole batch, the down-projection of the adapted rows, and the up-projection added into their output. On a
 launch-bound call (the source at 512 px) the count is the cost. Folding stacks the down factors under the weight,
 ``[W; A₀; A₁ …]``, and makes the layer's parameter a view of the stack's first rows: the layer's output and every
-group's ``A·x`` come out of one GEMM (or convolution) of ``out + Σr`` columns, and only the up-projection remains.
+group's ``A·x`` come out of one GEMM (or convolution) of ``out + Σr`` columns (rounded up to a multiple of 16 with
+zero rows, see ``_ALIGN``), and only the up-projection remains.
 Memory: the stack replaces the weight; the down factors it holds are the ones the ops keep anyway (a second copy
 of them, ``Σ r·in`` per layer: a few MiB).
 
@@ -26,12 +27,17 @@ from torch import Tensor, nn
 from .ops import ConvLowRank, LinearLowRank
 
 _FOLDABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The layer's output becomes the first columns of a wider one, so its rows sit ``width`` elements apart. Kernels
+# downstream assume aligned rows: PyTorch's fused attention on CUDA returned wrong values (not an error) for
+# float16 q/k/v rows 36 elements apart, and exact ones at 40. A stack width that is a multiple of 16 keeps every
+# row 32-byte aligned, as a contiguous output of such a layer is.
+_ALIGN = 16
 
 
 class WeightFold:
     """The stacked weight of one layer; :meth:`lay_out` builds it, :meth:`wide` hands it to a forward."""
 
-    __slots__ = ("_bias", "_ptrs", "_weight", "module", "ops", "rows", "spans")
+    __slots__ = ("_bias", "_ptrs", "_weight", "module", "ops", "rows", "spans", "width")
 
     def __init__(self, module: nn.Module, ops: tuple) -> None:
         self.module = module
@@ -43,6 +49,7 @@ class WeightFold:
             if isinstance(op, (LinearLowRank, ConvLowRank)):
                 self.spans[group] = (start, op.down.shape[0])
                 start += op.down.shape[0]
+        self.width = -(-start // _ALIGN) * _ALIGN  # zero rows pad the stack: see _ALIGN
         self._weight: Tensor | None = None
         self._bias: Tensor | None = None
         self._ptrs: tuple[int, int] = (0, 0)
@@ -68,7 +75,8 @@ class WeightFold:
         weight = m.weight
         downs = [self.ops[g].down.to(device=weight.device, dtype=weight.dtype).reshape(r, *weight.shape[1:])
                  for g, (_, r) in self.spans.items()]
-        stacked = torch.cat([weight.detach(), *downs])
+        pad = weight.new_zeros(self.width - self.rows - sum(r for _, r in self.spans.values()), *weight.shape[1:])
+        stacked = torch.cat([weight.detach(), *downs, pad])
         bias = None
         if m.bias is not None:
             bias = torch.cat([m.bias.detach(), m.bias.new_zeros(stacked.shape[0] - self.rows)])

@@ -429,6 +429,11 @@ class DeltaPatch:
         return sum(op.nbytes() for site in self._sites for op in site.ops if op is not None)
 
     @property
+    def folded_layers(self) -> int:
+        """How many layers run folded now: stacked, and with folding on."""
+        return sum(1 for s in self._sites if s.fold is not None and s.fold.wide() is not None) if self.folding else 0
+
+    @property
     def modules(self) -> list[nn.Module]:
         return [s.module for s in self._sites]
 

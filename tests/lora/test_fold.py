@@ -65,6 +65,10 @@ def test_folded_rows_equal_merged_and_plain(tmp_path):
     plain = run_unet(unet, both)
     with patch, patch.rows([(slice(0, 2), None), (slice(2, 4), 0)]):
         assert all(_stacked(_module(unet, p)) for p in LOW_RANK)  # every low-rank layer is folded
+        assert patch.folded_layers == len(LOW_RANK)
+        for p in LOW_RANK:  # rank 4 (6 on DOWN) stacks padded: the output rows stay 16-element aligned
+            module = _module(unet, p)
+            assert module.weight.untyped_storage().nbytes() // module.weight[0].nbytes % 16 == 0
         dual = run_unet(unet, both)
     assert rel_err(dual[:2], plain[:2]) <= 1e-6  # the plain columns of a wider GEMM
     assert rel_err(dual[2:], run_unet(reference, unet_inputs(fam, 2))) <= 1e-5
@@ -72,7 +76,7 @@ def test_folded_rows_equal_merged_and_plain(tmp_path):
 
     assert all(_stacked(_module(unet, p)) for p in LOW_RANK)  # kept between calls: no copy per step
     patch.release()
-    assert not any(_stacked(_module(unet, p)) for p in LOW_RANK)
+    assert not any(_stacked(_module(unet, p)) for p in LOW_RANK) and patch.folded_layers == 0
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     assert torch.equal(run_unet(unet, both), plain)
 
@@ -170,25 +174,26 @@ def test_instance_forwards_and_merge_keep_the_unfolded_path(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_fold_default_base_rows_exact_and_fewer_kernels(tmp_path):
+    """Rank 4 on 32-wide layers: unpadded, q/k/v rows 36 elements apart made fused attention return wrong values."""
     from torch.profiler import ProfilerActivity, profile
 
     fam = family("sd1")
     unet = fam.unet.cuda().half()
     lora, _ = _file(tmp_path, fam.unet, "a.safetensors", [(p, lora_parts) for p in LOW_RANK], 7)
     both = tuple(None if t is None else t.cuda() for t in _batch(fam, 2))
-    both = (both[0].half(), both[1], both[2].half(), both[3])
     plan = [(slice(0, 2), None), (slice(2, 4), 0)]
     counts, outs = {}, {}
-    plain = run_unet(unet, both)
-    for fold in (False, None):
-        patch = build_patch({"unet": unet}, "sd1", [[LoraUse(lora)]], fold=fold)
-        with patch, patch.rows(plan):
-            run_unet(unet, both)  # lay out, warm up
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                outs[fold] = run_unet(unet, both)
-                torch.cuda.synchronize()
-        counts[fold] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
-        patch.release()
+    with torch.autocast("cuda", torch.float16):  # as the WebUI samples: the timestep embedding comes in float32
+        plain = run_unet(unet, both)
+        for fold in (False, None):
+            patch = build_patch({"unet": unet}, "sd1", [[LoraUse(lora)]], fold=fold)
+            with patch, patch.rows(plan):
+                run_unet(unet, both)  # lay out, warm up
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    outs[fold] = run_unet(unet, both)
+                    torch.cuda.synchronize()
+            counts[fold] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            patch.release()
     assert torch.equal(outs[None][:2], plain[:2])
     assert rel_err(outs[None], outs[False]) <= 2e-3
-    assert counts[None] == counts[False] - len(LOW_RANK)
+    assert counts[None] <= counts[False] - len(LOW_RANK)  # at least the down GEMM of each layer (cuDNN may save more)
