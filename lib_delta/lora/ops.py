@@ -7,9 +7,10 @@ rank costs more than the full matrix, everything is summed into one ``ΔW``. Sca
 tensors are stored in the layer's dtype on its device (and follow the input to another device on first use).
 
 Kernel launches per layer and group: Linear low-rank 2 (mm, addmm into a view of the output), Linear dense 1,
-Conv low-rank 2 (conv, baddbmm into the output), Conv dense 2; +1 for a bias change. Normalisation layers and
-``nn.MultiheadAttention`` recompute their rows with merged parameters swapped in (text encoders run once per
-batch, so simplicity wins there).
+Conv low-rank 2 (conv, baddbmm into the output), Conv dense 2; +1 for a bias change. Folded (on CUDA,
+:mod:`.fold`), a low-rank op's down-projection comes out of the layer's own GEMM and :meth:`add_up` is all it
+runs. Normalisation layers and ``nn.MultiheadAttention`` recompute their rows with merged parameters swapped in
+(text encoders run once per batch, so simplicity wins there).
 """
 
 from __future__ import annotations
