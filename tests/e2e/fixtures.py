@@ -26,6 +26,8 @@ Models (written to <out>/<model>/):
   (200 K values): both WebUIs generate with T5 off by default (option sd3_enable_t5) and then never run it; A1111
   does not build it, and Forge, which refuses a checkpoint without T5 tensors ("You do not have T5 state dict!"),
   loads the ones given and reports the rest missing. 1.8 GB in fp16 (CLIP-G is 1.4 GB of it). No LoRA files.
+- sd35:  the same with SD3.5 (large)'s q/k RMS norms in every attention (`ln_q`/`ln_k`), from the WebUI's own MMDiT
+  class with qk_norm="rms". Forge builds its SD3.5 MMDiT from those keys; AUTOMATIC1111 1.10 has no SD3.5.
 
 LoRA files per model (kohya naming, rank 4, alpha 2): `<model>_lora`; for sd15 also a LyCORIS LoHa (`sd15_loha`) and
 a truncated, unreadable copy of the LoRA (`sd15_corrupt`).
@@ -56,9 +58,9 @@ LORA_ALPHA = 2.0
 # change still scales with the multiplier (about 6 dB per halving); at 3.5x this strength it saturates near 17 dB.
 LORA_STRENGTH = 0.1
 
-MODELS = ("sd15", "sd21v", "sdxl", "sd3")  # append only: a model's index seeds its generator
+MODELS = ("sd15", "sd21v", "sdxl", "sd3", "sd35")  # append only: a model's index seeds its generator
 CHECKPOINT_NAMES = {"sd15": "delta_e2e_sd15", "sd21v": "delta_e2e_sd21v", "sdxl": "delta_e2e_sdxl_small",
-                    "sd3": "delta_e2e_sd3_small"}
+                    "sd3": "delta_e2e_sd3_small", "sd35": "delta_e2e_sd35_small"}
 SDXL_TRANSFORMER_DEPTH = "[1, 1, 1]"
 SD3_DEPTH = 2  # joint blocks; SD3 medium has 24 (hidden size 64 * depth, one attention head per block)
 SD3_POS_EMBED_MAX_SIZE = 192  # SD3 medium's position-embedding grid (patches per side)
@@ -236,16 +238,19 @@ def _import_sd3_classes(webui: Path) -> dict:
         stub = types.ModuleType("modules.sd_hijack")
         stub.TextualInversionEmbeddings = TextualInversionEmbeddings  # type: ignore[attr-defined]
         sys.modules["modules.sd_hijack"] = stub
-    from modules.models.sd3.mmdit import get_2d_sincos_pos_embed
+    from modules.models.sd3.mmdit import MMDiT, get_2d_sincos_pos_embed
     from modules.models.sd3.other_impls import SDClipModel, SDXLClipG
     from modules.models.sd3.sd3_impls import SDVAE, BaseModel
 
-    return {"BaseModel": BaseModel, "SDVAE": SDVAE, "SDClipModel": SDClipModel, "SDXLClipG": SDXLClipG,
+    return {"BaseModel": BaseModel, "MMDiT": MMDiT, "SDVAE": SDVAE, "SDClipModel": SDClipModel, "SDXLClipG": SDXLClipG,
             "sincos": get_2d_sincos_pos_embed}
 
 
-def build_sd3(webui: Path, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
-    """The reduced SD3 checkpoint's state dict (fp16, the single-file key layout) and build statistics."""
+def build_sd3(webui: Path, gen: torch.Generator, qk_norm: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The reduced SD3 checkpoint's state dict (fp16, the single-file key layout) and build statistics.
+
+    ``qk_norm="rms"``: SD3.5 (large)'s MMDiT, whose attentions normalise q and k (``ln_q``/``ln_k`` in every
+    block); Forge tells SD3.5 from SD3 by those keys."""
     import numpy as np
 
     classes = _import_sd3_classes(webui)
@@ -255,8 +260,21 @@ def build_sd3(webui: Path, gen: torch.Generator) -> tuple[dict[str, torch.Tensor
     shapes = {"x_embedder.proj.weight": (hidden, 16, 2, 2), "pos_embed": (1, SD3_POS_EMBED_MAX_SIZE ** 2, hidden),
               "y_embedder.mlp.0.weight": (hidden, 768 + 1280), "context_embedder.weight": (hidden, 4096)}
     sizing = {prefix + k: torch.empty(v) for k, v in shapes.items()}
-    mmdit = classes["BaseModel"](shift=3, state_dict=sizing, prefix=prefix, device="cpu",
-                                 dtype=torch.float32).diffusion_model.eval()
+    if qk_norm is None:
+        mmdit = classes["BaseModel"](shift=3, state_dict=sizing, prefix=prefix, device="cpu",
+                                     dtype=torch.float32).diffusion_model.eval()
+    else:  # BaseModel builds SD3's MMDiT only; the same arguments, with the q/k norms
+        mmdit = classes["MMDiT"](
+            input_size=None, pos_embed_scaling_factor=None, pos_embed_offset=None,
+            pos_embed_max_size=SD3_POS_EMBED_MAX_SIZE, patch_size=2, in_channels=16, depth=SD3_DEPTH,
+            num_patches=SD3_POS_EMBED_MAX_SIZE ** 2, adm_in_channels=768 + 1280, qk_norm=qk_norm,
+            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                               "out_features": hidden}},
+            device="cpu", dtype=torch.float32).eval()
+        with torch.no_grad():  # the RMS norms' weights are left uninitialised (torch.empty): near 1, as trained
+            for name, param in mmdit.named_parameters():
+                if ".ln_q." in name or ".ln_k." in name:
+                    param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
     with torch.no_grad():  # the fixed sin-cos embedding the trained model holds (the class leaves zeros)
         mmdit.pos_embed.copy_(torch.from_numpy(
             classes["sincos"](hidden, SD3_POS_EMBED_MAX_SIZE).astype(np.float32)).unsqueeze(0))
@@ -285,14 +303,14 @@ def build_sd3(webui: Path, gen: torch.Generator) -> tuple[dict[str, torch.Tensor
                    "mmdit_parameters": sum(v.numel() for k, v in state.items() if k.startswith(prefix))}
 
 
-def write_sd3(webui: Path, dest: Path, gen: torch.Generator, started: float) -> dict:
+def write_sd3(webui: Path, dest: Path, gen: torch.Generator, started: float, model: str = "sd3") -> dict:
     from safetensors.torch import save_file
 
-    state, stats = build_sd3(webui, gen)
-    ckpt = dest / f"{CHECKPOINT_NAMES['sd3']}.safetensors"
-    save_file(state, str(ckpt), metadata={"delta_e2e_fixture": str(FIXTURE_VERSION), "delta_e2e_model": "sd3"})
+    state, stats = build_sd3(webui, gen, qk_norm="rms" if model == "sd35" else None)
+    ckpt = dest / f"{CHECKPOINT_NAMES[model]}.safetensors"
+    save_file(state, str(ckpt), metadata={"delta_e2e_fixture": str(FIXTURE_VERSION), "delta_e2e_model": model})
     manifest = {
-        "fixture_version": FIXTURE_VERSION, "model": "sd3", "seed": SEED, "files": {"checkpoint": ckpt.name},
+        "fixture_version": FIXTURE_VERSION, "model": model, "seed": SEED, "files": {"checkpoint": ckpt.name},
         "loras": {}, **stats, "seconds": round(time.monotonic() - started, 1),
     }
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -422,8 +440,8 @@ def write_model(webui: Path, model: str, out: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)  # module default initialisation draws from the global generator
     gen = torch.Generator().manual_seed(SEED + MODELS.index(model))
-    if model == "sd3":
-        return write_sd3(webui, dest, gen, started)
+    if model in ("sd3", "sd35"):
+        return write_sd3(webui, dest, gen, started, model)
 
     net, yaml_beside = build_model(webui, model)
     filled = fill_zero_parameters(net, gen)

@@ -375,16 +375,22 @@ ADAPTED_PROMPT = "in the style of a watercolor painting"
 SD3 = {"scheduler": "Simple"}
 
 
-@pytest.fixture
-def sd3_forge(pool: ForgeServerPool) -> tuple[WebUIClient, dict[str, ModelFixture]]:
+def _server_with(pool: ForgeServerPool, models: tuple[str, ...], active: str
+                 ) -> tuple[WebUIClient, dict[str, ModelFixture]]:
+    """A Forge with the extension and ``models``, ``active`` selected (skips when a fixture cannot be built)."""
     try:
-        fixtures = pool.fixtures(SD3_MODELS)
+        fixtures = pool.fixtures(models)
     except LookupError as e:
         pytest.skip(str(e))
-    server = pool.get(ServerConfig(extension=True, models=SD3_MODELS))
+    server = pool.get(ServerConfig(extension=True, models=models))
     assert server.client is not None
-    server.client.set_model(fixtures["sd3"].model_name)
+    server.client.set_model(fixtures[active].model_name)
     return server.client, fixtures
+
+
+@pytest.fixture
+def sd3_forge(pool: ForgeServerPool) -> tuple[WebUIClient, dict[str, ModelFixture]]:
+    return _server_with(pool, SD3_MODELS, "sd3")
 
 
 def test_sd15_source_on_an_sd3_target_is_refused_and_the_next_image_is_unchanged(pool, sd3_forge):
@@ -429,3 +435,50 @@ def test_sd3_as_its_own_source_with_an_adapted_prompt_matches_forges_own_prompt(
     assert db > CLOSE_DB
     assert got.param("Delta source") == sd3.model_name and got.param("Delta prompt") == ADAPTED_PROMPT, got.infotext
     assert forge.txt2img(PROMPT, **SD3).image == plain.image
+
+
+# ---------------------------------------------------------------------------------------------- SD3.5
+# The reduced SD3.5 fixture (SD3's layout with the q/k norms of SD3.5 large; Forge builds its MMDiT with them) as the
+# target, with the SD3 fixture as source: one latent space, so no conversion; and SD3.5 as its own source.
+
+SD35_MODELS = ("sd35", "sd3")
+
+
+@pytest.fixture
+def sd35_forge(pool: ForgeServerPool) -> tuple[WebUIClient, dict[str, ModelFixture]]:
+    return _server_with(pool, SD35_MODELS, "sd35")
+
+
+def test_sd3_source_steers_an_sd35_target_and_sd35_is_its_own_identity(pool, sd35_forge, record_property):
+    forge, fixtures = sd35_forge
+    sd35, sd3 = fixtures["sd35"], fixtures["sd3"]
+    server = pool.current
+    log_start = len(server.log_path.read_text(errors="replace"))
+    plain = forge.txt2img(PROMPT, **SD3)
+    assert plain.param("Model") == sd35.model_name, plain.infotext
+    assert decode_image(plain.image).std(axis=(0, 1)).min() > 5, "a picture, not one flat colour (NaN latents)"
+    own = forge.txt2img(f"{PROMPT}, {ADAPTED_PROMPT}", **SD3)
+    itself = forge.txt2img(PROMPT, **SD3, **delta(enabled=True, source=sd35.model_name,
+                                                   adapted_prompt=ADAPTED_PROMPT, strength=1.0))
+    crossed = forge.txt2img(PROMPT, **SD3, **delta(enabled=True, source=sd3.model_name,
+                                                    adapted_prompt=ADAPTED_PROMPT, strength=1.0))
+    moved, db_self = psnr(plain.image, own.image), psnr(itself.image, own.image)
+    db_cross_plain, db_cross_own = psnr(crossed.image, plain.image), psnr(crossed.image, own.image)
+    for name, value in (("psnr_prompt_moves_db", moved), ("psnr_self_delta_vs_forge_prompt_db", db_self),
+                        ("psnr_sd3_source_vs_plain_db", db_cross_plain), ("psnr_sd3_source_vs_own_db", db_cross_own)):
+        record_property(name, round(value, 2))
+    print(f"SD3.5: PSNR(plain, own prompt) = {moved:.2f} dB; SD3.5 as its own source vs own prompt = {db_self:.2f} dB; "
+          f"SD3 source: vs plain {db_cross_plain:.2f} dB, vs own prompt {db_cross_own:.2f} dB")
+    assert moved < CHANGED_BELOW_DB, "the appended text must move the image for this to mean anything"
+    assert db_self > CLOSE_DB
+    # another model's delta: it moves the image, and no conversion was needed between SD3 and SD3.5
+    assert db_cross_plain < CHANGED_BELOW_DB
+    assert decode_image(crossed.image).std(axis=(0, 1)).min() > 5
+    assert crossed.param("Delta source") == sd3.model_name and crossed.param("Delta latent conversion") is None, \
+        crossed.infotext
+    assert forge.txt2img(PROMPT, **SD3).image == plain.image
+    whole = server.log_path.read_text(errors="replace")
+    # Forge read the q/k norms into its MMDiT, the target's and the private source's (it lists the keys a model does
+    # not take as "Unexpected")
+    assert not [line for line in whole.splitlines() if "Unexpected" in line and "ln_q" in line], whole[-4000:]
+    assert "Exception in ASGI application" not in whole[log_start:], whole[-4000:]
