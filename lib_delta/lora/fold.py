@@ -66,6 +66,7 @@ class WeightFold:
             return None
         return self._weight, self._bias
 
+    @torch.inference_mode(False)  # the WebUIs sample in inference mode: the stack must stay an ordinary tensor
     @torch.no_grad()
     def lay_out(self) -> None:
         """Stack the weight (and bias) with the down factors, on the layer's device; a no-op when in place."""
@@ -89,6 +90,7 @@ class WeightFold:
         bias = self.module.bias
         return self.module.weight.data_ptr(), 0 if bias is None else bias.data_ptr()
 
+    @torch.inference_mode(False)
     @torch.no_grad()
     def undo(self) -> None:
         """Give the layer compact parameters again and drop the stack (the layer's values are unchanged)."""

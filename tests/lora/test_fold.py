@@ -126,6 +126,21 @@ def test_moved_parameters_fall_back_then_fold_again(tmp_path):
     patch.release()
 
 
+def test_stacked_inside_inference_mode_stays_an_ordinary_tensor(tmp_path):
+    """The WebUIs sample in inference mode; parameters made there could not be updated in place afterwards."""
+    fam = family("sd1")
+    unet = fam.unet
+    lora, _ = _file(tmp_path, unet, "a.safetensors", [(LIN, lora_parts)], 8)
+    patch = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=True)
+    with torch.inference_mode():
+        patch.attach()
+        assert _stacked(_module(unet, LIN)) and not _module(unet, LIN).weight.is_inference()
+        patch.release()
+    assert not _stacked(_module(unet, LIN)) and not _module(unet, LIN).weight.is_inference()
+    with torch.no_grad():
+        _module(unet, LIN).weight.add_(0)  # in place outside inference mode, as a weight reload does
+
+
 def test_folding_switch_and_cpu_default(tmp_path):
     fam = family("sd1")
     unet = fam.unet
