@@ -9,10 +9,11 @@ zero rows, see ``_ALIGN``), and only the up-projection remains.
 Memory: the stack replaces the weight; the down factors it holds are the ones the ops keep anyway (a second copy
 of them, ``Σ r·in`` per layer: a few MiB).
 
-The base rows pay ``r/out`` more FLOPs, and each output column is computed by the same loop over the input as
-before: the plain columns matched the unfolded layer bit for bit on an H100 (float16, cuBLAS) and on the CPU
-(float32); nothing in BLAS promises it for every shape, which is why :class:`~lib_delta.lora.DeltaPatch` can be
-built with ``fold=False``.
+The base rows pay ``r/out`` more FLOPs. Their columns matched the unfolded layer bit for bit on an H100
+(float16, cuBLAS: the GPU test in tests/lora/test_fold.py, and a full-size SD1.5 UNet at 512 and 1024 px), but
+nothing in BLAS promises it for every width: on the CPU a float32 GEMM of another width rounded a text-encoder
+layer differently (8e-7). Hence folding only on CUDA by default, where it pays, and ``fold=False`` for exactness
+by construction.
 
 Only exact ``nn.Linear``/``nn.Conv2d`` layers in float16/bfloat16/float32 are folded: their forward is one
 ``F.linear``/``_conv_forward``, which the folded call reproduces. A subclass with its own forward (Forge's manual-cast

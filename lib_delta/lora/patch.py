@@ -332,7 +332,7 @@ class DeltaPatch:
 
     @property
     def folding(self) -> bool:
-        """Whether forwards use the stacked weights (built with ``fold=True``); False runs the unfolded path."""
+        """Whether forwards use stacked weights where there are any; False runs the unfolded path (the stacks stay)."""
         return self._state.folding
 
     @folding.setter
