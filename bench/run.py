@@ -163,6 +163,7 @@ class Run:
 
     def compiled(self, pair: Pair) -> None:
         rig = self.rig(pair)
+        rig.reference("lora").close()  # the merged copy, made before the compiled scheme holds the patch
         comp = rig.delta("compile", "DS + torch.compile of the source (patch held)", hold=True, compiled=True)
         t0 = time.perf_counter()
         out = comp.step(rig.x, rig.sigma)

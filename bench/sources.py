@@ -64,6 +64,8 @@ class BatchedSource:
         rows = [(slice(a, b), g) for a, b, g in plan]
         if self.hold:
             self.patch.attach()  # once: a no-op while attached
+            # compiled: the unfolded path (the folded forward asks where the weights live, which dynamo cannot trace)
+            self.patch.folding = not self.compiled
             with self.patch.rows(rows):
                 return self._model(x, level, cond)
         self.patch.to(device=self.device)
@@ -79,5 +81,6 @@ class BatchedSource:
     def close(self) -> None:
         if self.patch is not None and self.hold:
             self.patch.detach()
+            self.patch.folding = True
         if self.graph is not None:
             self.graph.reset()
