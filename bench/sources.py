@@ -42,6 +42,11 @@ class BatchedSource:
         self.calls = 0
         self._conds: dict[tuple, Cond] = {}
         self._model = torch.compile(denoiser, dynamic=False) if compiled else denoiser
+        if compiled and patch is not None:
+            # unfolded, on compact weights: folded layers' strided outputs make dynamo recompile to its limit, and
+            # parameters that are views of a stack broke later eager calls of the same model on the GPU
+            patch.release()
+            patch.folding = False
         self.graph: GraphedCall | None = None
         if graphed:
             weights = storage_fingerprint([denoiser])
@@ -64,8 +69,6 @@ class BatchedSource:
         rows = [(slice(a, b), g) for a, b, g in plan]
         if self.hold:
             self.patch.attach()  # once: a no-op while attached
-            # compiled: the unfolded path (the folded forward asks where the weights live, which dynamo cannot trace)
-            self.patch.folding = not self.compiled
             with self.patch.rows(rows):
                 return self._model(x, level, cond)
         self.patch.to(device=self.device)
