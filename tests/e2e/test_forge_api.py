@@ -34,6 +34,7 @@ MODELS = ("sd15", "sdxl")
 # A rank-4 fixture LoRA moves a 4-step 64x64 image by about 20 dB; the functional LoRA against Forge's merged one
 # differs only by float rounding (and Forge merging in place), so "close" is far above that.
 CLOSE_DB = 35.0
+ADAPTED_PROMPT = "in the style of a watercolor painting"
 CHANGED_BELOW_DB = 35.0
 # Two groups with the same LoRA at λ = 0.5 against one at λ = 1: both are the extension's own delta, summed in a
 # different order, so they agree to float rounding (identical pixels on the CPU here; see docs/e2e.md); 50 dB leaves
@@ -189,6 +190,54 @@ def test_inpainting_keeps_the_unmasked_region_forges_own(forge, sd15, plain, rec
     assert moved < CHANGED_BELOW_DB
     assert db > CLOSE_DB
     assert forge.img2img(PROMPT, INIT, **INPAINT).image == plain["sd15_inpaint"].image
+
+
+def test_lycoris_loha_on_the_source_matches_forges_own_loha(forge, sd15, plain, record_property):
+    loha = f"<lora:{sd15.lora('loha')}:1>"
+    own = forge.txt2img(f"{PROMPT} {loha}")
+    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=loha, strength=1.0))
+    moved, db = psnr(plain["sd15"].image, own.image), psnr(got.image, own.image)
+    record_property("psnr_loha_moves_db", round(moved, 2))
+    record_property("psnr_delta_vs_forge_loha_db", round(db, 2))
+    print(f"LoHa: PSNR(plain, <lora:loha>) = {moved:.2f} dB; PSNR(delta, <lora:loha>) = {db:.2f} dB")
+    assert moved < CHANGED_BELOW_DB, "the LoHa fixture must move the image for this to mean anything"
+    assert db > CLOSE_DB
+    assert got.param("Delta LoRAs") == loha
+    assert forge.txt2img(PROMPT).image == plain["sd15"].image
+
+
+def test_sd15_as_its_own_source_with_an_adapted_prompt_matches_forges_own_prompt(forge, sd15, plain,
+                                                                                record_property):
+    own = forge.txt2img(f"{PROMPT}, {ADAPTED_PROMPT}")
+    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, adapted_prompt=ADAPTED_PROMPT,
+                                        strength=1.0))
+    moved, db = psnr(plain["sd15"].image, own.image), psnr(got.image, own.image)
+    record_property("psnr_prompt_moves_db", round(moved, 2))
+    record_property("psnr_delta_vs_forge_prompt_db", round(db, 2))
+    print(f"SD1.5 adapted prompt: PSNR(plain, own prompt) = {moved:.2f} dB; PSNR(delta, own prompt) = {db:.2f} dB")
+    assert moved < CHANGED_BELOW_DB
+    assert db > CLOSE_DB
+    assert got.param("Delta prompt") == ADAPTED_PROMPT, got.infotext
+
+
+def test_cond_mode_separate_trajectory_and_the_preview_strip(forge, sd15, plain, record_property):
+    lora = f"<lora:{sd15.lora()}:1>"
+    full = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=lora, strength=1.0))
+    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=lora, strength=1.0,
+                                        cfg_mode="cond", trajectory="separate", preview=True))
+    assert len(got.images) == 2, "the image, then the x0/delta strip"
+    image, strip = decode_image(got.images[0]), decode_image(got.images[1])
+    # four rows (target, base and adapted x0, |Δ|) of tiles at least 64 px, a column per kept step
+    assert image.shape == (64, 64, 3) and strip.shape[0] >= 4 * 64 and strip.shape[1] >= 64, strip.shape
+    assert strip.std() > 5, "the strip shows pictures, not one flat colour"
+    moved, apart = psnr(plain["sd15"].image, got.images[0]), psnr(full.image, got.images[0])
+    record_property("psnr_cond_separate_vs_plain_db", round(moved, 2))
+    record_property("psnr_cond_separate_vs_cfg_shared_db", round(apart, 2))
+    print(f"cond + separate: PSNR vs plain {moved:.2f} dB, vs cfg + shared {apart:.2f} dB; strip {strip.shape}")
+    assert moved < CHANGED_BELOW_DB  # the delta steers
+    assert apart < 60  # and the two settings compute different deltas (identical pixels would be ∞)
+    assert got.param("Delta CFG mode") == "cond" and got.param("Delta trajectory") == "separate", got.infotext
+    assert forge.txt2img(PROMPT).image == plain["sd15"].image
 
 
 def test_xyz_plot_over_lambda_gives_the_single_generations(forge, sd15, plain, record_property):
@@ -369,7 +418,6 @@ def test_base_first_with_an_sd15_source_changes_an_sd21v_target(sd21v_server, re
 # source, on a server of their own: last, so that no other test pays for the switch.
 
 SD3_MODELS = ("sd3", "sd15")
-ADAPTED_PROMPT = "in the style of a watercolor painting"
 # An explicit scheduler: with "Automatic" (what a request without one gets) Forge's SD3 sampling reaches sigma 0
 # before its last Euler step and returns NaN latents (a black image), with or without the extension.
 SD3 = {"scheduler": "Simple"}
