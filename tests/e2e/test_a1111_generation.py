@@ -4,6 +4,9 @@
 - The identity: target == source, LoRA L, λ = 1 in "cfg" mode equals the WebUI's own ``<lora:L:1>`` (PSNR recorded;
   float rounding differs between merged weights and the functional LoRA) for Euler, DPM++ 2M, DDIM and UniPC, and
   for a batch of 2, hires fix, img2img and inpainting (whose protected region stays the WebUI's).
+- The same identity for the LyCORIS LoHa fixture and for an adapted prompt (the WebUI's own prompt with the text
+  appended); ``cond`` mode with the ``separate`` trajectory steers, and the preview strip comes back as a second
+  image.
 - Other families: an SD1.5 source steers SD2.1-v and SDXL targets.
 - Bad inputs are HTTP errors naming the problem, and the next plain generation is byte-identical to a fresh
   server's; 20 alternating generations keep every plain one identical (the server's RSS growth is recorded).
@@ -39,6 +42,7 @@ SCRIPT = "Delta Sampling"
 PROMPT = "a photo of a cat sitting on a red chair"
 IDENTICAL_ABOVE_DB = 35.0  # a rank-4 LoRA moves these images to about 20 dB; equal-but-for-rounding is far above
 CHANGED_BELOW_DB = 35.0
+ADAPTED_PROMPT = "in the style of a watercolor painting"
 SAMPLERS = ("Euler", "DPM++ 2M", "DDIM", "UniPC")
 
 
@@ -224,6 +228,56 @@ def test_img2img(sd15_client: WebUIClient, fixtures: dict[str, ModelFixture], re
     assert ours.param("Denoising strength") == "0.6" and ours.param("Delta LoRAs"), ours.infotext
 
 
+def test_lycoris_loha_at_unit_strength_equals_the_webuis_own(sd15_client: WebUIClient, fresh: dict[str, bytes],
+                                                            fixtures: dict[str, ModelFixture], record_property) -> None:
+    sd15 = fixtures["sd15"]
+    loha = sd15.lora("loha")
+    own = sd15_client.txt2img(f"{PROMPT} <lora:{loha}:1>")
+    ours = sd15_client.txt2img(PROMPT, **scripts(delta(sd15, loras=[{"name": loha, "weight": 1.0}])))
+    db_own, db_plain = psnr(ours.image, own.image), psnr(own.image, fresh["txt2img"])
+    record_property("psnr_db_vs_own_loha", round(db_own, 2))
+    record_property("psnr_db_own_loha_vs_plain", round(db_plain, 2))
+    assert db_plain < CHANGED_BELOW_DB  # the LoHa really changes the image
+    assert db_own > IDENTICAL_ABOVE_DB, (db_own, db_plain)
+    assert ours.param("Delta LoRAs") == f"<lora:{loha}:1>", ours.infotext
+    assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
+
+
+def test_adapted_prompt_at_unit_strength_equals_the_webuis_own_prompt(
+        sd15_client: WebUIClient, fresh: dict[str, bytes], fixtures: dict[str, ModelFixture],
+        record_property) -> None:
+    sd15 = fixtures["sd15"]
+    own = sd15_client.txt2img(f"{PROMPT}, {ADAPTED_PROMPT}")
+    ours = sd15_client.txt2img(PROMPT, **scripts({"enabled": True, "source": sd15.model_name,
+                                                  "adapted_prompt": ADAPTED_PROMPT, "strength": 1.0}))
+    db_own, db_plain = psnr(ours.image, own.image), psnr(own.image, fresh["txt2img"])
+    record_property("psnr_db_vs_own_prompt", round(db_own, 2))
+    record_property("psnr_db_own_prompt_vs_plain", round(db_plain, 2))
+    assert db_plain < CHANGED_BELOW_DB
+    assert db_own > IDENTICAL_ABOVE_DB, (db_own, db_plain)
+    assert ours.param("Delta prompt") == ADAPTED_PROMPT, ours.infotext
+
+
+def test_cond_mode_separate_trajectory_and_the_preview_strip(
+        sd15_client: WebUIClient, fresh: dict[str, bytes], fixtures: dict[str, ModelFixture],
+        record_property) -> None:
+    sd15 = fixtures["sd15"]
+    full = sd15_client.txt2img(PROMPT, **scripts(delta(sd15)))
+    ours = sd15_client.txt2img(PROMPT, **scripts(delta(sd15, cfg_mode="cond", trajectory="separate", preview=True)))
+    assert len(ours.images) == 2, "the image, then the x0/delta strip"
+    image, strip = decode_image(ours.images[0]), decode_image(ours.images[1])
+    # four rows (target, base and adapted x0, |Δ|) of tiles at least 64 px, a column per kept step
+    assert image.shape == (64, 64, 3) and strip.shape[0] >= 4 * 64 and strip.shape[1] >= 64, strip.shape
+    assert strip.std() > 5, "the strip shows pictures, not one flat colour"
+    moved, apart = psnr(ours.images[0], fresh["txt2img"]), psnr(ours.images[0], full.image)
+    record_property("psnr_db_cond_separate_vs_plain", round(moved, 2))
+    record_property("psnr_db_cond_separate_vs_cfg_shared", round(apart, 2))
+    assert moved < CHANGED_BELOW_DB  # the delta steers
+    assert apart < 60  # and the two settings compute different deltas (identical pixels would be ∞)
+    assert ours.param("Delta CFG mode") == "cond" and ours.param("Delta trajectory") == "separate", ours.infotext
+    assert sd15_client.txt2img(PROMPT).image == fresh["txt2img"]
+
+
 def test_inpainting_keeps_the_protected_region(sd15_client: WebUIClient, fresh: dict[str, bytes],
                                                fixtures: dict[str, ModelFixture], record_property) -> None:
     sd15 = fixtures["sd15"]
@@ -305,7 +359,6 @@ def test_sd15_source_steers_another_family(client: WebUIClient, fixtures: dict[s
 # Their own server, after every other test: the reduced SD3 fixture (loaded at start) and the SD1.5 source.
 
 SD3_MODELS = ("sd3", "sd15")
-ADAPTED_PROMPT = "in the style of a watercolor painting"
 
 
 @pytest.fixture
