@@ -67,12 +67,15 @@ class WeightFold:
             return None
         return self._weight, self._bias
 
+    def lay_out(self, on_cpu: bool = False) -> None:
+        """Stack the weight (and bias) with the down factors where the layer is (a CPU layer only if ``on_cpu``);
+        a no-op when in place, decided before any context is entered: hosts call it at every source call."""
+        if self.wide() is None and (on_cpu or self.module.weight.is_cuda):
+            self._stack()
+
     @torch.inference_mode(False)  # the WebUIs sample in inference mode: the stack must stay an ordinary tensor
     @torch.no_grad()
-    def lay_out(self) -> None:
-        """Stack the weight (and bias) with the down factors, on the layer's device; a no-op when in place."""
-        if self.wide() is not None:
-            return
+    def _stack(self) -> None:
         m = self.module
         weight = m.weight
         downs = [self.ops[g].down.to(device=weight.device, dtype=weight.dtype).reshape(r, *weight.shape[1:])
@@ -88,17 +91,21 @@ class WeightFold:
         self._ptrs = self._where()
 
     def _where(self) -> tuple[int, int]:
-        bias = self.module.bias
-        return self.module.weight.data_ptr(), 0 if bias is None else bias.data_ptr()
+        params = self.module._parameters  # not module.weight: nn.Module.__getattr__ costs more than the check
+        bias = params.get("bias")
+        return params["weight"].data_ptr(), 0 if bias is None else bias.data_ptr()
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
     def undo(self) -> None:
         """Give the layer compact parameters again and drop the stack (the layer's values are unchanged)."""
         if self.wide() is not None:
-            m = self.module
-            m.weight.data = m.weight.data.clone()
-            if m.bias is not None:
-                m.bias.data = m.bias.data.clone()
+            self._unstack()
         self._weight = self._bias = None
         self._ptrs = (0, 0)
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def _unstack(self) -> None:
+        m = self.module
+        m.weight.data = m.weight.data.clone()
+        if m.bias is not None:
+            m.bias.data = m.bias.data.clone()

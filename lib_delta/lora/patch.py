@@ -282,6 +282,8 @@ class _Site:
     ops: tuple  # one op or None per group
     fold: WeightFold | None = None
     saved_forward: object = None  # an instance-level forward that was there before us
+    forward: object = None  # our forward, kept between attaches
+    built_for: object = None  # the instance-level forward it wraps
 
 
 _MARK = "_delta_lora_patched"
@@ -308,9 +310,13 @@ class DeltaPatch:
             raise RuntimeError("another LoRA patch is attached to this model; detach it first")
         for site in self._sites:
             module = site.module
-            site.saved_forward = module.__dict__.get("forward")
-            fold = site.fold if site.saved_forward is None else None
-            module.forward = _FORWARDS[site.kind](module, site.ops, self._state, site.saved_forward, fold)
+            saved = module.__dict__.get("forward")
+            if site.forward is None or site.built_for is not saved:  # the host attaches at every call: build once
+                fold = site.fold if saved is None else None
+                site.forward = _FORWARDS[site.kind](module, site.ops, self._state, saved, fold)
+                site.built_for = saved
+            site.saved_forward = saved
+            module.forward = site.forward
             module.__dict__[_MARK] = True
         self.attached = True
         self.lay_out()
@@ -345,9 +351,11 @@ class DeltaPatch:
         names the weights' addresses."""
         if self._state.folding:
             for site in self._sites:
+                if site.fold is None:
+                    continue
                 own_forward = site.saved_forward if self.attached else site.module.__dict__.get("forward")
-                if site.fold is not None and own_forward is None and (self._fold_on_cpu or site.module.weight.is_cuda):
-                    site.fold.lay_out()
+                if own_forward is None:
+                    site.fold.lay_out(self._fold_on_cpu)
 
     def release(self) -> None:
         """Detach and give folded layers compact weights again: the model is as it was built, values and memory."""

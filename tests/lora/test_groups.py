@@ -113,6 +113,33 @@ def test_te_and_unet_multipliers(tmp_path):
     assert patch.reports[0][0].te_modules == 1  # but the keys were matched and checked
 
 
+def test_attaching_again_reuses_the_forwards_until_another_hook_appears(tmp_path):
+    """Hosts attach around every source call: the layer forwards are made once, and anew only when the instance
+    forward underneath changed."""
+    fam = family("sd1")
+    unet = fam.unet
+    path, _ = _file(tmp_path, unet, "a.safetensors", [(ATTN, lora_parts)], 1)
+    patch = build_patch(roots(fam), "sd1", [[LoraUse(read_lora(path))]])
+    attn = unet.get_submodule(ATTN)
+    inputs = unet_inputs(fam, 2)
+    with patch, patch.rows([(slice(None), 0)]):
+        ours = attn.forward
+        adapted = run_unet(unet, inputs)
+    with patch, patch.rows([(slice(None), 0)]):
+        assert attn.forward is ours
+        assert torch.equal(run_unet(unet, inputs), adapted)
+    calls = []
+    attn.forward = lambda x: (calls.append(1), type(attn).forward(attn, x))[1]
+    hook = attn.forward
+    try:
+        with patch, patch.rows([(slice(None), 0)]):
+            assert attn.forward is not ours
+            assert torch.equal(run_unet(unet, inputs), adapted) and calls  # the new hook runs underneath
+        assert attn.forward is hook
+    finally:
+        del attn.forward
+
+
 def test_outside_a_plan_and_detach_leave_the_model_as_it_was(tmp_path):
     fam = family("sd1")
     unet = fam.unet
