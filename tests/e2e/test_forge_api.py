@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -65,6 +65,25 @@ INPAINT = {**IMG2IMG, "mask": base64.b64encode(MASK).decode(), "mask_blur": 0, "
 
 def delta(**settings) -> dict:
     return {"alwayson_scripts": {"Delta Sampling": {"args": [settings]}}}
+
+
+def matches_forges_own(make: Callable[..., Generation], own_prompt: str, settings: dict, reference: Generation,
+                       name: str, record_property: Callable, **extra) -> Generation:
+    """The identity tests: Forge's own image of ``own_prompt`` against the delta's (``settings`` on PROMPT). The
+    adaptation must move the image (below CHANGED_BELOW_DB from ``reference``, or the test proves nothing) and the
+    delta land on Forge's own (above CLOSE_DB). ``make``: the client's txt2img, or an img2img from INIT."""
+    own = make(own_prompt, **extra)
+    got = make(PROMPT, **extra, **delta(**settings))
+    moved, db = psnr(reference.image, own.image), psnr(got.image, own.image)
+    record_property(f"psnr_{name}_moves_db", round(moved, 2))
+    record_property(f"psnr_delta_vs_forge_{name}_db", round(db, 2))
+    record_property("seconds_delta", round(got.seconds, 1))
+    record_property(f"seconds_forge_{name}", round(own.seconds, 1))
+    print(f"PSNR(plain, Forge's own {name}) = {moved:.2f} dB; PSNR(delta, Forge's own {name}) = {db:.2f} dB; "
+          f"{got.seconds:.1f}s with the delta, {own.seconds:.1f}s for Forge's own")
+    assert moved < CHANGED_BELOW_DB, f"the {name} must move the image for this to mean anything"
+    assert db > CLOSE_DB
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +134,9 @@ def test_disabled_and_zero_strength_are_identical_to_forge_without_the_extension
 def test_source_equal_to_target_with_its_lora_matches_forges_own_lora(forge, sd15, plain, hires, record_property):
     extra = HIRES if hires else {}
     reference = plain["sd15_hires" if hires else "sd15"]
-    own = forge.txt2img(f"{PROMPT} <lora:{sd15.lora()}:1>", **extra)
-    got = forge.txt2img(PROMPT, **extra, **delta(enabled=True, source=sd15.model_name,
-                                                  loras=f"<lora:{sd15.lora()}:1>", strength=1.0))
-    moved, db = psnr(reference.image, own.image), psnr(got.image, own.image)
-    record_property("psnr_lora_moves_db", round(moved, 2))
-    record_property("psnr_delta_vs_forge_lora_db", round(db, 2))
-    record_property("seconds_delta", round(got.seconds, 1))
-    record_property("seconds_forge_lora", round(own.seconds, 1))
-    print(f"hires={hires}: PSNR(plain, <lora>) = {moved:.2f} dB; PSNR(delta, <lora>) = {db:.2f} dB; "
-          f"{got.seconds:.1f}s with the delta, {own.seconds:.1f}s with Forge's LoRA")
-    assert moved < CHANGED_BELOW_DB, "the fixture LoRA must move the image for this to mean anything"
-    assert db > CLOSE_DB
+    lora = f"<lora:{sd15.lora()}:1>"
+    got = matches_forges_own(forge.txt2img, f"{PROMPT} {lora}", dict(enabled=True, source=sd15.model_name,
+                             loras=lora, strength=1.0), reference, "lora", record_property, **extra)
     assert got.param("Delta source") == sd15.model_name
     assert got.param("Delta LoRAs") == f"<lora:{sd15.lora()}:1>" and float(got.param("Delta lambda")) == 1.0
     # nothing of the delta (hook, source, LoRA) outlives the generation: the whole PNG is Forge's own again
@@ -154,15 +164,9 @@ def psnr_of(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_img2img_source_equal_to_target_with_its_lora_matches_forges_own_lora(forge, sd15, plain, record_property):
     lora = f"<lora:{sd15.lora()}:1>"
-    own = forge.img2img(f"{PROMPT} {lora}", INIT, **IMG2IMG)
-    got = forge.img2img(PROMPT, INIT, **IMG2IMG, **delta(enabled=True, source=sd15.model_name, loras=lora,
-                                                         strength=1.0))
-    moved, db = psnr(plain["sd15_img2img"].image, own.image), psnr(got.image, own.image)
-    record_property("psnr_lora_moves_db", round(moved, 2))
-    record_property("psnr_delta_vs_forge_lora_db", round(db, 2))
-    print(f"img2img: PSNR(plain, <lora>) = {moved:.2f} dB; PSNR(delta, <lora>) = {db:.2f} dB")
-    assert moved < CHANGED_BELOW_DB, "the fixture LoRA must move the image for this to mean anything"
-    assert db > CLOSE_DB
+    got = matches_forges_own(lambda prompt, **kw: forge.img2img(prompt, INIT, **kw), f"{PROMPT} {lora}",
+                             dict(enabled=True, source=sd15.model_name, loras=lora, strength=1.0),
+                             plain["sd15_img2img"], "lora", record_property, **IMG2IMG)
     assert got.param("Denoising strength") == "0.6" and got.param("Delta source") == sd15.model_name, got.infotext
     assert got.param("Delta LoRAs") == lora
     # the whole PNG after it is Forge's own again (img2img without the extension, from the server before)
@@ -194,29 +198,17 @@ def test_inpainting_keeps_the_unmasked_region_forges_own(forge, sd15, plain, rec
 
 def test_lycoris_loha_on_the_source_matches_forges_own_loha(forge, sd15, plain, record_property):
     loha = f"<lora:{sd15.lora('loha')}:1>"
-    own = forge.txt2img(f"{PROMPT} {loha}")
-    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, loras=loha, strength=1.0))
-    moved, db = psnr(plain["sd15"].image, own.image), psnr(got.image, own.image)
-    record_property("psnr_loha_moves_db", round(moved, 2))
-    record_property("psnr_delta_vs_forge_loha_db", round(db, 2))
-    print(f"LoHa: PSNR(plain, <lora:loha>) = {moved:.2f} dB; PSNR(delta, <lora:loha>) = {db:.2f} dB")
-    assert moved < CHANGED_BELOW_DB, "the LoHa fixture must move the image for this to mean anything"
-    assert db > CLOSE_DB
+    got = matches_forges_own(forge.txt2img, f"{PROMPT} {loha}", dict(enabled=True, source=sd15.model_name,
+                             loras=loha, strength=1.0), plain["sd15"], "loha", record_property)
     assert got.param("Delta LoRAs") == loha
     assert forge.txt2img(PROMPT).image == plain["sd15"].image
 
 
 def test_sd15_as_its_own_source_with_an_adapted_prompt_matches_forges_own_prompt(forge, sd15, plain,
                                                                                 record_property):
-    own = forge.txt2img(f"{PROMPT}, {ADAPTED_PROMPT}")
-    got = forge.txt2img(PROMPT, **delta(enabled=True, source=sd15.model_name, adapted_prompt=ADAPTED_PROMPT,
-                                        strength=1.0))
-    moved, db = psnr(plain["sd15"].image, own.image), psnr(got.image, own.image)
-    record_property("psnr_prompt_moves_db", round(moved, 2))
-    record_property("psnr_delta_vs_forge_prompt_db", round(db, 2))
-    print(f"SD1.5 adapted prompt: PSNR(plain, own prompt) = {moved:.2f} dB; PSNR(delta, own prompt) = {db:.2f} dB")
-    assert moved < CHANGED_BELOW_DB
-    assert db > CLOSE_DB
+    got = matches_forges_own(forge.txt2img, f"{PROMPT}, {ADAPTED_PROMPT}", dict(
+        enabled=True, source=sd15.model_name, adapted_prompt=ADAPTED_PROMPT, strength=1.0), plain["sd15"], "prompt",
+        record_property)
     assert got.param("Delta prompt") == ADAPTED_PROMPT, got.infotext
 
 
@@ -468,19 +460,10 @@ def test_sd3_as_its_own_source_with_an_adapted_prompt_matches_forges_own_prompt(
     forge, fixtures = sd3_forge
     sd3 = fixtures["sd3"]
     plain = forge.txt2img(PROMPT, **SD3)
-    own = forge.txt2img(f"{PROMPT}, {ADAPTED_PROMPT}", **SD3)
-    got = forge.txt2img(PROMPT, **SD3, **delta(enabled=True, source=sd3.model_name, adapted_prompt=ADAPTED_PROMPT,
-                                        strength=1.0))
     assert decode_image(plain.image).std(axis=(0, 1)).min() > 5, "a picture, not one flat colour (NaN latents)"
-    moved, db = psnr(plain.image, own.image), psnr(got.image, own.image)
-    record_property("psnr_prompt_moves_db", round(moved, 2))
-    record_property("psnr_delta_vs_forge_prompt_db", round(db, 2))
-    record_property("seconds_delta", round(got.seconds, 1))
-    record_property("seconds_plain", round(plain.seconds, 1))
-    print(f"SD3: PSNR(plain, own prompt) = {moved:.2f} dB; PSNR(delta, own prompt) = {db:.2f} dB; "
-          f"{got.seconds:.1f}s with the delta, {plain.seconds:.1f}s without")
-    assert moved < CHANGED_BELOW_DB, "the appended text must move the image for this to mean anything"
-    assert db > CLOSE_DB
+    got = matches_forges_own(forge.txt2img, f"{PROMPT}, {ADAPTED_PROMPT}", dict(
+        enabled=True, source=sd3.model_name, adapted_prompt=ADAPTED_PROMPT, strength=1.0), plain, "prompt",
+        record_property, **SD3)
     assert got.param("Delta source") == sd3.model_name and got.param("Delta prompt") == ADAPTED_PROMPT, got.infotext
     assert forge.txt2img(PROMPT, **SD3).image == plain.image
 
