@@ -22,6 +22,9 @@ operations), an instance-level forward, or storage-only dtypes keep the unfolded
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -73,9 +76,11 @@ class WeightFold:
         if self.wide() is None and (on_cpu or self.module.weight.is_cuda):
             self._stack()
 
-    @torch.inference_mode(False)  # the WebUIs sample in inference mode: the stack must stay an ordinary tensor
-    @torch.no_grad()
     def _stack(self) -> None:
+        with _like(self.module.weight):
+            self._stack_now()
+
+    def _stack_now(self) -> None:
         m = self.module
         weight = m.weight
         downs = [self.ops[g].down.to(device=weight.device, dtype=weight.dtype).reshape(r, *weight.shape[1:])
@@ -102,10 +107,22 @@ class WeightFold:
         self._weight = self._bias = None
         self._ptrs = (0, 0)
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
     def _unstack(self) -> None:
+        with _like(self.module.weight):
+            self._unstack_now()
+
+    def _unstack_now(self) -> None:
         m = self.module
         m.weight.data = m.weight.data.clone()
         if m.bias is not None:
             m.bias.data = m.bias.data.clone()
+
+
+@contextmanager
+def _like(weight: Tensor) -> Iterator[None]:
+    """Make the stack the same kind of tensor as the parameter whose data it takes. The WebUIs sample in
+    inference mode: a stack made there from ordinary parameters would turn them into inference tensors (a later
+    in-place update outside that mode fails), and an ordinary stack under parameters made in inference mode
+    fails in the layer's own forward ("Inference tensors do not track version counter")."""
+    with torch.inference_mode(weight.is_inference()), torch.no_grad():
+        yield

@@ -141,6 +141,33 @@ def test_stacked_inside_inference_mode_stays_an_ordinary_tensor(tmp_path):
         _module(unet, LIN).weight.add_(0)  # in place outside inference mode, as a weight reload does
 
 
+def test_parameters_made_in_inference_mode_keep_working_unfolded_and_released(tmp_path):
+    """A model loaded inside inference mode has inference-tensor parameters; an ordinary stack under them made the
+    layer's own forward fail ("Inference tensors do not track version counter") once the unfolded path ran."""
+    with torch.inference_mode():
+        fam = family("sd1")
+        unet = fam.unet
+        both = _batch(fam, 2)
+        plain = run_unet(unet, both)
+    assert _module(unet, LIN).weight.is_inference()
+    lora, _ = _file(tmp_path, unet, "a.safetensors", [(LIN, lora_parts), (CONV1, lora_parts)], 8)
+    patch = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=True)
+    rows = [(slice(0, 2), None), (slice(2, 4), 0)]
+    with torch.inference_mode():
+        patch.attach()
+        assert _stacked(_module(unet, LIN)) and _stacked(_module(unet, CONV1))
+        with patch.rows(rows):
+            folded = run_unet(unet, both)
+        patch.folding = False
+        with patch.rows(rows):
+            unfolded = run_unet(unet, both)
+        patch.folding = True
+        patch.release()
+        assert not _stacked(_module(unet, LIN)) and _module(unet, LIN).weight.is_inference()
+        assert torch.equal(run_unet(unet, both), plain)
+    assert rel_err(folded, unfolded) <= 1e-6 and rel_err(folded[2:], plain[2:]) > 1e-3
+
+
 def test_folding_switch_and_cpu_default(tmp_path):
     fam = family("sd1")
     unet = fam.unet
