@@ -39,3 +39,22 @@ def profile_steps(env: Env, fn: Callable[[], object], steps: int = 3, rows: int 
     return {"wall_ms": wall, "kernel_ms": kernel_ms, "launches": launches / steps,
             "busy": kernel_ms / wall if wall else 0.0, "table": table,
             "kernel_ms_by_device": {str(k): v for k, v in sorted(by_device.items())}}
+
+
+def gpu_time_by_op(env: Env, fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
+    """GPU time per call (µs) of each operator's own kernels. Operator names do not depend on the GPU's kernel
+    names: ``aten::addmm_``/``aten::baddbmm_`` are the LoRA up-projections added in place into a layer's output,
+    ``aten::add`` the residual additions (slower on the strided outputs of a folded layer)."""
+    fn()
+    env.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        env.sync()
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        if us > 0 and e.key.startswith("aten::"):
+            out[e.key] = us / calls
+    return out

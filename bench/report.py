@@ -129,6 +129,30 @@ def _source_call_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _source_ops(rows: list[dict], top: int = 8) -> str:
+    """The operators whose GPU time the functional LoRA changes most, per call, against merged weights."""
+    return "\n\n".join(_op_table(r, top) for r in rows if r.get("ops"))
+
+
+def _op_table(r: dict, top: int) -> str:
+    plain, held, unfolded = r["ops"]["plain"], r["ops"]["held"], r["ops"]["unfolded"]
+
+    def change(k: str) -> float:
+        return max(abs(held.get(k, 0) - plain.get(k, 0)), abs(unfolded.get(k, 0) - plain.get(k, 0)))
+
+    def cells(name: str) -> str:
+        x, y, z = (sum(d.values()) if name == "all" else d.get(name, 0.0) for d in (plain, held, unfolded))
+        return f"| {x:.0f} | {y:.0f} | {y - x:+.0f} | {z:.0f} | {z - x:+.0f} |"
+
+    names = sorted(set(plain) | set(held) | set(unfolded), key=lambda k: -change(k))
+    lines = [f"**{r['px']} px, {r['adapter']}**", "",
+             "| operator | merged weights (µs) | folded | folded − merged | unfolded | unfolded − merged |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| `{n}` " + cells(n) for n in names[:top]]
+    lines.append("| all operators " + cells("all"))
+    return "\n".join(lines)
+
+
 def _generation_table(gen: dict, psnr: bool = False) -> str:
     target = _find(gen["rows"], "target", None)
     head = "| variant | s per image | × target | source calls |" + (" PSNR vs exact (dB) |" if psnr else "")
@@ -302,6 +326,11 @@ def _compile(res: dict) -> str:
     for r in c["rows"]:
         lines.append(f"| {r['label']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['median'] / t['median']:.2f} | "
                      f"{_err(r)} |")
+    if c.get("generation"):
+        g = c["generation"]
+        lines += ["", f"A whole generation, {g['steps']} Euler steps, {g['label']}: PSNR of the final latent against "
+                  "exact Delta Sampling on the same seed (the target alone shows how far the delta moves it).", "",
+                  _generation_table(g, psnr=True)]
     return "\n".join(lines)
 
 
@@ -345,6 +374,13 @@ def render(res: dict, chart_path: str) -> str:
     if res.get("source_call"):
         parts += ["## The source call alone (4 rows: base cond/uncond, adapted cond/uncond)", "",
                   _source_call_table(res["source_call"]), ""]
+        if any(r.get("ops") for r in res["source_call"]):
+            parts += ["GPU time per call by operator (its own kernels, eager calls, torch.profiler): where the "
+                      "functional LoRA's time goes. `aten::addmm_`/`aten::baddbmm_`: the up-projections added in "
+                      "place into the layers' outputs; `aten::mm`/`aten::addmm`/`aten::convolution`-family rows: the "
+                      "layers' own GEMMs (wider when folded); `aten::add`/`aten::mul`/`aten::copy_`: elementwise "
+                      "work, slower where it reads a folded layer's strided output.", "",
+                      _source_ops(res["source_call"]), ""]
     if res.get("lora_layers"):
         parts += ["## The LoRA terms layer by layer", "", _lora_layers(res), ""]
     if res.get("generation"):

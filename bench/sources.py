@@ -43,8 +43,7 @@ class BatchedSource:
         self._conds: dict[tuple, Cond] = {}
         self._model = torch.compile(denoiser, dynamic=False) if compiled else denoiser
         if compiled and patch is not None:
-            # unfolded, on compact weights: folded layers' strided outputs make dynamo recompile to its limit, and
-            # parameters that are views of a stack broke later eager calls of the same model on the GPU
+            # unfolded, on compact weights: folded layers' strided outputs make dynamo recompile to its limit
             patch.release()
             patch.folding = False
         self.graph: GraphedCall | None = None
