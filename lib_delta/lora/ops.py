@@ -180,13 +180,16 @@ class ConvLowRank(_ConvOp):
         """``out += up ⊛ h (+ bias)``, the 1×1 up-projection as a batched GEMM into the output (may be strided)."""
         if self.up.device != out.device:
             self.to(device=out.device)
-        n = h.shape[0]
-        h = h.reshape(n, h.shape[1], -1)
-        planes = _flat_planes(out) if h.dtype == self.up.dtype == out.dtype else None
+        same = h.dtype == self.up.dtype == out.dtype
+        planes = _flat_planes(out) if same else None
+        pixels = _flat_pixels(out) if same and planes is None else None
         if planes is not None:
-            planes.baddbmm_(self.up.expand(n, -1, -1), h)
-        else:  # another dtype, or channels-last memory
-            out.add_(torch.matmul(self.up, h.to(self.up.dtype)).view(out.shape).to(out.dtype))
+            n = h.shape[0]
+            planes.baddbmm_(self.up.expand(n, -1, -1), h.reshape(n, h.shape[1], -1))
+        elif pixels is not None:  # channels-last memory (a model so converted, or a permuted input): pixel rows
+            pixels.addmm_(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), self.up.t())
+        else:  # another dtype
+            out.add_(torch.matmul(self.up, h.to(self.up.dtype).flatten(2)).view(out.shape).to(out.dtype))
         if self.bias is not None:
             out.add_(self.bias)
 
@@ -224,6 +227,11 @@ def _flat_rows(t: torch.Tensor) -> torch.Tensor | None:
     except RuntimeError:
         return None
     return flat if flat.stride(1) == 1 else None
+
+
+def _flat_pixels(t: torch.Tensor) -> torch.Tensor | None:
+    """A channels-last NCHW output as (N·H·W, C) rows without a copy (the leading channels of a wider one too)."""
+    return _flat_rows(t.permute(0, 2, 3, 1))
 
 
 def _flat_planes(t: torch.Tensor) -> torch.Tensor | None:

@@ -168,6 +168,37 @@ def test_parameters_made_in_inference_mode_keep_working_unfolded_and_released(tm
     assert rel_err(folded, unfolded) <= 1e-6 and rel_err(folded[2:], plain[2:]) > 1e-3
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_channels_last_model_adds_convolution_terms_in_place(tmp_path, monkeypatch, fold):
+    """A channels-last model (a converted model, or a 1×1 conv fed a permuted tensor) gives channels-last conv
+    outputs: the up-projection goes into their pixel rows with one in-place GEMM, not a product and an add."""
+    fam = family("sd1")
+    unet = fam.unet
+    specs = [(CONV1, lora_parts), (CONV3, lora_parts), (LIN, lora_parts)]
+    lora, changes = _file(tmp_path, unet, "a.safetensors", specs, 9)
+    reference = merge_reference({"unet": unet}, changes, unet=1.0)["unet"]
+    unet.to(memory_format=torch.channels_last)
+    both = tuple(t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4 else t
+                 for t in _batch(fam, 2))
+    plain = run_unet(unet, both)
+    patch = build_patch(roots(fam), "sd1", [[LoraUse(lora)]], fold=fold)
+    real_matmul = torch.matmul
+
+    def matmul(a, b, *args, **kwargs):  # the fallback's product of up and h: 3-D h of rank 4
+        assert not (b.dim() == 3 and b.shape[1] == 4), "the conv up-projection took the copying fallback"
+        return real_matmul(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", matmul)
+    with patch, patch.rows([(slice(0, 2), None), (slice(2, 4), 0)]):
+        assert _stacked(_module(unet, CONV1)) == fold
+        dual = run_unet(unet, both)
+    patch.release()
+    monkeypatch.undo()
+    assert rel_err(dual[:2], plain[:2]) <= 1e-6
+    assert rel_err(dual[2:], run_unet(reference, unet_inputs(fam, 2))) <= 1e-5
+    assert rel_err(dual[2:], plain[2:]) > 1e-3
+
+
 def test_folding_switch_and_cpu_default(tmp_path):
     fam = family("sd1")
     unet = fam.unet
