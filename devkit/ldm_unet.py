@@ -240,14 +240,14 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)
+        x = x.flatten(2).transpose(1, 2).contiguous()  # as ldm's rearrange(...).contiguous(): the memory layout
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()  # NCHW for proj_out, as in ldm
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
