@@ -516,9 +516,9 @@ def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui,
     stacked = []
     lay_out = WeightFold.lay_out
 
-    def recording_lay_out(self):
+    def recording_lay_out(self, *args):
         before = self.wide()
-        lay_out(self)
+        lay_out(self, *args)
         stacked.append(before is None and self.wide() is not None)
 
     monkeypatch.setattr(WeightFold, "lay_out", recording_lay_out)
