@@ -22,11 +22,12 @@ tests/lora/bench_functional_lora.py; "rows" = base + adapted rows of one source 
     SDXL 128², 4      95 ms    +16 %           +19 %               +16–28 %
 
 (That table predates folding: on CUDA, low-rank down factors now sit under the layer's weight and come out of its
-own GEMM, :mod:`~lib_delta.lora.fold`, one kernel fewer per layer; docs/performance.md has the source call at 512
-px replayed as a CUDA graph: +8.4 % folded, +10.1 % unfolded.) Small calls are launch-bound: each patched layer adds
-two kernels (one when dense or folded) and a few view ops to the ~1,500 of the plain UNet, so the overhead follows
-the launch count, not the FLOPs; at larger batches it is the extra activation traffic of the adapted rows. Either
-way one functional call is no slower, and mostly much faster, than two calls on two weight copies.
+own GEMM, :mod:`~lib_delta.lora.fold`, one kernel fewer per layer; docs/performance.md has the source call at 512 px
+replayed as a CUDA graph, +8.1 % folded and +9.4 % unfolded, and its GPU time by operator.) Small calls are
+launch-bound: each patched layer adds two kernels (one when dense or folded) and a few view ops to the ~1,500 of the
+plain UNet, so the overhead follows the launch count, not the FLOPs; at larger batches it is the extra activation
+traffic of the adapted rows. Either way one functional call is no slower, and mostly much faster, than two calls on
+two weight copies.
 
 Precision: adapted rows equal a forward of the merged model within float rounding (≤ 1e-5 relative in float32;
 about 1e-3 in float16 on the GPU, which is that dtype's own noise). In half precision the functional path is as
