@@ -245,8 +245,10 @@ def goals(res: dict) -> list[tuple[str, str, str, str]]:
             act, floor_act = sum(d["transient_mb"].values()), sum(f["transient_mb"].values())
             peak = d["weights_mb"] + d["lora_mb"] + act
             bound = d["weights_mb"] + d["lora_mb"] + floor_act
-            out.append(("P5 peak VRAM ≤ target + source + LoRA + activations", f"≤ {_mb(bound)}",
-                        f"{pair['label']}: {_mb(peak)}", verdict(peak <= bound * 1.01 + 16)))
+            # the allowance covers the caching allocator's rounding and the one layer whose weight is briefly held
+            # twice while the fold stacks it (the largest LoRA layer of SD1.5: 26 MiB)
+            out.append(("P5 peak VRAM ≤ target + source + LoRA + activations", f"≤ {_mb(bound)} (+1 % + 32 MiB)",
+                        f"{pair['label']}: {_mb(peak)}", verdict(peak <= bound * 1.01 + 32)))
     for pair in pairs.values():
         if pair["px"] >= 1024:
             continue
