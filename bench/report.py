@@ -323,11 +323,15 @@ def _compile(res: dict) -> str:
         return f"Not measured: {why}."
     t = _find(c["rows"], "target", None)
     lines = [f"First call (compilation) {c['compile_s']:.0f} s; its output against the reference: relative error "
-             f"{c['first_call_err']:.1e}.", "", "| scheme | ms/step | IQR | × target | Δ vs reference |",
-             "|---|---:|---:|---:|---:|"]
+             f"{c['first_call_err']:.1e}.", "",
+             "| scheme | ms/step | IQR | × target | VRAM: weights + LoRA + transient | Δ vs reference "
+             "| Δ vs fp32 truth |",
+             "|---|---:|---:|---:|---|---:|---:|"]
     for r in c["rows"]:
+        mem = f"{_mb(r['weights_mb'])} + {_mb(r['lora_mb'])} + {_mb(sum(r['transient_mb'].values()))}" \
+            if "weights_mb" in r else "–"
         lines.append(f"| {r['label']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['median'] / t['median']:.2f} | "
-                     f"{_err(r)} |")
+                     f"{mem} | {_err(r)} | {_truth(r)} |")
     if c.get("generation"):
         g = c["generation"]
         lines += ["", f"A whole generation, {g['steps']} Euler steps, {g['label']}: PSNR of the final latent against "
