@@ -231,7 +231,7 @@ def _flat_rows(t: torch.Tensor) -> torch.Tensor | None:
 
 def _flat_pixels(t: torch.Tensor) -> torch.Tensor | None:
     """A channels-last NCHW output as (N·H·W, C) rows without a copy (the leading channels of a wider one too)."""
-    return _flat_rows(t.permute(0, 2, 3, 1))
+    return _flat_rows(t.permute(0, 2, 3, 1)) if t.dim() == 4 else None
 
 
 def _flat_planes(t: torch.Tensor) -> torch.Tensor | None:
