@@ -15,9 +15,12 @@ nothing in BLAS promises it for every width: on the CPU a float32 GEMM of anothe
 layer differently (8e-7). Hence folding only on CUDA by default, where it pays, and ``fold=False`` for exactness
 by construction.
 
-Only exact ``nn.Linear``/``nn.Conv2d`` layers in float16/bfloat16/float32 are folded: their forward is one
-``F.linear``/``_conv_forward``, which the folded call reproduces. A subclass with its own forward (Forge's manual-cast
-operations), an instance-level forward, or storage-only dtypes keep the unfolded path.
+Only exact ``nn.Linear`` and 1×1 ``nn.Conv2d`` layers in float16/bfloat16/float32 are folded: their forward is one
+``F.linear``/``_conv_forward``, which the folded call reproduces, and a 1×1 convolution is a GEMM over the channels.
+A 3×3 convolution (LoCon's) is not: on an H100 cuDNN took another algorithm for the wider output and moved the
+base rows by float16 rounding (1e-3 relative, on some widths; the same layers unfolded were exact). A subclass
+with its own forward (Forge's manual-cast operations), an instance-level forward, or storage-only dtypes keep the
+unfolded path too.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class WeightFold:
 
     @staticmethod
     def applies(module: nn.Module, ops: tuple) -> bool:
-        return (type(module) in (nn.Linear, nn.Conv2d) and module.weight.dtype in _FOLDABLE_DTYPES
+        return ((type(module) is nn.Linear or (type(module) is nn.Conv2d and module.kernel_size == (1, 1)))
+                and module.weight.dtype in _FOLDABLE_DTYPES
                 and any(isinstance(op, (LinearLowRank, ConvLowRank)) for op in ops))
 
     def wide(self) -> tuple[Tensor, Tensor | None] | None:

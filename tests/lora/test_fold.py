@@ -32,6 +32,7 @@ CONV1 = "input_blocks.1.1.proj_in"  # 1×1 conv with bias
 CONV3 = "input_blocks.1.0.in_layers.2"  # 3×3 conv
 DOWN = "input_blocks.3.0.op"  # 3×3 conv, stride 2
 LOW_RANK = [LIN, LIN_B, CROSS, CONV1, CONV3, DOWN]
+FOLDABLE = [LIN, LIN_B, CROSS, CONV1]  # 3×3 convolutions keep their own down-projection: see lib_delta.lora.fold
 
 
 def _file(tmp_path, unet, name, specs, seed):
@@ -64,9 +65,10 @@ def test_folded_rows_equal_merged_and_plain(tmp_path):
     both = _batch(fam, 2)
     plain = run_unet(unet, both)
     with patch, patch.rows([(slice(0, 2), None), (slice(2, 4), 0)]):
-        assert all(_stacked(_module(unet, p)) for p in LOW_RANK)  # every low-rank layer is folded
-        assert patch.folded_layers == len(LOW_RANK)
-        for p in LOW_RANK:  # rank 4 (6 on DOWN) stacks padded: the output rows stay 16-element aligned
+        assert all(_stacked(_module(unet, p)) for p in FOLDABLE)  # every linear and 1×1 low-rank layer is folded
+        assert not _stacked(_module(unet, CONV3)) and not _stacked(_module(unet, DOWN))
+        assert patch.folded_layers == len(FOLDABLE)
+        for p in FOLDABLE:  # rank 4 stacks padded: the output rows stay 16-element aligned
             module = _module(unet, p)
             assert module.weight.untyped_storage().nbytes() // module.weight[0].nbytes % 16 == 0
         dual = run_unet(unet, both)
@@ -74,7 +76,7 @@ def test_folded_rows_equal_merged_and_plain(tmp_path):
     assert rel_err(dual[2:], run_unet(reference, unet_inputs(fam, 2))) <= 1e-5
     assert rel_err(dual[2:], plain[2:]) > 1e-3
 
-    assert all(_stacked(_module(unet, p)) for p in LOW_RANK)  # kept between calls: no copy per step
+    assert all(_stacked(_module(unet, p)) for p in FOLDABLE)  # kept between calls: no copy per step
     patch.release()
     assert not any(_stacked(_module(unet, p)) for p in LOW_RANK) and patch.folded_layers == 0
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
@@ -269,4 +271,28 @@ def test_gpu_fold_default_base_rows_exact_and_fewer_kernels(tmp_path):
             patch.release()
     assert torch.equal(outs[None][:2], plain[:2])
     assert rel_err(outs[None], outs[False]) <= 2e-3
-    assert counts[None] <= counts[False] - len(LOW_RANK)  # at least the down GEMM of each layer (cuDNN may save more)
+    assert counts[None] <= counts[False] - len(FOLDABLE)  # at least each folded layer's down GEMM
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_gpu_locon_on_every_layer_keeps_base_rows_exact(tmp_path, memory_format):
+    """A LoRA on every linear and convolution (LoCon): the 3×3 convolutions are left unfolded, as a wider cuDNN
+    convolution moved their base rows by float16 rounding; the folded linear and 1×1 layers stay exact."""
+    fam = family("sd1")
+    paths = [n for n, m in fam.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    lora, _ = _file(tmp_path, fam.unet, "a.safetensors", [(p, lora_parts) for p in paths], 11)
+    unet = fam.unet.cuda().half().to(memory_format=memory_format)
+    both = tuple(None if t is None else (t.cuda().contiguous(memory_format=memory_format) if t.dim() == 4 else t.cuda())
+                 for t in _batch(fam, 2))
+    with torch.autocast("cuda", torch.float16):
+        plain = run_unet(unet, both)
+        patch = build_patch({"unet": unet}, "sd1", [[LoraUse(lora)]])
+        with patch, patch.rows([(slice(0, 2), None), (slice(2, 4), 0)]):
+            folded = patch.folded_layers
+            dual = run_unet(unet, both)
+        patch.release()
+    wide_kernels = [p for p in paths if getattr(_module(unet, p), "kernel_size", (1, 1)) != (1, 1)]
+    assert wide_kernels and 0 < folded <= len(paths) - len(wide_kernels)
+    assert torch.equal(dual[:2], plain[:2])
+    assert rel_err(dual[2:], plain[2:]) > 1e-2
