@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bench.speedups import OnDevice, ReusedDelta
 from devkit.denoisers import Cond
 from lib_delta.args import AdaptationGroup, DeltaSettings, LoraRef
 from lib_delta.cuda_graph import GraphedCall
 from lib_delta.guidance import CfgLayout, DeltaGuidance, cfg_combine
 from lib_delta.schedule import ProgressClock
 from lib_delta.spaces import SD1, SDXL, ModelSpace, SpaceBridge
-from lib_delta.speedups import OnDevice, ReusedDelta
 
 from .rig import ADAPTERS, Models, Pair, conditioning, latent, nbytes
 from .sources import BatchedSource, take

@@ -165,7 +165,7 @@ class DeltaGuidance:
                 xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
             pred = self._call_source(xs, ls, rows, variants)
         pred = _wide(pred)
-        if pred.device != out.device:  # a source on another device (lib_delta.speedups.OnDevice)
+        if pred.device != out.device:  # a source on another GPU
             pred = pred.to(out.device)
         record = StepRecord(progress, lam, self._target_x0(x_ve, sigma, out, layout)) if self.record else None
         if base_first:
@@ -181,7 +181,7 @@ class DeltaGuidance:
 
         The next :meth:`apply` with the same ``x`` and ``level`` tensors uses the result instead of calling the
         source again, so the outcome is unchanged. It pays where the source runs elsewhere
-        (:class:`~lib_delta.speedups.OnDevice`): both models then compute at the same time. Does nothing with a
+        (the A1111 host with the source on a second GPU): both models then compute at the same time. Does nothing with a
         separate trajectory, whose source point only exists once the target's previous prediction is known.
         """
         self._pending = None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from modules import scripts
 
-from lib_delta import hosts, ui
+from lib_delta import hosts
 from lib_delta.args import DeltaSettings, from_positional
 from lib_delta.errors import DeltaError
+from lib_delta.webui import panel as ui
 
 hosts.register()  # per-step callbacks and settings; the WebUI clears callbacks on reload, so this runs on import
 

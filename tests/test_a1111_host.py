@@ -23,7 +23,8 @@ import networks  # noqa: E402
 
 from lib_delta.errors import DeltaError  # noqa: E402
 from lib_delta.hosts import a1111 as host  # noqa: E402
-from lib_delta.hosts import a1111_source, a1111_step  # noqa: E402
+from lib_delta.hosts.a1111 import source as a1111_source  # noqa: E402
+from lib_delta.hosts.a1111 import step as a1111_step  # noqa: E402
 from lib_delta.lora.fold import WeightFold  # noqa: E402
 
 PROMPT = "a photo of a cat on a red sofa"
@@ -254,7 +255,7 @@ def test_pickled_checkpoint_goes_through_the_safe_loader(ui):
 
 def test_an_error_inside_a_step_stops_the_generation(ui, monkeypatch):
     fresh = images(ui.txt2img(**BASE))
-    from lib_delta.hosts import a1111_step
+    from lib_delta.hosts.a1111 import step as a1111_step
 
     calls = []
 

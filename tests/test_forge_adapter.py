@@ -35,7 +35,7 @@ def forge(tmp_path, monkeypatch):
     """The stand-in installed, empty lists, and the real script class loaded against it."""
     with installed():
         from lib_delta.hosts import forge as adapter
-        from lib_delta.hosts import forge_models
+        from lib_delta.hosts.forge import models as forge_models
 
         webui.checkpoints_list.clear()
         webui.lora_dir = str(tmp_path / "lora")
@@ -113,7 +113,7 @@ def test_zero_strength_is_bit_identical_to_off_and_never_runs_the_source(forge, 
     lora = forge.lora("style", forge.load(base))
     target = forge.load(base)
     calls = []
-    monkeypatch.setattr("lib_delta.hosts.forge_source.ForgeSource.__call__",
+    monkeypatch.setattr("lib_delta.hosts.forge.source.ForgeSource.__call__",
                         lambda *a, **k: calls.append(1))
     off = forge.generate(target)
     for group in ({"loras": f"<lora:{lora}:1>", "strength": 0.0}, {"adapted_prompt": ADAPTED, "start": 0.5,
@@ -144,7 +144,7 @@ def test_source_equal_to_target_at_unit_strength_samples_the_adapted_model(forge
 def test_hires_fix_hook_called_twice_per_pass_applies_the_delta_once(forge, monkeypatch):
     base = forge.checkpoint("base", family="sd1", seed=0)
     target = forge.load(base)
-    from lib_delta.hosts.forge_source import ForgeSource
+    from lib_delta.hosts.forge.source import ForgeSource
 
     encodes, hooks = [], []
     real_encode, real_arm = ForgeSource.encode, forge.adapter.ForgeRun.arm
@@ -201,7 +201,7 @@ def test_different_vaes_of_equal_channels_convert_with_a_warning(forge):
 
 
 def test_a_flux_source_gets_the_distilled_guidance_of_the_pass(forge):
-    from lib_delta.hosts import forge_models
+    from lib_delta.hosts.forge import models as forge_models
 
     flux = forge.checkpoint("flux", family="flow", latent_format="flux", seed=2)
     target = forge.load(flux)
@@ -213,7 +213,7 @@ def test_a_flux_source_gets_the_distilled_guidance_of_the_pass(forge):
 
 @pytest.mark.parametrize("case", ["channels", "source", "lora", "strength"])
 def test_refusals_stop_the_generation_and_leave_nothing_behind(forge, case):
-    from lib_delta.hosts import forge_models
+    from lib_delta.hosts.forge import models as forge_models
 
     base = forge.checkpoint("base", family="sd1", seed=0)
     flow = forge.checkpoint("flow", family="flow", latent_format="sd3", seed=0)
@@ -259,7 +259,7 @@ def test_a_refusal_is_an_http_exception_when_fastapi_is_there(forge, monkeypatch
 
 
 def test_cleanup_detaches_the_lora_and_unloads_or_drops_the_source(forge):
-    from lib_delta.hosts import forge_models
+    from lib_delta.hosts.forge import models as forge_models
 
     base = forge.checkpoint("base", family="sd1", seed=0)
     lora = forge.lora("style", forge.load(base))
@@ -296,7 +296,7 @@ def test_an_unforeseen_error_stops_the_generation_as_a_server_error(forge, monke
     def broken(settings):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("lib_delta.hosts.forge_source.build", broken)
+    monkeypatch.setattr("lib_delta.hosts.forge.source.build", broken)
     with pytest.raises(DeltaError, match="boom") as err:
         forge.run(target, base, {"adapted_prompt": ADAPTED})
     assert err.value.status_code == 500

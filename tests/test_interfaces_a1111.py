@@ -9,7 +9,7 @@ import pytest
 
 from lib_delta.args import DeltaSettings, from_positional, to_positional
 from lib_delta.errors import DeltaError
-from lib_delta.hosts import a1111_interfaces as interfaces
+from lib_delta.webui import interfaces
 
 CHECKPOINTS = {"sd15.safetensors [cc6cb27103]": "sd15", "sdxl.safetensors [31e35c80fc]": "sdxl"}
 

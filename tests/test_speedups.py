@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.speedups import OnDevice, ReusedDelta
 from devkit import sampling
 from devkit.families import tiny_sd1, tiny_sdxl
 from lib_delta.args import AdaptationGroup, DeltaSettings
 from lib_delta.guidance import CfgLayout, DeltaGuidance, cfg_combine
 from lib_delta.schedule import ProgressClock
 from lib_delta.spaces import SD1, SDXL, ModelSpace, SpaceBridge
-from lib_delta.speedups import OnDevice, ReusedDelta
 
 PROMPTS, NEG = ["a red cube", "a tall tree"], ["", ""]
 LAYOUT = CfgLayout.simple(2, 5.0)

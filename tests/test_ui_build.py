@@ -8,8 +8,8 @@ from typing import ClassVar
 
 import pytest
 
-from lib_delta import ui
 from lib_delta.args import POSITIONAL_FIELDS, DeltaSettings, from_positional, to_positional
+from lib_delta.webui import panel as ui
 
 
 class Block:

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_delta import ui
 from lib_delta.args import (
     POSITIONAL_FIELDS,
     AdaptationGroup,
@@ -16,6 +15,7 @@ from lib_delta.args import (
     to_positional,
 )
 from lib_delta.errors import DeltaError
+from lib_delta.webui import panel as ui
 
 ONE = DeltaSettings(enabled=True, source="sd15.safetensors [cc6cb27103]",
                     groups=(AdaptationGroup(loras=(LoraRef("style", 0.8),)),))

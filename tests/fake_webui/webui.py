@@ -27,7 +27,7 @@ def without_ui_registration() -> Iterator[None]:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        from lib_delta.hosts import a1111_interfaces
+        from lib_delta.webui import interfaces as a1111_interfaces
 
         saved = a1111_interfaces.register_interfaces
         a1111_interfaces.register_interfaces = lambda: None

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DeltaError
-from ..spaces import LatentFormat
-from . import listed
+from ...errors import DeltaError
+from ...spaces import LatentFormat
+from ..common import names as listed
 
 # Models kept between generations, keyed by file and hash (the one piece of module state besides registration).
 _cache: dict[tuple[str, str], PrivateEngine] = {}

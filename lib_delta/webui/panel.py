@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .args import (
+from ..args import (
     CFG_MODES,
     MODES,
     POSITIONAL_FIELDS,
@@ -23,7 +23,7 @@ from .args import (
     parse_lora_tags,
     to_positional,
 )
-from .errors import DeltaError
+from ..errors import DeltaError
 
 TITLE = "Delta Sampling"
 # Settings that shape the panel (the others, for the generation path, live with the host adapters).

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..args import DeltaSettings
-from ..errors import DeltaError
-from ..lora import DeltaPatch, LoraUse, build_patch, read_lora
-from . import forge_models
-from .a1111_conds import append_to_prompt
-from .forge_models import PrivateEngine
+from ...args import DeltaSettings
+from ...errors import DeltaError
+from ...lora import DeltaPatch, LoraUse, build_patch, read_lora
+from ..common.prompts import append_to_prompt
+from . import models as forge_models
+from .models import PrivateEngine
 
 # The text encoders a LoRA's text-encoder part maps to, per family (keys of Forge's JointTextEncoder).
 _TEXT_ENCODERS = {"sd1": {"te": "clip_l"}, "sd2": {"te": "clip_h"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"}}

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..args import DeltaSettings, LoraRef
-from ..errors import DeltaError
-from . import a1111_source as source_mod
+from ...args import DeltaSettings, LoraRef
+from ...errors import DeltaError
+from . import source as source_mod
 
 _HASH_NAME = str.maketrans("", "", ":,")  # what the WebUI strips from names in "Lora hashes"
 
@@ -88,7 +88,7 @@ class Adapter:
     def create(cls, settings: DeltaSettings, source: source_mod.PrivateModel, groups: list, device: Any) -> Adapter:
         from modules import sd_models
 
-        from ..lora import LoraUse, build_patch, read_lora
+        from ...lora import LoraUse, build_patch, read_lora
 
         def safe_load(path: str) -> Any:
             return sd_models.read_state_dict(path, map_location="cpu")

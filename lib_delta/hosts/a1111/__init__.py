@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..args import DeltaSettings
-from ..cuda_graph import GraphedCall, storage_fingerprint
-from ..errors import DeltaError
-from ..spaces import ModelSpace, check_latent_compatible
-from . import a1111_conds as conds_mod
-from . import a1111_source as source_mod
-from . import a1111_step as step_mod
+from ...args import DeltaSettings
+from ...cuda_graph import GraphedCall, storage_fingerprint
+from ...errors import DeltaError
+from ...spaces import ModelSpace, check_latent_compatible
+from . import conds as conds_mod
+from . import source as source_mod
+from . import step as step_mod
 
 RUN_ATTR = "delta_sampling_run"
 ERROR_ATTR = "delta_sampling_error"
@@ -38,7 +38,7 @@ def register() -> None:
     checked in its own lists rather than remembered."""
     from modules import script_callbacks
 
-    from . import a1111_interfaces
+    from ...webui import interfaces as a1111_interfaces
 
     for kind, fn in (("cfg_denoiser", _on_cfg_denoiser), ("cfg_denoised", _on_cfg_denoised)):
         registered = script_callbacks.callback_map.get(f"callbacks_{kind}", [])
@@ -142,7 +142,7 @@ def _start(p: Any, settings: DeltaSettings) -> None:
         groups.append(Group(ckpt))
     lora = None
     if any(g.loras for g in settings.groups):
-        from . import a1111_lora
+        from . import lora as a1111_lora
 
         lora = a1111_lora.Adapter.create(settings, source, groups, device)
     for entry in {id(m): m for m in (source, *(g.checkpoint for g in groups if g.checkpoint))}.values():
@@ -320,7 +320,7 @@ def finish(p: Any, processed: Any = None) -> None:
 
 
 def _append_preview(run: Run, processed: Any) -> None:
-    from .. import preview
+    from ... import preview
 
     guided = [ps for ps in run.passes if ps.guidance is not None]
     records = [r for ps in guided for r in ps.guidance.records]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import DeltaError
+from ...errors import DeltaError
 
 
 def checkpoint(name: str, what: str, webui: str) -> Any:

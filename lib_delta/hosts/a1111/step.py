@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..args import DeltaSettings
-from ..cuda_graph import GraphedCall
-from ..errors import DeltaError
-from ..guidance import CfgLayout, DeltaGuidance, cfg_combine
-from ..schedule import ProgressClock
-from ..spaces import ModelSpace, SpaceBridge, VPSchedule
-from . import a1111_conds as conds_mod
-from . import a1111_source as source_mod
+from ...args import DeltaSettings
+from ...cuda_graph import GraphedCall
+from ...errors import DeltaError
+from ...guidance import CfgLayout, DeltaGuidance, cfg_combine
+from ...schedule import ProgressClock
+from ...spaces import ModelSpace, SpaceBridge, VPSchedule
+from . import conds as conds_mod
+from . import source as source_mod
 
 PASS_ATTR = "_delta_sampling_pass"
 _GUARDED = ("sample", "sample_img2img")
@@ -343,7 +343,7 @@ class Pass:
             self.guidance = self._build_guidance(call)
         self.source.call = call
         if self.guidance.apply(call.x, call.sigma, out, layout) and self.guidance.record:
-            from .. import preview
+            from ... import preview
 
             preview.compact(self.guidance.records)
         if self.guidance.trajectory is not None:

@@ -15,13 +15,14 @@ import time
 import traceback
 from typing import Any
 
-from ..args import DeltaSettings
-from ..errors import DeltaError
-from ..guidance import CfgLayout, DeltaGuidance
-from ..schedule import ProgressClock
-from ..spaces import ModelSpace, SpaceBridge, check_latent_compatible
-from . import forge_models, forge_source
-from .forge_source import ForgeSource
+from ...args import DeltaSettings
+from ...errors import DeltaError
+from ...guidance import CfgLayout, DeltaGuidance
+from ...schedule import ProgressClock
+from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
+from . import models as forge_models
+from . import source as forge_source
+from .source import ForgeSource
 
 _MARK = "delta_sampling"  # set on our post-CFG function, to find it on a UNet patcher
 _run: ForgeRun | None = None  # the generation in progress (the WebUI runs one at a time)
@@ -30,7 +31,7 @@ _run: ForgeRun | None = None  # the generation in progress (the WebUI runs one a
 def register() -> None:
     from modules import script_callbacks
 
-    from .a1111_interfaces import register_interfaces
+    from ...webui.interfaces import register_interfaces
 
     register_interfaces()
     script_callbacks.on_script_unloaded(forge_models.forget_all)
@@ -183,7 +184,7 @@ class ForgeRun:
             return denoised
         layout = CfgLayout.simple(denoised.shape[0], self.source.cond_scale)
         if guidance.apply_combined(x, sigma, denoised, layout) and guidance.record:
-            from .. import preview
+            from ... import preview
 
             preview.compact(guidance.records)
         guidance.after_combine(x, sigma, denoised)
@@ -205,7 +206,7 @@ class ForgeRun:
         self.guidance = None
 
     def append_preview(self, processed: Any) -> None:
-        from .. import preview
+        from ... import preview
 
         target = self.guidance.bridge.target.latent.name if self.guidance is not None else None
         strip = preview.render(self.records, self.source.base.latent.name, target)

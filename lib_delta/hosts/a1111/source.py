@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..errors import DeltaError
-from ..spaces import SD1, SD2, SD3, SDXL, LatentFormat
-from . import listed
-from .a1111_interfaces import SETTING_CUDA_GRAPH
+from ...errors import DeltaError
+from ...spaces import SD1, SD2, SD3, SDXL, LatentFormat
+from ...webui.interfaces import SETTING_CUDA_GRAPH
+from ..common import names as listed
 
 _VAE_PREFIX = "first_stage_model."
 

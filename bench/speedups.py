@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .guidance import SourceModel
+from lib_delta.guidance import SourceModel
 
 
 class ReusedDelta:
