@@ -6,7 +6,6 @@ from modules import scripts
 
 from lib_delta import hosts
 from lib_delta.args import DeltaSettings, from_positional
-from lib_delta.errors import DeltaError
 from lib_delta.webui import panel as ui
 
 hosts.register()  # per-step callbacks and settings; the WebUI clears callbacks on reload, so this runs on import
@@ -25,13 +24,14 @@ class DeltaSamplingScript(scripts.Script):
         return ui.build(self, is_img2img)
 
     def process(self, p, *args) -> None:
-        hosts.current().finish(p)  # a generation that died before postprocess leaves nothing behind
+        host = hosts.current()
+        host.begin(p)  # the previous generation is closed, even one that died before postprocess
         try:
             settings = from_positional(args).with_overrides(getattr(p, "delta_overrides", {})).validated()
             if settings.enabled:
-                hosts.current().start(p, settings)
-        except DeltaError as e:
-            hosts.current().fail(p, e)
+                host.start(p, settings)
+        except Exception as e:  # bad input is a 422, the unforeseen a 500: never a plain image
+            host.fail(p, e)
 
     def process_before_every_sampling(self, p, *args, **kwargs) -> None:
         hosts.current().before_sampling(p, **kwargs)

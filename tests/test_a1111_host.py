@@ -538,7 +538,7 @@ def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui,
     # the LoRA layers were folded before the graph was keyed on their weights: one recording, then replays
     assert sum(g.captures for g in made) == 1 and sum(g.replays for g in made) == 2 * 8
     assert any(stacked)
-    for entry in a1111_source._cache.values():  # and given compact weights back after the generation
+    for entry in a1111_source.cached():  # and given compact weights back after the generation
         for p in entry.model.parameters():
             assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
     # started on the GPU at cfg_denoiser, while the target computed on the CPU; the eager run too

@@ -38,6 +38,7 @@ def forge(tmp_path, monkeypatch):
         from lib_delta.hosts.forge import models as forge_models
 
         webui.checkpoints_list.clear()
+        webui.checkpoint_aliases.clear()
         webui.lora_dir = str(tmp_path / "lora")
         Path(webui.lora_dir).mkdir()
         webui.list_available_networks()

@@ -2,10 +2,12 @@
 
 Each adapter module exposes the same functions, called by ``scripts/delta_sampling.py``:
 - ``register()``: per-step callbacks, settings section, X/Y/Z axes (idempotent);
-- ``start(p, settings)``: resolve and load the source, adaptations and conditioning for this generation, raising
-  ``DeltaError`` for anything a user can fix;
-- ``fail(p, error)``: make ``error`` stop this generation with its message (the WebUI only logs exceptions raised
-  inside script hooks);
+- ``begin(p)``: a generation starts: close the previous one, whatever ended it (the run slot of
+  ``hosts.common.runs``);
+- ``start(p, settings)``: check every name, limit and file, then load the source and adaptations for this
+  generation, raising ``DeltaError`` for anything a user can fix; a failed start releases what it loaded;
+- ``fail(p, error)``: make ``error`` stop this generation with its message, a 422 for a ``DeltaError`` and a 500
+  for anything else (the WebUI only logs exceptions raised inside script hooks);
 - ``before_sampling(p, **kwargs)``: arm the per-step correction for one sampling pass (hires fix has two);
 - ``finish(p, processed=None)``: disarm, restore every patched object, add the preview, free per-generation state.
 """

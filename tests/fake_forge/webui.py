@@ -53,13 +53,18 @@ def setup_img2img_steps(p, steps=None):
 # --- modules.sd_models ---------------------------------------------------------------------------------------------
 
 checkpoints_list: dict[str, SimpleNamespace] = {}
+checkpoint_aliases: dict[str, SimpleNamespace] = {}
 
 
 def add_checkpoint(path: str) -> SimpleNamespace:
+    """``CheckpointInfo(path).register()``: listed by title, aliased by each of its ids (no hash computed)."""
     name = os.path.basename(path)
-    info = SimpleNamespace(filename=path, name=name, name_for_extra=os.path.splitext(name)[0], title=name,
+    model_name = os.path.splitext(name)[0]
+    info = SimpleNamespace(filename=path, name=name, name_for_extra=model_name, model_name=model_name, title=name,
                            sha256=None)
     checkpoints_list[name] = info
+    for alias in (model_name, name, model_name):
+        checkpoint_aliases[alias] = info
     return info
 
 

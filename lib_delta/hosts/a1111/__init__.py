@@ -1,7 +1,9 @@
 """AUTOMATIC1111 1.10 host: the functions ``scripts/delta_sampling.py`` calls (see ``lib_delta.hosts``).
 
-Per generation there is one :class:`Run`, created by :func:`start`, kept on ``p`` and dropped by :func:`finish`;
-per sampling pass (hires fix has two) one :class:`~lib_delta.hosts.a1111_step.Pass`. The per-step work happens in
+Per generation there is one :class:`Run`, created by :func:`start` and held by the host's run slot
+(:mod:`lib_delta.hosts.common.runs`), which closes it at :func:`finish`, at the next generation's :func:`begin`, or
+when anything raises inside its sampling; per sampling pass (hires fix has two) one
+:class:`~lib_delta.hosts.a1111.step.Pass`. The per-step work happens in
 two global callbacks, ``cfg_denoiser`` (remember the rows' inputs) and ``cfg_denoised`` (add the delta to every row
 before the WebUI's CFG combine and inpaint blend, in place); they act only for the sampler a pass was armed on.
 
@@ -13,6 +15,7 @@ object, which stops the generation; the API returns it with ``status_code``/``de
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +23,17 @@ from typing import Any
 from ...args import DeltaSettings
 from ...cuda_graph import GraphedCall, storage_fingerprint
 from ...errors import DeltaError
-from ...spaces import ModelSpace, check_latent_compatible
+from ...spaces import SD1, SD2, SD3, SDXL, ModelSpace, check_latent_compatible
+from ..common.files import checkpoint_family
+from ..common.http import as_failure
+from ..common.runs import RunSlot
 from . import conds as conds_mod
 from . import source as source_mod
 from . import step as step_mod
 
-RUN_ATTR = "delta_sampling_run"
 ERROR_ATTR = "delta_sampling_error"
+SLOT = RunSlot()  # the generation in progress (the WebUI runs one at a time)
+_FAMILY_FORMATS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL, "sd3": SD3}
 
 
 # --- registration ------------------------------------------------------------------------------------------------
@@ -49,7 +56,7 @@ def register() -> None:
 
 def _on_cfg_denoiser(params: Any) -> None:
     d = getattr(params, "denoiser", None)
-    run = getattr(getattr(d, "p", None), RUN_ATTR, None)
+    run = SLOT.get(getattr(d, "p", None))
     ps = run.current if run is not None else None
     if ps is None or ps.sampler is not getattr(d, "sampler", None) or ps.error is not None:
         return
@@ -83,7 +90,7 @@ class Group:
 
 @dataclass(eq=False)
 class Run:
-    """Everything one generation holds; dropped by :func:`finish`."""
+    """Everything one generation holds. :meth:`close` drops it all and settles the pool, whatever ended the run."""
 
     settings: DeltaSettings
     source: source_mod.PrivateModel
@@ -94,49 +101,118 @@ class Run:
     passes: list[step_mod.Pass] = field(default_factory=list)
     current: step_mod.Pass | None = None
     graphs: dict[int, GraphedCall] | None = None  # the source's forward per model, replayed as a CUDA graph
-    wrappers: dict[tuple[int, int], Any] = field(default_factory=dict)  # (model, target): its x0 wrapper
+    wrappers: dict[int, Any] = field(default_factory=dict)  # per model: its x0 wrapper
+    log: list[str] = field(default_factory=list)  # what the generation's log line reports, kept past close()
+    closed: bool = False
 
     @property
     def models(self) -> list[source_mod.PrivateModel]:
         return [self.source, *(g.checkpoint for g in self.groups if g.checkpoint is not None)]
 
     def close(self) -> None:
-        for ps in self.passes:
-            ps.disarm()
-        self.current = None
-        if self.graphs:
-            for graph in self.graphs.values():
-                graph.reset()  # their memory pool goes with the last reference
-        self.wrappers.clear()
-        if self.lora is not None:
-            self.lora.close()
+        """Disarm every pass and drop what the run built (graphs, wrappers, LoRA terms); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        keys = [m.key for m in self.models]
+        self.log = self._summary()
+        try:
+            for ps in self.passes:
+                ps.disarm()
+            if self.graphs:
+                for graph in self.graphs.values():
+                    graph.reset()  # their memory pool goes with the last reference
+            if self.lora is not None:
+                self.lora.close()
+        finally:
+            self.passes, self.current, self.graphs, self.lora = [], None, None, None
+            self.wrappers.clear()
+            source_mod.settle(keys)
+
+    def _summary(self) -> list[str]:
+        guided = [ps.guidance for ps in self.passes if ps.guidance is not None]
+        calls, beside = sum(g.source_calls for g in guided), sum(g.prefetched for g in guided)
+        where = f" ({beside} beside the target on {self.device})" if beside else ""
+        return [f"{calls} source calls{where}", f"{self.overhead():.1f}s source overhead"]
 
     def overhead(self) -> float:
         return self.setup_seconds + sum(ps.source.seconds for ps in self.passes)
 
 
+def begin(p: Any) -> None:
+    """A generation starts: close the previous one, whose ``postprocess`` the WebUI skips when sampling raised."""
+    SLOT.close()
+    if hasattr(p, ERROR_ATTR):
+        delattr(p, ERROR_ATTR)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request needs, checked before anything loads: listed checkpoints (the source, then each group's
+    fine-tuned one or None) and their pool keys."""
+
+    source: Any
+    tuned: tuple[Any, ...]
+    keys: tuple[tuple[str, str], ...]
+
+
 def start(p: Any, settings: DeltaSettings) -> None:
-    """Resolve and load the source and the adaptations; write the infotext. Conditioning waits for the pass."""
-    try:
-        _start(p, settings)
-    except DeltaError:
-        raise
-    except Exception as e:
-        fail(p, step_mod.unexpected(e))
-
-
-def _start(p: Any, settings: DeltaSettings) -> None:
+    """Check every name, limit and file family, then load the source and the adaptations and write the infotext.
+    Conditioning waits for the pass. A start that fails releases whatever it loaded."""
     from modules import shared
 
     t0 = time.perf_counter()
     target = shared.sd_model
     _check_target(target)
+    plan = _plan(settings, target)
+    source_mod.POOL.prepare(plan.keys)
+    try:
+        run = _load(settings, plan, target)
+    except BaseException:
+        source_mod.POOL.discard_fresh()
+        source_mod.settle(list(plan.keys))
+        raise
+    run.setup_seconds = time.perf_counter() - t0
+    SLOT.open(p, run)
+    _write_infotext(p, run)
+    if source_mod.target_uses_lowvram() and run.device.type != "cpu":
+        print("Delta Sampling: under --lowvram/--medvram the source's UNet moves to the GPU and back at every step "
+              "and the active model's modules step aside for it: expect each step to take several times longer.")
+
+
+def _plan(settings: DeltaSettings, target: Any) -> Plan:
+    source = source_mod.resolve(settings.source)
+    tuned = tuple(source_mod.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
+                  for g in settings.groups)
+    files = {os.path.abspath(i.filename) for i in (source, *tuned) if i is not None}
+    source_mod.limits().check_request(len(files), sum(len(g.loras) for g in settings.groups))
+    if any(g.loras for g in settings.groups):
+        from . import lora as a1111_lora
+
+        for g in settings.groups:
+            for ref in g.loras:
+                a1111_lora.resolve(ref)
+    family = checkpoint_family(source.filename)
+    if family in _FAMILY_FORMATS:
+        check_latent_compatible(_FAMILY_FORMATS[family], source_mod.latent_format(target),
+                                source_mod.info_label(source), source_mod.model_label(target))
+    for info in {id(i): i for i in tuned if i is not None}.values():
+        theirs = checkpoint_family(info.filename)
+        if family in _FAMILY_FORMATS and theirs in _FAMILY_FORMATS and \
+                _FAMILY_FORMATS[theirs] != _FAMILY_FORMATS[family]:
+            raise _not_a_fine_tune(source_mod.info_label(info), _FAMILY_FORMATS[theirs].name,
+                                   _FAMILY_FORMATS[family].name, source_mod.info_label(source))
+    keys = tuple(dict.fromkeys(source_mod.key_of(i) for i in (source, *tuned) if i is not None))
+    return Plan(source, tuned, keys)
+
+
+def _load(settings: DeltaSettings, plan: Plan, target: Any) -> Run:
     device = source_mod.source_device()
-    source = source_mod.acquire(settings.source)
+    source = source_mod.acquire(plan.source)
     _check_pair(source.model, target, "source")
     groups = []
-    for g in settings.groups:
-        ckpt = source_mod.acquire(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
+    for info in plan.tuned:
+        ckpt = source_mod.acquire(info, "fine-tuned checkpoint") if info is not None else None
         if ckpt is not None:
             _check_tuned(ckpt, source)
         groups.append(Group(ckpt))
@@ -153,9 +229,7 @@ def _start(p: Any, settings: DeltaSettings) -> None:
     if source_mod.graphs_allowed(device):
         run.graphs = {id(m): GraphedCall(step_mod.forward_source, fingerprint=storage_fingerprint([m.model.model]))
                       for m in run.models}
-    run.setup_seconds = time.perf_counter() - t0
-    setattr(p, RUN_ATTR, run)
-    _write_infotext(p, run)
+    return run
 
 
 def _check_target(target: Any) -> None:
@@ -190,10 +264,14 @@ def _check_tuned(tuned: source_mod.PrivateModel, source: source_mod.PrivateModel
     """A fine-tuned checkpoint runs on the source's noisy latent: it must share the source's latent format."""
     _check_pair(tuned.model, source.model, "fine-tuned checkpoint", against="source")
     if tuned.latent != source.latent:
-        raise DeltaError(f"The fine-tuned checkpoint '{source_mod.model_label(tuned.model)}' ({tuned.latent.name}) is "
-                         f"not of the source's family ({source.latent.name}, "
-                         f"'{source_mod.model_label(source.model)}'): its delta is taken against that source. Choose "
-                         "the base model it was fine-tuned from as the source.")
+        raise _not_a_fine_tune(source_mod.model_label(tuned.model), tuned.latent.name, source.latent.name,
+                               source_mod.model_label(source.model))
+
+
+def _not_a_fine_tune(label: str, family: str, source_family: str, source_label: str) -> DeltaError:
+    return DeltaError(f"The fine-tuned checkpoint '{label}' ({family}) is not of the source's family "
+                      f"({source_family}, '{source_label}'): its delta is taken against that source. Choose the base "
+                      "model it was fine-tuned from as the source.")
 
 
 def _write_infotext(p: Any, run: Run) -> None:
@@ -208,11 +286,9 @@ def _write_infotext(p: Any, run: Run) -> None:
 
 def fail(p: Any, error: BaseException) -> None:
     """Make ``error`` stop this generation: it is raised from the sampler of its next sampling pass."""
-    run = getattr(p, RUN_ATTR, None)
-    if run is not None:
-        run.close()
-        delattr(p, RUN_ATTR)
-    setattr(p, ERROR_ATTR, step_mod.http_error(error))
+    SLOT.close()
+    error = as_failure(error)
+    setattr(p, ERROR_ATTR, error)
     print(f"Delta Sampling: {error}")
 
 
@@ -220,7 +296,7 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
     """Arm the per-step correction on this pass's sampler (``process_before_every_sampling``)."""
     sampler = getattr(p, "sampler", None)
     error = getattr(p, ERROR_ATTR, None)
-    run = getattr(p, RUN_ATTR, None)
+    run = SLOT.get(p)
     if sampler is None or (error is None and run is None):
         return
     if error is None:
@@ -228,13 +304,13 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
             _arm(p, run, sampler)
             return
         except Exception as e:
-            error = step_mod.http_error(e if isinstance(e, DeltaError) else step_mod.unexpected(e))
-            fail(p, error)
+            fail(p, e)
+            error = getattr(p, ERROR_ATTR)
 
     def raise_error() -> None:
         raise error
 
-    step_mod.guard(sampler, raise_error, lambda: error)
+    step_mod.guard(sampler, raise_error, lambda: error, on_failure=SLOT.close)
 
 
 def _arm(p: Any, run: Run, sampler: Any) -> None:
@@ -244,20 +320,19 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     target = shared.sd_model
     if run.current is not None:  # the previous pass (img2img reuses one sampler for all its batches)
         run.current.disarm()
-    if any(ps.target_model is not target for ps in run.passes[:1]):  # a hires checkpoint took over
+    if any(not ps.runs_on(target) for ps in run.passes[:1]):  # a hires checkpoint took over
         _check_target(target)
         _check_pair(run.source.model, target, "source")
     ps_prompts = conds_mod.prompts_for_pass(p)
     variants = _variants(run, ps_prompts)
-    wrappers = {}
     for m in {id(v.model): v.model for v in variants}.values():
-        key = (id(m), id(target))  # kept for the run: a CUDA graph recorded with a wrapper is replayed with it
-        if key not in run.wrappers:
-            run.wrappers[key] = step_mod.denoiser_for(m, getattr(target, "alphas_cumprod", None), run.device)
-        wrappers[id(m)] = run.wrappers[key]
+        if id(m) not in run.wrappers:  # kept for the run: a CUDA graph recorded with a wrapper is replayed with it
+            run.wrappers[id(m)] = step_mod.denoiser_for(m, run.device)
     image_cond_rows = source_mod.is_inpainting(target) and source_mod.is_inpainting(run.source.model)
-    graphs = run.graphs if int(getattr(p, "steps", 0) or 0) >= source_mod.MIN_GRAPH_STEPS else None
-    source = step_mod.SourceEval(variants, run.device, wrappers, image_cond_rows, run.lora, graphs,
+    hires = bool(getattr(p, "is_hr_pass", False))
+    steps = int((getattr(p, "hr_second_pass_steps", 0) if hires else 0) or getattr(p, "steps", 0) or 0)
+    graphs = run.graphs if steps >= source_mod.MIN_GRAPH_STEPS else None
+    source = step_mod.SourceEval(variants, run.device, run.wrappers, image_cond_rows, run.lora, graphs,
                                  concurrent=source_mod.runs_beside(run.device))
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
     space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
@@ -295,36 +370,26 @@ def _encode(run: Run, entry: source_mod.PrivateModel, prompts: conds_mod.PromptS
 
 
 def finish(p: Any, processed: Any = None) -> None:
-    """Disarm, restore, add the preview, log, and put the cached models where the cache option says."""
-    run = getattr(p, RUN_ATTR, None)
+    """The generation ended (``postprocess``): close its run, add the preview and write its log line."""
     if hasattr(p, ERROR_ATTR):
         delattr(p, ERROR_ATTR)
+    run = SLOT.take(p)
     if run is None:
-        source_mod.settle()
         return
-    delattr(p, RUN_ATTR)
-    try:
-        run.close()
-        if processed is not None and run.settings.preview:
-            try:
-                _append_preview(run, processed)
-            except Exception as e:
-                print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
-        guided = [ps.guidance for ps in run.passes if ps.guidance is not None]
-        calls, beside = sum(g.source_calls for g in guided), sum(g.prefetched for g in guided)
-        where = f" ({beside} beside the target on {run.device})" if beside else ""
-        print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {calls} source calls{where}, "
-              f"{run.overhead():.1f}s source overhead")
-    finally:
-        source_mod.settle({m.key for m in run.models})
+    records = [r for ps in run.passes if ps.guidance is not None for r in ps.guidance.records]
+    target = next((ps.guidance.bridge.target.latent.name for ps in reversed(run.passes) if ps.guidance), None)
+    run.close()
+    if processed is not None and run.settings.preview:
+        try:
+            _append_preview(run, records, target, processed)
+        except Exception as e:
+            print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
+    print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {', '.join(run.log)}")
 
 
-def _append_preview(run: Run, processed: Any) -> None:
+def _append_preview(run: Run, records: list, target: str | None, processed: Any) -> None:
     from ... import preview
 
-    guided = [ps for ps in run.passes if ps.guidance is not None]
-    records = [r for ps in guided for r in ps.guidance.records]
-    target = guided[-1].guidance.bridge.target.latent.name if guided else None
     strip = preview.render(records, run.source.latent.name, target)
     if strip is None:
         return

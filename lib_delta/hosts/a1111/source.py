@@ -4,8 +4,8 @@ A private model is found only among the WebUI's listed checkpoints, read on the 
 (so a pickled ``.ckpt`` goes through its safe unpickler), constructed the way ``sd_models.load_model`` constructs a
 model but without any of its global effects: it is never made active, fires no ``model_loaded_callback`` and
 carries no Lora ``network_layer_name`` labels. Its VAE is dropped (the delta lives in latent space). Models are
-cached across generations, keyed by file and hash; the ``delta_sampling_cache`` option decides where they wait
-between generations.
+kept in a bounded pool (:mod:`lib_delta.hosts.common.pool`), keyed by file and hash; a model leaves it through
+:func:`_release`, which frees its weights as the WebUI frees a replaced checkpoint.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from ...errors import DeltaError
 from ...spaces import SD1, SD2, SD3, SDXL, LatentFormat
 from ...webui.interfaces import SETTING_CUDA_GRAPH
 from ..common import names as listed
+from ..common.pool import Limits, ModelPool
 
 _VAE_PREFIX = "first_stage_model."
-
-# The one piece of module state besides the callback registration: models kept between generations.
-_cache: dict[tuple[str, str], PrivateModel] = {}
 
 
 @dataclass(eq=False)
@@ -60,8 +58,8 @@ class PrivateModel:
 def own_sigma_max(model: Any) -> float | None:
     """The largest noise level of a discrete (ldm/sgm) model's own schedule; None for a flow model (SD3).
 
-    Read once at load: a pass later gives the model the target's ``alphas_cumprod`` (see ``denoiser_for``), and a
-    target on a zero-terminal-SNR schedule reaches levels the source was never trained at."""
+    Read once at load, from the model's own schedule: a target on a zero-terminal-SNR schedule reaches levels the
+    source was never trained at."""
     alphas = getattr(model, "alphas_cumprod", None)
     if alphas is None or getattr(model, "is_sd3", False):
         return None
@@ -102,6 +100,11 @@ def unsupported_kind(model: Any) -> str | None:
     return None
 
 
+def info_label(info: Any) -> str:
+    """A listed checkpoint's name as messages show it."""
+    return str(getattr(info, "name_for_extra", None) or getattr(info, "name", None) or info)
+
+
 def model_label(model: Any) -> str:
     info = getattr(model, "sd_checkpoint_info", None)
     return str(getattr(info, "name_for_extra", None) or getattr(info, "name", None) or type(model).__name__)
@@ -111,24 +114,23 @@ def model_label(model: Any) -> str:
 
 
 def resolve(name: str, what: str = "source checkpoint") -> Any:
-    """The listed checkpoint a name refers to (title, name, hash or a unique part of the title)."""
+    """The listed checkpoint whose title, name, hash or alias is exactly ``name``."""
     return listed.checkpoint(name, what, "the WebUI's")
 
 
-def acquire(name: str, what: str = "source checkpoint") -> PrivateModel:
-    """The cached private model for a listed checkpoint, loading it on first use."""
-    info = resolve(name, what)
-    shorthash = _shorthash(info)
-    key = (os.path.abspath(info.filename), shorthash)
-    entry = _cache.get(key)
-    if entry is None:
-        entry = _load(info, key, shorthash, what)
-        _cache[key] = entry
-    return entry
+def key_of(info: Any) -> tuple[str, str]:
+    """The pool key of a listed checkpoint: its file and hash (a file replaced under the same name is another)."""
+    return os.path.abspath(info.filename), _shorthash(info)
+
+
+def acquire(info: Any, what: str = "source checkpoint") -> PrivateModel:
+    """The pooled private model of a resolved checkpoint, loading it on first use."""
+    key = key_of(info)
+    return POOL.get(key, lambda: _load(info, key, key[1], what))
 
 
 def cached() -> list[PrivateModel]:
-    return list(_cache.values())
+    return POOL.models()
 
 
 def _shorthash(info: Any) -> str:
@@ -163,9 +165,14 @@ def _build(info: Any, what: str) -> torch.nn.Module:
     try:
         state_dict = sd_models.read_state_dict(info.filename, map_location="cpu")
     except Exception as e:
+        if _is_pickle(info.filename) and isinstance(e, (AttributeError, TypeError)) and "NoneType" in str(e):
+            # the WebUI's safe unpickler printed why and returned None, which its reader then failed on
+            raise DeltaError(f"The WebUI's safe loader refused the {what} '{filename}' as an unsafe pickle (it holds "
+                             "objects other than tensors). Convert it to .safetensors, or choose another "
+                             "checkpoint.") from e
         raise DeltaError(f"Delta Sampling cannot read the {what} file '{filename}' ({type(e).__name__}: {e}). "
-                         "A damaged file, or a pickled .ckpt that the WebUI's safe loader refuses, cannot be used: "
-                         "choose another checkpoint or convert it to .safetensors.") from e
+                         "A damaged or truncated file cannot be used: choose another checkpoint or convert it to "
+                         ".safetensors.") from e
     if not isinstance(state_dict, dict) or not state_dict:
         raise DeltaError(f"Delta Sampling found no weights in the {what} file '{filename}': the WebUI's safe loader "
                          "refused it or it is empty. Choose another checkpoint or convert it to .safetensors.")
@@ -201,6 +208,10 @@ def _build(info: Any, what: str) -> torch.nn.Module:
     _wrap_text_encoders(model)
     devices.torch_gc()
     return model
+
+
+def _is_pickle(filename: str) -> bool:
+    return os.path.splitext(filename)[1].lower() not in (".safetensors", ".gguf")
 
 
 def _load_weights(model: torch.nn.Module, state_dict: dict) -> None:
@@ -316,9 +327,10 @@ def place_for_generation(entry: PrivateModel, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """Run ``module`` on ``device``. Under --lowvram/--medvram the target's modules step aside first (the
-    WebUI's own hooks bring them back) and the module returns to the CPU afterwards."""
+def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device, patch: Any = None
+              ) -> Iterator[None]:
+    """Run ``module`` (and the LoRA ``patch`` data on it) on ``device``. Under --lowvram/--medvram the target's
+    modules step aside first (the WebUI's own hooks bring them back), and both return to the CPU afterwards."""
     if device.type == "cpu" or not target_uses_lowvram():
         yield
         return
@@ -326,33 +338,52 @@ def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device
 
     lowvram.send_everything_to_cpu()
     module.to(device)
+    if patch is not None:
+        patch.to(device=device)
     try:
         yield
     finally:
         module.to("cpu")
+        if patch is not None:
+            patch.to(device="cpu")
 
 
-def settle(in_use: set[tuple[str, str]] | None = None) -> None:
-    """After a generation: apply the ``delta_sampling_cache`` option to every cached model.
+def _release(entry: PrivateModel) -> None:
+    """Free a model as the WebUI frees a replaced checkpoint (``send_model_to_trash``): its weights move to the
+    meta device, so their memory returns now, whatever still refers to the object. The bound method the
+    text-encoder hijack left on it (a reference cycle) goes too, so the object itself dies with its last user."""
+    from modules import sd_hijack
 
-    "gpu" keeps them where they are, "ram" moves them to the CPU, "free" drops them. Models not used by the
-    latest generation (``in_use``) are dropped whatever the option: one generation's models are kept, not all.
-    """
-    from modules import devices, shared
+    undo = getattr(sd_hijack, "undo_weighted_forward", None)
+    if undo is not None:
+        undo(entry.model)
+    entry.model.to("meta")
 
-    policy = str(getattr(shared.opts, "delta_sampling_cache", "ram") or "ram")
-    dropped = False
-    for key, entry in list(_cache.items()):
-        if policy == "free" or (in_use is not None and key not in in_use):
-            del _cache[key]  # the garbage collector frees it once the last generation lets go
-            dropped = True
-        elif policy != "gpu" and entry.device.type != "cpu":
-            entry.model.to("cpu")
-            dropped = True
-    if dropped:
+
+def _stash(entry: PrivateModel) -> None:
+    if entry.device.type != "cpu":
+        entry.model.to("cpu")
+
+
+POOL: ModelPool[PrivateModel] = ModelPool(release=_release, stash=_stash)
+
+
+def limits() -> Limits:
+    from modules import shared
+
+    return Limits.from_options(shared.opts)
+
+
+def settle(in_use: list[tuple[str, str]] | None = None) -> None:
+    """After a generation: keep what the pool's limits allow of the models it used (see ``common.pool``)."""
+    from modules import devices
+
+    had = POOL.keys()
+    POOL.settle(in_use or [], limits())
+    if had:
         devices.torch_gc()
 
 
 def forget_all() -> None:
-    """Drop every cached model."""
-    _cache.clear()
+    """Release every pooled model."""
+    POOL.clear()

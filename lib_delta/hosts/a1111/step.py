@@ -23,6 +23,7 @@ from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance, cfg_combine
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, VPSchedule
+from ..common.http import http_error, unexpected
 from . import conds as conds_mod
 from . import source as source_mod
 
@@ -40,34 +41,17 @@ class Abort(BaseException):
     """
 
 
-def http_error(error: BaseException) -> BaseException:
-    """Give an exception what the WebUI's API handler reads: ``status_code`` and ``detail``."""
-    if not hasattr(error, "status_code"):
-        error.status_code = 422 if isinstance(error, DeltaError) else 500  # type: ignore[attr-defined]
-    if not getattr(error, "detail", None):
-        error.detail = str(error)  # type: ignore[attr-defined]
-    return error
-
-
-def unexpected(error: BaseException) -> DeltaError:
-    """An unforeseen failure inside Delta Sampling, as an error that names it."""
-    wrapped = DeltaError(f"Delta Sampling failed: {type(error).__name__}: {error}. The generation was stopped "
-                         "rather than finished without the delta.")
-    wrapped.status_code = 500  # type: ignore[attr-defined]
-    wrapped.__cause__ = error
-    return wrapped
-
-
 def guard(sampler: Any, check: Callable[[], None], on_abort: Callable[[], BaseException],
-          on_schedule: Callable[[Tensor], None] | None = None) -> None:
-    """Patch one sampler instance (see the module doc); :func:`unguard` removes the patches."""
+          on_schedule: Callable[[Tensor], None] | None = None, on_failure: Callable[[], None] = lambda: None) -> None:
+    """Patch one sampler instance (see the module doc); :func:`unguard` removes the patches. ``on_failure`` runs
+    when sampling raises, whatever raised (an out-of-memory error in the target, another extension)."""
     if PASS_ATTR in vars(sampler):
         unguard(sampler)
     originals = {}
     for name in _GUARDED:
         if hasattr(sampler, name):
             originals[name] = getattr(sampler, name)
-            setattr(sampler, name, _guarded(originals[name], check, on_abort))
+            setattr(sampler, name, _guarded(originals[name], check, on_abort, on_failure))
     if on_schedule is not None:
         for name in _SCHEDULES:
             if hasattr(sampler, name):
@@ -81,14 +65,19 @@ def unguard(sampler: Any) -> None:
         vars(sampler).pop(name, None)
 
 
-def _guarded(original: Callable, check: Callable[[], None], on_abort: Callable[[], BaseException]) -> Callable:
+def _guarded(original: Callable, check: Callable[[], None], on_abort: Callable[[], BaseException],
+             on_failure: Callable[[], None]) -> Callable:
     def sample(*args, **kwargs):
-        check()
         try:
-            result = original(*args, **kwargs)
-        except Abort:
-            raise on_abort() from None
-        check()
+            check()
+            try:
+                result = original(*args, **kwargs)
+            except Abort:
+                raise on_abort() from None
+            check()
+        except BaseException:
+            on_failure()
+            raise
         return result
 
     return sample
@@ -228,11 +217,13 @@ def forward_source(lora: Any, entry: source_mod.PrivateModel, wrapper: Any, xs: 
         return wrapper(xs, ls, cond=cond)
 
 
-def denoiser_for(entry: source_mod.PrivateModel, target_alphas: Tensor | None, device: torch.device) -> Any:
+def denoiser_for(entry: source_mod.PrivateModel, device: torch.device) -> Any:
     """The source's x0 wrapper: k-diffusion's CompVis(V)Denoiser, or the model's own (SD3) denoiser.
 
-    The source reads sigma ↔ timestep from the target's ``alphas_cumprod`` (same length), so the two models agree
-    on where each noise level is, including the WebUI's schedule overrides.
+    It maps σ to a timestep with the source's own schedule: the target's may be rescaled (the WebUI's "Zero
+    Terminal SNR" noise schedule rewrites the active model's ``alphas_cumprod`` before sampling), and the source was
+    trained on its own. The WebUI's downcast option, a rounding of the table rather than another schedule, applies
+    to both, so a source equal to the target reads the same table.
     """
     from modules import shared
 
@@ -240,9 +231,11 @@ def denoiser_for(entry: source_mod.PrivateModel, target_alphas: Tensor | None, d
     create = getattr(m, "create_denoiser", None)
     if create is not None:
         return create()
-    if target_alphas is not None and getattr(m, "alphas_cumprod", None) is not None \
-            and tuple(target_alphas.shape) == tuple(m.alphas_cumprod.shape):
-        m.alphas_cumprod = target_alphas.detach().float().to(device)
+    own = getattr(m, "alphas_cumprod_original", None)
+    if own is not None:
+        if bool(getattr(shared.opts, "use_downcasted_alpha_bar", False)):
+            own = own.half()
+        m.alphas_cumprod = own.float().to(device)
     import k_diffusion.external
 
     cls = k_diffusion.external.CompVisVDenoiser if m.parameterization == "v" else k_diffusion.external.CompVisDenoiser
@@ -261,6 +254,7 @@ class Pass:
         self.settings = settings
         self.sampler = sampler
         self.target_model = target_model
+        self.target_file = _checkpoint_file(target_model)
         self.source = source
         self.source_space = source_space
         self.label = label
@@ -277,11 +271,19 @@ class Pass:
         guard(self.sampler, self.check, self.take_error, self._on_schedule)
 
     def disarm(self) -> None:
+        """Remove the patches and drop what the pass holds (its source, its guidance): a traceback that still
+        refers to this pass keeps nothing of the generation alive."""
         unguard(self.sampler)
         wrap = getattr(getattr(self.sampler, "model_wrap_cfg", None), "model_wrap", None)
         if wrap is not None:
             vars(wrap).pop(PASS_ATTR, None)
-        self.call = None
+        self.call = self.guidance = self.source = None
+        self.stopped = True
+
+    def runs_on(self, model: Any) -> bool:
+        """Whether ``model`` is still this pass's target: the same object holding the same checkpoint (with one
+        checkpoint in memory the WebUI loads a refiner's weights into the active model's object)."""
+        return model is self.target_model and _checkpoint_file(model) == self.target_file
 
     def check(self) -> None:
         if self.error is not None:
@@ -306,7 +308,7 @@ class Pass:
         from modules import shared
 
         d = params.denoiser
-        if shared.sd_model is not self.target_model:  # the refiner took over: its steps run without the delta
+        if not self.runs_on(shared.sd_model):  # the refiner took over: its steps run without the delta
             self.stopped = True
             d.p.extra_generation_params["Delta refiner"] = "stopped"
         if self.stopped:
@@ -406,6 +408,11 @@ class Pass:
             denoised = denoised * d.nmask + d.init_latent * d.mask
         b = layout.batch
         self.guidance.after_combine(call.x[-b:], call.sigma[-b:], denoised)
+
+
+def _checkpoint_file(model: Any) -> Any:
+    return getattr(model, "sd_model_checkpoint", None) or getattr(getattr(model, "sd_checkpoint_info", None),
+                                                                  "filename", None)
 
 
 def _skips_uncond(d: Any, call: CallState, extra: dict, batch: int) -> bool:

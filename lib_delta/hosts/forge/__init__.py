@@ -20,6 +20,7 @@ from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
+from ..common.http import as_failure, as_http_exception
 from . import models as forge_models
 from . import source as forge_source
 from .source import ForgeSource
@@ -35,6 +36,11 @@ def register() -> None:
 
     register_interfaces()
     script_callbacks.on_script_unloaded(forge_models.forget_all)
+
+
+def begin(p: Any) -> None:
+    """A generation starts: close the previous one, whatever ended it."""
+    finish(p)
 
 
 def start(p: Any, settings: DeltaSettings) -> None:
@@ -53,11 +59,9 @@ def start(p: Any, settings: DeltaSettings) -> None:
 
 def fail(p: Any, error: Exception) -> None:
     """Stop this generation with ``error``: script hooks' exceptions are only logged, the sampler's are not."""
+    finish(p)
+    error = as_http_exception(as_failure(error))
     print(f"Delta Sampling: {error}")
-    # the API answers with these: 422 for a setting the user can fix, 500 for anything unforeseen
-    error.status_code = getattr(error, "status_code", 422)
-    error.detail = str(error)
-    error = _as_http_error(error)
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise error
@@ -239,35 +243,6 @@ def sampling_levels(p: Any) -> list[float]:
         return [*torch.flip(sigmas[timesteps.long()], (0,)).tolist(), 0.0]
     raise DeltaError(f"Delta Sampling does not know the sampler {type(sampler).__name__}; use a k-diffusion "
                      "sampler (Euler, DPM++ ...) or DDIM/PLMS/UniPC.")
-
-
-def _as_http_error(error: DeltaError) -> DeltaError:
-    """The same refusal as an HTTP exception too, so that Forge's API answers it cleanly.
-
-    Forge's app leaves other exceptions to its catch-all handler, which sits in Starlette's outermost middleware:
-    that one answers with the status_code and detail, then re-raises to the server, which logs a traceback and
-    drops the client's connection (a client reusing it gets "connection reset" on its next request). An
-    HTTPException is answered by FastAPI's own handler, ``{"detail": ...}`` with the status code, and goes no
-    further. Outside a WebUI (no FastAPI) the error stays as it is."""
-    try:
-        from fastapi import HTTPException
-    except ImportError:
-        return error
-    if isinstance(error, HTTPException):
-        return error
-
-    class HTTPDeltaError(type(error), HTTPException):
-        def __init__(self, original: DeltaError) -> None:
-            type(original).__init__(self, str(original))
-            HTTPException.__init__(self, status_code=original.status_code, detail=original.detail)
-
-        def __str__(self) -> str:  # the message alone, as DeltaError shows it (not HTTPException's "422: ...")
-            return str(self.detail)
-
-    HTTPDeltaError.__name__ = HTTPDeltaError.__qualname__ = type(error).__name__  # the UI prints the type's name
-    refusal = HTTPDeltaError(error)
-    refusal.__cause__ = error.__cause__
-    return refusal
 
 
 def _unexpected(what: str, e: Exception) -> DeltaError:
