@@ -44,6 +44,7 @@ def files(tmp_path_factory):
     fake.write_checkpoint(models / "inpaint.safetensors", "sd1-inpaint", 6)
     fake.write_checkpoint(models / "pix2pix.safetensors", "pix2pix", 8)
     fake.write_checkpoint(models / "pickled.ckpt", "sd1", 9)
+    fake.write_checkpoint(models / "pickled_xl.ckpt", "sdxl", 10)
     (models / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     loras = root / "lora"
     loras.mkdir()

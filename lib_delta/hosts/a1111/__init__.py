@@ -338,7 +338,7 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
     ps = step_mod.Pass(run.settings, sampler, target, source, space, label)
-    ps.arm()
+    ps.arm(on_failure=SLOT.close)
     run.passes.append(ps)
     run.current = ps
     run.setup_seconds += time.perf_counter() - t0

@@ -23,7 +23,7 @@ from ...errors import DeltaError
 from ...spaces import SD1, SD2, SD3, SDXL, LatentFormat
 from ...webui.interfaces import SETTING_CUDA_GRAPH
 from ..common import names as listed
-from ..common.pool import Limits, ModelPool
+from ..common.pool import Limits, ModelPool, free_weights
 
 _VAE_PREFIX = "first_stage_model."
 
@@ -349,15 +349,15 @@ def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device
 
 
 def _release(entry: PrivateModel) -> None:
-    """Free a model as the WebUI frees a replaced checkpoint (``send_model_to_trash``): its weights move to the
-    meta device, so their memory returns now, whatever still refers to the object. The bound method the
-    text-encoder hijack left on it (a reference cycle) goes too, so the object itself dies with its last user."""
+    """Free a model at once, as the WebUI frees a replaced checkpoint: its weights' memory returns now, whatever
+    still refers to the object, and the bound method the text-encoder hijack left on it (a reference cycle) goes,
+    so the object itself dies with its last user."""
     from modules import sd_hijack
 
     undo = getattr(sd_hijack, "undo_weighted_forward", None)
     if undo is not None:
         undo(entry.model)
-    entry.model.to("meta")
+    free_weights(entry.model)
 
 
 def _stash(entry: PrivateModel) -> None:

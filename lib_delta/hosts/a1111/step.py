@@ -267,8 +267,9 @@ class Pass:
 
     # -- the guard --------------------------------------------------------------------------------------------------
 
-    def arm(self) -> None:
-        guard(self.sampler, self.check, self.take_error, self._on_schedule)
+    def arm(self, on_failure: Callable[[], None]) -> None:
+        """Guard this pass's sampler; ``on_failure`` runs when its sampling raises, whatever raised."""
+        guard(self.sampler, self.check, self.take_error, self._on_schedule, on_failure)
 
     def disarm(self) -> None:
         """Remove the patches and drop what the pass holds (its source, its guidance): a traceback that still

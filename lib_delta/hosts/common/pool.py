@@ -16,6 +16,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import torch
+
 from ...errors import DeltaError
 
 M = TypeVar("M")
@@ -114,3 +116,13 @@ class ModelPool(Generic[M]):
 
     def _drop(self, key: Hashable) -> None:
         self._release(self._models.pop(key))
+
+
+def free_weights(module: torch.nn.Module) -> None:
+    """Give the memory of every parameter and buffer back now, whatever else still refers to these tensors.
+
+    Each tensor keeps its identity and dtype but holds nothing (``Module.to("meta")`` would make new parameters
+    and leave the old ones, with their memory, to whoever still holds them)."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import MethodType
+
 import torch
 from torch import nn
 
@@ -42,6 +44,22 @@ class EmbedderWithCustomWords(nn.Module):
         return z
 
 
+def weighted_forward(sd_model, x, c, w, *args, **kwargs):
+    raise NotImplementedError  # the training loss the WebUI adds; never called here
+
+
+def apply_weighted_forward(sd_model):
+    # as the WebUI does: a method bound to the model, stored on it (a reference cycle)
+    sd_model.weighted_forward = MethodType(weighted_forward, sd_model)
+
+
+def undo_weighted_forward(sd_model):
+    try:
+        del sd_model.weighted_forward
+    except AttributeError:
+        pass
+
+
 class StableDiffusionModelHijack:
     def __init__(self):
         self.clip = None
@@ -53,6 +71,7 @@ class StableDiffusionModelHijack:
         self.embedding_db = None
 
     def hijack(self, m):
+        apply_weighted_forward(m)
         conditioner = getattr(m, "conditioner", None)
         if conditioner is not None:
             for i, e in enumerate(conditioner.embedders):
