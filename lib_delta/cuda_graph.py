@@ -61,8 +61,10 @@ class CudaGraphs:
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            # name the capture stream: torch.cuda.graph's default one lives on whichever GPU first captured
-            with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            # name the capture stream: torch.cuda.graph's default one lives on whichever GPU first captured.
+            # thread_local: the WebUI decodes live previews on the GPU from another thread meanwhile, which the
+            # global mode would count as an illegal call during capture.
+            with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
                 outputs = run()
         return graph.replay, outputs
 

@@ -31,11 +31,13 @@ class CfgLayout:
     """The rows of one CFG batch.
 
     ``conds_list[i]`` lists ``(cond_row, weight)`` for image i (A1111's AND composition); cond rows come first,
-    then one uncond row per image, in image order.
+    then one uncond row per image, in image order. ``uncond_from_cond``: the host skipped the uncond rows of this
+    call (A1111's skip-early-CFG and NGMS) and put each image's first cond row in their place.
     """
 
     conds_list: tuple[tuple[tuple[int, float], ...], ...]
     cond_scale: float
+    uncond_from_cond: bool = False
 
     @staticmethod
     def simple(batch: int, cond_scale: float) -> CfgLayout:
@@ -43,8 +45,10 @@ class CfgLayout:
         return CfgLayout(tuple(((i, 1.0),) for i in range(batch)), cond_scale)
 
     @staticmethod
-    def from_conds_list(conds_list: Sequence[Sequence[tuple[int, float]]], cond_scale: float) -> CfgLayout:
-        return CfgLayout(tuple(tuple((int(r), float(w)) for r, w in c) for c in conds_list), float(cond_scale))
+    def from_conds_list(conds_list: Sequence[Sequence[tuple[int, float]]], cond_scale: float,
+                        uncond_from_cond: bool = False) -> CfgLayout:
+        return CfgLayout(tuple(tuple((int(r), float(w)) for r, w in c) for c in conds_list), float(cond_scale),
+                         uncond_from_cond)
 
     @property
     def batch(self) -> int:
@@ -163,7 +167,7 @@ class DeltaGuidance:
                 xs, ls = self.trajectory.source_point(x_ve, sigma, layout)
             else:
                 xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
-            pred = self._call_source(xs, ls, rows, variants)
+            pred = self._call_source(xs, ls, rows, variants, layout)
         pred = _wide(pred)
         if pred.device != out.device:  # a source on another GPU
             pred = pred.to(out.device)
@@ -192,7 +196,7 @@ class DeltaGuidance:
             return
         _, _, rows, variants = self._request(layout, active)
         xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
-        pred = self._call_source(xs, ls, rows, variants)
+        pred = self._call_source(xs, ls, rows, variants, layout)
         self._pending = (_call_key(x, level, progress, rows, variants), pred)
 
     def _strengths_at(self, level: Tensor) -> tuple[float, tuple[float, ...], list[int]]:
@@ -200,19 +204,29 @@ class DeltaGuidance:
         lam = tuple(strength_at(progress, g.strength, g.schedule, g.start, g.end) for g in self.settings.groups)
         return progress, lam, [g for g, v in enumerate(lam) if v != 0.0]
 
+    def _cond_only(self) -> bool:
+        return self.settings.cfg_mode == "cond" and self.settings.mode != "base-first"
+
     def _request(self, layout: CfgLayout, active: list[int]) -> tuple[bool, bool, list[int], list[int]]:
         """(base-first, cond-only, the target rows the source is evaluated for, its variants)."""
         base_first = self.settings.mode == "base-first"
-        cond_only = self.settings.cfg_mode == "cond" and not base_first
-        rows = list(range(layout.n_cond if cond_only else layout.n_rows))
+        cond_only = self._cond_only()
+        rows = list(range(layout.n_cond if cond_only or layout.uncond_from_cond else layout.n_rows))
         variants = [1 if self.settings.groups[0].has_adaptation else 0] if base_first else [0, *(g + 1 for g in active)]
         return base_first, cond_only, rows, variants
 
-    def _call_source(self, xs: Tensor, ls: Tensor, rows: list[int], variants: list[int]) -> Tensor:
+    def _call_source(self, xs: Tensor, ls: Tensor, rows: list[int], variants: list[int], layout: CfgLayout
+                     ) -> Tensor:
         if len(rows) < xs.shape[0]:
             xs, ls = xs[: len(rows)], ls[: len(rows)]
         self.source_calls += 1
-        return self.source(xs, ls, rows, variants)
+        pred = self.source(xs, ls, rows, variants)
+        if layout.uncond_from_cond and len(rows) == layout.n_cond and not self._cond_only():
+            # the target combines with its first cond rows as uncond: the source takes the same rows, not an
+            # uncond prediction of its own that the target never made
+            firsts = [conds[0][0] for conds in layout.conds_list]
+            pred = torch.cat([pred, pred[:, firsts]], dim=1)
+        return pred
 
     def apply_combined(self, x: Tensor, level: Tensor, denoised: Tensor, layout: CfgLayout) -> bool:
         """Correct an already combined prediction ``denoised`` (one x0 per image) in place, as :meth:`apply` would.

@@ -228,6 +228,25 @@ def test_skipped_uncond_steps_use_the_cond_prediction(ui):
     assert rel(out, adapted) < 1e-5
 
 
+@pytest.mark.parametrize("option", ["skip_early_cond", "ngms"])
+def test_skipped_uncond_steps_with_and_prompts_take_the_targets_rows(ui, monkeypatch, option):
+    """With AND weights that do not sum to 1 the uncond row counts in the combine: where the WebUI skips it, it
+    uses each image's first cond row instead, and so must the source."""
+    from modules import shared
+
+    if option == "skip_early_cond":
+        monkeypatch.setattr(shared.opts, "skip_early_cond", 0.5)
+        extra = {}
+    else:
+        monkeypatch.setattr(shared.opts, "s_min_uncond_all", True)
+        extra = {"s_min_uncond": 100.0}
+    prompt = "a cat :0.8 AND a red sofa :0.6"
+    adapted = images(ui.txt2img(**{**BASE, **extra, "prompt": "a cat, in the snow :0.8 AND a red sofa, in the snow "
+                                                               ":0.6"}))
+    out = images(ui.txt2img(delta(adapted_prompt="in the snow"), **{**BASE, **extra, "prompt": prompt}))
+    assert rel(out, adapted) < 1e-5
+
+
 # --- failing loudly, and nothing left behind ------------------------------------------------------------------
 
 

@@ -358,8 +358,9 @@ class Pass:
         d = call.denoiser
         extra = d.sampler.sampler_extra_args
         conds_list = conds_mod.conds_list_of(extra["cond"])
-        scale = 1.0 if _skips_uncond(d, call, extra, len(conds_list)) else \
-            float(extra["cond_scale"]) * float(getattr(d, "cond_scale_miltiplier", 1.0))
+        if _skips_uncond(d, call, extra, len(conds_list)):
+            return CfgLayout.from_conds_list(conds_list, 1.0, uncond_from_cond=True)
+        scale = float(extra["cond_scale"]) * float(getattr(d, "cond_scale_miltiplier", 1.0))
         return CfgLayout.from_conds_list(conds_list, scale)
 
     def _build_guidance(self, call: CallState) -> DeltaGuidance:
