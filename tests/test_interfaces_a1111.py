@@ -44,18 +44,17 @@ def webui(monkeypatch):
     xyz.axis_options = [AxisOption("Nothing", str, None), AxisOption("Seed", int, None)]
     XyzScript.__module__ = "xyz_grid.py"  # the WebUI loads scripts as modules named after their file
 
-    def closest(name):
-        for title, short in CHECKPOINTS.items():
-            if name in (title, short) or name in title:
-                return SimpleNamespace(title=title, name=short)
-        return None
+    # CheckpointInfo.register(): listed by title, aliased by each id
+    infos = {title: SimpleNamespace(title=title, name=short) for title, short in CHECKPOINTS.items()}
+    aliases = {**infos, **{i.name: i for i in infos.values()}}
 
     before_ui, added = [], {}
     modules = types.ModuleType("modules")
     stand_ins = {
         "scripts": SimpleNamespace(scripts_data=[SimpleNamespace(script_class=object, module=None),
                                                  SimpleNamespace(script_class=XyzScript, module=xyz)]),
-        "sd_models": SimpleNamespace(checkpoint_tiles=lambda: list(CHECKPOINTS), get_closet_checkpoint_match=closest),
+        "sd_models": SimpleNamespace(checkpoint_tiles=lambda: list(CHECKPOINTS), checkpoints_list=infos,
+                                     checkpoint_aliases=aliases),
         "script_callbacks": SimpleNamespace(on_before_ui=before_ui.append),
         "shared": SimpleNamespace(OptionInfo=OptionInfo, opts=SimpleNamespace(add_option=added.__setitem__),
                                   options_section=_options_section),
@@ -170,7 +169,8 @@ def test_axis_choices(webui):
     ("[Delta] Window start", ["-0.1"], "between 0.0 and 1.0"),
     ("[Delta] Window end", ["1.5"], "out of range"),
     ("[Delta] LoRA weight", ["20"], "between -10.0 and 10.0"),
-    ("[Delta] Source checkpoint", ["sd15", "nope"], r"unknown checkpoint\(s\) 'nope'"),
+    ("[Delta] Source checkpoint", ["sd15", "nope"], r"'nope' is not among the WebUI's checkpoints"),
+    ("[Delta] Source checkpoint", ["sd1"], r"'sd1' is not among .* Closest: 'sd15.safetensors \[cc6cb27103\]'"),
     ("[Delta] Schedule", ["linear", "wobbly"], r"unknown schedule\(s\) 'wobbly'; allowed: constant"),
     ("[Delta] Enabled", ["maybe"], "'maybe' is not True or False"),
 ])

@@ -13,15 +13,23 @@ from typing import Any
 
 from ..args import LORA_WEIGHT_RANGE, OVERRIDES, SCHEDULES, STRENGTH_RANGE
 from ..errors import DeltaError
+from ..hosts.common.pool import (
+    CACHE_POLICIES,
+    SETTING_CACHE,
+    SETTING_KEPT,
+    SETTING_MAX_CHECKPOINTS,
+    SETTING_MAX_LORAS,
+    Limits,
+)
 from .panel import PANEL_SETTING_DEFAULTS, SETTING_DEFAULT_STRENGTH, SETTING_PREVIEW, STRENGTH_SLIDER, TITLE
 
 SECTION = ("delta_sampling", TITLE)
-SETTING_CACHE = "delta_sampling_cache"
 SETTING_DEVICE = "delta_sampling_device"
 SETTING_CUDA_GRAPH = "delta_sampling_cuda_graph"
-CACHE_POLICIES = ("gpu", "ram", "free")
-SETTING_DEFAULTS: dict[str, Any] = {SETTING_CACHE: "ram", SETTING_DEVICE: "same", SETTING_CUDA_GRAPH: True,
-                                    **PANEL_SETTING_DEFAULTS}
+_LIMITS = Limits()
+SETTING_DEFAULTS: dict[str, Any] = {SETTING_CACHE: _LIMITS.cache, SETTING_KEPT: _LIMITS.kept,
+                                    SETTING_MAX_CHECKPOINTS: _LIMITS.checkpoints, SETTING_MAX_LORAS: _LIMITS.loras,
+                                    SETTING_DEVICE: "same", SETTING_CUDA_GRAPH: True, **PANEL_SETTING_DEFAULTS}
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -52,10 +60,24 @@ def add_settings() -> None:
 
     options = {
         SETTING_CACHE: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_CACHE], "Source model between generations", gr.Radio,
+            SETTING_DEFAULTS[SETTING_CACHE], "Source models between generations", gr.Radio,
             {"choices": list(CACHE_POLICIES)},
-        ).info("gpu = keep it on the GPU (fastest, uses VRAM); ram = move it to system memory (default); "
-               "free = unload it (least memory, reloads each time)"),
+        ).info("gpu = keep them on the GPU (fastest, uses VRAM); ram = move them to system memory (default); "
+               "free = unload them (least memory, reloads each time)"),
+        SETTING_KEPT: shared.OptionInfo(
+            SETTING_DEFAULTS[SETTING_KEPT], "Source models kept between generations", gr.Slider,
+            {"minimum": 0, "maximum": 4, "step": 1},
+        ).info("besides the active model; each SD1.5 source costs about 2 GB (fp16), SDXL about 5 GB. The source "
+               "is kept first, then fine-tuned checkpoints; a model not used by the last generation is unloaded"),
+        SETTING_MAX_CHECKPOINTS: shared.OptionInfo(
+            SETTING_DEFAULTS[SETTING_MAX_CHECKPOINTS], "Checkpoints per generation", gr.Slider,
+            {"minimum": 1, "maximum": 8, "step": 1},
+        ).info("the most different checkpoints (source and fine-tuned) one generation may load; a request over it "
+               "is refused before anything loads"),
+        SETTING_MAX_LORAS: shared.OptionInfo(
+            SETTING_DEFAULTS[SETTING_MAX_LORAS], "LoRAs per generation", gr.Slider,
+            {"minimum": 1, "maximum": 64, "step": 1},
+        ).info("the most LoRA entries one generation may list, all groups together"),
         SETTING_DEVICE: shared.OptionInfo(
             SETTING_DEFAULTS[SETTING_DEVICE], "Device for the source model", gr.Dropdown,
             lambda: {"choices": device_choices()},
@@ -117,17 +139,15 @@ def _confirm_range(label: str, bounds: tuple[float, float]) -> Callable[[Sequenc
     return confirm
 
 
-def _checkpoint(name: str):
-    from modules import sd_models
-
-    return sd_models.get_closet_checkpoint_match(name)
-
-
 def _confirm_checkpoints(xs: Sequence[str]) -> None:
-    unknown = [x for x in xs if not x or _checkpoint(x) is None]
-    if unknown:
-        raise _rejected(f"[Delta] Source checkpoint: unknown checkpoint(s) {', '.join(map(repr, unknown))}; use "
-                         "names from the checkpoint list (POST /sdapi/v1/refresh-checkpoints after adding files).")
+    from ..hosts.common import names
+
+    for x in xs:
+        try:
+            names.checkpoint(str(x), "source checkpoint", "the WebUI's")
+        except DeltaError as e:
+            raise _rejected(f"[Delta] Source checkpoint: {e} (POST /sdapi/v1/refresh-checkpoints after adding "
+                             "files).") from None
 
 
 def _confirm_schedules(xs: Sequence[str]) -> None:
