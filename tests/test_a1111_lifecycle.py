@@ -350,3 +350,32 @@ def test_the_source_reads_its_own_schedule_under_a_zero_terminal_snr_target(ui):
         target.alphas_cumprod = own
     (entry,) = a1111_source.cached()
     assert torch.equal(entry.model.alphas_cumprod.cpu(), entry.model.alphas_cumprod_original.cpu())
+
+
+# --- --lowvram / --medvram ---------------------------------------------------------------------------------------
+
+
+def test_under_lowvram_the_lora_data_goes_back_with_its_model(ui, monkeypatch):
+    """The source visits the GPU for each call under --lowvram/--medvram; its dense LoRA data (LoHa, DoRA) went
+    there with it and never came back."""
+    from lib_delta.hosts.a1111 import lora as a1111_lora
+    from lib_delta.lora.patch import DeltaPatch
+
+    made = []
+    real_create = a1111_lora.Adapter.create.__func__
+    monkeypatch.setattr(a1111_lora.Adapter, "create",
+                        classmethod(lambda cls, *a: made.append(real_create(cls, *a)) or made[-1]))
+    ui.txt2img(delta(loras="<lora:style:1>"), **BASE)
+    (adapter,) = made
+    moves = []
+    monkeypatch.setattr(DeltaPatch, "to", lambda self, device=None, dtype=None: moves.append(str(device)) or self)
+    monkeypatch.setattr(a1111_source, "target_uses_lowvram", lambda: True)
+    on_gpu = a1111_lora.Adapter(adapter._patches, adapter._group_model, {}, adapter._te, adapter._unet,
+                                torch.device("cuda"))
+    (entry,) = a1111_source.cached()
+    terms = on_gpu.unet_terms(0)
+    with on_gpu.unet_rows(entry, [(1, terms)]):
+        assert moves == ["cuda"]
+    with on_gpu.te_active(entry, on_gpu.te_terms(0)):
+        pass
+    assert moves == ["cuda", "cpu", "cuda", "cpu"]

@@ -78,6 +78,8 @@ class Adapter:
     def __init__(self, patches: dict[int, Any], group_model: list[source_mod.PrivateModel], hashes: dict[str, str],
                  te_groups: set[int], unet_groups: set[int], device: Any) -> None:
         self.device = device  # where the models run (their modules are there while a patch is attached)
+        # under --lowvram/--medvram the models visit the GPU for each call: their LoRA data goes back with them
+        self.offload = device.type != "cpu" and source_mod.target_uses_lowvram()
         self._patches = patches  # id(PrivateModel) -> DeltaPatch
         self._group_model = group_model
         self._hashes = hashes
@@ -139,8 +141,7 @@ class Adapter:
     def te_active(self, entry: source_mod.PrivateModel, terms: Terms) -> Iterator[None]:
         """A text-encoder pass with one group's terms on every row (open_clip runs sequence-first: whole batch)."""
         patch = terms.patch
-        patch.to(device=self.device)
-        with patch, patch.rows([(slice(None), terms.group)]):
+        with self._visiting(patch), patch, patch.rows([(slice(None), terms.group)]):
             yield
 
     @contextlib.contextmanager
@@ -154,9 +155,17 @@ class Adapter:
         for n, terms in plan:
             rows.append((slice(start, start + n), None if terms is None else terms.group))
             start += n
-        patch.to(device=self.device)
-        with patch, patch.rows(rows):
+        with self._visiting(patch), patch, patch.rows(rows):
             yield
+
+    @contextlib.contextmanager
+    def _visiting(self, patch: Any) -> Iterator[None]:
+        patch.to(device=self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                patch.to(device="cpu")
 
     def lay_out(self) -> None:
         """Stack folded weights now that the models sit where they run, before a CUDA graph keys on them."""

@@ -327,10 +327,9 @@ def place_for_generation(entry: PrivateModel, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device, patch: Any = None
-              ) -> Iterator[None]:
-    """Run ``module`` (and the LoRA ``patch`` data on it) on ``device``. Under --lowvram/--medvram the target's
-    modules step aside first (the WebUI's own hooks bring them back), and both return to the CPU afterwards."""
+def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Run ``module`` on ``device``. Under --lowvram/--medvram the target's modules step aside first (the
+    WebUI's own hooks bring them back) and the module returns to the CPU afterwards."""
     if device.type == "cpu" or not target_uses_lowvram():
         yield
         return
@@ -338,14 +337,10 @@ def on_device(entry: PrivateModel, module: torch.nn.Module, device: torch.device
 
     lowvram.send_everything_to_cpu()
     module.to(device)
-    if patch is not None:
-        patch.to(device=device)
     try:
         yield
     finally:
         module.to("cpu")
-        if patch is not None:
-            patch.to(device="cpu")
 
 
 def _release(entry: PrivateModel) -> None:
