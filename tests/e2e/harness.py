@@ -346,12 +346,18 @@ def _server_env(install: A1111Install) -> dict[str, str]:
     return env
 
 
+FAULT_EXTENSION = E2E_DIR / "fault_extension"  # test-only: injects faults on request (see its script)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     extension: bool = True
     models: tuple[str, ...] = ALL_MODELS
     extra_args: tuple[str, ...] = ()
     settings: tuple[tuple[str, Any], ...] = ()
+    # (name, fixture key): the fixture's checkpoint listed once more under another name, a second model to switch to
+    twins: tuple[tuple[str, str], ...] = ()
+    faults: bool = False  # link the fault-injection extension too
 
 
 class WebUIServer:
@@ -405,6 +411,13 @@ class WebUIServer:
                 (ckpt_dir / f.name).symlink_to(f)
             for f in fixture.lora_files:
                 (lora_dir / f.name).symlink_to(f)
+        for name, key in self.config.twins:
+            checkpoint = self.fixtures[key].checkpoint
+            (ckpt_dir / f"{name}{checkpoint.suffix}").symlink_to(checkpoint)
+            if checkpoint.with_suffix(".yaml").is_file():
+                (ckpt_dir / f"{name}.yaml").symlink_to(checkpoint.with_suffix(".yaml"))
+        if self.config.faults:
+            (ext_dir / FAULT_EXTENSION.name).symlink_to(FAULT_EXTENSION, target_is_directory=True)
         if self.config.extension:
             self.extension_link = ext_dir / EXTENSION_DIR_NAME
             self.extension_link.symlink_to(REPO_ROOT, target_is_directory=True)

@@ -1,0 +1,61 @@
+"""A test-only extension for the end-to-end suite: injects faults into a real WebUI's generation, on request.
+
+A prompt containing ``FAULT_RAISE_AT_<k>`` makes the active model's UNet raise at its k-th call (a RuntimeError
+worded like CUDA's out-of-memory error); ``FAULT_INTERRUPT_AT_<k>`` presses Interrupt (``shared.state.interrupt``)
+during the k-th call. ``GET /delta-e2e/state`` reports what Delta Sampling holds at that moment: whether a run is
+open and which source models are loaded, read from its own objects without collecting garbage first.
+The harness links this folder into a throwaway data dir; it is never installed anywhere else.
+"""
+
+from __future__ import annotations
+
+import re
+
+from modules import script_callbacks, scripts, shared
+
+_FAULT = re.compile(r"FAULT_(RAISE|INTERRUPT)_AT_(\d+)")
+
+
+class FaultScript(scripts.Script):
+    sorting_priority = 99  # after Delta Sampling
+
+    def title(self):
+        return "Delta e2e faults"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        unet = p.sd_model.model.diffusion_model
+        vars(unet).pop("forward", None)  # a fault of an earlier pass or generation
+        found = _FAULT.search(" ".join(getattr(p, "all_prompts", None) or [p.prompt]))
+        if not found:
+            return
+        kind, at, calls, original = found.group(1), int(found.group(2)), [], unet.forward
+
+        def forward(*a, **k):
+            calls.append(1)
+            if len(calls) == at:
+                vars(unet).pop("forward", None)
+                if kind == "RAISE":
+                    raise RuntimeError("CUDA out of memory (injected by the e2e fault extension)")
+                shared.state.interrupt()
+            return original(*a, **k)
+
+        unet.forward = forward
+
+    def postprocess(self, p, processed, *args):
+        vars(p.sd_model.model.diffusion_model).pop("forward", None)
+
+
+def _routes(_demo, app):
+    @app.get("/delta-e2e/state")
+    def state():
+        from lib_delta.hosts import a1111 as host
+        from lib_delta.hosts.a1111 import source
+
+        return {"run_open": host.SLOT.get() is not None,
+                "sources": [e.info.name_for_extra for e in source.cached()]}
+
+
+script_callbacks.on_app_started(_routes)
