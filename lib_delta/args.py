@@ -54,6 +54,8 @@ CFG_MODES = ("cfg", "cond")
 TRAJECTORIES = ("shared", "separate")
 STRENGTH_RANGE = (-5.0, 5.0)
 LORA_WEIGHT_RANGE = (-10.0, 10.0)
+SOURCE_CFG_RANGE = (0.0, 30.0)
+BASE_FIRST_CFG = 7.0  # the source's scale in base-first mode when none is set: what SD1.5/SDXL bases are made for
 MAX_GROUPS = 4
 
 _LORA_TAG = re.compile(r"<lora:([^<>]+)>")
@@ -235,6 +237,14 @@ class DeltaSettings:
         control=Control("Preview strip", section="advanced"),
         tooltip="Add a strip to the results showing the source base, the adapted source and the result side by "
                 "side.")
+    source_cfg: float = setting(
+        0.0, Number(*SOURCE_CFG_RANGE), slot=21, infotext=Infotext("Delta source CFG"),
+        control=Control("Source CFG scale (0 = auto)", step=0.5, section="advanced"),
+        xyz=XYZ("[Delta] Source CFG scale", at=7),
+        tooltip="The CFG scale the source's predictions are combined with. 0 = auto: the active model's own scale "
+                f"in delta mode, {num(BASE_FIRST_CFG)} in base-first mode, where a distilled (Turbo, Lightning) "
+                "active model runs at CFG 1-2 and following it would leave the source's layout steps nearly "
+                "unguided.")
 
     # -- validation -------------------------------------------------------------------------------------------
 
@@ -258,6 +268,12 @@ class DeltaSettings:
                 raise DeltaError(f"Delta Sampling has nothing to transfer{where}: add a LoRA, a fine-tuned "
                                  "checkpoint or an adapted prompt, or switch mode to 'base-first'.")
         return self
+
+    def source_cfg_for(self, target_scale: float) -> float:
+        """The CFG scale the source's predictions are combined with, given the active model's."""
+        if self.source_cfg:
+            return self.source_cfg
+        return float(target_scale) if self.mode == "delta" else BASE_FIRST_CFG
 
     # -- API dict ----------------------------------------------------------------------------------------------
 
@@ -337,6 +353,8 @@ class DeltaSettings:
             label = "" if len(self.groups) == 1 else f"group{i}: "
             parts.append(f"{label}{' '.join(what) or 'base'} λ={num(g.strength)} {g.schedule} {window}")
         parts.append(f"cfg={self.cfg_mode}")
+        if self.source_cfg:
+            parts.append(f"source_cfg={num(self.source_cfg)}")
         if self.trajectory != "shared":
             parts.append(f"trajectory={self.trajectory}")
         return ", ".join(parts)
@@ -478,6 +496,7 @@ __all__ = [
     "OVERRIDES",
     "POSITIONAL_FIELDS",
     "SCHEDULES",
+    "SOURCE_CFG_RANGE",
     "STRENGTH_RANGE",
     "TRAJECTORIES",
     "AdaptationGroup",

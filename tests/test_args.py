@@ -1,5 +1,7 @@
 """Settings: validation messages, and lossless round trips through the dict, infotext and positional forms."""
 
+from dataclasses import replace
+
 import pytest
 
 from lib_delta.args import (
@@ -191,7 +193,7 @@ def test_infotext_errors(params, message):
 
 
 def test_positional_errors():
-    with pytest.raises(DeltaError, match="at most 21 positional values"):
+    with pytest.raises(DeltaError, match="at most 22 positional values"):
         from_positional([False] * 30)
     with pytest.raises(DeltaError, match="must be true or false"):
         from_positional([{"enabled": "yes"}])
@@ -213,6 +215,36 @@ def test_summary_is_one_line():
     assert "\n" not in line and "source=sd15" in line and "λ=1.5 cosine 0.1-0.6" in line
 
 
+# --- the source's CFG scale ----------------------------------------------------------------------------------------
+
+
+def test_source_cfg_is_auto_by_default():
+    s = _enabled()
+    assert s.source_cfg == 0.0
+    assert s.source_cfg_for(1.5) == 1.5  # delta: the target's own scale
+    # base-first: a distilled target's CFG 1-2 would leave the source's layout steps nearly unguided
+    assert replace(s, mode="base-first").source_cfg_for(1.5) == 7.0
+    assert "Delta source CFG" not in s.to_infotext() and "source_cfg" not in s.summary()
+
+
+def test_source_cfg_reaches_every_form():
+    s = replace(_enabled(), source_cfg=5.0)
+    assert s.source_cfg_for(1.5) == 5.0 and replace(s, mode="base-first").source_cfg_for(1.5) == 5.0
+    assert DeltaSettings.from_dict({**_enabled().to_dict(), "source_cfg": 5}) == s
+    assert s.to_dict()["source_cfg"] == 5.0
+    assert s.to_infotext()["Delta source CFG"] == "5"
+    assert DeltaSettings.from_infotext(s.to_infotext()) == s
+    assert POSITIONAL_FIELDS[-1] == "source_cfg" and to_positional(s)[-1] == 5.0
+    assert from_positional(to_positional(s)) == s
+    assert _enabled().with_overrides({"source_cfg": 5}) == s
+    assert "source_cfg=5" in s.summary()
+    assert s.validated() is s
+    with pytest.raises(DeltaError, match="source_cfg is 31; it must lie between 0 and 30"):
+        replace(s, source_cfg=31.0).validated()
+    with pytest.raises(DeltaError, match="'source_cfg' must be a number, not a string"):
+        DeltaSettings.from_dict({"source_cfg": "auto"})
+
+
 # --- values no setting can hold: always a DeltaError naming the setting and what it allows ------------------------
 
 _GROUP2 = [True, "s", "", 1.0, "constant", 0.0, 1.0, "", "p", "delta", "cfg", "shared", False, True, ""]
@@ -223,6 +255,7 @@ _GROUP2 = [True, "s", "", 1.0, "constant", 0.0, 1.0, "", "p", "delta", "cfg", "s
     (lambda: DeltaSettings.from_dict({"strength": -(10**5000)}), ("'strength'", "about 5000 digits", "-5 and 5")),
     (lambda: DeltaSettings.from_dict({"strength": float("nan")}), ("'strength' is nan", "between -5 and 5")),
     (lambda: DeltaSettings.from_dict({"start": float("inf")}), ("'start' is inf", "between 0 and 1")),
+    (lambda: DeltaSettings.from_dict({"source_cfg": 10**400}), ("'source_cfg'", "between 0 and 30")),
     (lambda: DeltaSettings.from_dict({"loras": [{"name": "a", "weight": 10**400}]}),
      ("'weight' (loras[0])", "between -10 and 10")),
     (lambda: DeltaSettings.from_dict({"loras": [{"name": "a", "te_weight": float("-inf")}]}),

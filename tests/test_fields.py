@@ -38,6 +38,7 @@ RELEASED = (
     "mode", "cfg_mode", "trajectory", "preview",
     "group2_enabled", "group2_loras", "group2_strength", "group2_schedule", "group2_start", "group2_end",
     "group2_checkpoint", "group2_prompt",
+    "source_cfg",
 )
 
 GENERATION = [s for s in settings_of(DeltaSettings) if not isinstance(s.kind, Groups)]
@@ -57,7 +58,7 @@ def test_the_derived_tables_cover_every_slot():
     assert {s.name for s in GENERATION + GROUP if s.xyz} <= {slot.setting.name for slot in slots}
     assert [a.label for a in interfaces.AXES] == [
         "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
-        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled"]
+        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale"]
     assert {a.key for a in interfaces.AXES} <= set(OVERRIDES)
     # every single-valued setting can be overridden per generation, by its name
     assert {s.name for s in GENERATION + GROUP if not isinstance(s.kind, Objects)} <= set(OVERRIDES)
@@ -141,11 +142,11 @@ class Unit:
 @dataclass(frozen=True)
 class WiderGroup(AdaptationGroup):
     units: tuple[Unit, ...] = setting(
-        (), Objects(Unit, "unit", most=3), slot=(22, 23), infotext=Infotext("Delta units"), control=Control("Units"),
+        (), Objects(Unit, "unit", most=3), slot=(23, 24), infotext=Infotext("Delta units"), control=Control("Units"),
         tooltip="Control units the adapted pass is guided by (a stand-in for ControlNet units).")
     boost: float = setting(
-        0.0, Number(0.0, 2.0), slot=(24, 25), infotext=Infotext("Delta boost"), control=Control("Boost"),
-        xyz=XYZ("[Delta] Boost", at=8), tooltip="A made-up group setting, to prove the derivation.")
+        0.0, Number(0.0, 2.0), slot=(25, 26), infotext=Infotext("Delta boost"), control=Control("Boost"),
+        xyz=XYZ("[Delta] Boost", at=9), tooltip="A made-up group setting, to prove the derivation.")
 
 
 _GROUPS = next(s for s in settings_of(DeltaSettings) if s.name == "groups")
@@ -157,8 +158,8 @@ class Wider(DeltaSettings):
         (WiderGroup(),), replace(_GROUPS.kind, cls=WiderGroup), slot=_GROUPS.slot, infotext=_GROUPS.infotext,
         control=_GROUPS.control, tooltip=_GROUPS.tooltip)
     eta: float = setting(
-        0.0, Number(0.0, 1.0), slot=21, infotext=Infotext("Delta eta"), control=Control("Eta"),
-        xyz=XYZ("[Delta] Eta", at=7), tooltip="A made-up generation setting, to prove the derivation.")
+        0.0, Number(0.0, 1.0), slot=22, infotext=Infotext("Delta eta"), control=Control("Eta"),
+        xyz=XYZ("[Delta] Eta", at=8), tooltip="A made-up generation setting, to prove the derivation.")
 
 
 WIDE = Wider(enabled=True, source="sd15", eta=0.5, groups=(

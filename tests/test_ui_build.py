@@ -169,3 +169,13 @@ def test_controls_come_from_the_declaration_and_sliders_span_what_the_api_accept
     pasted = ui.read_from_infotext("strength", {"Delta source": "sd15", "Delta lambda": "4"})
     assert pasted == 4.0 and controls["strength"].kwargs["minimum"] <= pasted <= controls["strength"].kwargs["maximum"]
 
+
+def test_source_cfg_slider_sits_in_advanced(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    cfg = controls["source_cfg"]
+    assert type(cfg).__name__ == "Slider" and cfg.label.startswith("Source CFG scale")
+    assert (cfg.kwargs["minimum"], cfg.kwargs["maximum"], cfg.value) == (0.0, 30.0, 0.0)
+    assert "0 = auto" in cfg.webui_tooltip and "base-first" in cfg.webui_tooltip
+    order = [b.elem_id for b in Block.created]
+    advanced = order.index("script_txt2img_delta_sampling_advanced")
+    assert advanced < order.index(cfg.elem_id) < order.index("script_txt2img_delta_sampling_group2")
