@@ -1,6 +1,9 @@
-"""The settings of one Delta Sampling generation: the single source of truth for UI, API, infotext and X/Y/Z.
+"""The settings of one Delta Sampling generation, each declared once: the single source of truth for UI, API,
+infotext and X/Y/Z.
 
-Three outside forms convert to and from :class:`DeltaSettings` losslessly:
+Every field of :class:`DeltaSettings`, :class:`AdaptationGroup` and :class:`LoraRef` is a :func:`~.fields.setting`
+that names its value kind, API key, positional slot, infotext key, tooltip, control and X/Y/Z axis (see
+:mod:`lib_delta.fields`). Three outside forms convert to and from :class:`DeltaSettings` losslessly:
 - the API dict (``alwayson_scripts: {"Delta Sampling": {"args": [{...}]}}``): :meth:`DeltaSettings.from_dict`;
 - the positional values the UI produces, in :data:`POSITIONAL_FIELDS` order (append-only): :func:`from_positional`;
 - infotext key/values: :meth:`DeltaSettings.to_infotext` / :meth:`DeltaSettings.from_infotext`.
@@ -9,14 +12,41 @@ Every bad value raises a :class:`DeltaError` that names the setting, what was gi
 
 from __future__ import annotations
 
-import json
-import math
+import functools
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, replace
 from typing import Any
 
 from .errors import DeltaError
+from .fields import (
+    MAX_TEXT,
+    XYZ,
+    Bool,
+    Checkpoint,
+    Choice,
+    Control,
+    Groups,
+    Infotext,
+    Number,
+    Objects,
+    Setting,
+    Text,
+    api_subject,
+    check_object,
+    dump_object,
+    group_where,
+    num,
+    parse_fields,
+    parse_object,
+    positional_slots,
+    read_infotext,
+    setting,
+    settings_of,
+    shown,
+    typename,
+    write_infotext,
+)
 from .schedule import SCHEDULES
 
 MODES = ("delta", "base-first")
@@ -24,6 +54,8 @@ CFG_MODES = ("cfg", "cond")
 TRAJECTORIES = ("shared", "separate")
 STRENGTH_RANGE = (-5.0, 5.0)
 LORA_WEIGHT_RANGE = (-10.0, 10.0)
+SOURCE_CFG_RANGE = (0.0, 30.0)
+BASE_FIRST_CFG = 7.0  # the source's scale in base-first mode when none is set: what SD1.5/SDXL bases are made for
 MAX_GROUPS = 4
 
 _LORA_TAG = re.compile(r"<lora:([^<>]+)>")
@@ -33,10 +65,10 @@ _LORA_TAG = re.compile(r"<lora:([^<>]+)>")
 class LoraRef:
     """A LoRA/LyCORIS file by the name the WebUI lists, with its weights (as ``<lora:name:te:unet>``)."""
 
-    name: str
-    weight: float = 1.0
-    unet_weight: float | None = None
-    te_weight: float | None = None
+    name: str = setting(MISSING, Text(), tooltip="the LoRA's name as /sdapi/v1/loras lists it")
+    weight: float = setting(1.0, Number(*LORA_WEIGHT_RANGE), tooltip="its weight (the UNet's, when split)")
+    unet_weight: float | None = setting(None, Number(*LORA_WEIGHT_RANGE), tooltip="its UNet weight")
+    te_weight: float | None = setting(None, Number(*LORA_WEIGHT_RANGE), tooltip="its text encoder weight")
 
     def __post_init__(self) -> None:
         # One canonical form, so every outside form round-trips: split weights are both explicit, and `weight`
@@ -58,21 +90,106 @@ class LoraRef:
 
     def tag(self) -> str:
         if self.unet_weight is None and self.te_weight is None:
-            return f"<lora:{self.name}:{_num(self.weight)}>"
-        return f"<lora:{self.name}:{_num(self.te)}:{_num(self.unet)}>"
+            return f"<lora:{self.name}:{num(self.weight)}>"
+        return f"<lora:{self.name}:{num(self.te)}:{num(self.unet)}>"
+
+
+@dataclass(frozen=True)
+class Loras(Objects):
+    """A group's LoRAs: objects in the API (or tag text), ``<lora:name:weight>`` tags in the panel and infotext."""
+
+    cls: type = LoraRef
+    item: str = "LoRA"
+    most: int = MAX_TEXT // len("<lora:a:1>")  # more tags than that cannot fit the text
+    widget = "loras"
+
+    def parse(self, value: Any, key: str, where: str) -> tuple[LoraRef, ...]:
+        if isinstance(value, str):
+            return parse_lora_tags(Text().fits(value, api_subject(key, where)))
+        if not isinstance(value, (list, tuple)):
+            raise DeltaError(f"'{key}'{where} must be a list of {{\"name\": ..., \"weight\": ...}} objects or "
+                             f"'<lora:name:weight>' text, not {typename(value)}.")
+        if len(value) > self.most:
+            raise DeltaError(f"'{key}'{where} lists {len(value)} LoRAs; at most {self.most} are allowed.")
+        refs = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                refs.append(LoraRef(Text().parse(item, f"{key}[{i}]", where)))
+            elif isinstance(item, Mapping):
+                refs.append(parse_object(LoraRef, item, f"'{key}[{i}]'", where, inside=f" ({key}[{i}]){where}"))
+            else:
+                raise DeltaError(f"'{key}[{i}]'{where} must be an object with 'name' and 'weight', not "
+                                 f"{typename(item)}.")
+        Text().fits(format_lora_tags(refs), f"{api_subject(key, where)}, written as tags,")
+        return tuple(refs)
+
+    def check(self, value: tuple[LoraRef, ...], name: str, where: str) -> None:
+        for r in value:
+            if not r.name.strip():
+                raise DeltaError(f"A LoRA without a name{where}: give the name as /sdapi/v1/loras lists it.")
+            for s in settings_of(LoraRef):
+                s.kind.check(getattr(r, s.name), f"{s.name} of LoRA '{r.name}'", where)
+        Text().fits(format_lora_tags(value), f"Delta Sampling {name}{where}, written as tags,")
+
+    def ui(self, value: tuple[LoraRef, ...]) -> str:
+        return format_lora_tags(value)
+
+    def text(self, value: tuple[LoraRef, ...]) -> str:
+        return format_lora_tags(value)
+
+    def read(self, text: str, key: str) -> tuple[LoraRef, ...]:
+        return parse_lora_tags(Text().read(text, key))
+
+
+def _every_weight(loras: tuple[LoraRef, ...], weight: float) -> tuple[LoraRef, ...]:
+    return tuple(replace(r, weight=weight, unet_weight=None, te_weight=None) for r in loras)
+
+
+# Positional slots are append-only: a new group setting takes the next two free numbers (one per panel group), a
+# new generation setting the next one. A tooltip is the control's hover text and explains the setting everywhere.
 
 
 @dataclass(frozen=True)
 class AdaptationGroup:
     """One adaptation of the source and how strongly, and when, its delta applies."""
 
-    loras: tuple[LoraRef, ...] = ()
-    checkpoint: str = ""
-    prompt: str = ""
-    strength: float = 1.0
-    schedule: str = "constant"
-    start: float = 0.0
-    end: float = 1.0
+    loras: tuple[LoraRef, ...] = setting(
+        (), Loras(), slot=(2, 14), infotext=Infotext("Delta LoRAs"),
+        control=Control("LoRAs for the adapted pass", row="loras", placeholder="<lora:name:1>"),
+        xyz=XYZ("[Delta] LoRA weight", at=4, key="lora_weight", kind=Number(*LORA_WEIGHT_RANGE), apply=_every_weight),
+        tooltip="LoRA / LyCORIS files applied to the source for the adapted pass, written as <lora:name:weight> "
+                "(or <lora:name:te_weight:unet_weight>). They must be made for the source base, not for the active "
+                "model.")
+    checkpoint: str = setting(
+        "", Checkpoint(), slot=(7, 19), infotext=Infotext("Delta checkpoint"),
+        control=Control("Fine-tuned checkpoint (optional)", row="adaptation"),
+        tooltip="A checkpoint fine-tuned from the source base; its difference to the source base is transferred. "
+                "Leave empty when the adaptation is a LoRA or a prompt.")
+    prompt: str = setting(
+        "", Text(), api="adapted_prompt", slot=(8, 20), infotext=Infotext("Delta prompt"),
+        control=Control("Adapted prompt (optional)", row="adaptation",
+                        placeholder="extra text for the adapted pass only"),
+        tooltip="Extra prompt text for the adapted pass only (a 'prompt delta'): the style or subject it adds to "
+                "the source's prediction is transferred to the active model.")
+    strength: float = setting(
+        1.0, Number(*STRENGTH_RANGE), slot=(3, 15), infotext=Infotext("Delta lambda", always=True),
+        control=Control("λ (strength)", row="strength", step=0.05), xyz=XYZ("[Delta] Lambda", at=0),
+        tooltip="λ: how strongly the difference (adapted − source base) is added to the active model's "
+                "prediction. 0 = off, 1 = full transfer, negative values push away from the adaptation.")
+    schedule: str = setting(
+        "constant", Choice(SCHEDULES), slot=(4, 16), infotext=Infotext("Delta schedule"),
+        control=Control("Schedule", row="strength"), xyz=XYZ("[Delta] Schedule", at=5),
+        tooltip="How λ changes over the window: constant, or decaying from λ to 0 (linear, exponential, cosine, "
+                "sigmoid).")
+    start: float = setting(
+        0.0, Number(0.0, 1.0), slot=(5, 17), infotext=Infotext("Delta window", part=0),
+        control=Control("Window start", row="window"), xyz=XYZ("[Delta] Window start", at=1),
+        tooltip="Where the window starts, as a fraction of the sampling progress (0 = first step).")
+    end: float = setting(
+        1.0, Number(0.0, 1.0), slot=(6, 18), infotext=Infotext("Delta window", part=1),
+        control=Control("Window end", row="window"), xyz=XYZ("[Delta] Window end", at=2),
+        tooltip="Where the window ends, as a fraction of the sampling progress (1 = last step). Outside the "
+                "window the source model is not run.")
 
     @property
     def has_adaptation(self) -> bool:
@@ -83,13 +200,51 @@ class AdaptationGroup:
 class DeltaSettings:
     """Everything that decides what Delta Sampling does to one generation."""
 
-    enabled: bool = False
-    source: str = ""
-    groups: tuple[AdaptationGroup, ...] = (AdaptationGroup(),)
-    mode: str = "delta"
-    cfg_mode: str = "cfg"
-    trajectory: str = "shared"
-    preview: bool = False
+    enabled: bool = setting(
+        # No control: the panel's accordion is the switch. No infotext key: "Delta source" there means on.
+        False, Bool(), slot=0, xyz=XYZ("[Delta] Enabled", at=6),
+        tooltip="Delta Sampling: transfer a LoRA, fine-tune or prompt made for another base model (the source) to "
+                "the active model, by adding λ·(adapted − base) to its prediction at every step.")
+    source: str = setting(
+        "", Checkpoint(), slot=1, infotext=Infotext("Delta source", always=True),
+        control=Control("Source base checkpoint", row="source"), xyz=XYZ("[Delta] Source checkpoint", at=3),
+        tooltip="The base model the adaptation was made for (e.g. an SD1.5 checkpoint for an SD1.5 LoRA). It runs "
+                "beside the active model; it never replaces it. Its latent format must match the active model's.")
+    groups: tuple[AdaptationGroup, ...] = setting(
+        (AdaptationGroup(),), Groups(AdaptationGroup, "Delta Sampling group", least=1, most=MAX_GROUPS),
+        slot=(13,), infotext=Infotext("Delta group {i}", always=True),
+        control=Control("Use a second adaptation group", section="advanced"),
+        tooltip="Add a second adaptation, with its own λ and window; the two deltas add up.")
+    mode: str = setting(
+        "delta", Choice(MODES), slot=9, infotext=Infotext("Delta mode"),
+        control=Control("Mode", widget="radio", row="modes", section="advanced"),
+        tooltip="delta: add λ·(adapted − base) to the active model's prediction. base-first: the source (with its "
+                "adaptation) predicts the steps inside the window instead of the active model, e.g. the first "
+                "steps of a distilled (Turbo, Lightning, LCM) model.")
+    cfg_mode: str = setting(
+        "cfg", Choice(CFG_MODES), slot=10, infotext=Infotext("Delta CFG mode"),
+        control=Control("CFG mode", widget="radio", row="modes", section="advanced"),
+        tooltip="cfg: the source runs with classifier-free guidance like the active model (with the source as "
+                "the target, λ 1 gives exactly the adapted model). cond: it runs on the positive prompt only "
+                "(faster; try it when the image stops following the prompt).")
+    trajectory: str = setting(
+        "shared", Choice(TRAJECTORIES), slot=11, infotext=Infotext("Delta trajectory"),
+        control=Control("Trajectory", widget="radio", row="modes", section="advanced"),
+        tooltip="shared: the source sees the active model's own noisy latent. separate: the source follows its "
+                "own sampling trajectory, as the reference implementation does.")
+    preview: bool = setting(
+        False, Bool(), slot=12, recorded=False,  # a display choice, not part of how an image was made
+        control=Control("Preview strip", section="advanced"),
+        tooltip="Add a strip to the results showing the source base, the adapted source and the result side by "
+                "side.")
+    source_cfg: float = setting(
+        0.0, Number(*SOURCE_CFG_RANGE), slot=21, infotext=Infotext("Delta source CFG"),
+        control=Control("Source CFG scale (0 = auto)", step=0.5, section="advanced"),
+        xyz=XYZ("[Delta] Source CFG scale", at=7),
+        tooltip="The CFG scale the source's predictions are combined with. 0 = auto: the active model's own scale "
+                f"in delta mode, {num(BASE_FIRST_CFG)} in base-first mode, where a distilled (Turbo, Lightning) "
+                "active model runs at CFG 1-2 and following it would leave the source's layout steps nearly "
+                "unguided.")
 
     # -- validation -------------------------------------------------------------------------------------------
 
@@ -97,120 +252,90 @@ class DeltaSettings:
         """Return self if every value is usable, else raise one DeltaError describing the first problem."""
         if not self.enabled:
             return self
-        if not self.source.strip():
+        if isinstance(self.source, str) and not self.source.strip():
             raise DeltaError("Delta Sampling is enabled but no source checkpoint is chosen: pick the base model the "
                              "adaptation was made for (e.g. an SD1.5 checkpoint for an SD1.5 LoRA).")
-        _choice("mode", self.mode, MODES)
-        _choice("cfg_mode", self.cfg_mode, CFG_MODES)
-        _choice("trajectory", self.trajectory, TRAJECTORIES)
-        if not 1 <= len(self.groups) <= MAX_GROUPS:
-            raise DeltaError(f"Delta Sampling takes 1 to {MAX_GROUPS} adaptation groups; {len(self.groups)} given.")
+        check_object(self, "")
         if self.mode == "base-first" and len(self.groups) > 1:
             raise DeltaError("base-first mode uses one group (its window says which steps the source predicts); "
                              f"{len(self.groups)} given. Remove the extra groups or use mode 'delta'.")
         for i, g in enumerate(self.groups, 1):
-            where = "" if len(self.groups) == 1 else f" (group {i})"
-            _check_group(g, where)
+            where = group_where(i, len(self.groups))
+            if g.start > g.end:
+                raise DeltaError(f"The window start ({num(g.start)}) is after its end ({num(g.end)}){where}: "
+                                 "start and end are fractions of the sampling progress with start <= end.")
             if self.mode == "delta" and not g.has_adaptation:
                 raise DeltaError(f"Delta Sampling has nothing to transfer{where}: add a LoRA, a fine-tuned "
                                  "checkpoint or an adapted prompt, or switch mode to 'base-first'.")
         return self
 
+    def source_cfg_for(self, target_scale: float) -> float:
+        """The CFG scale the source's predictions are combined with, given the active model's."""
+        if self.source_cfg:
+            return self.source_cfg
+        return float(target_scale) if self.mode == "delta" else BASE_FIRST_CFG
+
     # -- API dict ----------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """The API form; one group is written flat, several under ``groups``."""
-        out: dict[str, Any] = {"enabled": self.enabled, "source": self.source}
-        if len(self.groups) == 1:
-            out.update(_group_to_dict(self.groups[0]))
-        else:
-            out["groups"] = [_group_to_dict(g) for g in self.groups]
-        out.update(mode=self.mode, cfg_mode=self.cfg_mode, trajectory=self.trajectory, preview=self.preview)
+        out: dict[str, Any] = {}
+        for s in settings_of(type(self)):
+            value = getattr(self, s.name)
+            if isinstance(s.kind, Groups) and len(value) == 1:
+                out.update(dump_object(value[0]))
+            else:
+                out[s.api] = s.kind.dump(value)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeltaSettings:
         """Parse the API form. Unknown keys and wrongly typed values are errors; missing keys take defaults."""
         if not isinstance(data, Mapping):
-            raise DeltaError(f"Delta Sampling settings must be a JSON object, not {_typename(data)}.")
-        unknown = sorted(set(data) - _TOP_KEYS - _GROUP_KEYS)
+            raise DeltaError(f"Delta Sampling settings must be a JSON object, not {typename(data)}.")
+        groups = _groups_setting(cls)
+        top = [s.api for s in settings_of(cls)]
+        flat = [s.api for s in settings_of(groups.kind.cls)]
+        unknown = sorted((k for k in data if k not in top and k not in flat), key=str)
         if unknown:
-            raise DeltaError(f"Unknown Delta Sampling setting(s) {', '.join(map(repr, unknown))}; allowed keys: "
-                             f"{', '.join(sorted(_TOP_KEYS | _GROUP_KEYS))}.")
-        if "groups" in data:
-            flat = sorted(set(data) & _GROUP_KEYS)
-            if flat:
-                raise DeltaError(f"Give either 'groups' or the single-group keys ({', '.join(flat)}), not both.")
-            raw = data["groups"]
-            if not isinstance(raw, list) or not raw:
-                raise DeltaError("'groups' must be a non-empty list of objects, each with the keys "
-                                 f"{', '.join(sorted(_GROUP_KEYS))}.")
-            groups = tuple(_group_from_dict(g, f" (groups[{i}])") for i, g in enumerate(raw))
-        else:
-            groups = (_group_from_dict({k: v for k, v in data.items() if k in _GROUP_KEYS}, ""),)
-        d = cls()
-        return cls(
-            enabled=_bool(data, "enabled", d.enabled),
-            source=_str(data, "source", d.source),
-            groups=groups,
-            mode=_str(data, "mode", d.mode),
-            cfg_mode=_str(data, "cfg_mode", d.cfg_mode),
-            trajectory=_str(data, "trajectory", d.trajectory),
-            preview=_bool(data, "preview", d.preview),
-        )
+            raise DeltaError(f"Unknown Delta Sampling setting(s) {', '.join(shown(k) for k in unknown)}; allowed "
+                             f"keys: {', '.join(sorted({*top, *flat}))}.")
+        given_flat = sorted(k for k in data if k in flat)
+        if data.get(groups.api) is not None and given_flat:
+            raise DeltaError(f"Give either '{groups.api}' or the single-group keys ({', '.join(given_flat)}), not "
+                             "both.")
+        values = parse_fields(cls, data, "Delta Sampling settings", "")
+        if groups.name not in values:
+            values[groups.name] = (parse_object(groups.kind.cls, {k: data[k] for k in given_flat}, groups.kind.item,
+                                                ""),)
+        return cls(**values)
 
     # -- infotext ----------------------------------------------------------------------------------------------
 
     def to_infotext(self) -> dict[str, str]:
         """Key/values for the generation parameters line; empty when disabled. Defaults are left out."""
-        if not self.enabled:
-            return {}
-        out = {"Delta source": self.source}
-        out.update(_group_to_infotext(self.groups[0]))
-        for i, g in enumerate(self.groups[1:], 2):
-            out[f"Delta group {i}"] = json.dumps(_group_to_dict(g), separators=(",", ":"), ensure_ascii=False)
-        if self.mode != "delta":
-            out["Delta mode"] = self.mode
-        if self.cfg_mode != "cfg":
-            out["Delta CFG mode"] = self.cfg_mode
-        if self.trajectory != "shared":
-            out["Delta trajectory"] = self.trajectory
+        out: dict[str, str] = {}
+        if self.enabled:
+            write_infotext(self, out)
         return out
 
     @classmethod
     def from_infotext(cls, params: Mapping[str, str]) -> DeltaSettings:
         """Settings from parsed infotext; without a ``Delta source`` key the extension is off."""
-        if "Delta source" not in params:
+        if infotext_marker(cls) not in params:
             return cls()
-        groups = [_group_from_infotext(params)]
-        i = 2
-        while f"Delta group {i}" in params:
-            key = f"Delta group {i}"
-            try:
-                raw = json.loads(params[key])
-            except (TypeError, ValueError) as e:
-                raise DeltaError(f"Infotext field '{key}' is not valid JSON ({e}).") from None
-            groups.append(_group_from_dict(raw, f" ({key})"))
-            i += 1
-        d = cls()
-        return cls(
-            enabled=True,
-            source=str(params["Delta source"]),
-            groups=tuple(groups),
-            mode=str(params.get("Delta mode", d.mode)),
-            cfg_mode=str(params.get("Delta CFG mode", d.cfg_mode)),
-            trajectory=str(params.get("Delta trajectory", d.trajectory)),
-        )
+        return cls(**{**read_infotext(cls, params), "enabled": True})
 
     # -- X/Y/Z and other per-generation overrides ---------------------------------------------------------------
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> DeltaSettings:
         """Apply X/Y/Z axis values (keys of :data:`OVERRIDES`) to a copy."""
+        known = overrides_of(type(self))
         s = self
         for key, value in overrides.items():
-            if key not in OVERRIDES:
-                raise DeltaError(f"Unknown Delta Sampling override {key!r}; known: {', '.join(OVERRIDES)}.")
-            s = OVERRIDES[key](s, value)
+            if key not in known:
+                raise DeltaError(f"Unknown Delta Sampling override {shown(key)}; known: {', '.join(known)}.")
+            s = known[key](s, value)
         return s
 
     def summary(self) -> str:
@@ -224,64 +349,109 @@ class DeltaSettings:
                 what.append(f"checkpoint={g.checkpoint}")
             if g.prompt:
                 what.append(f"prompt={g.prompt!r}")
-            window = f"{_num(g.start)}-{_num(g.end)}"
+            window = f"{num(g.start)}-{num(g.end)}"
             label = "" if len(self.groups) == 1 else f"group{i}: "
-            parts.append(f"{label}{' '.join(what) or 'base'} λ={_num(g.strength)} {g.schedule} {window}")
+            parts.append(f"{label}{' '.join(what) or 'base'} λ={num(g.strength)} {g.schedule} {window}")
         parts.append(f"cfg={self.cfg_mode}")
+        if self.source_cfg:
+            parts.append(f"source_cfg={num(self.source_cfg)}")
         if self.trajectory != "shared":
             parts.append(f"trajectory={self.trajectory}")
         return ", ".join(parts)
 
 
+def _groups_setting(cls: type) -> Setting:
+    return next(s for s in settings_of(cls) if isinstance(s.kind, Groups))
+
+
+def infotext_marker(cls: type = DeltaSettings) -> str:
+    """The infotext key whose presence means the image was made with the extension on: the source's."""
+    source = next(s for s in settings_of(cls) if s.name == "source")
+    assert source.infotext is not None and source.infotext.always
+    return source.infotext.key
+
+
+# --- overrides: X/Y/Z axes and any other per-generation change ---------------------------------------------------
+
+Override = Callable[[DeltaSettings, Any], DeltaSettings]
+
+
+@functools.cache
+def overrides_of(cls: type[DeltaSettings]) -> dict[str, Override]:
+    """One override per single-valued setting, by its name, and one per axis that sets something derived from its
+    setting (``lora_weight``). A group's settings are overridden in the first group."""
+    groups = _groups_setting(cls)
+    out: dict[str, Override] = {}
+    for in_group, s in [(False, s) for s in settings_of(cls)] + [(True, s) for s in settings_of(groups.kind.cls)]:
+        if s.xyz is not None and s.xyz.key is not None:
+            out[s.xyz.key] = _override(s.name, s.xyz.key, s.xyz.kind or s.kind, s.xyz.apply, in_group)
+        elif not isinstance(s.kind, Objects):
+            out[s.name] = _override(s.name, s.name, s.kind, None, in_group)
+    return out
+
+
+def _override(name: str, key: str, kind: Any, apply: Callable[[Any, Any], Any] | None, in_group: bool) -> Override:
+    def override(s: DeltaSettings, value: Any) -> DeltaSettings:
+        v = kind.parse(value, key, "")
+        target = s.groups[0] if in_group else s
+        changed = replace(target, **{name: v if apply is None else apply(getattr(target, name), v)})
+        return replace(s, groups=(changed, *s.groups[1:])) if in_group else changed
+
+    return override
+
+
+OVERRIDES = overrides_of(DeltaSettings)
+
+
 # --- the positional form the UI produces (append-only: never reorder, only add at the end) ----------------------
 
-POSITIONAL_FIELDS: tuple[str, ...] = (
-    "enabled", "source", "loras", "strength", "schedule", "start", "end", "checkpoint", "prompt",
-    "mode", "cfg_mode", "trajectory", "preview",
-    "group2_enabled", "group2_loras", "group2_strength", "group2_schedule", "group2_start", "group2_end",
-    "group2_checkpoint", "group2_prompt",
-)
+POSITIONAL_FIELDS: tuple[str, ...] = tuple(slot.name for slot in positional_slots(DeltaSettings))
 
 
-def from_positional(values: Sequence[Any]) -> DeltaSettings:
+def from_positional(values: Sequence[Any], cls: type[DeltaSettings] = DeltaSettings) -> DeltaSettings:
     """Settings from the script's argument slice: either one API dict, or the UI's positional values."""
     if len(values) >= 1 and isinstance(values[0], Mapping):
         # The WebUI's API fills every slot after the ones a request gives with the UI's defaults (or with values
         # read from the request's infotext), so the slots after a settings object carry nothing the caller said.
-        return DeltaSettings.from_dict(values[0])
-    if len(values) > len(POSITIONAL_FIELDS):
-        raise DeltaError(f"Delta Sampling takes at most {len(POSITIONAL_FIELDS)} positional values "
-                         f"({', '.join(POSITIONAL_FIELDS)}); {len(values)} given.")
-    d = DeltaSettings()
-    raw = dict(zip(POSITIONAL_FIELDS, values, strict=False))
-    first = {k: raw[k] for k in ("loras", "strength", "schedule", "start", "end", "checkpoint", "prompt") if k in raw}
-    groups = [_group_from_dict(first, "")]
-    if _bool(raw, "group2_enabled", False):
-        second = {k[len("group2_"):]: v for k, v in raw.items() if k.startswith("group2_") and k != "group2_enabled"}
-        groups.append(_group_from_dict(second, " (group 2)"))
-    return DeltaSettings(
-        enabled=_bool(raw, "enabled", d.enabled),
-        source=_str(raw, "source", d.source) or "",
-        groups=tuple(groups),
-        mode=_str(raw, "mode", d.mode),
-        cfg_mode=_str(raw, "cfg_mode", d.cfg_mode),
-        trajectory=_str(raw, "trajectory", d.trajectory),
-        preview=_bool(raw, "preview", d.preview),
-    )
+        return cls.from_dict(values[0])
+    slots = positional_slots(cls)
+    if len(values) > len(slots):
+        raise DeltaError(f"Delta Sampling takes at most {len(slots)} positional values "
+                         f"({', '.join(slot.name for slot in slots)}); {len(values)} given.")
+    groups = _groups_setting(cls)
+    top: dict[str, Any] = {}
+    given: list[dict[str, Any]] = [{} for _ in range(len(groups.slot) + 1)]  # per panel group
+    shown_groups = [True] + [False] * len(groups.slot)  # the first group has no switch
+    for slot, value in zip(slots, values, strict=False):
+        if slot.switch:
+            shown_groups[slot.group] = value is not None and Bool().parse(value, slot.name, "")
+        elif slot.group is None:
+            top[slot.setting.api] = value
+        else:
+            given[slot.group][slot.setting.api] = value
+    settings = parse_fields(cls, top, "Delta Sampling settings", "")
+    settings[groups.name] = tuple(
+        parse_object(groups.kind.cls, given[g], groups.kind.item, "" if g == 0 else f" (group {g + 1})")
+        for g in range(len(given)) if shown_groups[g])
+    return cls(**settings)
 
 
 def to_positional(s: DeltaSettings) -> list[Any]:
-    """The UI's positional values for settings with at most two groups (the UI shows two)."""
-    if len(s.groups) > 2:
+    """The UI's positional values for settings with at most as many groups as the UI shows (two)."""
+    groups = _groups_setting(type(s))
+    if len(s.groups) > len(groups.slot) + 1:
         raise DeltaError("The UI holds two adaptation groups; use the API's 'groups' for more.")
-    g1 = s.groups[0]
-    g2 = s.groups[1] if len(s.groups) > 1 else AdaptationGroup()
-    return [
-        s.enabled, s.source, format_lora_tags(g1.loras), g1.strength, g1.schedule, g1.start, g1.end,
-        g1.checkpoint, g1.prompt, s.mode, s.cfg_mode, s.trajectory, s.preview,
-        len(s.groups) > 1, format_lora_tags(g2.loras), g2.strength, g2.schedule, g2.start, g2.end,
-        g2.checkpoint, g2.prompt,
-    ]
+    empty = groups.kind.cls()
+    out = []
+    for slot in positional_slots(type(s)):
+        if slot.switch:
+            out.append(len(s.groups) > slot.group)
+        elif slot.group is None:
+            out.append(slot.setting.kind.ui(getattr(s, slot.setting.name)))
+        else:
+            g = s.groups[slot.group] if slot.group < len(s.groups) else empty
+            out.append(slot.setting.kind.ui(getattr(g, slot.setting.name)))
+    return out
 
 
 # --- LoRA tags ---------------------------------------------------------------------------------------------------
@@ -290,11 +460,13 @@ def to_positional(s: DeltaSettings) -> list[Any]:
 def parse_lora_tags(text: str) -> tuple[LoraRef, ...]:
     """``<lora:name>``, ``<lora:name:w>`` or ``<lora:name:te:unet>`` tags; anything else in the text is an error."""
     if not isinstance(text, str):
-        raise DeltaError(f"LoRAs must be given as '<lora:name:weight>' text, not {_typename(text)}.")
+        raise DeltaError(f"LoRAs must be given as '<lora:name:weight>' text, not {typename(text)}.")
+    Text().fits(text, "The LoRA field")
     leftover = _LORA_TAG.sub("", text).strip(" ,\n\t")
     if leftover:
-        raise DeltaError(f"Cannot read {leftover!r} in the LoRA field: write each LoRA as <lora:name:weight> "
+        raise DeltaError(f"Cannot read {shown(leftover)} in the LoRA field: write each LoRA as <lora:name:weight> "
                          "(or <lora:name:te_weight:unet_weight>).")
+    weight = Number(*LORA_WEIGHT_RANGE)
     refs = []
     for body in _LORA_TAG.findall(text):
         name, *nums = body.split(":")
@@ -304,6 +476,7 @@ def parse_lora_tags(text: str) -> tuple[LoraRef, ...]:
             ws = [float(n) for n in nums]
         except ValueError:
             raise DeltaError(f"Cannot read the weight in '<lora:{body}>': weights are numbers.") from None
+        ws = [weight.finite(w, f"The weight in '<lora:{body}>'") for w in ws]
         if len(ws) == 2:
             refs.append(LoraRef(name.strip(), ws[1], unet_weight=ws[1], te_weight=ws[0]))
         else:
@@ -315,229 +488,24 @@ def format_lora_tags(loras: Sequence[LoraRef]) -> str:
     return "".join(r.tag() for r in loras)
 
 
-# --- helpers -----------------------------------------------------------------------------------------------------
-
-_TOP_KEYS = frozenset({"enabled", "source", "groups", "mode", "cfg_mode", "trajectory", "preview"})
-_GROUP_KEYS = frozenset({"loras", "checkpoint", "adapted_prompt", "strength", "schedule", "start", "end"})
-_LORA_KEYS = frozenset({"name", "weight", "unet_weight", "te_weight"})
-
-
-def _group_to_dict(g: AdaptationGroup) -> dict[str, Any]:
-    loras = []
-    for r in g.loras:
-        item: dict[str, Any] = {"name": r.name, "weight": r.weight}
-        if r.unet_weight is not None:
-            item["unet_weight"] = r.unet_weight
-        if r.te_weight is not None:
-            item["te_weight"] = r.te_weight
-        loras.append(item)
-    return {"loras": loras, "checkpoint": g.checkpoint, "adapted_prompt": g.prompt, "strength": g.strength,
-            "schedule": g.schedule, "start": g.start, "end": g.end}
-
-
-def _group_from_dict(data: Any, where: str) -> AdaptationGroup:
-    if not isinstance(data, Mapping):
-        raise DeltaError(f"Delta Sampling group{where} must be an object, not {_typename(data)}.")
-    data = dict(data)
-    if "prompt" in data and "adapted_prompt" not in data:  # positional/UI name
-        data["adapted_prompt"] = data.pop("prompt")
-    unknown = sorted(set(data) - _GROUP_KEYS)
-    if unknown:
-        raise DeltaError(f"Unknown key(s) {', '.join(map(repr, unknown))} in Delta Sampling group{where}; allowed: "
-                         f"{', '.join(sorted(_GROUP_KEYS))}.")
-    d = AdaptationGroup()
-    return AdaptationGroup(
-        loras=_loras(data.get("loras", ()), where),
-        checkpoint=_str(data, "checkpoint", d.checkpoint) or "",
-        prompt=_str(data, "adapted_prompt", d.prompt) or "",
-        strength=_float(data, "strength", d.strength),
-        schedule=_str(data, "schedule", d.schedule),
-        start=_float(data, "start", d.start),
-        end=_float(data, "end", d.end),
-    )
-
-
-def _loras(raw: Any, where: str) -> tuple[LoraRef, ...]:
-    if raw is None or raw == "":
-        return ()
-    if isinstance(raw, str):
-        return parse_lora_tags(raw)
-    if not isinstance(raw, (list, tuple)):
-        raise DeltaError(f"'loras'{where} must be a list of {{\"name\": ..., \"weight\": ...}} objects or "
-                         f"'<lora:name:weight>' text, not {_typename(raw)}.")
-    refs = []
-    for i, item in enumerate(raw):
-        if isinstance(item, str):
-            refs.append(LoraRef(item))
-            continue
-        if not isinstance(item, Mapping):
-            raise DeltaError(f"'loras[{i}]'{where} must be an object with 'name' and 'weight', not {_typename(item)}.")
-        unknown = sorted(set(item) - _LORA_KEYS)
-        if unknown:
-            raise DeltaError(f"Unknown key(s) {', '.join(map(repr, unknown))} in 'loras[{i}]'{where}; allowed: "
-                             f"{', '.join(sorted(_LORA_KEYS))}.")
-        if "name" not in item:
-            raise DeltaError(f"'loras[{i}]'{where} has no 'name': give the LoRA's name as /sdapi/v1/loras lists it.")
-        refs.append(LoraRef(
-            name=_str(item, "name", ""),
-            weight=_float(item, "weight", 1.0),
-            unet_weight=_float(item, "unet_weight", None),
-            te_weight=_float(item, "te_weight", None),
-        ))
-    return tuple(refs)
-
-
-def _check_group(g: AdaptationGroup, where: str) -> None:
-    _choice("schedule", g.schedule, SCHEDULES, where)
-    _in_range("strength", g.strength, STRENGTH_RANGE, where)
-    _in_range("start", g.start, (0.0, 1.0), where)
-    _in_range("end", g.end, (0.0, 1.0), where)
-    if g.start > g.end:
-        raise DeltaError(f"The window start ({_num(g.start)}) is after its end ({_num(g.end)}){where}: "
-                         "start and end are fractions of the sampling progress with start <= end.")
-    for r in g.loras:
-        if not r.name.strip():
-            raise DeltaError(f"A LoRA without a name{where}: give the name as /sdapi/v1/loras lists it.")
-        for label, w in (("weight", r.weight), ("unet_weight", r.unet_weight), ("te_weight", r.te_weight)):
-            if w is not None:
-                _in_range(f"{label} of LoRA '{r.name}'", w, LORA_WEIGHT_RANGE, where)
-
-
-def _group_to_infotext(g: AdaptationGroup) -> dict[str, str]:
-    out: dict[str, str] = {}
-    if g.loras:
-        out["Delta LoRAs"] = format_lora_tags(g.loras)
-    if g.checkpoint:
-        out["Delta checkpoint"] = g.checkpoint
-    if g.prompt:
-        out["Delta prompt"] = g.prompt
-    out["Delta lambda"] = _num(g.strength)
-    if g.schedule != "constant":
-        out["Delta schedule"] = g.schedule
-    if (g.start, g.end) != (0.0, 1.0):
-        out["Delta window"] = f"{_num(g.start)}-{_num(g.end)}"
-    return out
-
-
-def _group_from_infotext(p: Mapping[str, str]) -> AdaptationGroup:
-    d = AdaptationGroup()
-    start, end = d.start, d.end
-    if "Delta window" in p:
-        m = re.fullmatch(r"\s*([0-9.eE+-]+?)\s*-\s*([0-9.eE+]+)\s*", str(p["Delta window"]))
-        if not m:
-            raise DeltaError(f"Infotext field 'Delta window' should read 'start-end', got {p['Delta window']!r}.")
-        start, end = _parse_float("Delta window", m.group(1)), _parse_float("Delta window", m.group(2))
-    return AdaptationGroup(
-        loras=parse_lora_tags(str(p.get("Delta LoRAs", ""))),
-        checkpoint=str(p.get("Delta checkpoint", "")),
-        prompt=str(p.get("Delta prompt", "")),
-        strength=_parse_float("Delta lambda", p.get("Delta lambda", d.strength)),
-        schedule=str(p.get("Delta schedule", d.schedule)),
-        start=start,
-        end=end,
-    )
-
-
-def _set_group0(s: DeltaSettings, **changes: Any) -> DeltaSettings:
-    return replace(s, groups=(replace(s.groups[0], **changes), *s.groups[1:]))
-
-
-def _override_float(key: str):
-    def apply(s: DeltaSettings, v: Any) -> DeltaSettings:
-        return _set_group0(s, **{key: _float({key: v}, key, 0.0)})
-    return apply
-
-
-def _override_lora_weight(s: DeltaSettings, v: Any) -> DeltaSettings:
-    w = _float({"lora_weight": v}, "lora_weight", 1.0)
-    loras = tuple(replace(r, weight=w, unet_weight=None, te_weight=None) for r in s.groups[0].loras)
-    return _set_group0(s, loras=loras)
-
-
-OVERRIDES = {
-    "enabled": lambda s, v: replace(s, enabled=_coerce_bool(v, "enabled")),
-    "source": lambda s, v: replace(s, source=str(v)),
-    "strength": _override_float("strength"),
-    "start": _override_float("start"),
-    "end": _override_float("end"),
-    "schedule": lambda s, v: _set_group0(s, schedule=str(v)),
-    "lora_weight": _override_lora_weight,
-    "mode": lambda s, v: replace(s, mode=str(v)),
-    "cfg_mode": lambda s, v: replace(s, cfg_mode=str(v)),
-}
-
-
-def _choice(name: str, value: str, allowed: Sequence[str], where: str = "") -> None:
-    if value not in allowed:
-        raise DeltaError(f"Delta Sampling {name}{where} is {value!r}; allowed: {', '.join(allowed)}.")
-
-
-def _in_range(name: str, value: float, bounds: tuple[float, float], where: str = "") -> None:
-    lo, hi = bounds
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise DeltaError(f"Delta Sampling {name}{where} is {_num(value)}; it must lie between {_num(lo)} and "
-                         f"{_num(hi)}.")
-
-
-def _typename(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), f"a {type(v).__name__}")
-
-
-def _bool(data: Mapping[str, Any], key: str, default: bool) -> bool:
-    if key not in data or data[key] is None:
-        return default
-    return _coerce_bool(data[key], key)
-
-
-def _coerce_bool(v: Any, key: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    raise DeltaError(f"Delta Sampling setting '{key}' must be true or false, not {_typename(v)} ({v!r}).")
-
-
-def _str(data: Mapping[str, Any], key: str, default: Any) -> Any:
-    if key not in data or data[key] is None:
-        return default
-    v = data[key]
-    if not isinstance(v, str):
-        raise DeltaError(f"Delta Sampling setting '{key}' must be a string, not {_typename(v)} ({v!r}).")
-    return v
-
-
-def _float(data: Mapping[str, Any], key: str, default: Any) -> Any:
-    if key not in data or data[key] is None:
-        return default
-    v = data[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise DeltaError(f"Delta Sampling setting '{key}' must be a number, not {_typename(v)} ({v!r}).")
-    return float(v)
-
-
-def _parse_float(key: str, v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise DeltaError(f"Infotext field '{key}' should be a number, got {v!r}.") from None
-
-
-def _num(v: float) -> str:
-    """Shortest exact text of a float (``1.0`` -> ``1``), so infotext stays compact and round-trips."""
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
-
-
 __all__ = [
     "CFG_MODES",
+    "LORA_WEIGHT_RANGE",
+    "MAX_GROUPS",
     "MODES",
     "OVERRIDES",
     "POSITIONAL_FIELDS",
     "SCHEDULES",
+    "SOURCE_CFG_RANGE",
+    "STRENGTH_RANGE",
     "TRAJECTORIES",
     "AdaptationGroup",
     "DeltaSettings",
     "LoraRef",
     "format_lora_tags",
     "from_positional",
+    "infotext_marker",
+    "overrides_of",
     "parse_lora_tags",
     "to_positional",
 ]

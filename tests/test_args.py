@@ -1,5 +1,7 @@
 """Settings: validation messages, and lossless round trips through the dict, infotext and positional forms."""
 
+from dataclasses import replace
+
 import pytest
 
 from lib_delta.args import (
@@ -191,7 +193,7 @@ def test_infotext_errors(params, message):
 
 
 def test_positional_errors():
-    with pytest.raises(DeltaError, match="at most 21 positional values"):
+    with pytest.raises(DeltaError, match="at most 22 positional values"):
         from_positional([False] * 30)
     with pytest.raises(DeltaError, match="must be true or false"):
         from_positional([{"enabled": "yes"}])
@@ -211,3 +213,98 @@ def test_unknown_override():
 def test_summary_is_one_line():
     line = RICH.summary()
     assert "\n" not in line and "source=sd15" in line and "λ=1.5 cosine 0.1-0.6" in line
+
+
+# --- the source's CFG scale ----------------------------------------------------------------------------------------
+
+
+def test_source_cfg_is_auto_by_default():
+    s = _enabled()
+    assert s.source_cfg == 0.0
+    assert s.source_cfg_for(1.5) == 1.5  # delta: the target's own scale
+    # base-first: a distilled target's CFG 1-2 would leave the source's layout steps nearly unguided
+    assert replace(s, mode="base-first").source_cfg_for(1.5) == 7.0
+    assert "Delta source CFG" not in s.to_infotext() and "source_cfg" not in s.summary()
+
+
+def test_source_cfg_reaches_every_form():
+    s = replace(_enabled(), source_cfg=5.0)
+    assert s.source_cfg_for(1.5) == 5.0 and replace(s, mode="base-first").source_cfg_for(1.5) == 5.0
+    assert DeltaSettings.from_dict({**_enabled().to_dict(), "source_cfg": 5}) == s
+    assert s.to_dict()["source_cfg"] == 5.0
+    assert s.to_infotext()["Delta source CFG"] == "5"
+    assert DeltaSettings.from_infotext(s.to_infotext()) == s
+    assert POSITIONAL_FIELDS[-1] == "source_cfg" and to_positional(s)[-1] == 5.0
+    assert from_positional(to_positional(s)) == s
+    assert _enabled().with_overrides({"source_cfg": 5}) == s
+    assert "source_cfg=5" in s.summary()
+    assert s.validated() is s
+    with pytest.raises(DeltaError, match="source_cfg is 31; it must lie between 0 and 30"):
+        replace(s, source_cfg=31.0).validated()
+    with pytest.raises(DeltaError, match="'source_cfg' must be a number, not a string"):
+        DeltaSettings.from_dict({"source_cfg": "auto"})
+
+
+# --- values no setting can hold: always a DeltaError naming the setting and what it allows ------------------------
+
+_GROUP2 = [True, "s", "", 1.0, "constant", 0.0, 1.0, "", "p", "delta", "cfg", "shared", False, True, ""]
+
+
+@pytest.mark.parametrize(("call", "names"), [
+    (lambda: DeltaSettings.from_dict({"strength": 10**400}), ("'strength'", "between -5 and 5")),
+    (lambda: DeltaSettings.from_dict({"strength": -(10**5000)}), ("'strength'", "about 5000 digits", "-5 and 5")),
+    (lambda: DeltaSettings.from_dict({"strength": float("nan")}), ("'strength' is nan", "between -5 and 5")),
+    (lambda: DeltaSettings.from_dict({"start": float("inf")}), ("'start' is inf", "between 0 and 1")),
+    (lambda: DeltaSettings.from_dict({"source_cfg": 10**400}), ("'source_cfg'", "between 0 and 30")),
+    (lambda: DeltaSettings.from_dict({"loras": [{"name": "a", "weight": 10**400}]}),
+     ("'weight' (loras[0])", "between -10 and 10")),
+    (lambda: DeltaSettings.from_dict({"loras": [{"name": "a", "te_weight": float("-inf")}]}),
+     ("'te_weight' (loras[0])", "between -10 and 10")),
+    (lambda: DeltaSettings.from_dict({"groups": [{"end": 10**400}]}), ("'end' (groups[0])", "between 0 and 1")),
+    (lambda: DeltaSettings.from_dict({"loras": "<lora:a:1e400>"}), ("<lora:a:1e400>", "between -10 and 10")),
+    (lambda: from_positional([True, "s", "", 10**400]), ("'strength'", "between -5 and 5")),
+    (lambda: from_positional([*_GROUP2, 10**400]), ("'strength' (group 2)", "between -5 and 5")),
+    (lambda: DeltaSettings.from_infotext({"Delta source": "s", "Delta lambda": "1e400"}),
+     ("'Delta lambda'", "between -5 and 5")),
+    (lambda: DeltaSettings.from_infotext({"Delta source": "s", "Delta lambda": "nan"}),
+     ("'Delta lambda'", "between -5 and 5")),
+    (lambda: DeltaSettings.from_infotext({"Delta source": "s", "Delta window": "0-1e999"}),
+     ("'Delta window'", "between 0 and 1")),
+    (lambda: DeltaSettings.from_infotext({"Delta source": "s", "Delta group 2": '{"strength": 1' + "0" * 400 + "}"}),
+     ("'strength' (Delta group 2)", "between -5 and 5")),
+    (lambda: DeltaSettings().with_overrides({"strength": 10**400}), ("'strength'", "between -5 and 5")),
+    (lambda: DeltaSettings().with_overrides({"lora_weight": float("nan")}), ("'lora_weight'", "between -10 and 10")),
+])
+def test_numbers_no_float_holds_are_delta_errors(call, names):
+    with pytest.raises(DeltaError) as e:
+        call()
+    assert all(n in str(e.value) for n in names), str(e.value)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: DeltaSettings.from_dict({1: True, "enabled": True}), "Unknown Delta Sampling setting(s) 1;"),
+    (lambda: DeltaSettings.from_dict({"adapted_prompt": "x" * 5000}),
+     "'adapted_prompt' is 5000 characters long; at most 4096 are allowed"),
+    (lambda: DeltaSettings.from_dict({"loras": "<lora:a:1>" * 500}), "'loras' is 5000 characters long"),
+    (lambda: DeltaSettings.from_dict({"loras": [{"name": "a" * 5000}]}), "'name' (loras[0]) is 5000 characters"),
+    (lambda: DeltaSettings.from_dict({"loras": [{"name": "a" * 2000}] * 3}), "'loras', written as tags, is 6"),
+    (lambda: DeltaSettings.from_dict({"loras": [{"name": "a"}] * 1000}), "'loras' lists 1000 LoRAs; at most 409"),
+    (lambda: DeltaSettings.from_dict({"groups": [{"loras": [{"name": {"x": 1}}]}]}),
+     "'name' (loras[0]) (groups[0]) must be a string, not an object"),
+    (lambda: DeltaSettings.from_dict({"groups": [{"prompt": "p"}]}), "Unknown key(s) 'prompt'"),
+    (lambda: DeltaSettings.from_dict({"groups": [{}] * 5}), "'groups' lists 5 Delta Sampling groups; at most 4"),
+    (lambda: DeltaSettings.from_dict({"source": ["a" * 10**6]}), "'source' must be a string, not a list"),
+    (lambda: DeltaSettings.from_infotext({"Delta source": "s", "Delta group 2": "[" * 100_000}),
+     "'Delta group 2' is not valid JSON"),
+    (lambda: DeltaSettings.from_infotext({"Delta source": "s", "Delta prompt": "x" * 5000}),
+     "'Delta prompt' is 5000 characters long"),
+    (lambda: DeltaSettings.from_infotext({"Delta source": "s", "Delta mode": "turbo"}),
+     "'Delta mode' is 'turbo'; allowed: delta, base-first"),
+    (lambda: from_positional([True, "s", "<lora:a:1>" * 500]), "'loras' is 5000 characters long"),
+    (lambda: from_positional([True, ["s"]]), "'source' must be a string, not a list"),
+])
+def test_malformed_values_are_delta_errors(call, message):
+    with pytest.raises(DeltaError) as e:
+        call()
+    assert message in str(e.value)
+    assert len(str(e.value)) < 1000  # never the whole value back

@@ -116,7 +116,8 @@ def test_axes_are_added_once(webui):
     interfaces.add_xyz_axes()  # UI reload, or a second registration
     labels = [a.label for a in webui.xyz.axis_options]
     assert labels == ["Nothing", "Seed", "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end",
-                      "[Delta] Source checkpoint", "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled"]
+                      "[Delta] Source checkpoint", "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled",
+                      "[Delta] Source CFG scale"]
     # plain AxisOption: listed in both tabs
     assert all(type(a) is AxisOption for a in webui.xyz.axis_options)
 
@@ -144,13 +145,14 @@ def test_axis_values_reach_the_settings(webui):
     p = SimpleNamespace()
     for label, value in [("[Delta] Enabled", "True"), ("[Delta] Source checkpoint", "sdxl"),
                          ("[Delta] LoRA weight", "0.25"), ("[Delta] Schedule", "cosine"),
-                         ("[Delta] Window start", "0.2"), ("[Delta] Window end", "0.7"), ("[Delta] Lambda", "-1")]:
+                         ("[Delta] Window start", "0.2"), ("[Delta] Window end", "0.7"), ("[Delta] Lambda", "-1"),
+                         ("[Delta] Source CFG scale", "4.5")]:
         [p] = run_axis(webui.xyz, label, [value], p)
     s = from_positional(ui_values).with_overrides(p.delta_overrides)
     g = s.groups[0]
     assert s.enabled and s.source == "sdxl"  # checked here, resolved by the host like the panel's choice
     assert [(r.name, r.weight) for r in g.loras] == [("a", 0.25), ("b", 0.25)]
-    assert (g.schedule, g.start, g.end, g.strength) == ("cosine", 0.2, 0.7, -1.0)
+    assert (g.schedule, g.start, g.end, g.strength, s.source_cfg) == ("cosine", 0.2, 0.7, -1.0, 4.5)
     [off] = run_axis(webui.xyz, "[Delta] Enabled", ["false"], p)
     assert off.delta_overrides["enabled"] is False
 
@@ -173,6 +175,9 @@ def test_axis_choices(webui):
     ("[Delta] Source checkpoint", ["sd1"], r"'sd1' is not among .* Closest: 'sd15.safetensors \[cc6cb27103\]'"),
     ("[Delta] Schedule", ["linear", "wobbly"], r"unknown schedule\(s\) 'wobbly'; allowed: constant"),
     ("[Delta] Enabled", ["maybe"], "'maybe' is not True or False"),
+    ("[Delta] Lambda", ["1e400"], r"inf out of range; values must lie between -5.0 and 5.0"),
+    ("[Delta] Source CFG scale", ["7", "40"], r"\[Delta\] Source CFG scale: 40.0 out of range; values must lie "
+                                               r"between 0.0 and 30.0"),
 ])
 def test_confirm_rejects_bad_values_before_the_grid_runs(webui, label, values, message):
     interfaces.add_xyz_axes()

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 
-from lib_delta.args import POSITIONAL_FIELDS, DeltaSettings, from_positional, to_positional
+from lib_delta.args import POSITIONAL_FIELDS, STRENGTH_RANGE, DeltaSettings, from_positional, to_positional
 from lib_delta.webui import panel as ui
 
 
@@ -152,3 +152,30 @@ def test_api_forms_fill_like_the_webui(webui):
     request = {"enabled": True, "source": "sd15", "loras": [{"name": "style", "weight": 0.8}], "strength": 1.25}
     assert call([request]) == DeltaSettings.from_dict(request)
     assert call([True, "sd15", "<lora:style:0.8>", 1.25]) == DeltaSettings.from_dict(request)
+
+
+def test_controls_come_from_the_declaration_and_sliders_span_what_the_api_accepts(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    for f in ("strength", "group2_strength"):
+        assert (controls[f].kwargs["minimum"], controls[f].kwargs["maximum"]) == STRENGTH_RANGE == (-5.0, 5.0)
+    for slot in ui.SLOTS:  # every slider, from its setting's declared range
+        if isinstance(controls[slot.name], sys.modules["gradio"].Slider):
+            kind = slot.setting.kind
+            assert (controls[slot.name].kwargs["minimum"], controls[slot.name].kwargs["maximum"]) == (kind.lo, kind.hi)
+    kinds = {f: type(c).__name__ for f, c in controls.items()}
+    assert kinds["group2_enabled"] == kinds["preview"] == "Checkbox" and kinds["schedule"] == "Dropdown"
+    assert kinds["mode"] == "Radio" and kinds["loras"] == kinds["prompt"] == "Textbox"
+    # a pasted λ the API accepts fits the slider
+    pasted = ui.read_from_infotext("strength", {"Delta source": "sd15", "Delta lambda": "4"})
+    assert pasted == 4.0 and controls["strength"].kwargs["minimum"] <= pasted <= controls["strength"].kwargs["maximum"]
+
+
+def test_source_cfg_slider_sits_in_advanced(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    cfg = controls["source_cfg"]
+    assert type(cfg).__name__ == "Slider" and cfg.label.startswith("Source CFG scale")
+    assert (cfg.kwargs["minimum"], cfg.kwargs["maximum"], cfg.value) == (0.0, 30.0, 0.0)
+    assert "0 = auto" in cfg.webui_tooltip and "base-first" in cfg.webui_tooltip
+    order = [b.elem_id for b in Block.created]
+    advanced = order.index("script_txt2img_delta_sampling_advanced")
+    assert advanced < order.index(cfg.elem_id) < order.index("script_txt2img_delta_sampling_group2")

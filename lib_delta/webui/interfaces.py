@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..args import LORA_WEIGHT_RANGE, OVERRIDES, SCHEDULES, STRENGTH_RANGE
+from ..args import DeltaSettings, overrides_of
 from ..errors import DeltaError
+from ..fields import Bool, Checkpoint, Choice, Kind, Number, Setting, walk
 from ..hosts.common.pool import (
     CACHE_POLICIES,
     SETTING_CACHE,
@@ -131,7 +132,7 @@ def _confirm_range(label: str, bounds: tuple[float, float]) -> Callable[[Sequenc
     lo, hi = bounds
 
     def confirm(xs: Sequence[float]) -> None:
-        bad = [x for x in xs if not lo <= x <= hi]
+        bad = [x for x in xs if not lo <= x <= hi]  # nan and inf too
         if bad:
             raise _rejected(f"{label}: {', '.join(map(str, bad))} out of range; values must lie between {lo} and "
                              f"{hi}.")
@@ -139,36 +140,47 @@ def _confirm_range(label: str, bounds: tuple[float, float]) -> Callable[[Sequenc
     return confirm
 
 
-def _confirm_checkpoints(xs: Sequence[str]) -> None:
-    from ..hosts.common import names
+def _confirm_checkpoints(label: str) -> Callable[[Sequence[str]], None]:
+    def confirm(xs: Sequence[str]) -> None:
+        from ..hosts.common import names
 
-    for x in xs:
-        try:
-            names.checkpoint(str(x), "source checkpoint", "the WebUI's")
-        except DeltaError as e:
-            raise _rejected(f"[Delta] Source checkpoint: {e} (POST /sdapi/v1/refresh-checkpoints after adding "
-                             "files).") from None
+        for x in xs:
+            try:
+                names.checkpoint(str(x), "source checkpoint", "the WebUI's")
+            except DeltaError as e:
+                raise _rejected(f"{label}: {e} (POST /sdapi/v1/refresh-checkpoints after adding files).") from None
 
-
-def _confirm_schedules(xs: Sequence[str]) -> None:
-    unknown = [x for x in xs if x not in SCHEDULES]
-    if unknown:
-        raise _rejected(f"[Delta] Schedule: unknown schedule(s) {', '.join(map(repr, unknown))}; allowed: "
-                         f"{', '.join(SCHEDULES)}.")
+    return confirm
 
 
-def _to_bool(x: Any) -> bool:
-    if isinstance(x, bool):
-        return x
-    text = str(x).strip().lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise _rejected(f"[Delta] Enabled: {x!r} is not True or False.")
+def _confirm_choices(label: str, name: str, options: Sequence[str]) -> Callable[[Sequence[str]], None]:
+    def confirm(xs: Sequence[str]) -> None:
+        unknown = [x for x in xs if x not in options]
+        if unknown:
+            raise _rejected(f"{label}: unknown {name}(s) {', '.join(map(repr, unknown))}; allowed: "
+                             f"{', '.join(options)}.")
+
+    return confirm
 
 
-def _confirm_bools(xs: Sequence[Any]) -> None:
-    for x in xs:
-        _to_bool(x)
+def _to_bool(label: str) -> Callable[[Any], bool]:
+    def convert(x: Any) -> bool:
+        if isinstance(x, bool):
+            return x
+        text = str(x).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise _rejected(f"{label}: {x!r} is not True or False.")
+
+    return convert
+
+
+def _confirm_each(convert: Callable[[Any], Any]) -> Callable[[Sequence[Any]], None]:
+    def confirm(xs: Sequence[Any]) -> None:
+        for x in xs:
+            convert(x)
+
+    return confirm
 
 
 def _checkpoint_tiles() -> list[str]:
@@ -177,20 +189,34 @@ def _checkpoint_tiles() -> list[str]:
     return sorted(sd_models.checkpoint_tiles(), key=str.casefold)
 
 
-AXES: tuple[Axis, ...] = (
-    Axis("[Delta] Lambda", "strength", float, confirm=_confirm_range("[Delta] Lambda", STRENGTH_RANGE)),
-    Axis("[Delta] Window start", "start", float, confirm=_confirm_range("[Delta] Window start", (0.0, 1.0))),
-    Axis("[Delta] Window end", "end", float, confirm=_confirm_range("[Delta] Window end", (0.0, 1.0))),
-    # Costly to change (a source model load), so the grid puts it in its outer loop.
-    Axis("[Delta] Source checkpoint", "source", str, confirm=_confirm_checkpoints, choices=_checkpoint_tiles,
-         cost=0.8),
-    Axis("[Delta] LoRA weight", "lora_weight", float,
-         confirm=_confirm_range("[Delta] LoRA weight", LORA_WEIGHT_RANGE)),
-    Axis("[Delta] Schedule", "schedule", str, confirm=_confirm_schedules, choices=lambda: list(SCHEDULES)),
-    Axis("[Delta] Enabled", "enabled", str, convert=_to_bool, confirm=_confirm_bools,
-         choices=lambda: ["True", "False"]),
-)
-assert all(a.key in OVERRIDES for a in AXES)
+def _axis(s: Setting) -> Axis:
+    """The grid's axis for a setting's declared one, from the kind of value it takes."""
+    assert s.xyz is not None
+    label, key = s.xyz.label, s.xyz.key or s.name
+    kind: Kind = s.xyz.kind or s.kind
+    if isinstance(kind, Number):
+        return Axis(label, key, float, confirm=_confirm_range(label, (kind.lo, kind.hi)))
+    if isinstance(kind, Bool):
+        convert = _to_bool(label)
+        return Axis(label, key, str, convert=convert, confirm=_confirm_each(convert), choices=lambda: ["True", "False"])
+    if isinstance(kind, Checkpoint):
+        # Costly to change (a model load), so the grid puts it in its outer loop.
+        return Axis(label, key, str, confirm=_confirm_checkpoints(label), choices=_checkpoint_tiles, cost=0.8)
+    if isinstance(kind, Choice):
+        options = list(kind.options)
+        return Axis(label, key, str, confirm=_confirm_choices(label, s.name, options), choices=lambda: options)
+    return Axis(label, key, str)
+
+
+def axes_of(cls: type = DeltaSettings) -> tuple[Axis, ...]:
+    """The X/Y/Z axes the settings declare, in the grid's menu order."""
+    declared = sorted((s for s in walk(cls) if s.xyz is not None), key=lambda s: s.xyz.at)  # type: ignore[union-attr]
+    axes = tuple(_axis(s) for s in declared)
+    assert all(a.key in overrides_of(cls) for a in axes)
+    return axes
+
+
+AXES: tuple[Axis, ...] = axes_of(DeltaSettings)
 
 
 def find_xyz_module() -> Any | None:
@@ -227,5 +253,6 @@ __all__ = [
     "SETTING_PREVIEW",
     "add_settings",
     "add_xyz_axes",
+    "axes_of",
     "register_interfaces",
 ]

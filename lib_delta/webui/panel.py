@@ -7,87 +7,43 @@ infotext fields, LoRA tag editing) is importable and testable without a WebUI. T
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..args import (
-    CFG_MODES,
-    MODES,
     POSITIONAL_FIELDS,
-    SCHEDULES,
-    TRAJECTORIES,
+    AdaptationGroup,
     DeltaSettings,
     LoraRef,
     format_lora_tags,
+    infotext_marker,
     parse_lora_tags,
     to_positional,
 )
 from ..errors import DeltaError
+from ..fields import ORDINALS, Control, Number, Slot, positional_slots, settings_of
 
 TITLE = "Delta Sampling"
 # Settings that shape the panel (the others, for the generation path, live with the host adapters).
 SETTING_DEFAULT_STRENGTH = "delta_sampling_default_strength"
 SETTING_PREVIEW = "delta_sampling_preview"
 PANEL_SETTING_DEFAULTS: dict[str, Any] = {SETTING_DEFAULT_STRENGTH: 1.0, SETTING_PREVIEW: False}
-STRENGTH_SLIDER = (-2.0, 3.0, 0.05)  # minimum, maximum, step
+# Controls whose starting value is a WebUI option rather than the setting's default, by setting name.
+STARTING_VALUE_OPTIONS = {"strength": SETTING_DEFAULT_STRENGTH, "preview": SETTING_PREVIEW}
 
-_GROUP_TOOLTIPS = {
-    "loras": "LoRA / LyCORIS files applied to the source for the adapted pass, written as <lora:name:weight> "
-             "(or <lora:name:te_weight:unet_weight>). They must be made for the source base, not for the active "
-             "model.",
-    "checkpoint": "A checkpoint fine-tuned from the source base; its difference to the source base is "
-                  "transferred. Leave empty when the adaptation is a LoRA or a prompt.",
-    "prompt": "Extra prompt text for the adapted pass only (a 'prompt delta'): the style or subject it adds to the "
-              "source's prediction is transferred to the active model.",
-    "strength": "λ: how strongly the difference (adapted − source base) is added to the active model's "
-                "prediction. 0 = off, 1 = full transfer, negative values push away from the adaptation.",
-    "schedule": "How λ changes over the window: constant, or decaying from λ to 0 (linear, exponential, cosine, "
-                "sigmoid).",
-    "start": "Where the window starts, as a fraction of the sampling progress (0 = first step).",
-    "end": "Where the window ends, as a fraction of the sampling progress (1 = last step). Outside the window the "
-           "source model is not run.",
-}
-
-TOOLTIPS: dict[str, str] = {
-    "enabled": "Delta Sampling: transfer a LoRA, fine-tune or prompt made for another base model (the source) to "
-               "the active model, by adding λ·(adapted − base) to its prediction at every step.",
-    "source": "The base model the adaptation was made for (e.g. an SD1.5 checkpoint for an SD1.5 LoRA). It runs "
-              "beside the active model; it never replaces it. Its latent format must match the active model's.",
-    **_GROUP_TOOLTIPS,
-    "mode": "delta: add λ·(adapted − base) to the active model's prediction. base-first: the source (with its "
-            "adaptation) predicts the steps inside the window instead of the active model, e.g. the first steps "
-            "of a distilled (Turbo, Lightning, LCM) model.",
-    "cfg_mode": "cfg: the source runs with classifier-free guidance like the active model (with the source as "
-                "the target, λ 1 gives exactly the adapted model). cond: it runs on the positive prompt only "
-                "(faster; try it when the image stops following the prompt).",
-    "trajectory": "shared: the source sees the active model's own noisy latent. separate: the source follows its "
-                  "own sampling trajectory, as the reference implementation does.",
-    "preview": "Add a strip to the results showing the source base, the adapted source and the result side by side.",
-    "group2_enabled": "Add a second adaptation, with its own λ and window; the two deltas add up.",
-    **{f"group2_{k}": f"Second group: {v}" for k, v in _GROUP_TOOLTIPS.items()},
-}
-
+SLOTS: tuple[Slot, ...] = positional_slots(DeltaSettings)
+TOOLTIPS: dict[str, str] = {slot.name: slot.tooltip for slot in SLOTS}
 # Paste-field keys. Where a field has an infotext key of its own it is used; the others get a "Delta …" name of the
 # same style. The names are what "Send to img2img" matches against the script's paste_field_names.
-INFOTEXT_LABELS: dict[str, str] = {
-    "enabled": "Delta enabled",
-    "source": "Delta source",
-    "loras": "Delta LoRAs",
-    "strength": "Delta lambda",
-    "schedule": "Delta schedule",
-    "start": "Delta window start",
-    "end": "Delta window end",
-    "checkpoint": "Delta checkpoint",
-    "prompt": "Delta prompt",
-    "mode": "Delta mode",
-    "cfg_mode": "Delta CFG mode",
-    "trajectory": "Delta trajectory",
-    "group2_enabled": "Delta group 2",
-    **{f"group2_{k}": f"Delta group 2 {k}" for k in _GROUP_TOOLTIPS},
-}
-# The preview strip is a display choice, not part of how an image was made: infotext does not carry it.
-NOT_IN_INFOTEXT = frozenset({"preview"})
+INFOTEXT_LABELS: dict[str, str] = {slot.name: slot.paste for slot in SLOTS if slot.paste is not None}
+NOT_IN_INFOTEXT = frozenset(slot.name for slot in SLOTS if slot.paste is None)
+# The λ slider's minimum, maximum and step, which the settings page's "Default λ" slider shares.
+_STRENGTH = next(s for s in settings_of(AdaptationGroup) if s.name == "strength")
+assert isinstance(_STRENGTH.kind, Number) and _STRENGTH.control is not None
+STRENGTH_SLIDER = (_STRENGTH.kind.lo, _STRENGTH.kind.hi, _STRENGTH.control.step)
 
 
 class InfotextField(str):
@@ -114,7 +70,7 @@ def read_from_infotext(field: str, params: Mapping[str, str]) -> Any:
     Without Delta keys the infotext was made with the extension off: only the switch changes. A Delta infotext
     sets every control (defaults are left out of infotext, so a missing key means the default).
     """
-    if "Delta source" not in params:
+    if infotext_marker() not in params:
         return False if field == "enabled" else None
     try:
         values = to_positional(DeltaSettings.from_infotext(params))
@@ -177,30 +133,31 @@ def _opt(opts: Any, key: str, default: Any = None) -> Any:
 
 
 def build(script: Any, is_img2img: bool) -> list[Any]:
-    """Create the controls (inside the WebUI's script UI context) and return them in POSITIONAL_FIELDS order."""
+    """Create the controls (inside the WebUI's script UI context) and return them in POSITIONAL_FIELDS order.
+
+    Each control comes from its setting's declaration; only the frame (the switch's accordion, the Advanced
+    accordion and one accordion per further group) is laid out here.
+    """
     import gradio as gr
     from modules import sd_models, shared
     from modules.ui_common import create_refresh_button
     from modules.ui_components import FormHTML, InputAccordion
 
     opts = shared.opts
-    strength = float(_opt(opts, SETTING_DEFAULT_STRENGTH))
+    start = to_positional(DeltaSettings())
+    for slot in SLOTS:
+        if slot.setting.name in STARTING_VALUE_OPTIONS:
+            start[slot.index] = type(start[slot.index])(_opt(opts, STARTING_VALUE_OPTIONS[slot.setting.name]))
     c: dict[str, Any] = {}
 
-    def tip(field: str, component: Any) -> Any:
+    def tip(slot: Slot, component: Any) -> Any:
         # Shown as the element's title, by the WebUI's hints.js at load and by our script for late-built parts.
-        component.webui_tooltip = TOOLTIPS[field]
-        c[field] = component
+        component.webui_tooltip = slot.tooltip
+        c[slot.name] = component
         return component
 
     def checkpoint_choices() -> list[str]:
         return ["", *sd_models.checkpoint_tiles()]
-
-    def checkpoint_dropdown(field: str, label: str) -> None:
-        dropdown = tip(field, gr.Dropdown(label=label, choices=checkpoint_choices(), value="",
-                                          allow_custom_value=True, elem_id=script.elem_id(field)))
-        create_refresh_button(dropdown, sd_models.list_models, lambda: {"choices": checkpoint_choices()},
-                              script.elem_id(f"{field}_refresh"))
 
     def add_picked_lora(name: str | None, text: str) -> tuple[Any, Any]:
         if not name:  # the picker's own reset
@@ -208,63 +165,82 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         weight = _opt(opts, "extra_networks_default_multiplier", 1.0)  # what the WebUI's LoRA cards use
         return append_lora(text, name, weight), gr.update(value=None)
 
-    def group(prefix: str) -> None:
-        with gr.Row():
-            tip(f"{prefix}loras", gr.Textbox(label="LoRAs for the adapted pass", value="", lines=1, scale=3,
-                                             placeholder="<lora:name:1>", elem_id=script.elem_id(f"{prefix}loras")))
-            picker = gr.Dropdown(label="Add LoRA", choices=lora_names(), value=None, scale=1,
-                                 elem_id=script.elem_id(f"{prefix}lora_picker"))
-            picker.webui_tooltip = "Pick a LoRA to add its tag to the field beside, with the default extra " \
-                                   "networks multiplier as weight."
-            create_refresh_button(picker, refresh_loras, lambda: {"choices": lora_names()},
-                                  script.elem_id(f"{prefix}lora_refresh"))
-            picker.change(fn=add_picked_lora, inputs=[picker, c[f"{prefix}loras"]],
-                          outputs=[c[f"{prefix}loras"], picker], show_progress="hidden")
-        with gr.Row():
-            checkpoint_dropdown(f"{prefix}checkpoint", "Fine-tuned checkpoint (optional)")
-            tip(f"{prefix}prompt", gr.Textbox(label="Adapted prompt (optional)", value="", lines=1,
-                                              placeholder="extra text for the adapted pass only",
-                                              elem_id=script.elem_id(f"{prefix}prompt")))
-        with gr.Row():
-            lo, hi, step = STRENGTH_SLIDER
-            tip(f"{prefix}strength", gr.Slider(label="λ (strength)", minimum=lo, maximum=hi, step=step,
-                                               value=strength, elem_id=script.elem_id(f"{prefix}strength")))
-            tip(f"{prefix}schedule", gr.Dropdown(label="Schedule", choices=list(SCHEDULES), value="constant",
-                                                 elem_id=script.elem_id(f"{prefix}schedule")))
-        with gr.Row():
-            tip(f"{prefix}start", gr.Slider(label="Window start", minimum=0.0, maximum=1.0, step=0.01, value=0.0,
-                                            elem_id=script.elem_id(f"{prefix}start")))
-            tip(f"{prefix}end", gr.Slider(label="Window end", minimum=0.0, maximum=1.0, step=0.01, value=1.0,
-                                          elem_id=script.elem_id(f"{prefix}end")))
+    def lora_controls(slot: Slot, control: Control, **common: Any) -> None:
+        prefix = slot.name[: len(slot.name) - len(slot.setting.name)]
+        field = tip(slot, gr.Textbox(lines=1, scale=3, placeholder=control.placeholder, **common))
+        picker = gr.Dropdown(label="Add LoRA", choices=lora_names(), value=None, scale=1,
+                             elem_id=script.elem_id(f"{prefix}lora_picker"))
+        picker.webui_tooltip = "Pick a LoRA to add its tag to the field beside, with the default extra networks " \
+                               "multiplier as weight."
+        create_refresh_button(picker, refresh_loras, lambda: {"choices": lora_names()},
+                              script.elem_id(f"{prefix}lora_refresh"))
+        picker.change(fn=add_picked_lora, inputs=[picker, field], outputs=[field, picker], show_progress="hidden")
 
-    with InputAccordion(False, label=TITLE, elem_id=script.elem_id("enabled")) as enabled:
+    def control(slot: Slot) -> None:
+        s, ctl = slot.setting, slot.setting.control
+        assert ctl is not None, f"{slot.name} declares no control"
+        widget = ctl.widget or s.kind.widget
+        common = {"label": ctl.label, "value": start[slot.index], "elem_id": script.elem_id(slot.name)}
+        kind: Any = s.kind
+        if widget == "checkpoint":
+            dropdown = tip(slot, gr.Dropdown(choices=checkpoint_choices(), allow_custom_value=True, **common))
+            create_refresh_button(dropdown, sd_models.list_models, lambda: {"choices": checkpoint_choices()},
+                                  script.elem_id(f"{slot.name}_refresh"))
+        elif widget == "loras":
+            lora_controls(slot, ctl, **common)
+        elif widget == "textbox":
+            tip(slot, gr.Textbox(lines=1, placeholder=ctl.placeholder, **common))
+        elif widget == "slider":
+            tip(slot, gr.Slider(minimum=kind.lo, maximum=kind.hi, step=ctl.step, **common))
+        elif widget in ("dropdown", "radio"):
+            tip(slot, (gr.Dropdown if widget == "dropdown" else gr.Radio)(choices=list(kind.options), **common))
+        elif widget == "checkbox":
+            tip(slot, gr.Checkbox(**common))
+        else:
+            raise ValueError(f"{slot.name}: no control of kind {widget!r}")
+
+    def controls(slots: list[Slot]) -> None:
+        # Consecutive controls declaring the same row share it.
+        for row, members in itertools.groupby(slots, key=lambda slot: slot.setting.control.row):
+            with gr.Row() if row is not None else contextlib.nullcontext():
+                for slot in members:
+                    control(slot)
+
+    with InputAccordion(start[0], label=TITLE, elem_id=script.elem_id("enabled")) as enabled:
         enabled.accordion.webui_tooltip = TOOLTIPS["enabled"]
         c["enabled"] = enabled
         with enabled.extra():
             # Filled in, and kept in sync, by javascript/delta_sampling.js.
             FormHTML(value='<span class="delta-sampling-summary-text"></span>', elem_id=script.elem_id("summary"))
-        with gr.Row():
-            checkpoint_dropdown("source", "Source base checkpoint")
-        group("")
+        controls(_section("main"))
+        controls(_group(0))
         with gr.Accordion("Advanced", open=False, elem_id=script.elem_id("advanced")):
-            with gr.Row():
-                tip("mode", gr.Radio(label="Mode", choices=list(MODES), value="delta", elem_id=script.elem_id("mode")))
-                tip("cfg_mode", gr.Radio(label="CFG mode", choices=list(CFG_MODES), value="cfg",
-                                         elem_id=script.elem_id("cfg_mode")))
-                tip("trajectory", gr.Radio(label="Trajectory", choices=list(TRAJECTORIES), value="shared",
-                                           elem_id=script.elem_id("trajectory")))
-            tip("preview", gr.Checkbox(label="Preview strip", value=bool(_opt(opts, SETTING_PREVIEW)),
-                                       elem_id=script.elem_id("preview")))
-            with gr.Accordion("Second adaptation group", open=False, elem_id=script.elem_id("group2")):
-                tip("group2_enabled", gr.Checkbox(label="Use a second adaptation group", value=False,
-                                                  elem_id=script.elem_id("group2_enabled")))
-                group("group2_")
+            controls(_section("advanced"))
+            for g, switch in enumerate((slot for slot in SLOTS if slot.switch), 1):
+                with gr.Accordion(f"{ORDINALS[g + 1]} adaptation group", open=False,
+                                  elem_id=script.elem_id(f"group{g + 1}")):
+                    controls([switch])
+                    controls(_group(g))
 
     script.infotext_fields = infotext_fields(c)
     script.paste_field_names = paste_field_names()
     # The WebUI passes the controls' values positionally: one control per field, in POSITIONAL_FIELDS order.
     assert set(c) == set(POSITIONAL_FIELDS), f"controls ≠ POSITIONAL_FIELDS: {sorted(set(c) ^ set(POSITIONAL_FIELDS))}"
     return [c[f] for f in POSITIONAL_FIELDS]
+
+
+
+def _section(section: str) -> list[Slot]:
+    """The generation's controls of one part of the panel, in declaration order (the switch is the accordion)."""
+    slots = {slot.setting.name: slot for slot in SLOTS if slot.group is None}
+    return [slots[s.name] for s in settings_of(DeltaSettings)
+            if s.name in slots and s.control is not None and s.control.section == section]
+
+
+def _group(g: int) -> list[Slot]:
+    """Panel group ``g``'s controls, in declaration order."""
+    slots = {slot.setting.name: slot for slot in SLOTS if slot.group == g and not slot.switch}
+    return [slots[s.name] for s in settings_of(AdaptationGroup) if s.name in slots]
 
 
 __all__ = [

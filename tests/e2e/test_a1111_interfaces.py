@@ -21,7 +21,7 @@ PROMPT = "a photo of a cat sitting on a red chair"
 SCRIPT = "Delta Sampling"
 CHANGED_BELOW_DB = 35.0  # see test_baseline.py: a rank-4 LoRA moves these images to about 20 dB
 AXES = ["[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
-        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled"]
+        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale"]
 
 
 @pytest.fixture(scope="module")
