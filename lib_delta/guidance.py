@@ -8,14 +8,16 @@ combined prediction, so the host's own combine, inpaint blend and CFG variants a
     delta mode:       x0' = x0_target + Σ_g λ_g(t) · (x0_adapted_g − x0_base)
     base-first mode:  x0' = x0_target + λ(t) · (x0_source − x0_target)
 
-"cfg" mode combines every source prediction with the target's CFG scale and AND-weights before the difference
-(target == source, λ = 1 then equals sampling the adapted model); "cond" mode uses the cond rows only.
+"cfg" mode combines every source prediction with the target's AND-weights and the source's CFG scale (by default the
+target's in delta mode, so that target == source, λ = 1 equals sampling the adapted model; a guided scale in
+base-first mode, whose distilled targets run nearly unguided) before the difference; "cond" mode uses the cond rows
+only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -79,6 +81,15 @@ def cfg_combine(rows: Tensor, layout: CfgLayout) -> Tensor:
         for row, weight in conds:
             out[i] += (rows[row] - uncond[i]) * (weight * layout.cond_scale)
     return out
+
+
+def with_guidance_scale(rows: Tensor, layout: CfgLayout, scale: float) -> Tensor:
+    """Rows that the host's combine at ``layout.cond_scale`` turns into the combine at ``scale``: each cond row moved
+    to ``uncond + (scale / layout scale) · (cond − uncond)``, the uncond rows kept."""
+    k = scale / layout.cond_scale
+    images = torch.tensor(layout.row_images()[:layout.n_cond], device=rows.device)
+    uncond = rows[layout.n_cond:].index_select(0, images)
+    return torch.cat([uncond + (rows[:layout.n_cond] - uncond) * k, rows[layout.n_cond:]])
 
 
 def cond_mean(rows: Tensor, layout: CfgLayout) -> Tensor:
@@ -254,11 +265,18 @@ class DeltaGuidance:
 
     # -- internals ------------------------------------------------------------------------------------------------
 
+    def _source_scale(self, layout: CfgLayout) -> float:
+        """The scale the source's rows are combined with. Where the host skipped the uncond rows (their place taken
+        by cond rows) the call is unguided by design, for the source too."""
+        return layout.cond_scale if layout.uncond_from_cond else self.settings.source_cfg_for(layout.cond_scale)
+
     def _add_delta(self, out: Tensor, sigma: Tensor, pred: Tensor, lams: list[float], layout: CfgLayout,
                    cond_only: bool, record: StepRecord | None) -> None:
         combine = cond_mean if cond_only else cfg_combine
-        base = combine(pred[0], layout)
-        deltas = [combine(pred[k], layout) - base for k in range(1, len(pred))]
+        scale = self._source_scale(layout)
+        source_layout = layout if scale == layout.cond_scale else replace(layout, cond_scale=scale)
+        base = combine(pred[0], source_layout)
+        deltas = [combine(pred[k], source_layout) - base for k in range(1, len(pred))]
         total = sum(lam * d for lam, d in zip(lams, deltas, strict=False))
         per_row = self.bridge.delta_to_target(total).index_select(0, self._row_index(layout, total.device))
         if self.bridge.target.output == "eps":
@@ -270,11 +288,14 @@ class DeltaGuidance:
     def _replace(self, out: Tensor, x_ve: Tensor, sigma: Tensor, pred: Tensor, lam: float, layout: CfgLayout,
                  record: StepRecord | None) -> None:
         src = self.bridge.x0_to_target(pred)
+        scale = self._source_scale(layout)
+        if scale != layout.cond_scale and layout.cond_scale != 0:
+            src = with_guidance_scale(src, layout, scale)
         if self.bridge.target.output == "eps":
             src = eps_from_x0(x_ve, sigma, src)
         out += (lam * (src - _wide(out))).to(out.dtype)
         if record is not None:
-            record.base_x0 = cfg_combine(pred, layout)
+            record.base_x0 = cfg_combine(pred, replace(layout, cond_scale=scale))
 
     def _row_index(self, layout: CfgLayout, device: torch.device) -> Tensor:
         """``layout.row_images()`` as an index tensor, made once: indexing a GPU tensor with a Python list copies

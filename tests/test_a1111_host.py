@@ -381,8 +381,27 @@ def test_an_alternative_unet_is_refused(ui, monkeypatch):
 
 def test_base_first_with_the_target_as_source_changes_nothing(ui):
     plain = images(ui.txt2img(**BASE))
-    out = images(ui.txt2img({"enabled": True, "source": "base", "mode": "base-first", "end": 0.5}, **BASE))
+    out = images(ui.txt2img({"enabled": True, "source": "base", "mode": "base-first", "end": 0.5,
+                             "source_cfg": BASE["cfg_scale"]}, **BASE))
     assert rel(out, plain) < 1e-5
+
+
+def test_base_first_guides_the_source_with_its_own_scale(ui):
+    """A distilled target runs at CFG 1-2; base-first's source is guided at 7 unless told otherwise, so the layout
+    steps are the guided source's. Over the whole window the image is the source's own at CFG 7."""
+    guided = images(ui.txt2img(**{**BASE, "cfg_scale": 7.0}))
+    out = images(ui.txt2img({"enabled": True, "source": "base", "mode": "base-first"}, **{**BASE, "cfg_scale": 1.5}))
+    assert rel(out, guided) < 1e-5
+    same = images(ui.txt2img({"enabled": True, "source": "base", "mode": "base-first", "source_cfg": 3.0},
+                             **{**BASE, "cfg_scale": 1.5}))
+    assert rel(same, images(ui.txt2img(**{**BASE, "cfg_scale": 3.0}))) < 1e-5
+
+
+def test_a_source_scale_equal_to_the_targets_is_the_default_in_delta_mode(ui):
+    auto = images(ui.txt2img(delta(adapted_prompt="in the snow"), **BASE))
+    named = images(ui.txt2img(delta(adapted_prompt="in the snow", source_cfg=BASE["cfg_scale"]), **BASE))
+    other = images(ui.txt2img(delta(adapted_prompt="in the snow", source_cfg=12.0), **BASE))
+    assert torch.equal(auto, named) and rel(other, auto) > 1e-3
 
 
 @pytest.mark.parametrize("changes", [{"cfg_mode": "cond"}, {"trajectory": "separate"}])
