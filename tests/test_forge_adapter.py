@@ -4,95 +4,26 @@ The script is the real ``scripts/delta_sampling.py``; Forge's processing loop, s
 memory manager are the stand-in's. Checked: λ = 0 is bit-identical to the extension off; target == source with
 λ = 1 samples the adapted model (LoRA, fine-tuned checkpoint, adapted prompt; with hires fix, whose hook runs twice
 per pass; with CFG 1 and AND prompts); a cross-family pair runs and moves the image; refusals stop the generation
-with a clear error and leave nothing behind.
+with a clear error and leave nothing behind; any exception while a generation starts takes the one failure path;
+names resolve exactly, a near miss is refused with the closest listed names.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from lib_delta.errors import DeltaError
 from lib_delta.lora import LoraUse, build_patch, read_lora
-from tests.fake_forge import backend, installed, webui
-
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT, ADAPTED = "a red cube on a table", "a watercolor painting of a red cube"
-APPENDED = f"{PROMPT}, {ADAPTED}"  # what an adapted prompt adds to: the target's own prompt
-
+from tests.fake_forge import backend, harness, webui
+from tests.fake_forge.harness import ADAPTED, APPENDED, PROMPT, Forge, Loads, failure, forward_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def forge(tmp_path, monkeypatch):
-    """The stand-in installed, empty lists, and the real script class loaded against it."""
-    with installed():
-        from lib_delta.hosts import forge as adapter
-        from lib_delta.hosts.forge import models as forge_models
-
-        webui.checkpoints_list.clear()
-        webui.checkpoint_aliases.clear()
-        webui.lora_dir = str(tmp_path / "lora")
-        Path(webui.lora_dir).mkdir()
-        webui.list_available_networks()
-        webui.opts.delta_sampling_cache = "ram"
-        backend.current_loaded_models.clear()
-        backend.load_calls.clear()
-        monkeypatch.setattr(adapter, "register", lambda: None)
-        spec = importlib.util.spec_from_file_location("delta_sampling_script", ROOT / "scripts" / "delta_sampling.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield Forge(tmp_path, module.DeltaSamplingScript(), adapter)
-        adapter.finish(None)
-        forge_models._cache.clear()
-
-
-class Forge:
-    def __init__(self, tmp_path, script, adapter):
-        self.tmp, self.script, self.adapter = tmp_path, script, adapter
-
-    def checkpoint(self, name: str, **spec) -> str:
-        path = self.tmp / f"{name}.safetensors"
-        path.write_text(json.dumps(spec))
-        webui.add_checkpoint(str(path))
-        return name
-
-    def load(self, name: str):
-        return backend.forge_loader(webui.checkpoints_list[f"{name}.safetensors"].filename)
-
-    def lora(self, name: str, engine, seed: int = 5) -> str:
-        """A kohya LoRA over every linear layer of the engine's UNet transformers and first text encoder."""
-        g = torch.Generator().manual_seed(seed)
-        tensors = {}
-        unet = engine.forge_objects.unet.model.diffusion_model
-        encoders = engine.forge_objects.clip.cond_stage_model
-        te = encoders["clip_l"] if "clip_l" in encoders else None
-        for prefix, root, keep in (("lora_unet_", unet, "transformer_blocks"), ("lora_te_", te, "self_attn")):
-            for path, module in (root.named_modules() if root is not None else ()):
-                if isinstance(module, backend.ForgeLinear) and keep in path:
-                    out, inp = module.weight.shape
-                    key = prefix + path.replace(".", "_")
-                    tensors[f"{key}.lora_down.weight"] = torch.randn(4, inp, generator=g) * inp**-0.5
-                    tensors[f"{key}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.5
-                    tensors[f"{key}.alpha"] = torch.tensor(4.0)
-        save_file(tensors, str(Path(webui.lora_dir) / f"{name}.safetensors"))
-        webui.list_available_networks()
-        return name
-
-    def generate(self, model, delta: dict | None = None, **kw) -> torch.Tensor:
-        p = webui.Processing(model, kw.pop("prompt", PROMPT), **kw)
-        p.scripts = webui.ScriptRunner(self.script, (delta or {"enabled": False},))
-        return webui.process_images(p)
-
-    def run(self, model, source: str, group: dict, **kw) -> torch.Tensor:
-        return self.generate(model, {"enabled": True, "source": source, **group}, **kw)
+forge = harness.forge  # the fixtures
+no_cycle_collection = harness.no_cycle_collection
 
 
 def merged(forge: Forge, name: str, lora: str, family: str):
@@ -186,7 +117,9 @@ def test_sd1_source_steers_an_sdxl_target(forge):
     assert torch.isfinite(got).all() and (got - off).abs().mean() > 1e-3
     calls = backend.load_calls[-1]
     assert calls["hard_memory_preservation"] > 0
-    assert any(m.model.diffusion_model is not target.forge_objects.unet.model.diffusion_model for m in calls["models"])
+    loaded = [ref() for ref in calls["models"]]
+    assert any(m is not None and m.model.diffusion_model is not target.forge_objects.unet.model.diffusion_model
+               for m in loaded)
 
 
 def test_different_vaes_of_equal_channels_convert_with_a_warning(forge):
@@ -232,7 +165,7 @@ def test_refusals_stop_the_generation_and_leave_nothing_behind(forge, case):
     if case in ("source", "lora", "strength"):
         assert forge_models.cached() == [], "names and files are checked before any model loads"
     assert torch.equal(forge.generate(target), fresh)
-    assert forge.adapter._run is None
+    assert forge.adapter.SLOT.get() is None
 
 
 def test_a_refusal_is_an_http_exception_when_fastapi_is_there(forge, monkeypatch):
@@ -256,7 +189,7 @@ def test_a_refusal_is_an_http_exception_when_fastapi_is_there(forge, monkeypatch
     assert isinstance(err.value, HTTPException) and type(err.value).__name__ == "DeltaError"
     assert err.value.status_code == 422 and "not among Forge's checkpoints" in err.value.detail
     assert str(err.value) == err.value.detail
-    assert forge.adapter._run is None
+    assert forge.adapter.SLOT.get() is None
 
 
 def test_cleanup_detaches_the_lora_and_unloads_or_drops_the_source(forge):
@@ -266,7 +199,7 @@ def test_cleanup_detaches_the_lora_and_unloads_or_drops_the_source(forge):
     lora = forge.lora("style", forge.load(base))
     target = forge.load(base)
     forge.run(target, base, {"loras": f"<lora:{lora}:1>"})
-    assert forge.adapter._run is None
+    assert forge.adapter.SLOT.get() is None
     (entry,) = forge_models.cached()
     modules = [*entry.unet.model.diffusion_model.modules(), *entry.engine.forge_objects.clip.cond_stage_model.modules()]
     assert not any("forward" in m.__dict__ for m in modules)
@@ -294,10 +227,65 @@ def test_an_unforeseen_error_stops_the_generation_as_a_server_error(forge, monke
     base = forge.checkpoint("base", family="sd1", seed=0)
     target = forge.load(base)
 
-    def broken(settings):
+    def broken(*args):
         raise RuntimeError("boom")
 
     monkeypatch.setattr("lib_delta.hosts.forge.source.build", broken)
     with pytest.raises(DeltaError, match="boom") as err:
         forge.run(target, base, {"adapted_prompt": ADAPTED})
     assert err.value.status_code == 500
+
+
+def test_any_exception_inside_start_is_a_server_error_that_stops_the_generation(forge, monkeypatch,
+                                                                                no_cycle_collection):
+    """The one failure path: a non-DeltaError raised inside start(), after the source loaded, is a 500 that names it;
+    the target never samples (no plain image), and what the failed start loaded is released at once."""
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    fresh = forge.generate(target)
+
+    def overflow(*args, **kwargs):
+        raise OverflowError("int too large to convert to float")
+
+    monkeypatch.setattr("lib_delta.hosts.forge.source._check_source", overflow)
+    loads = Loads(monkeypatch)
+    calls = forward_calls(monkeypatch, target)
+    status, message, _ = failure(lambda: forge.run(target, base, {"adapted_prompt": ADAPTED}))
+    assert status == 500 and "OverflowError: int too large to convert to float" in message
+    assert calls == [], "the generation ran without the delta"
+    assert len(loads.engines) == 1 and loads.alive() == 0
+    assert torch.equal(forge.generate(target), fresh)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**30), float("nan")])
+def test_an_absurd_number_in_the_request_is_refused_before_anything_runs(forge, monkeypatch, value):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    calls = forward_calls(monkeypatch, target)
+    status, message, _ = failure(lambda: forge.run(target, base, {"adapted_prompt": ADAPTED, "strength": value}))
+    assert status in (422, 500) and message
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", ["base", "base.safetensors"])
+def test_the_source_resolves_by_its_listed_names(forge, name):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    assert close(forge.run(target, name, {"adapted_prompt": ADAPTED}), forge.generate(target, prompt=APPENDED))
+
+
+@pytest.mark.parametrize(("what", "name"), [("source", "Base"), ("source", "bas"), ("lora", "Style"),
+                                            ("lora", "styl")])
+def test_a_near_miss_is_refused_with_the_closest_listed_names(forge, what, name):
+    from lib_delta.hosts.forge import models as forge_models
+
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    forge.checkpoint("other", family="sd1", seed=1)
+    target = forge.load(base)
+    forge.lora("style", target)
+    delta = {"source": name, "adapted_prompt": ADAPTED} if what == "source" else \
+        {"source": base, "loras": f"<lora:{name}:1>"}
+    status, message, _ = failure(lambda: forge.generate(target, {"enabled": True, **delta}))
+    listed = "base.safetensors" if what == "source" else "style"
+    assert status == 422 and f"'{name}'" in message and f"Closest: '{listed}'" in message
+    assert forge_models.cached() == []

@@ -1,8 +1,10 @@
 """A small stand-in for the pieces of Stable Diffusion WebUI Forge 2 that ``lib_delta.hosts.forge`` touches.
 
-``installed()`` puts it into ``sys.modules`` under Forge's module names for the duration of a test and takes it out
-again, so the A1111 stand-in and this one never meet. Nothing here is Forge code: it is written from Forge's
-behaviour as the project's host notes describe it, at the size the tests need (see ``backend`` and ``webui``).
+``installed()`` puts it into ``sys.modules`` under Forge's module names for the duration of a test, with Forge's
+start-up wrappers around ``torch.load`` and ``safetensors.torch.load_file``, and takes it all out again, so the A1111
+stand-in and this one never meet. Nothing here is Forge code: it is written from Forge's behaviour (the host notes,
+and Forge's source at dfdcbab6 where cited), at the size the tests need (see ``backend`` and ``webui``);
+``harness`` is the tests' session on top of it.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def installed() -> Iterator[None]:
     mods = _modules()
     saved = {name: sys.modules.get(name) for name in mods}
     sys.modules.update(mods)
+    restore_loaders = backend.patch_loaders()
     try:
         yield
     finally:
+        restore_loaders()
         for name, old in saved.items():
             if old is None:
                 sys.modules.pop(name, None)

@@ -6,10 +6,16 @@
 - ``calc_cond_uncond_batch``: every concatenable entry in one forward, in Forge's order (the last one first), the
   model function wrapper, and the strength-weighted average of the cond entries;
 - ``sampling_function_inner``: the CFG-1 optimisation, the edit strength and post-CFG functions;
-- patchers: ``clone`` deep-copies ``model_options`` and copies the extra-model list, as Forge's do;
-- memory management: a list of loaded models that ``load_models_gpu`` fills and ``model_unload`` leaves;
+- patchers: ``clone`` deep-copies ``model_options`` and copies the extra-model list, as Forge's do; every module a
+  patcher wraps gets a ``lora_loader`` that refers back to it (backend/patcher/base.py:63-66), a reference cycle;
+- memory management: a list of loaded models that ``load_models_gpu`` fills (loading one clone unloads the others
+  of the same module, memory_management.py:552-559) and ``model_unload`` leaves;
+- files: ``load_torch_file`` as unsafe as Forge's (backend/utils.py:22-47), and ``build_loaded``, Forge's wrapper of
+  ``torch.load`` and ``safetensors.torch.load_file`` (modules_forge/patch_basic.py:27-56, 91-92), which ``installed()``
+  puts in place: it has no ``weights_only``, and it renames a file it fails to read to ``<file>.corrupted``;
 - engines: the tiny devkit families behind Forge's engine interface, with Forge's ``Linear``, which is a plain
-  ``nn.Module`` and not an ``nn.Linear`` subclass.
+  ``nn.Module`` and not an ``nn.Linear`` subclass. A checkpoint file is a safetensors file holding the engine's spec
+  (``write_checkpoint``), read by ``forge_loader`` through ``load_torch_file`` as Forge reads any checkpoint.
 Areas, masks, ControlNet and memory estimates beyond a rough figure are left out.
 """
 
@@ -18,7 +24,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-from types import SimpleNamespace
+import os
+import pickle
+import weakref
+from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -157,27 +166,38 @@ def sampling_prepare(unet, x) -> None:
 # --- backend.memory_management ------------------------------------------------------------------------------------
 
 current_loaded_models: list = []
-load_calls: list[dict] = []  # what each load_models_gpu call asked for, for the tests
+load_calls: list[dict] = []  # what each load_models_gpu call asked for (weakly: a record keeps nothing alive)
+empty_cache_calls: list[int] = []
 
 
 class LoadedModel:
     def __init__(self, model):
         self.model = model
+        self.device = model.load_device
 
     def model_unload(self, avoid_model_moving=False):
         self.model.unloads += 1
+        self.model.forge_unpatch_model(None if avoid_model_moving else self.model.offload_device)
 
     def __eq__(self, other):
         return self.model is other.model
 
 
+def unload_model_clones(model):
+    for i in range(len(current_loaded_models) - 1, -1, -1):
+        if model.is_clone(current_loaded_models[i].model):
+            current_loaded_models.pop(i).model_unload(avoid_model_moving=True)
+
+
 def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
-    load_calls.append({"models": list(models), "memory_required": memory_required,
+    load_calls.append({"models": [weakref.ref(m) for m in models], "memory_required": memory_required,
                        "hard_memory_preservation": hard_memory_preservation})
     for m in models:
         entry = LoadedModel(m)
         if entry in current_loaded_models:
-            current_loaded_models.remove(entry)
+            current_loaded_models.insert(0, current_loaded_models.pop(current_loaded_models.index(entry)))
+            continue
+        unload_model_clones(m)
         current_loaded_models.insert(0, entry)
 
 
@@ -185,7 +205,21 @@ def load_model_gpu(model):
     load_models_gpu([model])
 
 
+def soft_empty_cache(force=False):
+    empty_cache_calls.append(1)
+
+
 # --- backend.patcher ------------------------------------------------------------------------------------------------
+
+
+class LoraLoader:
+    """backend/patcher/lora.py:344-349: one per module, shared by all its patchers' clones, and referring back."""
+
+    def __init__(self, model):
+        self.model = model
+        self.backup = {}
+        self.online_backup = []
+        self.loaded_hash = str([])
 
 
 class ModelPatcher:
@@ -194,12 +228,26 @@ class ModelPatcher:
         self.load_device = load_device or torch.device("cpu")
         self.offload_device = offload_device or torch.device("cpu")
         self.model_options = {"transformer_options": {}}
+        self.object_patches = {}
+        self.object_patches_backup = {}
         self.unloads = 0
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = LoraLoader(model)
+        self.lora_loader = model.lora_loader
 
     def clone(self):
         n = type(self)(self.model, self.load_device, self.offload_device)
+        n.object_patches = self.object_patches.copy()
         n.model_options = copy.deepcopy(self.model_options)
         return n
+
+    def is_clone(self, other):
+        return hasattr(other, "model") and self.model is other.model
+
+    def forge_unpatch_model(self, target_device=None):
+        if target_device is not None:
+            self.model.to(target_device)
+        self.object_patches_backup.clear()
 
     def memory_required(self, input_shape):
         return self.model.memory_required(input_shape)
@@ -338,16 +386,103 @@ class Engine:
         return self.family.encode(list(prompts))
 
 
+# --- backend.loader, backend.utils, modules_forge.patch_basic --------------------------------------------------------
+
+SPEC_KEY = "fake_forge.spec"  # the engine's spec, as JSON bytes
+# a key only full checkpoints of that family have (what lib_delta.hosts.common.files reads from the header)
+_FAMILY_MARKERS = {"sd1": "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                   "sd2v": "cond_stage_model.model.ln_final.weight",
+                   "sdxl": "conditioner.embedders.1.model.ln_final.weight",
+                   "sd3": "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight",
+                   "flux": "double_blocks.0.img_attn.qkv.weight"}
+
+
+def write_checkpoint(path, spec: dict) -> None:
+    """A checkpoint file for ``forge_loader``: its spec, and the key that tells its family from the header."""
+    from safetensors.torch import save_file
+
+    family = spec.get("latent_format", "sd3") if spec["family"] == "flow" else spec["family"]
+    tensors = {SPEC_KEY: torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8),
+               _FAMILY_MARKERS[family]: torch.zeros(1)}
+    save_file(tensors, str(path))
+
+
 def forge_loader(sd, additional_state_dicts=None):
-    with open(sd) as f:
-        spec = json.load(f)
+    """backend/loader.py:498-502: anything wrong with the file is 'Failed to recognize model type!'."""
+    try:
+        state_dict = load_torch_file(sd)
+        spec = json.loads(bytes(state_dict[SPEC_KEY].tolist()))
+    except Exception:
+        raise ValueError("Failed to recognize model type!") from None
     engine = Engine(spec)
     if spec["family"] == "flow" and spec.get("latent_format") == "flux":
         engine.__class__ = type("Flux", (Engine,), {})
     return engine
 
 
-def load_torch_file(path, safe_load=False):
-    from safetensors.torch import load_file
+# backend/misc/checkpoint_pickle.py: the "TODO: safe unpickle" module Forge hands torch.load
+checkpoint_pickle = ModuleType("checkpoint_pickle")
+checkpoint_pickle.load = pickle.load
+checkpoint_pickle.Unpickler = type("Unpickler", (pickle.Unpickler,), {})
 
-    return load_file(path)
+
+def load_torch_file(ckpt, safe_load=False, device=None):
+    """backend/utils.py:22-47, unsafe where it is: its ``safe_load`` tests ``torch.load`` for ``weights_only``,
+    which Forge's wrapper of ``torch.load`` does not have, so it unpickles with the plain unpickler."""
+    import safetensors.torch
+
+    if device is None:
+        device = torch.device("cpu")
+    if ckpt.lower().endswith(".safetensors"):
+        return safetensors.torch.load_file(ckpt, device=device.type)
+    if safe_load and "weights_only" not in torch.load.__code__.co_varnames:
+        print("Warning torch.load doesn't support weights_only on this pytorch version, loading unsafely.")
+        safe_load = False
+    if safe_load:
+        pl_sd = torch.load(ckpt, map_location=device, weights_only=True)
+    else:
+        pl_sd = torch.load(ckpt, map_location=device, pickle_module=checkpoint_pickle)
+    if "global_step" in pl_sd:
+        print(f"Global Step: {pl_sd['global_step']}")
+    return pl_sd["state_dict"] if "state_dict" in pl_sd else pl_sd
+
+
+wrapped_calls: list[str] = []  # the files Forge's wrappers were asked to read
+
+
+def build_loaded(module, loader_name):
+    """modules_forge/patch_basic.py:27-56: the original is kept as ``<name>_origin``."""
+    original_name = loader_name + "_origin"
+    if not hasattr(module, original_name):
+        setattr(module, original_name, getattr(module, loader_name))
+    original = getattr(module, original_name)
+
+    def loader(*args, **kwargs):
+        wrapped_calls.extend(a for a in args if isinstance(a, str))
+        try:
+            return original(*args, **kwargs)
+        except Exception as e:
+            message = str(e) + "\n"
+            for path in list(args) + list(kwargs.values()):
+                if isinstance(path, str) and os.path.exists(path):
+                    message += f"File corrupted: {path} \n"
+                    os.replace(path, path + ".corrupted")
+            raise ValueError(message) from None
+
+    setattr(module, loader_name, loader)
+
+
+def patch_loaders():
+    """What Forge does at start-up; returns the undo."""
+    import safetensors.torch
+
+    saved = [(torch, "load", torch.load), (safetensors.torch, "load_file", safetensors.torch.load_file)]
+    for module, name, _ in saved:
+        build_loaded(module, name)
+
+    def undo():
+        for module, name, original in saved:
+            setattr(module, name, original)
+            vars(module).pop(name + "_origin", None)
+
+    return undo

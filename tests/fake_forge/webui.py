@@ -2,9 +2,12 @@
 
 The processing loop follows Forge's order: per batch the model's ``forge_objects`` are reset, conditioning is set
 up, then ``p.sample`` creates the sampler and calls ``process_before_every_sampling``; the hires pass calls that hook
-twice with a reset between (processing.py:1510-1522). Script hooks run inside ``try/except`` that only prints,
-like the WebUI's ScriptRunner. The denoiser reconstructs the prompt schedules by its step counter, runs the
-conditioning modifiers and ``sampling_function_inner``. Prompts support AND with weights; no editing syntax.
+twice with a reset between (processing.py:1510-1522). Script hooks run inside ``try/except Exception`` that only
+prints, like the WebUI's ScriptRunner (scripts.py:839-845), script by script. The denoiser reconstructs the prompt
+schedules by its step counter, runs the conditioning modifiers and ``sampling_function_inner``. An interrupt is
+Forge's: the denoiser raises ``InterruptedException`` at its next call (sd_samplers_cfg_denoiser.py:157-158), the
+sampler returns its last latent (sd_samplers_common.py:279-290), the hires pass is skipped (processing.py:1431) and
+the scripts' ``postprocess`` still runs. Prompts support AND with weights; no editing syntax.
 """
 
 from __future__ import annotations
@@ -182,11 +185,17 @@ def reconstruct_multicond_batch(c, current_step):
 # --- modules.processing, the sampler and its CFG denoiser --------------------------------------------------------
 
 
+class InterruptedException(BaseException):
+    """modules/sd_samplers_common.py:150."""
+
+
 class CFGDenoiser:
     def __init__(self, p):
         self.p, self.step = p, 0
 
     def __call__(self, x, sigma, cond, uncond, cond_scale):
+        if state.interrupted:
+            raise InterruptedException
         composition, cond = reconstruct_multicond_batch(cond, self.step)
         uncond = reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
         if self.p.is_hr_pass:
@@ -200,12 +209,14 @@ class CFGDenoiser:
                                                                                 cond_scale, options, seed)
         denoised = backend.sampling_function_inner(model, x, sigma, uncond, cond, cond_scale, options, seed)
         self.step += 1
+        self.p.sampler.last_latent = denoised
         return denoised
 
 
 class KDiffusionSampler:
     def __init__(self, p):
         self.model_wrap_cfg = CFGDenoiser(p)
+        self.last_latent = None
 
     def get_sigmas(self, p, steps):
         predictor = p.sd_model.forge_objects.unet.model.predictor
@@ -217,7 +228,10 @@ class KDiffusionSampler:
         unet = p.sd_model.forge_objects.unet
         backend.sampling_prepare(unet, x)
         model = self.model_wrap_cfg
-        return sampling.sample_euler(lambda xx, s: model(xx, s, c, uc, cfg), x, sigmas)
+        try:
+            return sampling.sample_euler(lambda xx, s: model(xx, s, c, uc, cfg), x, sigmas)
+        except InterruptedException:
+            return self.last_latent
 
     def sample(self, p, x, c, uc, image_conditioning=None):
         sigmas = self.get_sigmas(p, p.steps)
@@ -274,7 +288,7 @@ class Processing:
         self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
         self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
         samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning)
-        if not self.enable_hr:
+        if not self.enable_hr or state.interrupted:
             return samples
         self.is_hr_pass = True
         self.sampler = KDiffusionSampler(self)
@@ -296,16 +310,21 @@ class Script:
 
 
 class ScriptRunner:
-    """Calls a script's hooks the way the WebUI does: an exception inside a hook is printed and swallowed."""
+    """Calls scripts' hooks the way the WebUI does, ours first, then ``others`` (``(script, args)`` pairs): an
+    ``Exception`` inside a hook is printed and swallowed, script by script; anything else goes through."""
 
-    def __init__(self, script, args):
-        self.script, self.args = script, args
+    def __init__(self, script, args, others=()):
+        self.scripts = [(script, args), *others]
 
     def _call(self, name, p, *extra, **kwargs):
-        try:
-            getattr(self.script, name)(p, *extra, *self.args, **kwargs)
-        except Exception:
-            traceback.print_exc()
+        for script, args in self.scripts:
+            hook = getattr(script, name, None)
+            if hook is None:
+                continue
+            try:
+                hook(p, *extra, *args, **kwargs)
+            except Exception:
+                traceback.print_exc()
 
     def process(self, p):
         self._call("process", p)
@@ -318,6 +337,7 @@ class ScriptRunner:
 
 
 def process_images(p):
+    state.interrupted = False  # shared.state.begin(), as the API and the UI call it before every job
     p.scripts.process(p)
     p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
     p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()

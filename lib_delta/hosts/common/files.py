@@ -31,14 +31,38 @@ def safetensors_keys(path: str) -> set[str] | None:
     if os.path.splitext(path)[1].lower() != ".safetensors":
         return None
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if not 0 < size <= _MAX_HEADER:
-                return None
-            header = json.loads(f.read(size))
+        header, _ = _read_header(path)
     except (OSError, ValueError, struct.error):
         return None
-    return {k for k in header if k != "__metadata__"} if isinstance(header, dict) else None
+    return {k for k in header if k != "__metadata__"}
+
+
+def safetensors_damage(path: str) -> str | None:
+    """Why a safetensors file cannot be read whole (a header that does not parse, tensors past its end, bytes left
+    over: a truncated or damaged download), or None when its layout is sound. Reads the header alone."""
+    try:
+        header, data_start = _read_header(path)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        size = os.path.getsize(path)
+    except OSError as e:
+        return f"it cannot be opened ({e.strerror or e})"
+    except (ValueError, KeyError, TypeError, IndexError, struct.error):
+        return "its header is damaged"
+    if data_start + end != size:
+        return f"its header describes {data_start + end} bytes but the file has {size}"
+    return None
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+    """The parsed header and where the tensor data starts."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if not 0 < size <= _MAX_HEADER:
+            raise ValueError("header size")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("header")
+    return header, 8 + size
 
 
 def checkpoint_family(path: str) -> str | None:

@@ -4,8 +4,13 @@ Forge never fires ``cfg_denoised``; its post-CFG function sees the CFG-combined 
 the core corrects through ``DeltaGuidance.apply_combined``. Each sampling pass clones the target's UNet patcher and
 gives the clone the post-CFG function, a conditioning modifier that records the scale Forge really uses for the
 call, the source UNets as extra models (so Forge's memory manager loads them beside the target, with their
-activation memory budgeted) — and nothing else: the clone is dropped with the pass. Conditioning is computed
+activation memory budgeted) — and nothing else: the clone is dropped with the run. Conditioning is computed
 before sampling, never inside the per-step function (loading a text encoder there can evict the target's UNet).
+
+Per generation there is one :class:`ForgeRun`, created by :func:`start` and held by the host's run slot
+(:mod:`lib_delta.hosts.common.runs`), which closes it at :func:`finish`, at the next generation's :func:`begin`, or
+when anything raises while a guarded sampler samples (:mod:`.guard`). Closing takes every clone of ours off the target
+and out of Forge's loaded-model list, so nothing of the run outlives it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+import weakref
 from typing import Any
 
 from ...args import DeltaSettings
@@ -21,12 +27,14 @@ from ...guidance import CfgLayout, DeltaGuidance
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
 from ..common.http import as_failure, as_http_exception
+from ..common.runs import RunSlot
+from . import guard as guard_mod
 from . import models as forge_models
 from . import source as forge_source
 from .source import ForgeSource
 
 _MARK = "delta_sampling"  # set on our post-CFG function, to find it on a UNet patcher
-_run: ForgeRun | None = None  # the generation in progress (the WebUI runs one at a time)
+SLOT = RunSlot()  # the generation in progress (the WebUI runs one at a time)
 
 
 def register() -> None:
@@ -35,32 +43,42 @@ def register() -> None:
     from ...webui.interfaces import register_interfaces
 
     register_interfaces()
-    script_callbacks.on_script_unloaded(forge_models.forget_all)
+    script_callbacks.on_script_unloaded(forget_all)
+
+
+def forget_all() -> None:
+    """The scripts are being reloaded: close the run and release every engine."""
+    SLOT.close()
+    forge_models.forget_all()
 
 
 def begin(p: Any) -> None:
-    """A generation starts: close the previous one, whatever ended it."""
-    finish(p)
+    """A generation starts: close the previous one, whatever ended it (Forge skips ``postprocess`` after a failure)."""
+    SLOT.close()
 
 
 def start(p: Any, settings: DeltaSettings) -> None:
-    global _run
-    finish(p)
+    """Check every name, limit and file, then load the source and adaptations and write the infotext. A start that
+    fails releases whatever it loaded."""
+    request = forge_source.plan(settings, p.sd_model)
+    forge_models.prepare(request.keys)
     try:
-        run = ForgeRun(p, settings)
-    except DeltaError:
+        run = ForgeRun(p, settings, forge_source.build(settings, request))
+    except BaseException:
+        forge_models.discard_fresh()
+        forge_models.settle(request.keys)
         raise
-    except Exception as e:  # a bug must not let the generation go on silently without the delta
-        traceback.print_exc()
-        raise _unexpected("could not prepare the source", e) from e
-    _run = run
+    SLOT.open(p, run)
     p.extra_generation_params.update(settings.to_infotext())
 
 
-def fail(p: Any, error: Exception) -> None:
-    """Stop this generation with ``error``: script hooks' exceptions are only logged, the sampler's are not."""
-    finish(p)
-    error = as_http_exception(as_failure(error))
+def fail(p: Any, error: BaseException) -> None:
+    """Stop this generation with ``error``, a 422 for a DeltaError and a 500 for anything else: script hooks'
+    exceptions are only logged, the sampler's are not, so the sampling itself raises it."""
+    SLOT.close()
+    if not isinstance(error, DeltaError):
+        traceback.print_exception(type(error), error, error.__traceback__)
+    error = _detached(as_http_exception(as_failure(error)))
     print(f"Delta Sampling: {error}")
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
@@ -72,22 +90,32 @@ def fail(p: Any, error: Exception) -> None:
         sampler.sample = sampler.sample_img2img = refuse
 
 
+def _detached(error: BaseException) -> BaseException:
+    """The error without its tracebacks (printed already): kept on ``p`` until it is raised, it would otherwise hold
+    every frame it passed through, the failed run's among them, and ``p`` itself in a cycle."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return error
+
+
 def before_sampling(p: Any, **kwargs: Any) -> None:
-    run = _run
-    if run is None or run.p is not p:
+    """Arm the per-step correction for this pass (``process_before_every_sampling``)."""
+    run = SLOT.get(p)
+    if run is None:
         return
     try:
         run.arm(p, kwargs.get("x"))
-    except DeltaError as e:
-        fail(p, e)
     except Exception as e:
-        traceback.print_exc()
-        fail(p, _unexpected("could not arm the sampler", e))
+        fail(p, e)
 
 
 def finish(p: Any, processed: Any = None) -> None:
-    global _run
-    run, _run = _run, None
+    """The generation ended (``postprocess``): add the preview and close the run."""
+    run = SLOT.take(p)
     if run is None:
         return
     try:
@@ -98,19 +126,28 @@ def finish(p: Any, processed: Any = None) -> None:
 
 
 class ForgeRun:
-    """One generation: its settings, the source, and the per-pass guidance. Created by start(), dropped by finish()."""
+    """One generation: its settings, the source, and the per-pass guidance. Created by start(), closed by the slot."""
 
-    def __init__(self, p: Any, settings: DeltaSettings) -> None:
+    def __init__(self, p: Any, settings: DeltaSettings, source: ForgeSource) -> None:
         self.p = p
         self.settings = settings
         self.started = time.perf_counter()
-        self.source: ForgeSource = forge_source.build(settings)
-        self.source.attach()
+        self.source = source
+        try:
+            self.source.attach()
+        except BaseException:
+            self.source.detach()
+            raise
         self.guidance: DeltaGuidance | None = None
         self.pass_key: tuple | None = None
         self.notes: list[str] = []
         self.armed: list[Any] = []  # target models whose UNet got our hook
+        # the UNet patchers we cloned (one per pass) and the samplers we guarded, weakly: with a batch count above
+        # one, each batch's sampler and clone would otherwise stay until the end, holding what they sampled with
+        self.clones: list[weakref.ref] = []
+        self.samplers: list[weakref.ref] = []
         self.records: list = []  # preview records of every pass
+        self.closed = False
 
     # -- one sampling pass -------------------------------------------------------------------------------------
 
@@ -130,10 +167,14 @@ class ForgeRun:
                 self.guidance.trajectory.init_x0 = x
             self.pass_key = key
         self.source.denoiser = p.sampler.model_wrap_cfg
+        if all(ref() is not p.sampler for ref in self.samplers):
+            guard_mod.guard(p.sampler, on_failure=SLOT.close)
+            self.samplers.append(weakref.ref(p.sampler))
         unet = target.forge_objects.unet
         if _carries_hook(unet):
             return  # this UNet already carries the hook
         unet = unet.clone()
+        self.clones.append(weakref.ref(unet))
         for patcher in self.source.patchers():
             unet.add_extra_model_patcher_during_sampling(patcher)
         if x is not None:
@@ -161,22 +202,28 @@ class ForgeRun:
                            ModelSpace(tgt, forge_models.convention(target)))
 
     def _scale_recorder(self):
-        source = self.source
+        source = weakref.ref(self.source)  # the clone may outlive the run: it must not keep it alive
 
         def record(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
             # Forge decides the scale after the denoiser callback (hires CFG, skip-early-CFG, NGMS); see it here.
-            source.cond_scale = float(cond_scale)
-            source.skip_uncond = uncond is None or (math.isclose(cond_scale, 1.0)
-                                                    and not model_options.get("disable_cfg1_optimization", False))
+            current = source()
+            if current is not None:
+                current.cond_scale = float(cond_scale)
+                current.skip_uncond = uncond is None or (
+                    math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False))
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
+        setattr(record, _MARK, True)
         return record
 
     def _post_cfg_function(self):
-        # a plain function, not a bound method: Forge deep-copies model_options on every clone, and a bound method
-        # would be copied together with this run
+        # a plain function holding the run weakly: Forge deep-copies model_options on every clone (a function is
+        # copied as itself), and a clone kept by anyone must not keep the run and its source alive
+        run = weakref.ref(self)
+
         def post_cfg(args: dict) -> Any:
-            return self.correct(args)
+            current = run()
+            return args["denoised"] if current is None else current.correct(args)
 
         setattr(post_cfg, _MARK, True)
         return post_cfg
@@ -197,17 +244,32 @@ class ForgeRun:
     # -- end of the generation ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        for target in self.armed:  # as Forge does at the next batch: our clone (and the source it holds) goes
-            if _carries_hook(target.forge_objects.unet):
-                target.forge_objects = target.forge_objects_after_applying_lora.shallow_copy()
-        self.armed.clear()
-        self.source.detach()
-        forge_models.settle({s.entry.key for s in self.source.slots})
+        """Unguard the samplers, take every clone of ours off the targets and out of Forge's loaded-model list,
+        detach the LoRA patches and settle the pool; idempotent, whatever ended the run."""
+        if self.closed:
+            return
+        self.closed = True
+        ours = self.source.patchers()
+        samplers, clones = _alive(self.samplers), _alive(self.clones)
+        try:
+            for sampler in samplers:
+                guard_mod.unguard(sampler)
+            for target in self.armed:  # as Forge does at the next batch: our clone (and the source it holds) goes
+                if _carries_hook(target.forge_objects.unet):
+                    target.forge_objects = target.forge_objects_after_applying_lora.shallow_copy()
+            _drop_loaded_clones(clones, self.armed)
+            for clone in clones:
+                _strip(clone, ours)
+            self.source.detach()
+        finally:
+            keys = [s.entry.key for s in self.source.slots]
+            self.samplers, self.armed, self.clones = [], [], []
+            self.guidance, self.source.denoiser, self.p = None, None, None
+            forge_models.settle(keys)
         seconds = time.perf_counter() - self.started
         loras = self.source.lora_summary()
         print(f"{self.settings.summary()}; {self.source.calls} source calls; {seconds:.1f}s"
               + (f"; LoRA {loras}" if loras else ""))
-        self.guidance = None
 
     def append_preview(self, processed: Any) -> None:
         from ... import preview
@@ -245,14 +307,42 @@ def sampling_levels(p: Any) -> list[float]:
                      "sampler (Euler, DPM++ ...) or DDIM/PLMS/UniPC.")
 
 
-def _unexpected(what: str, e: Exception) -> DeltaError:
-    error = DeltaError(f"Delta Sampling {what} ({type(e).__name__}: {e}).")
-    error.status_code = 500
-    return error
+def _alive(refs: list[weakref.ref]) -> list[Any]:
+    return [o for o in (ref() for ref in refs) if o is not None]
 
 
 def _carries_hook(unet: Any) -> bool:
     return any(getattr(f, _MARK, False) for f in unet.model_options.get("sampler_post_cfg_function", []))
+
+
+def _drop_loaded_clones(clones: list[Any], targets: list[Any]) -> None:
+    """Forge's loaded-model list keeps the last UNet patcher it sampled with (our clone, or another extension's
+    clone of it) until a clone of the same module loads. Each such entry is handed the target's own patcher of the
+    same module, as loading that would (memory_management.py:552-559, unload_model_clones), but without moving a
+    weight: Forge's accounting of the loaded module stays as it is, and our clone goes."""
+    from backend import memory_management
+
+    loaded = memory_management.current_loaded_models
+    for i in range(len(loaded) - 1, -1, -1):
+        patcher = loaded[i].model
+        if not (_carries_hook(patcher) or any(patcher is c for c in clones)):
+            continue
+        own = next((t.forge_objects.unet for t in targets if t.forge_objects.unet.model is patcher.model), None)
+        if own is None or any(entry.model is own for entry in loaded):
+            loaded.pop(i).model_unload(avoid_model_moving=True)
+        else:
+            patcher.forge_unpatch_model()  # its object patches, if any, as Forge restores them unloading a clone
+            loaded[i].model = own
+
+
+def _strip(unet: Any, ours: list[Any]) -> None:
+    """Our functions and extra models off a clone, in case anything still holds it."""
+    options = unet.model_options
+    for key in ("sampler_post_cfg_function", "conditioning_modifiers"):
+        if key in options:
+            options[key] = [f for f in options[key] if not getattr(f, _MARK, False)]
+    unet.extra_model_patchers_during_sampling = [m for m in unet.extra_model_patchers_during_sampling
+                                                 if all(m is not o for o in ours)]
 
 
 def _starts_from_image(p: Any) -> bool:

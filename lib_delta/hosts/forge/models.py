@@ -1,24 +1,34 @@
 """Private engines for Forge: the source base (and fine-tuned checkpoints), built beside the active model.
 
 A private engine is found only among Forge's listed checkpoints and built by Forge's own loader
-(``backend.loader.forge_loader``), which never touches the active model. It is kept referenced here: Forge unloads
-any model that nothing else references. Encoding a prompt registers its text encoder in Forge's global list of
-loaded models, and sampling registers its UNet, so dropping an engine also takes its parts out of that list.
+(``backend.loader.forge_loader``), which never touches the active model. The engines live in a
+:class:`~lib_delta.hosts.common.pool.ModelPool`: bounded, and each one leaves through :func:`_release`.
+
+Why releasing takes more than dropping the object: every module a Forge patcher wraps gets a ``lora_loader`` that
+refers back to the module (backend/patcher/base.py:63-66), a reference cycle, and Forge collects cycles only after
+dropping its own model (modules/sd_models.py:483-487). Encoding a prompt and sampling also put the engine's patchers
+in Forge's global list of loaded models. So a release takes them out of that list, breaks the cycle and empties every
+weight tensor in place: the memory returns at once, and the engine itself dies by reference counting alone.
+
+Only safetensors (and GGUF) checkpoints are loaded: Forge reads any other file with the plain unpickler
+(backend/utils.py:33-40), which runs whatever code a pickle carries.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import DeltaError
-from ...spaces import LatentFormat
-from ..common import names as listed
+import torch
 
-# Models kept between generations, keyed by file and hash (the one piece of module state besides registration).
-_cache: dict[tuple[str, str], PrivateEngine] = {}
+from ...errors import DeltaError
+from ...spaces import FLUX, SD1, SD2, SD3, SDXL, LatentFormat, check_latent_compatible
+from ..common import names as listed
+from ..common.files import checkpoint_family, safetensors_damage
+from ..common.pool import Limits, ModelPool
 
 # Forge engine flags and class names -> family; the names match lib_delta.lora's families where it has them.
 _FLAG_FAMILIES = (("is_sdxl", "sdxl"), ("is_sd3", "sd3"), ("is_sd2", "sd2"), ("is_sd1", "sd1"))
@@ -26,6 +36,9 @@ _CLASS_FAMILIES = {"Flux": "flux", "Chroma": "chroma"}
 FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "chroma": "Chroma"}
 # Families whose VAEs share one latent space (up to the scale): SD1/SD2/SDXL are converted by rescaling alone.
 LATENT_SPACES = {"sd1": "sd", "sd2": "sd", "sdxl": "sd", "sd3": "sd3", "flux": "flux", "chroma": "flux"}
+# A checkpoint file's family (read from its header) -> its latent format, for the checks before loading.
+_FILE_FORMATS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL, "sd3": SD3, "flux": FLUX}
+_UNPICKLED = (".safetensors", ".gguf")  # the checkpoint formats Forge reads without unpickling
 
 
 def family_of(engine: Any) -> str:
@@ -104,20 +117,17 @@ class PrivateEngine:
         return [p for p in (objects.unet, getattr(clip, "patcher", None), getattr(vae, "patcher", None)) if p]
 
 
+# --- finding and checking, before anything loads -----------------------------------------------------------------
+
+
 def resolve(name: str, what: str = "source checkpoint") -> Any:
-    """The listed checkpoint a name refers to; never a path from the request."""
+    """The listed checkpoint a name refers to exactly; never a path from the request."""
     return listed.checkpoint(name, what, "Forge's")
 
 
-def acquire(name: str, what: str = "source checkpoint") -> PrivateEngine:
-    """The cached private engine of a listed checkpoint, loading it on first use."""
-    info = resolve(name, what)
-    key = (os.path.abspath(info.filename), _file_id(info))
-    entry = _cache.get(key)
-    if entry is None:
-        entry = _load(info, key, what)
-        _cache[key] = entry
-    return entry
+def key_of(info: Any) -> tuple[str, str]:
+    """The pool key of a listed checkpoint: its file and hash (a file replaced under the same name is another)."""
+    return os.path.abspath(info.filename), _file_id(info)
 
 
 def _file_id(info: Any) -> str:
@@ -126,6 +136,59 @@ def _file_id(info: Any) -> str:
         return str(sha)
     st = os.stat(info.filename)
     return f"{st.st_size:x}-{int(st.st_mtime):x}"
+
+
+def check_file(info: Any, what: str = "source checkpoint") -> None:
+    """Refuse a file Forge's loader must not read: a pickle (it would run the code in it), or a damaged safetensors
+    file (Forge's loader would fail on it, and Forge's wrapper of the safetensors reader then renames the user's file
+    to ``.corrupted``, modules_forge/patch_basic.py:41-52)."""
+    filename = os.path.basename(info.filename)
+    extension = os.path.splitext(filename)[1].lower()
+    if not os.path.isfile(info.filename):
+        raise DeltaError(f"The Delta Sampling {what} '{filename}' is listed but its file is gone: refresh the "
+                         "checkpoint list, or choose another checkpoint.")
+    if extension not in _UNPICKLED:
+        raise DeltaError(f"The Delta Sampling {what} '{filename}' is a pickled checkpoint. Forge reads such files with "
+                         "an unrestricted unpickler, which runs any code hidden in them, so Delta Sampling does not "
+                         "load them: convert it to .safetensors (and refresh the checkpoint list), or choose "
+                         "another checkpoint.")
+    damage = safetensors_damage(info.filename) if extension == ".safetensors" else None
+    if damage:
+        raise DeltaError(f"The Delta Sampling {what} '{filename}' is damaged or truncated ({damage}): download it "
+                         "again, or choose another checkpoint.")
+
+
+def file_format(info: Any) -> LatentFormat | None:
+    """The latent format of a checkpoint file's family, read from its header; None when the header cannot tell."""
+    return _FILE_FORMATS.get(checkpoint_family(info.filename) or "")
+
+
+def check_pairing(source: Any, tuned: list[Any], target: Any) -> None:
+    """What the files' headers already tell: a source of another latent space than the target, a fine-tuned
+    checkpoint of another family than the source. Files whose header cannot tell are checked once loaded."""
+    theirs = file_format(source)
+    if theirs is not None:
+        check_latent_compatible(theirs, latent_format(target), info_label(source), model_label(target))
+    for info in tuned:
+        fmt = file_format(info)
+        if theirs is not None and fmt is not None and fmt != theirs:
+            raise DeltaError(f"The fine-tuned checkpoint '{info_label(info)}' ({fmt.name}) is not of the source base "
+                             f"'{info_label(source)}' ({theirs.name}): a fine-tune must come from the source base's "
+                             "model family.")
+
+
+def info_label(info: Any) -> str:
+    """A listed checkpoint's name as messages show it."""
+    return str(getattr(info, "name_for_extra", None) or info.name)
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def acquire(info: Any, what: str = "source checkpoint") -> PrivateEngine:
+    """The pooled private engine of a resolved, checked checkpoint, loading it on first use."""
+    key = key_of(info)
+    return POOL.get(key, lambda: _load(info, key, what))
 
 
 def _load(info: Any, key: tuple[str, str], what: str) -> PrivateEngine:
@@ -145,43 +208,110 @@ def _load(info: Any, key: tuple[str, str], what: str) -> PrivateEngine:
         raise DeltaError(f"Forge does not recognise the model type of the {what} '{filename}'.")
     engine.sd_checkpoint_info = info
     latent = latent_format(engine)
+    vae = engine.forge_objects.vae
     for objects in (engine.forge_objects, engine.forge_objects_original, engine.forge_objects_after_applying_lora):
         objects.vae = None
+    _free(getattr(vae, "patcher", None))  # never used, and its module is in a cycle of its own
     seconds = time.perf_counter() - t0
     print(f"Delta Sampling: loaded {what} {label} in {seconds:.1f}s")
     return PrivateEngine(info, engine, key, seconds, latent)
 
 
+# --- releasing ---------------------------------------------------------------------------------------------------
+
+
 def unload(entry: PrivateEngine) -> None:
-    """Take the engine's parts out of Forge's list of loaded models (back to their offload device)."""
+    """Take the engine's parts out of Forge's list of loaded models, back to their offload device."""
+    _forget_loaded(entry.patchers(), avoid_model_moving=False)
+
+
+def _forget_loaded(patchers: list[Any], avoid_model_moving: bool) -> None:
+    """Remove from Forge's loaded-model list every entry for these patchers' modules (clones included)."""
     from backend import memory_management
 
-    mine = {id(p) for p in entry.patchers()}
+    modules = {id(p.model) for p in patchers}
     loaded = memory_management.current_loaded_models
     for i in range(len(loaded) - 1, -1, -1):
-        if id(loaded[i].model) in mine:
-            loaded.pop(i).model_unload()
+        if id(getattr(loaded[i].model, "model", None)) in modules:
+            loaded.pop(i).model_unload(avoid_model_moving=avoid_model_moving)
 
 
-def settle(in_use: set[tuple[str, str]]) -> None:
-    """After a generation, apply the ``delta_sampling_cache`` option: "gpu" leaves the engines where Forge put them,
-    "ram" unloads them to the CPU, "free" drops them. Engines the last generation did not use are always dropped."""
+def _release(entry: PrivateEngine) -> None:
+    """Free an engine now, whatever still refers to it (see the module doc)."""
+    try:
+        patchers = entry.patchers()
+        _forget_loaded(patchers, avoid_model_moving=True)  # its weights are emptied next: moving them is wasted work
+        for patcher in patchers:
+            _free(patcher)
+    except Exception as e:  # the pool has let it go already; a release must not fail the generation that asked
+        print(f"Delta Sampling: warning: {entry.title} was not fully freed ({type(e).__name__}: {e})")
+
+
+def _free(patcher: Any) -> None:
+    """Break the module's ``lora_loader`` cycle and empty its weights in place."""
+    module = getattr(patcher, "model", None)
+    if not isinstance(module, torch.nn.Module):
+        return
+    loader = vars(module).pop("lora_loader", None)
+    if loader is not None:  # its backups are weights too (an offline LoRA merged into the module)
+        for name in ("backup", "online_backup"):
+            getattr(loader, name, {}).clear()
+    free_weights(module)
+
+
+def free_weights(module: torch.nn.Module) -> None:
+    """Give the memory of every parameter and buffer back now, whatever else still refers to these tensors (each
+    keeps its identity and dtype but holds nothing; ``Module.to("meta")`` would make new tensors and leave the old
+    ones, with their memory, to whoever still holds them)."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
+def _stash(entry: PrivateEngine) -> None:
+    unload(entry)
+
+
+POOL: ModelPool[PrivateEngine] = ModelPool(release=_release, stash=_stash)
+
+
+def limits() -> Limits:
     from modules import shared
 
-    policy = str(getattr(shared.opts, "delta_sampling_cache", "ram") or "ram")
-    for key, entry in list(_cache.items()):
-        if policy == "free" or key not in in_use:
-            unload(entry)
-            del _cache[key]
-        elif policy == "ram":
-            unload(entry)
+    return Limits.from_options(shared.opts)
+
+
+def prepare(wanted: Sequence[tuple[str, str]]) -> None:
+    """A generation starts: release every engine it does not name before anything new loads."""
+    _emptying_cache(lambda: POOL.prepare(wanted))
+
+
+def settle(in_use: Sequence[tuple[str, str]]) -> None:
+    """After a generation (or a failed start): keep what the pool's limits allow of the engines it used, in its
+    order (the source first), as the ``delta_sampling_cache`` option says (see ``common.pool``)."""
+    _emptying_cache(lambda: POOL.settle(in_use, limits()), moves=True)
+
+
+def discard_fresh() -> None:
+    """A start failed: release what it loaded."""
+    _emptying_cache(POOL.discard_fresh)
+
+
+def _emptying_cache(change: Callable[[], None], moves: bool = False) -> None:
+    """Run a pool change; when it released (or, ``moves``, may have moved) an engine, give the device's cached
+    memory back as Forge does after unloading."""
+    had = set(POOL.keys())
+    change()
+    if had and (moves or had - set(POOL.keys())):
+        from backend import memory_management
+
+        memory_management.soft_empty_cache()
 
 
 def place(entry: PrivateEngine) -> None:
     """Run the engine where the ``delta_sampling_device`` option says: "same" (Forge's device), "cpu" or "cuda:N".
 
     Forge's memory manager loads each patcher onto its own load device, so that is all that changes."""
-    import torch
     from modules import shared
 
     choice = str(getattr(shared.opts, "delta_sampling_device", "same") or "same").strip()
@@ -202,10 +332,9 @@ def place(entry: PrivateEngine) -> None:
 
 
 def cached() -> list[PrivateEngine]:
-    return list(_cache.values())
+    return POOL.models()
 
 
 def forget_all() -> None:
-    for entry in _cache.values():
-        unload(entry)
-    _cache.clear()
+    """Release every pooled engine (the scripts are being reloaded)."""
+    _emptying_cache(POOL.clear)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +26,9 @@ from torch import Tensor
 
 from ...args import DeltaSettings
 from ...errors import DeltaError
-from ...lora import DeltaPatch, LoraUse, build_patch, read_lora
+from ...lora import DeltaPatch, LoraUse, build_patch
 from ..common.prompts import append_to_prompt
+from . import loras
 from . import models as forge_models
 from .models import PrivateEngine
 
@@ -180,35 +182,45 @@ class ForgeSource:
 # --- building ------------------------------------------------------------------------------------------------------
 
 
-def build(settings: DeltaSettings) -> ForgeSource:
-    """Load the source base, fine-tuned checkpoints and LoRAs of a generation; raises DeltaError.
+@dataclass(frozen=True)
+class Plan:
+    """What a request needs, checked before anything loads: the listed source, each group's fine-tuned checkpoint
+    (or None) and LoRA files (already read), and the pool keys of the checkpoints, the source's first."""
 
-    Every name and file is checked before any model loads, so a mistyped setting fails in a moment. On failure the
-    engines loaded so far are settled as after a generation (kept or dropped as the cache option says).
-    """
-    forge_models.resolve(settings.source)
-    files = []
-    for g in settings.groups:
-        if g.checkpoint:
-            forge_models.resolve(g.checkpoint, "fine-tuned checkpoint")
-        files.append(tuple(LoraUse(read_lora(_lora_path(r.name), _safe_load), r.te, r.unet) for r in g.loras))
-    slots: list[Slot] = []
-    try:
-        return _assemble(settings, files, slots)
-    except BaseException:
-        forge_models.settle({s.entry.key for s in slots})
-        raise
+    source: Any
+    tuned: tuple[Any, ...]
+    loras: tuple[tuple[LoraUse, ...], ...]
+    keys: tuple[tuple[str, str], ...]
 
 
-def _assemble(settings: DeltaSettings, files: list[tuple[LoraUse, ...]], slots: list[Slot]) -> ForgeSource:
-    base = forge_models.acquire(settings.source)
+def plan(settings: DeltaSettings, target: Any) -> Plan:
+    """Check every name, limit and file of a request, cheapest first; raises DeltaError. Nothing loads here but
+    the LoRA files themselves, read whole, since only reading one proves it sound."""
+    source = forge_models.resolve(settings.source)
+    tuned = tuple(forge_models.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
+                  for g in settings.groups)
+    infos = {os.path.abspath(i.filename): i for i in (source, *tuned) if i is not None}
+    forge_models.limits().check_request(len(infos), sum(len(g.loras) for g in settings.groups))
+    lora_paths = [[(loras.find(r.name), r) for r in g.loras] for g in settings.groups]
+    for info in infos.values():
+        forge_models.check_file(info, "source checkpoint" if info is source else "fine-tuned checkpoint")
+    forge_models.check_pairing(source, [i for i in infos.values() if i is not source], target)
+    files = tuple(tuple(LoraUse(loras.read(path), r.te, r.unet) for path, r in group) for group in lora_paths)
+    keys = tuple(dict.fromkeys(forge_models.key_of(i) for i in (source, *tuned) if i is not None))
+    return Plan(source, tuned, files, keys)
+
+
+def build(settings: DeltaSettings, request: Plan) -> ForgeSource:
+    """Load (or take from the pool) the engines of a checked plan and lay out the LoRA patches; raises DeltaError.
+    The caller releases what a failed build loaded."""
+    base = forge_models.acquire(request.source)
     _check_source(base, "source checkpoint")
-    slots.append(Slot(base))
+    slots = [Slot(base)]
     variants = [Variant(0, None, "")]
-    for g, uses in zip(settings.groups, files, strict=True):
+    for g, info, uses in zip(settings.groups, request.tuned, request.loras, strict=True):
         index = 0
-        if g.checkpoint:
-            entry = forge_models.acquire(g.checkpoint, "fine-tuned checkpoint")
+        if info is not None:
+            entry = forge_models.acquire(info, "fine-tuned checkpoint")
             index = next((i for i, s in enumerate(slots) if s.entry is entry), len(slots))
             if index == len(slots):
                 slots.append(Slot(entry))
@@ -249,35 +261,6 @@ def _roots(entry: PrivateEngine) -> dict[str, Any]:
     encoders = entry.engine.forge_objects.clip.cond_stage_model
     roots = {part: getattr(encoders, name, None) for part, name in _TEXT_ENCODERS[family].items()}
     return {"unet": entry.unet.model.diffusion_model, **{k: v for k, v in roots.items() if v is not None}}
-
-
-def _lora_path(name: str) -> str:
-    """The file of a LoRA Forge lists under that name or alias; never a path from the request."""
-    networks = _networks()
-    for attempt in range(2):
-        entry = networks.available_network_aliases.get(name) or networks.available_networks.get(name)
-        if entry is not None:
-            return entry.filename
-        if attempt == 0:
-            networks.list_available_networks()  # a file added since the list was built
-    raise DeltaError(f"LoRA '{name}' is not among Forge's LoRAs; use a name /sdapi/v1/loras lists (refresh the "
-                     "list after adding a file).")
-
-
-def _networks() -> Any:
-    import sys
-
-    module = sys.modules.get("networks")
-    if module is None:
-        raise DeltaError("Forge's built-in LoRA extension (sd_forge_lora) is not loaded; it lists the LoRA files "
-                         "Delta Sampling may use. Enable it in the Extensions tab.")
-    return module
-
-
-def _safe_load(path: str) -> Any:
-    from backend.utils import load_torch_file
-
-    return load_torch_file(path, safe_load=True)
 
 
 # --- per-call helpers ----------------------------------------------------------------------------------------------

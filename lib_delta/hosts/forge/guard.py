@@ -1,0 +1,51 @@
+"""The sampler of one pass, guarded: whatever raises while it samples closes the generation's run at once.
+
+Forge skips the scripts' ``postprocess`` when sampling raises (an out-of-memory error, another extension's failure),
+so without this the run, its cloned UNet and its source would wait for the next generation. The patches are
+attributes of that one sampler instance, removed by :func:`unguard`. The exception goes on unchanged but for the
+``status_code`` and ``detail`` the WebUI's API answers with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..common.http import http_error
+
+_GUARDED = ("sample", "sample_img2img")
+_MARK = "_delta_sampling_guarded"
+
+
+def guard(sampler: Any, on_failure: Callable[[], None]) -> None:
+    unguard(sampler)
+    guarded = []
+    for name in _GUARDED:
+        original = getattr(sampler, name, None)
+        if original is not None:
+            setattr(sampler, name, _guarded(original, on_failure))
+            guarded.append(name)
+    vars(sampler)[_MARK] = tuple(guarded)
+
+
+def unguard(sampler: Any) -> None:
+    for name in vars(sampler).pop(_MARK, ()):
+        vars(sampler).pop(name, None)
+
+
+def _guarded(original: Callable, on_failure: Callable[[], None]) -> Callable:
+    def sample(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except Exception as e:
+            on_failure()
+            try:
+                http_error(e)
+            except (AttributeError, TypeError):  # an exception that takes no attributes goes on as it is
+                pass
+            raise
+        except BaseException:
+            on_failure()
+            raise
+
+    return sample
