@@ -107,6 +107,17 @@ def test_cfg_one_and_weighted_and_prompts_keep_the_identity(forge):
         assert close(got, forge.generate(target, **{**kw, "prompt": adapted}))
 
 
+def test_base_first_guides_the_source_at_its_own_scale_beside_a_cfg_one_target(forge):
+    """Forge skips the uncond of a CFG 1 target; base-first's source, guided at 7 by default, still runs its own
+    uncond, and over the whole window the image is the source's at CFG 7."""
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    target = forge.load(base)
+    got = forge.run(target, base, {"mode": "base-first"}, cfg_scale=1.0)
+    assert close(got, forge.generate(target, cfg_scale=7.0))
+    assert close(forge.run(target, base, {"mode": "base-first", "source_cfg": 1.0}, cfg_scale=1.0),
+                 forge.generate(target, cfg_scale=1.0))
+
+
 def test_sd1_source_steers_an_sdxl_target(forge):
     source = forge.checkpoint("sd1", family="sd1", seed=0)
     xl = forge.checkpoint("xl", family="sdxl", seed=5)

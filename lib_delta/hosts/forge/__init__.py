@@ -203,14 +203,18 @@ class ForgeRun:
 
     def _scale_recorder(self):
         source = weakref.ref(self.source)  # the clone may outlive the run: it must not keep it alive
+        source_scale = self.settings.source_cfg_for
 
         def record(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
             # Forge decides the scale after the denoiser callback (hires CFG, skip-early-CFG, NGMS); see it here.
             current = source()
             if current is not None:
                 current.cond_scale = float(cond_scale)
-                current.skip_uncond = uncond is None or (
-                    math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False))
+                # At CFG 1 Forge encodes no negative prompt and skips the target's uncond; the source (which encodes
+                # its own) skips its uncond only if it too combines at 1: base-first guides a distilled target's
+                # source at its own scale.
+                cfg1 = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+                current.skip_uncond = (uncond is None or cfg1) and math.isclose(source_scale(cond_scale), 1.0)
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
         setattr(record, _MARK, True)

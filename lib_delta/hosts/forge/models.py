@@ -28,7 +28,7 @@ from ...errors import DeltaError
 from ...spaces import FLUX, SD1, SD2, SD3, SDXL, LatentFormat, check_latent_compatible
 from ..common import names as listed
 from ..common.files import checkpoint_family, safetensors_damage
-from ..common.pool import Limits, ModelPool
+from ..common.pool import Limits, ModelPool, free_weights
 
 # Forge engine flags and class names -> family; the names match lib_delta.lora's families where it has them.
 _FLAG_FAMILIES = (("is_sdxl", "sdxl"), ("is_sd3", "sd3"), ("is_sd2", "sd2"), ("is_sd1", "sd1"))
@@ -257,15 +257,6 @@ def _free(patcher: Any) -> None:
         for name in ("backup", "online_backup"):
             getattr(loader, name, {}).clear()
     free_weights(module)
-
-
-def free_weights(module: torch.nn.Module) -> None:
-    """Give the memory of every parameter and buffer back now, whatever else still refers to these tensors (each
-    keeps its identity and dtype but holds nothing; ``Module.to("meta")`` would make new tensors and leave the old
-    ones, with their memory, to whoever still holds them)."""
-    with torch.no_grad():
-        for t in (*module.parameters(), *module.buffers()):
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
 
 def _stash(entry: PrivateEngine) -> None:
