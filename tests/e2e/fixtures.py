@@ -19,6 +19,9 @@ Models (written to <out>/<model>/):
   attention layer instead of 2 and 10). Every key keeps its real SDXL name and shape; only the extra
   `transformer_blocks.N` (N >= 1) are absent. A full-size random SDXL needs about 15 GB of RAM to run on the CPU,
   this one about 6-9 GB. Its yaml is written beside it.
+- sdxl_full: SDXL base at full size (sd_xl_base.yaml as the WebUI ships it: transformer depth [1, 2, 10]), 2.6 B
+  UNet parameters, 6.9 GB in fp16. About 15 GB of RAM to build; for a GPU (the WebUI detects it from its keys, so no
+  yaml is written beside it).
 - sd3:   SD3 (medium) single-file layout with an MMDiT of depth SD3_DEPTH instead of 24: both WebUIs size the MMDiT
   from the checkpoint's shapes (hidden size 64 * depth). Built from the WebUI's own SD3 classes
   (modules/models/sd3/): the MMDiT, the 16-channel VAE, and full-size CLIP-L and CLIP-G under `text_encoders.*`
@@ -58,9 +61,9 @@ LORA_ALPHA = 2.0
 # change still scales with the multiplier (about 6 dB per halving); at 3.5x this strength it saturates near 17 dB.
 LORA_STRENGTH = 0.1
 
-MODELS = ("sd15", "sd21v", "sdxl", "sd3", "sd35")  # append only: a model's index seeds its generator
+MODELS = ("sd15", "sd21v", "sdxl", "sd3", "sd35", "sdxl_full")  # append only: a model's index seeds its generator
 CHECKPOINT_NAMES = {"sd15": "delta_e2e_sd15", "sd21v": "delta_e2e_sd21v", "sdxl": "delta_e2e_sdxl_small",
-                    "sd3": "delta_e2e_sd3_small", "sd35": "delta_e2e_sd35_small"}
+                    "sd3": "delta_e2e_sd3_small", "sd35": "delta_e2e_sd35_small", "sdxl_full": "delta_e2e_sdxl"}
 SDXL_TRANSFORMER_DEPTH = "[1, 1, 1]"
 SD3_DEPTH = 2  # joint blocks; SD3 medium has 24 (hidden size 64 * depth, one attention head per block)
 SD3_POS_EMBED_MAX_SIZE = 192  # SD3 medium's position-embedding grid (patches per side)
@@ -209,9 +212,12 @@ def build_model(webui: Path, model: str) -> tuple[torch.nn.Module, str | None]:
     elif model == "sd21v":
         yaml_beside = paths["sd2v_config"].read_text()
         config = OmegaConf.create(yaml_beside)
-    elif model == "sdxl":
-        yaml_beside = sdxl_small_yaml(paths["sdxl_config"].read_text())
-        config = OmegaConf.create(yaml_beside)
+    elif model in ("sdxl", "sdxl_full"):
+        if model == "sdxl":
+            yaml_beside = sdxl_small_yaml(paths["sdxl_config"].read_text())
+            config = OmegaConf.create(yaml_beside)
+        else:
+            config = OmegaConf.load(paths["sdxl_config"])
         # The WebUI makes the same substitution when xformers is absent; the module keys are identical.
         config.model.params.first_stage_config.params.ddconfig.attn_type = "vanilla"
         config.model.params.network_config.params.use_checkpoint = False
@@ -357,19 +363,19 @@ def lora_targets(model: str, shapes: dict[str, torch.Size]) -> dict[str, torch.S
     for key, shape in shapes.items():
         if key.startswith("model.diffusion_model.") and _UNET_LAYERS.search(key):
             compvis = key[len("model.diffusion_model."):-len(".weight")]
-            if model == "sdxl":  # kohya's SDXL names are the compvis ones
+            if model.startswith("sdxl"):  # kohya's SDXL names are the compvis ones
                 targets["lora_unet_" + compvis.replace(".", "_")] = shape
             else:
                 targets["lora_unet_" + _diffusers_unet_name(compvis)] = shape
             continue
         m = _CLIP_LAYERS.search(key)
         if m and (key.startswith("cond_stage_model.") or key.startswith("conditioner.embedders.0.")):
-            prefix = "lora_te1" if model == "sdxl" else "lora_te"
+            prefix = "lora_te1" if model.startswith("sdxl") else "lora_te"
             targets[f"{prefix}_text_model_encoder_layers_{m.group(1)}_{m.group(2).replace('.', '_')}"] = shape
             continue
         m = _OPENCLIP_LAYERS.search(key)
         if m and (key.startswith("cond_stage_model.model.") or key.startswith("conditioner.embedders.1.")):
-            prefix = f"{'lora_te2' if model == 'sdxl' else 'lora_te'}_text_model_encoder_layers_{m.group(1)}"
+            prefix = f"{'lora_te2' if model.startswith('sdxl') else 'lora_te'}_text_model_encoder_layers_{m.group(1)}"
             if m.group(2) == "attn.in_proj_weight":  # q, k and v are stacked in one MultiheadAttention weight
                 dim = shape[1]
                 for part in "qkv":
@@ -420,7 +426,7 @@ def make_loha(targets: dict[str, torch.Size], gen: torch.Generator) -> dict[str,
     return sd
 
 
-_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd21v": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd21v": "sd_v2", "sdxl": "sdxl_base_v1-0", "sdxl_full": "sdxl_base_v1-0"}
 
 
 def _lora_metadata(model: str, module: str) -> dict[str, str]:
