@@ -241,6 +241,32 @@ def phase_sd15(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
                         and paths["graph and fold off"]["folded_layers"] == 0,
                         json.dumps({k: paths[k] for k in ("graph off", "fold off", "graph and fold off")}))
             print(f"  {key}: " + ", ".join(f"{k} {db(v)}" for k, v in row.items() if k.startswith("psnr")), flush=True)
+        if a.device == "gpu" and "leak" not in a.skip and time_for(r, "leak", 60):
+            leak_bisect(r, c, sd15, {"width": 512, "height": 512, "steps": a.steps, "sampler_name": "Euler"})
+
+
+def leak_bisect(r: Report, c: WebUIClient, sd15: ModelFixture, base: dict, n: int = 5) -> None:
+    """Allocated VRAM after each of n DS generations, per combination of the graph and folding: which one keeps
+    memory from one generation to the next."""
+    out = {}
+    for name, graph, fold in (("default", True, True), ("graph off", False, True), ("fold off", True, False),
+                              ("graph and fold off", False, False)):
+        c.set_options(delta_sampling_cuda_graph=graph)
+        c.post(f"/delta-gpu/fold?on={int(fold)}")
+        after = []
+        for _ in range(n):
+            c.txt2img(PROMPT, **base, **scripts(delta(sd15)))
+            after.append(mem(c)["allocated"])
+        per_gen = (after[-1] - after[1]) / (n - 2) / MIB
+        out[name] = {"allocated_after_each": after, "growth_mib_per_generation": per_gen}
+        print(f"  leak, {name}: {per_gen:+.1f} MiB per DS generation "
+              f"({' '.join(f'{x / MIB:.0f}' for x in after)} MiB)", flush=True)
+    c.set_options(delta_sampling_cuda_graph=True)
+    c.post("/delta-gpu/fold?on=1")
+    r.put("leak", out)
+    for name, v in out.items():
+        r.check(f"leak: allocated VRAM flat over DS generations 2-{n}, {name} (< 1 MiB per generation)",
+                v["growth_mib_per_generation"] < 1.0, f"{v['growth_mib_per_generation']:+.1f} MiB per generation")
 
 
 SDXL_REQUESTS = ("plain", "own LoRA", "DS default", "DS cond-only", "DS window 0-0.5", "base-first 0-0.25")
@@ -323,11 +349,11 @@ def phase_sdxl(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
 
         # 20 alternating DS/plain generations
         soak = {**base, "steps": a.soak_steps}
-        if not time_for(r, "soak", 60 if a.device == "gpu" else 600):
+        if "soak" not in a.skip and not time_for(r, "soak", 60 if a.device == "gpu" else 600):
             return
         samples = []
         plain_images = []
-        for i in range(a.soak_pairs):
+        for i in range(0 if "soak" in a.skip else a.soak_pairs):
             c.txt2img(PROMPT, **soak, **scripts(delta(sd15)))
             g = c.txt2img(PROMPT, **soak)
             plain_images.append(g.image)
@@ -335,19 +361,20 @@ def phase_sdxl(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
             samples.append({"pair": i + 1, "rss": m["rss"], "allocated": m.get("allocated"),
                             "reserved": m.get("reserved"), "device_used": m.get("device_used")})
         r.put("soak", samples)
-        first, last = samples[0], samples[-1]
+        first, last = (samples[0], samples[-1]) if samples else ({}, {})
         for k in ("rss", "allocated", "reserved", "device_used"):
             if first.get(k):
                 growth = (last[k] - first[k]) / first[k]
                 r.check(f"soak: {k} growth from pair 1 to pair {a.soak_pairs} <= 1 %", growth <= 0.01,
                         f"{first[k] / MIB:.0f} -> {last[k] / MIB:.0f} MiB ({100 * growth:+.2f} %)")
-        r.check("soak: every plain image identical", all(p == plain_images[0] for p in plain_images))
+        if plain_images:
+            r.check("soak: every plain image identical", all(p == plain_images[0] for p in plain_images))
 
         # two SD1.5 sources, alternating
-        if not time_for(r, "two sources", 45 if a.device == "gpu" else 600):
+        if "two-sources" not in a.skip and not time_for(r, "two sources", 45 if a.device == "gpu" else 600):
             return
         switch = []
-        for i in range(6):
+        for i in range(0 if "two-sources" in a.skip else 6):
             src = sd15.model_name if i % 2 == 0 else TWIN
             g = c.txt2img(PROMPT, **soak, **scripts({**delta(sd15), "source": src}))
             m = mem(c)
@@ -357,14 +384,14 @@ def phase_sdxl(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
                            "loaded": log_lines(s, "Delta Sampling: loaded", 1)})
         r.put("two_sources", switch)
         for k in ("rss", "allocated"):
-            if switch[1].get(k):
+            if len(switch) > 1 and switch[1].get(k):
                 values = [x[k] for x in switch[1:]]
                 spread = (max(values) - min(values)) / min(values)
                 r.check(f"two sources: {k} flat over requests 2-6 (spread <= 5 %)", spread <= 0.05,
                         " ".join(f"{v / MIB:.0f}" for v in [x[k] for x in switch]) + " MiB")
 
         # an out-of-memory error forced during a DS generation
-        if a.device == "gpu" and time_for(r, "oom", 40):
+        if a.device == "gpu" and "oom" not in a.skip and time_for(r, "oom", 40):
             phase_oom(r, c, s, fx, target, base, table, fresh.image)
         r.put("log_delta_lines", log_lines(s, "Delta Sampling", 40) + log_lines(s, "source calls", 40))
 
@@ -420,7 +447,7 @@ def phase_medvram(r: Report, install: A1111Install, fx: dict[str, ModelFixture],
     with server(install, fx, (target, "sd15"), r.out / "server-medvram.log", extra) as s:
         c = s.client
         assert c is not None
-        names = ("plain", "own LoRA", "DS default", "DS cond-only")
+        names = tuple(a.medvram_requests.split(","))
         print(f"  --medvram timings: {a.big} px, {a.sdxl_steps} steps, {a.medvram_rounds} measured rounds",
               flush=True)
         table = timing_rounds(r, c, fx, target, names, base, a.medvram_rounds)
@@ -474,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-pairs", type=int, default=10, help="DS/plain pairs (10 pairs = 20 generations)")
     p.add_argument("--soak-steps", type=int, default=None, help="steps of the soak's requests (gpu: 10; cpu: 2)")
     p.add_argument("--sdxl", default=None, help="the SDXL fixture (gpu: sdxl_full; cpu: sdxl, the reduced one)")
+    p.add_argument("--attention", choices=("auto", "sdp"), default="sdp",
+                   help="sdp: --opt-sdp-attention; auto: the WebUI's own choice (Doggettx on CUDA without flags)")
+    p.add_argument("--skip", default="", help="sections to leave out: soak, two-sources, leak, oom")
+    p.add_argument("--medvram-requests", default="plain,own LoRA,DS default,DS cond-only")
     p.add_argument("--fixtures", default="", help="build these fixtures too, in the background while the phases "
                                                   "run (e.g. sdxl_full ahead of a later call)")
     p.add_argument("--budget", type=float, default=0, help="seconds: sections that would start after it are "
@@ -489,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     if not gpu:
         a.soak_pairs = min(a.soak_pairs, 3)
     a.out.mkdir(parents=True, exist_ok=True)
-    harness.BASE_ARGS = GPU_ARGS if gpu else CPU_ARGS
+    harness.BASE_ARGS = (GPU_ARGS + (("--opt-sdp-attention",) if a.attention == "sdp" else ())) if gpu else CPU_ARGS
+    a.skip = set(a.skip.split(","))
 
     install = A1111Install.from_env()
     if install is None or install.problems():
