@@ -358,9 +358,15 @@ def test_hooks_and_networks_go_with_the_run_even_when_it_fails(ui, monkeypatch):
 
     monkeypatch.setattr(host.SLOT, "open", open_)
     fresh = images(ui.txt2img(**BASE))
-    ui.txt2img(delta(controlnets=[unit()]), **BASE)
+    was = gc.isenabled()
     gc.collect()
-    assert refs and all(r() is None for r in refs)
+    gc.disable()  # what is freed here is freed by reference counting alone
+    try:
+        ui.txt2img(delta(controlnets=[unit()]), **BASE)
+        assert refs and all(r() is None for r in refs)
+    finally:
+        if was:
+            gc.enable()
     assert not any(_hooked(e) for e in a1111_source.cached())
 
     from modules import shared
@@ -398,3 +404,34 @@ def test_the_users_own_unit_on_the_active_model_works_beside_ours(ui):
     from modules import shared
 
     assert "_original_forward" not in vars(shared.sd_model.model.diffusion_model)
+
+
+def test_a_start_that_fails_while_loading_units_keeps_nothing(ui, monkeypatch):
+    """The second unit's network cannot be built: the first one's is freed at once (reference counting alone),
+    even while the error (and its traceback) lives, and the source goes back to the pool's limits."""
+    guess = sys.modules["scripts.controlnet_model_guess"]
+    real = guess.build_model_by_guess
+    built = []
+
+    def build(state_dict, unet, path):
+        if built:
+            raise RuntimeError("damaged weights")
+        out = real(state_dict, unet, path)
+        built.append(weakref.ref(out.model.control_model))
+        return out
+
+    monkeypatch.setattr(guess, "build_model_by_guess", build)
+    fresh = images(ui.txt2img(**BASE))
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(DeltaError, match=r"cannot build the ControlNet .*damaged weights") as e:
+            ui.txt2img(delta(controlnets=[unit(), unit(model=listed("control_tiny_sd15_depth"))]), **BASE)
+        assert e.value.status_code == 422 and built and built[0]() is None
+    finally:
+        if was:
+            gc.enable()
+    assert host.SLOT.get() is None and not any(_hooked(e) for e in a1111_source.cached())
+    monkeypatch.setattr(guess, "build_model_by_guess", real)
+    assert torch.equal(images(ui.txt2img(**BASE)), fresh)

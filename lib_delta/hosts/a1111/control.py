@@ -169,7 +169,7 @@ def decode_image(text: str, where: str) -> np.ndarray:
     """A base64 PNG/JPEG (or ``data:`` URL) as HWC uint8 RGB; its size is checked before its pixels are read."""
     from PIL import Image, UnidentifiedImageError
 
-    data = text.split(",", 1)[1] if text.startswith("data:") else text
+    data = "".join((text.split(",", 1)[1] if text.startswith("data:") else text).split())  # wrapped base64 too
     try:
         raw = base64.b64decode(data, validate=True)
         with Image.open(io.BytesIO(raw)) as im:
@@ -245,18 +245,24 @@ def load_units(plans: Iterable[UnitPlan], p: Any, unet_of: Any, device: torch.de
     script = cn_script(ext, p)
     seed = getattr(inspect.getmodule(type(script)), "set_numpy_seed", None)
     nets: dict[str, torch.nn.Module] = {}
-    units = []
-    for plan in plans:
-        if plan.path not in nets:
-            nets[plan.path] = _build(ext, plan, sd_models.read_state_dict(plan.path, map_location="cpu"),
-                                     unet_of(plan.group)).to(device)
-        if seed is not None:
-            seed(p)  # preprocessors that draw random numbers (shuffle) draw them as the extension's own units do
-        pre = plan.preprocessor
-        result = pre.cached_call(plan.image, resolution=pre.slider_resolution.value, slider_1=pre.slider_1.value,
-                                 slider_2=pre.slider_2.value, low_vram=False, model=plan.listed)
-        mode = ext.external_code.resize_mode_from_value(plan.unit.resize_mode)
-        units.append(LoadedUnit(plan, nets[plan.path], result.value, type(script).detectmap_proc, mode))
+    units: list[LoadedUnit] = []
+    try:
+        for plan in plans:
+            if plan.path not in nets:
+                nets[plan.path] = _build(ext, plan, sd_models.read_state_dict(plan.path, map_location="cpu"),
+                                         unet_of(plan.group)).to(device)
+            if seed is not None:
+                seed(p)  # preprocessors that draw random numbers (shuffle) draw them as the extension's units do
+            pre = plan.preprocessor
+            result = pre.cached_call(plan.image, resolution=pre.slider_resolution.value,
+                                     slider_1=pre.slider_1.value, slider_2=pre.slider_2.value, low_vram=False,
+                                     model=plan.listed)
+            mode = ext.external_code.resize_mode_from_value(plan.unit.resize_mode)
+            units.append(LoadedUnit(plan, nets[plan.path], result.value, type(script).detectmap_proc, mode))
+    except BaseException:
+        nets.clear()  # the traceback keeps this frame: it must not keep the networks
+        units.clear()
+        raise
     return units
 
 
