@@ -212,6 +212,17 @@ def test_identity_with_a_window_two_units_and_a_lora(ui):
     assert rel(out, reference) < 1e-5
 
 
+@pytest.mark.parametrize("cfg_mode", ["cfg", "cond"])
+def test_identity_when_cond_and_uncond_rows_run_in_separate_calls(ui, cfg_mode):
+    long = {**BASE, "prompt": " ".join(f"word{i}" for i in range(90))}  # two 75-token chunks against one
+    reference = images(ui.txt2img(controlnet=[own_unit()], **long))
+    out = images(ui.txt2img(delta(controlnets=[unit()], cfg_mode=cfg_mode), **long))
+    if cfg_mode == "cfg":
+        assert rel(out, reference) < 1e-5
+    else:  # the source on its cond rows only: not the identity, but controlled and finite
+        assert torch.isfinite(out).all() and rel(out, images(ui.txt2img(**long))) > 1e-3
+
+
 def test_identity_in_hires_fix_img2img_and_batches(ui):
     from PIL import Image
 

@@ -56,7 +56,7 @@ class Extension:
 def extension() -> Extension:
     mods = [sys.modules.get(n) for n in ("scripts.global_state", "scripts.controlnet_model_guess",
                                          "scripts.supported_preprocessor", "internal_controlnet.external_code")]
-    if any(m is None for m in mods):
+    if any(m is None for m in mods) or not hasattr(mods[0], "cn_models"):  # another extension's "scripts.*"
         raise DeltaError(f"Delta Sampling ControlNet units need the {EXTENSION} extension, which is not installed "
                          "or not enabled: install it (Extensions tab) and restart, or remove 'controlnets' from the "
                          "request.")
