@@ -190,7 +190,7 @@ def test_base_rows_of_the_batched_call_are_untouched(ui):
 # --- the identity: target == source, λ = 1 equals the extension's own unit -----------------------------------------
 
 
-@pytest.mark.parametrize("module", ["none", "canny"])
+@pytest.mark.parametrize("module", ["none", "canny", "shuffle"])
 def test_identity_with_the_extensions_own_unit(ui, module):
     plain = images(ui.txt2img(**BASE))
     reference = images(ui.txt2img(controlnet=[own_unit(module=module)], **BASE))

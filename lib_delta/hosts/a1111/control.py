@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import inspect
 import io
 import sys
 from collections.abc import Iterable
@@ -243,7 +242,8 @@ def load_units(plans: Iterable[UnitPlan], p: Any, unet_of: Any, device: torch.de
 
     ext = extension()
     script = cn_script(ext, p)
-    seed = getattr(inspect.getmodule(type(script)), "set_numpy_seed", None)
+    # the script file is loaded outside sys.modules: reach its module through the globals of its own function
+    seed = type(script).detectmap_proc.__globals__.get("set_numpy_seed")
     nets: dict[str, torch.nn.Module] = {}
     units: list[LoadedUnit] = []
     try:

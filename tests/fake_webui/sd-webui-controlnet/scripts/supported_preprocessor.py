@@ -1,5 +1,5 @@
 """sd-webui-controlnet ``scripts/supported_preprocessor.py``: the registry and ``cached_call``; a few of its
-preprocessors (``none``, ``canny`` and ``invert`` need no model; ``depth_midas`` and ``inpaint_only`` stand for
+preprocessors (``none``, ``canny``, ``invert`` and ``shuffle`` need no model; ``depth_midas`` and ``inpaint_only`` stand for
 those Delta Sampling refuses)."""
 
 from dataclasses import dataclass
@@ -81,6 +81,15 @@ class PreprocessorInvert(Preprocessor):
         return 255 - input_image
 
 
+class PreprocessorShuffle(Preprocessor):
+    name = "shuffle"
+    do_not_need_model = True
+
+    def __call__(self, input_image, resolution, slider_1=None, slider_2=None, **kwargs):
+        # draws from numpy's global generator, which the extension seeds from p before each call
+        return input_image[np.random.permutation(input_image.shape[0])]
+
+
 class PreprocessorDepth(Preprocessor):
     name = "depth_midas"
 
@@ -95,5 +104,6 @@ class PreprocessorInpaint(Preprocessor):
         return input_image
 
 
-for _p in (PreprocessorNone, PreprocessorCanny, PreprocessorInvert, PreprocessorDepth, PreprocessorInpaint):
+for _p in (PreprocessorNone, PreprocessorCanny, PreprocessorInvert, PreprocessorShuffle, PreprocessorDepth,
+           PreprocessorInpaint):
     Preprocessor.add_supported_preprocessor(_p())
