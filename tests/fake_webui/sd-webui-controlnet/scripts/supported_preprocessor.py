@@ -1,6 +1,6 @@
 """sd-webui-controlnet ``scripts/supported_preprocessor.py``: the registry and ``cached_call``; a few of its
-preprocessors (``none``, ``canny``, ``invert`` and ``shuffle`` need no model; ``depth_midas`` and ``inpaint_only`` stand for
-those Delta Sampling refuses)."""
+preprocessors (``none``, ``canny``, ``invert`` and ``shuffle`` need no model; ``depth_midas`` and ``inpaint_only``
+stand for those Delta Sampling refuses)."""
 
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
