@@ -446,3 +446,31 @@ def test_a_start_that_fails_while_loading_units_keeps_nothing(ui, monkeypatch):
     assert host.SLOT.get() is None and not any(_hooked(e) for e in a1111_source.cached())
     monkeypatch.setattr(guess, "build_model_by_guess", real)
     assert torch.equal(images(ui.txt2img(**BASE)), fresh)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_source_on_the_gpu_runs_its_units_there_eagerly(ui, monkeypatch, capsys):
+    """The source on cuda:0 (the stand-in's target stays on the CPU, so the source runs beside it): the networks
+    and hints go with it, CUDA graph replay is off for the run (and said so), and the identity holds within the
+    two devices' rounding."""
+    from modules import shared
+
+    made = []
+    real = host.GraphedCall
+    monkeypatch.setattr(host, "GraphedCall", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(shared.opts, "delta_sampling_device", "cuda:0", raising=False)
+    monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", True, raising=False)
+    kw = {**BASE, "steps": 8}
+    reference = images(ui.txt2img(controlnet=[own_unit(module="canny")], **kw))
+    devices = []
+    real_hint = sys.modules["lib_delta.hosts.a1111.control"].LoadedUnit.hint
+
+    def hint(self, h, w, device):
+        devices.append((next(self.net.parameters()).device.type, device.type))
+        return real_hint(self, h, w, device)
+
+    monkeypatch.setattr(sys.modules["lib_delta.hosts.a1111.control"].LoadedUnit, "hint", hint)
+    out = images(ui.txt2img(delta(controlnets=[unit(module="canny")]), **kw))
+    assert not made and "CUDA graph replay is off" in capsys.readouterr().out
+    assert devices and set(devices) == {("cuda", "cuda")}
+    assert rel(out, reference) < 1e-4
