@@ -63,6 +63,11 @@ def files(tmp_path_factory):
     fake.write_checkpoint(models / "xl.safetensors", "sdxl", 4)
     fake.write_checkpoint(models / "v2v.safetensors", "sd2v", 5, yaml_beside=True)
     cn = root / "ControlNet"
+    cn.mkdir()
+    import safetensors.torch
+
+    adapter = {"body.0.in_conv.weight": torch.zeros(4, 4, 1, 1)}  # a T2I-Adapter's layout
+    safetensors.torch.save_file(adapter, str(cn / "t2iadapter_tiny.safetensors"))
     controlnet_ext.write_controlnet(cn / "control_tiny_sd15_canny.safetensors", "sd1", seed=21)
     controlnet_ext.write_controlnet(cn / "control_tiny_sd15_depth.safetensors", "sd1", seed=22)
     controlnet_ext.write_controlnet(cn / "control_tiny_sdxl_canny.safetensors", "sdxl", seed=23)
@@ -269,6 +274,7 @@ def _huge_png(w: int, h: int) -> str:
                                                             r"sd-webui-controlnet's models\. Closest: 'control_tiny"),
     ([{"model": "control_tiny_sdxl_canny", "image": "x"}], r"'control_tiny_sdxl_canny \[\w+\]' \(SDXL\) is not made "
                                                              r"for the source 'base'"),
+    ([{"model": "t2iadapter_tiny", "image": "x"}], r"'t2iadapter_tiny \[\w+\]' is not a ControlNet \(a T2I-Adapter"),
     ([{"model": "control_tiny_sd15_canny", "image": "bm90IGFuIGltYWdl"}], r"control image \(ControlNet unit 1\) is "
                                                                           r"not a readable image"),
     ([{"model": "control_tiny_sd15_canny", "image": "%%%"}], r"not a readable image"),

@@ -139,8 +139,27 @@ def control_family(path: str) -> tuple[str | None, int | None]:
     return {768: "sd1", 1024: "sd2"}.get(context or 0), context
 
 
+def _not_a_controlnet(path: str) -> str | None:
+    """What a listed control model is when its header says it is no plain ControlNet (None: it is one, or a pickle
+    whose kind the builder tells)."""
+    shapes = safetensors_shapes(path)
+    if not shapes:
+        return None
+    keys = {k.removeprefix("control_model.") for k in shapes}
+    if "lora_controlnet" in keys:
+        return "a Control-LoRA"
+    if any(k.startswith("ip_adapter.") for k in keys):
+        return "an IP-Adapter"
+    if "input_hint_block.0.weight" not in keys and "controlnet_cond_embedding.conv_in.weight" not in keys:
+        return "not a ControlNet (a T2I-Adapter or another control model)"
+    return None
+
+
 def _check_family(path: str, name: str, source_family: str | None, source_context: int | None,
                   source_label: str) -> None:
+    kind = _not_a_controlnet(path)
+    if kind:
+        raise DeltaError(f"'{name}' is {kind}: only ControlNets run on the Delta Sampling source.")
     family, context = control_family(path)
     mine = _FAMILIES.get(source_family or "")
     theirs = _FAMILIES.get(family or "")
