@@ -284,7 +284,8 @@ def _huge_png(w: int, h: int) -> str:
      r"preprocessor 'depth_midas' \(ControlNet unit 1\) is not supported"),
     ([{"model": "control_tiny_sd15_canny", "image": b64png(IMAGE), "module": "cany"}],
      r"preprocessor \(ControlNet unit 1\) 'cany' is not among .* Closest: 'canny'"),
-    ([{"model": "control_tiny_sd15_canny"}], r"has no image\. Send it as base64 .* never kept in infotext"),
+    ([{"model": "control_tiny_sd15_canny"}],
+     r"No control image was given \(ControlNet unit 1\): send it as base64 .* never kept in infotext"),
 ])
 def test_bad_units_are_refused_before_anything_loads(ui, monkeypatch, units, message):
     pre = sys.modules["scripts.supported_preprocessor"].Preprocessor

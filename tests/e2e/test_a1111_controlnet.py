@@ -130,7 +130,7 @@ def _huge_png() -> str:
     ("sd15", {"image": IMAGE, "model": "delta_e2e_cn_sd1"}, "is not among sd-webui-controlnet's models"),
     ("sd15", {"image": base64.b64encode(b"not an image").decode()}, "is not a readable image"),
     ("sd15", {"image": _huge_png()}, "at most 4096 pixels a side"),
-    ("sd15", {}, "has no image"),
+    ("sd15", {}, "No control image was given"),
     ("sd15", {"image": IMAGE, "module": "depth_midas"}, "is not supported"),
     ("sdxl", {"image": IMAGE}, "is not made for the source"),
 ], ids=["unknown-model", "not-an-image", "huge-image", "no-image", "download-preprocessor", "other-family"])

@@ -208,8 +208,8 @@ def _init_image(p: Any, where: str) -> np.ndarray:
     images = getattr(p, "init_images", None)
     if images:  # img2img: the init image serves, as in the extension
         return np.ascontiguousarray(np.asarray(images[0].convert("RGB"), dtype=np.uint8))
-    raise DeltaError(f"The ControlNet unit{where} has no image. Send it as base64 PNG/JPEG in 'image' (the image "
-                     "is never kept in infotext: after pasting parameters, give it again).")
+    raise DeltaError(f"No control image was given{where}: send it as base64 PNG/JPEG in 'image' (the image is "
+                     "never kept in infotext: after pasting parameters, give it again).")
 
 
 # --- the loaded units --------------------------------------------------------------------------------------------
