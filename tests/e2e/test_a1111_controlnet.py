@@ -5,7 +5,8 @@ steps, cfg mode:
 
 - the identity: target == source, one unit (preprocessor "none", and "canny"), λ = 1 gives the image of the
   extension's own unit on that checkpoint (>= IDENTICAL_ABOVE_DB), and that unit moves the image (<= MOVED_BELOW_DB);
-  the same with a LoRA in the group against the extension's unit + `<lora:L:1>`;
+  the same with a LoRA in the group against the extension's unit + `<lora:L:1>`, in hires fix, and in img2img with
+  the init image as the control image;
 - across families: the SD1.5 ControlNet through the SD1.5 source changes an SDXL target's image, and the infotext
   records the unit (never its image);
 - bad units (unknown model, not an image, a huge image, no image, a preprocessor that needs a download, an SD1.5
@@ -105,6 +106,28 @@ def test_with_a_lora_in_the_group_equals_the_extensions_unit_and_lora(env: Env, 
     record_property("psnr_db_vs_own_unit_and_lora", round(db, 2))
     print(f"unit + LoRA: PSNR(delta, own unit + <lora>) = {db:.2f} dB")
     assert db >= IDENTICAL_ABOVE_DB
+
+
+def test_in_hires_fix_and_img2img_too(env: Env, record_property) -> None:
+    """Hires fix (the hint at the hires size, canny softened there as the extension does) and img2img whose init
+    image serves as the control image (no unit image), each against the extension's own unit."""
+    env.use("sd15")
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+             "denoising_strength": 0.6}
+    own = env.client.txt2img(PROMPT, **hires, **env.own("canny"))
+    ours = env.client.txt2img(PROMPT, **hires, **env.ours("sd15", [env.unit("canny")]))
+    db_hires = psnr(ours.image, own.image)
+    init = control_image()
+    own_i2i = env.client.img2img(PROMPT, init, **env.own("none", image=None))
+    plain_i2i = env.client.img2img(PROMPT, init)
+    ours_i2i = env.client.img2img(PROMPT, init, **env.ours("sd15", [{"model": env.cn_model}]))
+    db_i2i, db_i2i_moved = psnr(ours_i2i.image, own_i2i.image), psnr(own_i2i.image, plain_i2i.image)
+    record_property("psnr_db_hires_vs_own_unit", round(db_hires, 2))
+    record_property("psnr_db_img2img_vs_own_unit", round(db_i2i, 2))
+    record_property("psnr_db_img2img_own_unit_vs_plain", round(db_i2i_moved, 2))
+    print(f"hires: PSNR(delta, own unit) = {db_hires:.2f} dB; img2img: {db_i2i:.2f} dB (own unit vs plain "
+          f"{db_i2i_moved:.2f} dB)")
+    assert db_hires >= IDENTICAL_ABOVE_DB and db_i2i >= IDENTICAL_ABOVE_DB and db_i2i_moved < CHANGED_BELOW_DB
 
 
 def test_an_sd15_controlnet_through_an_sd15_source_changes_an_sdxl_image(env: Env, record_property) -> None:
