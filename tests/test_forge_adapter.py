@@ -310,7 +310,7 @@ def test_controlnet_units_are_refused_in_forge_for_now(forge):
     target = forge.load(base)
     fresh = forge.generate(target)
     unit = {"model": "control_sd15", "image": "iVBORw0KGgo="}
-    with pytest.raises(DeltaError, match="ControlNet units .* AUTOMATIC1111") as err:
+    with pytest.raises(DeltaError, match=r"ControlNet units .* AUTOMATIC1111") as err:
         forge.run(target, base, {"controlnets": [unit]})
     assert err.value.status_code == 422 and forge_models.cached() == []
     assert torch.equal(forge.generate(target), fresh)
