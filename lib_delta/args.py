@@ -16,7 +16,7 @@ import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import DeltaError
 from .fields import (
@@ -57,6 +57,10 @@ LORA_WEIGHT_RANGE = (-10.0, 10.0)
 SOURCE_CFG_RANGE = (0.0, 30.0)
 BASE_FIRST_CFG = 7.0  # the source's scale in base-first mode when none is set: what SD1.5/SDXL bases are made for
 MAX_GROUPS = 4
+CONTROLNET_WEIGHT_RANGE = (0.0, 2.0)
+CONTROLNET_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # sd-webui-controlnet's ResizeMode
+MAX_CONTROLNETS = 2  # per group
+MAX_IMAGE_TEXT = 32 * 2**20  # characters of base64: an image of the largest allowed size, compressed
 
 _LORA_TAG = re.compile(r"<lora:([^<>]+)>")
 
@@ -145,6 +149,36 @@ def _every_weight(loras: tuple[LoraRef, ...], weight: float) -> tuple[LoraRef, .
     return tuple(replace(r, weight=weight, unet_weight=None, te_weight=None) for r in loras)
 
 
+class ImageData(Text):
+    """A base64 PNG/JPEG (a ``data:`` URL prefix allowed): far longer than other text; decoded by the host."""
+
+    most: ClassVar[int] = MAX_IMAGE_TEXT
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet for a group's adapted pass, by the name the host's ControlNet list shows.
+
+    API and infotext only for now: no panel control (no positional slot). The image is never recorded (infotext
+    cannot hold it), so a pasted unit needs its image given again."""
+
+    model: str = setting(MISSING, Text(), tooltip="the ControlNet model as the host lists it, e.g. "
+                                                  "'control_v11p_sd15_canny [d14c016b]'")
+    image: str = setting("", ImageData(), recorded=False,
+                         tooltip="the control image, base64 PNG or JPEG (in img2img the init image when empty); "
+                                 "not kept in infotext: give it again when pasting")
+    module: str = setting("none", Text(), tooltip="the preprocessor run on the image first ('none': use it as is)")
+    weight: float = setting(1.0, Number(*CONTROLNET_WEIGHT_RANGE),
+                            xyz=XYZ("[Delta] ControlNet weight", at=8, key="controlnet_weight"),
+                            tooltip="how strongly its residuals are added")
+    guidance_start: float = setting(0.0, Number(0.0, 1.0), tooltip="the fraction of the steps where it starts")
+    guidance_end: float = setting(1.0, Number(0.0, 1.0),
+                                  xyz=XYZ("[Delta] ControlNet guidance end", at=9, key="controlnet_guidance_end"),
+                                  tooltip="the fraction of the steps where it stops")
+    resize_mode: str = setting("Crop and Resize", Choice(CONTROLNET_RESIZE_MODES),
+                               tooltip="how the image is fitted to the generation's size")
+
+
 # Positional slots are append-only: a new group setting takes the next two free numbers (one per panel group), a
 # new generation setting the next one. A tooltip is the control's hover text and explains the setting everywhere.
 
@@ -191,9 +225,15 @@ class AdaptationGroup:
         tooltip="Where the window ends, as a fraction of the sampling progress (1 = last step). Outside the "
                 "window the source model is not run.")
 
+    controlnets: tuple[ControlNetUnit, ...] = setting(
+        # No slot, no control: the panel has no ControlNet controls yet; the API and infotext carry the units.
+        (), Objects(ControlNetUnit, "ControlNet unit", most=MAX_CONTROLNETS), infotext=Infotext("Delta ControlNets"),
+        tooltip="ControlNet units applied to the source's adapted pass only (the source base stays plain), so "
+                "the delta carries what the control changes. They must be made for the source's family.")
+
     @property
     def has_adaptation(self) -> bool:
-        return bool(self.loras or self.checkpoint or self.prompt)
+        return bool(self.loras or self.checkpoint or self.prompt or self.controlnets)
 
 
 @dataclass(frozen=True)
@@ -266,7 +306,7 @@ class DeltaSettings:
                                  "start and end are fractions of the sampling progress with start <= end.")
             if self.mode == "delta" and not g.has_adaptation:
                 raise DeltaError(f"Delta Sampling has nothing to transfer{where}: add a LoRA, a fine-tuned "
-                                 "checkpoint or an adapted prompt, or switch mode to 'base-first'.")
+                                 "checkpoint, an adapted prompt or a ControlNet, or switch mode to 'base-first'.")
         return self
 
     def source_cfg_for(self, target_scale: float) -> float:
@@ -349,6 +389,8 @@ class DeltaSettings:
                 what.append(f"checkpoint={g.checkpoint}")
             if g.prompt:
                 what.append(f"prompt={g.prompt!r}")
+            what += [f"controlnet={u.model} ({u.module}, {num(u.weight)}, {num(u.guidance_start)}-"
+                     f"{num(u.guidance_end)})" for u in g.controlnets]
             window = f"{num(g.start)}-{num(g.end)}"
             label = "" if len(self.groups) == 1 else f"group{i}: "
             parts.append(f"{label}{' '.join(what) or 'base'} λ={num(g.strength)} {g.schedule} {window}")
@@ -387,7 +429,16 @@ def overrides_of(cls: type[DeltaSettings]) -> dict[str, Override]:
             out[s.xyz.key] = _override(s.name, s.xyz.key, s.xyz.kind or s.kind, s.xyz.apply, in_group)
         elif not isinstance(s.kind, Objects):
             out[s.name] = _override(s.name, s.name, s.kind, None, in_group)
+        if in_group and isinstance(s.kind, Objects) and not isinstance(s.kind, Loras):
+            for inner in settings_of(s.kind.cls):  # an axis of an object's setting sets it in every object
+                if inner.xyz is not None and inner.xyz.key is not None:
+                    out[inner.xyz.key] = _override(s.name, inner.xyz.key, inner.xyz.kind or inner.kind,
+                                                   _every(inner.name), True)
     return out
+
+
+def _every(name: str) -> Callable[[tuple[Any, ...], Any], tuple[Any, ...]]:
+    return lambda objects, value: tuple(replace(o, **{name: value}) for o in objects)
 
 
 def _override(name: str, key: str, kind: Any, apply: Callable[[Any, Any], Any] | None, in_group: bool) -> Override:
@@ -500,6 +551,7 @@ __all__ = [
     "STRENGTH_RANGE",
     "TRAJECTORIES",
     "AdaptationGroup",
+    "ControlNetUnit",
     "DeltaSettings",
     "LoraRef",
     "format_lora_tags",

@@ -504,6 +504,8 @@ def _group_slots(groups: Setting) -> list[Slot]:
             slots.append(Slot(groups.slot[g - 1], f"{prefix}enabled", groups, g, switch=True, paste=label,
                               tooltip=groups.tooltip))
         for s in settings_of(groups.kind.cls):
+            if s.slot is None and s.control is None:
+                continue  # API and infotext only: no panel control, no positional value
             assert isinstance(s.slot, tuple) and len(s.slot) == len(groups.slot) + 1, \
                 f"{s.name}: a group setting takes one slot per panel group"
             if g == 0:

@@ -9,6 +9,7 @@ from lib_delta.args import (
     OVERRIDES,
     POSITIONAL_FIELDS,
     AdaptationGroup,
+    ControlNetUnit,
     DeltaSettings,
     LoraRef,
     from_positional,
@@ -58,7 +59,8 @@ def test_the_derived_tables_cover_every_slot():
     assert {s.name for s in GENERATION + GROUP if s.xyz} <= {slot.setting.name for slot in slots}
     assert [a.label for a in interfaces.AXES] == [
         "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
-        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale"]
+        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale",
+        "[Delta] ControlNet weight", "[Delta] ControlNet guidance end"]
     assert {a.key for a in interfaces.AXES} <= set(OVERRIDES)
     # every single-valued setting can be overridden per generation, by its name
     assert {s.name for s in GENERATION + GROUP if not isinstance(s.kind, Objects)} <= set(OVERRIDES)
@@ -73,6 +75,8 @@ def _other(s):
         return next(o for o in kind.options if o != s.default)
     if isinstance(kind, Bool):
         return not s.default
+    if isinstance(kind, Objects) and kind.cls is ControlNetUnit:
+        return (ControlNetUnit("cn [abc]", image="<png>", weight=0.5), ControlNetUnit("d", guidance_end=0.5))
     if isinstance(kind, Objects):
         return (LoraRef("a b", 0.5), LoraRef("c", 1.0, unet_weight=0.7, te_weight=0.2))
     assert isinstance(kind, Text)
@@ -87,7 +91,14 @@ def test_every_setting_reaches_each_form_it_declares(s):
     value = _other(s)
     if s in GROUP:
         settings = replace(BASE, groups=(replace(BASE.groups[0], **{s.name: value}),))
-        [slot] = [slot for slot in positional_slots(DeltaSettings) if slot.setting is s and slot.group == 0]
+        slots = [slot for slot in positional_slots(DeltaSettings) if slot.setting is s and slot.group == 0]
+        if s.slot is None:  # API and infotext only (no panel control)
+            assert not slots and s.control is None
+            recorded = replace(settings.groups[0], **{s.name: s.kind.read(s.kind.text(value), s.api)})
+            assert DeltaSettings.from_dict(settings.to_dict()) == settings
+            assert DeltaSettings.from_infotext(settings.to_infotext()) == replace(settings, groups=(recorded,))
+            return
+        [slot] = slots
     else:
         settings = replace(BASE, **{s.name: value})
         [slot] = [slot for slot in positional_slots(DeltaSettings) if slot.setting is s]
@@ -119,6 +130,10 @@ def test_every_setting_reaches_each_form_it_declares(s):
 def test_every_group_setting_reaches_the_second_group(s):
     value = _other(s)
     settings = replace(BASE, groups=(BASE.groups[0], replace(BASE.groups[0], **{s.name: value})))
+    if s.slot is None:  # API and infotext only (no panel control)
+        assert f'"{s.api}":' in settings.to_infotext()["Delta group 2"]
+        assert DeltaSettings.from_dict(settings.to_dict()) == settings
+        return
     [slot] = [slot for slot in positional_slots(DeltaSettings) if slot.setting is s and slot.group == 1]
     assert slot.name == f"group2_{s.name}"
     assert to_positional(settings)[slot.index] == s.kind.ui(value)
@@ -146,7 +161,7 @@ class WiderGroup(AdaptationGroup):
         tooltip="Control units the adapted pass is guided by (a stand-in for ControlNet units).")
     boost: float = setting(
         0.0, Number(0.0, 2.0), slot=(25, 26), infotext=Infotext("Delta boost"), control=Control("Boost"),
-        xyz=XYZ("[Delta] Boost", at=9), tooltip="A made-up group setting, to prove the derivation.")
+        xyz=XYZ("[Delta] Boost", at=11), tooltip="A made-up group setting, to prove the derivation.")
 
 
 _GROUPS = next(s for s in settings_of(DeltaSettings) if s.name == "groups")
@@ -159,7 +174,7 @@ class Wider(DeltaSettings):
         control=_GROUPS.control, tooltip=_GROUPS.tooltip)
     eta: float = setting(
         0.0, Number(0.0, 1.0), slot=22, infotext=Infotext("Delta eta"), control=Control("Eta"),
-        xyz=XYZ("[Delta] Eta", at=8), tooltip="A made-up generation setting, to prove the derivation.")
+        xyz=XYZ("[Delta] Eta", at=10), tooltip="A made-up generation setting, to prove the derivation.")
 
 
 WIDE = Wider(enabled=True, source="sd15", eta=0.5, groups=(

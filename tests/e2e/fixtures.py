@@ -3,6 +3,7 @@
 Runs under the WebUI's own python (the harness starts it as a subprocess):
 
     <webui python> tests/e2e/fixtures.py --webui <A1111 root> --out <dir> [--models sd15,sd21v,sdxl]
+    <webui python> tests/e2e/fixtures.py --webui <A1111 root> --out <dir> --models cn_sd15 --controlnet <ext dir>
 
 Each checkpoint is built by instantiating the WebUI's own model classes (ldm / sgm from its `repositories/`) from
 the configs shipped in the install, so the key layout is exactly what the WebUI loads. Default initialisation
@@ -21,7 +22,7 @@ Models (written to <out>/<model>/):
   this one about 6-9 GB. Its yaml is written beside it.
 - sdxl_full: SDXL base at full size (sd_xl_base.yaml as the WebUI ships it: transformer depth [1, 2, 10]), 2.6 B
   UNet parameters, 6.9 GB in fp16. About 15 GB of RAM to build; for a GPU (the WebUI detects it from its keys, so no
-  yaml is written beside it).
+  yaml is written beside it). Built only when asked for by name.
 - sd3:   SD3 (medium) single-file layout with an MMDiT of depth SD3_DEPTH instead of 24: both WebUIs size the MMDiT
   from the checkpoint's shapes (hidden size 64 * depth). Built from the WebUI's own SD3 classes
   (modules/models/sd3/): the MMDiT, the 16-channel VAE, and full-size CLIP-L and CLIP-G under `text_encoders.*`
@@ -34,6 +35,16 @@ Models (written to <out>/<model>/):
 
 LoRA files per model (kohya naming, rank 4, alpha 2): `<model>_lora`; for sd15 also a LyCORIS LoHa (`sd15_loha`) and
 a truncated, unreadable copy of the LoRA (`sd15_corrupt`).
+
+ControlNets (not checkpoints: the harness puts them under models/ControlNet; built only when asked for by name):
+- cn_sd15: an SD1.5 ControlNet of the real full-size layout (`control_model.*` keys, the ldm layout of the official
+  ControlNet 1.0/1.1 files), built from sd-webui-controlnet's own `scripts/cldm.py` ControlNet class with the SD1.5
+  configuration its `controlnet_model_guess.py` loads such a file with (`--controlnet` names that extension's
+  checkout). Both sd-webui-controlnet (`build_model_by_guess`) and Forge's built-in ControlNet
+  (`try_load_supported_control_model`, which sizes the network from the shapes) load it. A trained ControlNet starts
+  from zero convolutions (`zero_convs.*`, `middle_block_out`, the last conv of `input_hint_block`), and the copied
+  UNet encoder has zero-initialised resblock output convs and `proj_out`s: all are refilled, so the control moves
+  the image and depends on its hint. 361 M parameters, 0.72 GB in fp16.
 """
 
 from __future__ import annotations
@@ -53,6 +64,9 @@ import torch
 
 # Bump when the generated files change, so that cached fixtures are rebuilt.
 FIXTURE_VERSION = 4
+# One model's own version on top of FIXTURE_VERSION (0 when absent): bumping an entry rebuilds that model alone, where
+# FIXTURE_VERSION rebuilds every model (GBs). Written into the manifest as "model_version"; the harness compares it.
+MODEL_VERSIONS = {"cn_sd15": 2}
 SEED = 20251203
 LORA_RANK = 4
 LORA_ALPHA = 2.0
@@ -61,9 +75,14 @@ LORA_ALPHA = 2.0
 # change still scales with the multiplier (about 6 dB per halving); at 3.5x this strength it saturates near 17 dB.
 LORA_STRENGTH = 0.1
 
-MODELS = ("sd15", "sd21v", "sdxl", "sd3", "sd35", "sdxl_full")  # append only: a model's index seeds its generator
+MODELS = ("sd15", "sd21v", "sdxl", "sd3", "sd35", "cn_sd15", "sdxl_full")  # append only: an index seeds its generator
 CHECKPOINT_NAMES = {"sd15": "delta_e2e_sd15", "sd21v": "delta_e2e_sd21v", "sdxl": "delta_e2e_sdxl_small",
-                    "sd3": "delta_e2e_sd3_small", "sd35": "delta_e2e_sd35_small", "sdxl_full": "delta_e2e_sdxl"}
+                    "sd3": "delta_e2e_sd3_small", "sd35": "delta_e2e_sd35_small", "cn_sd15": "delta_e2e_cn_sd15",
+                    "sdxl_full": "delta_e2e_sdxl"}
+# ControlNets, built from sd-webui-controlnet's classes (--controlnet); left out of the default --models. The name
+# carries "sd15": sd-webui-controlnet tells a unit's family from its model's name and warns on an unknown one.
+CONTROLNET_MODELS = ("cn_sd15",)
+GPU_ONLY_MODELS = ("sdxl_full",)  # about 15 GB of RAM to build and to run on a CPU: left out of the default --models
 SDXL_TRANSFORMER_DEPTH = "[1, 1, 1]"
 SD3_DEPTH = 2  # joint blocks; SD3 medium has 24 (hidden size 64 * depth, one attention head per block)
 SD3_POS_EMBED_MAX_SIZE = 192  # SD3 medium's position-embedding grid (patches per side)
@@ -323,6 +342,130 @@ def write_sd3(webui: Path, dest: Path, gen: torch.Generator, started: float, mod
     return manifest
 
 
+def _controlnet_default_config(extension: Path) -> dict:
+    """`controlnet_default_config` of sd-webui-controlnet's scripts/controlnet_model_guess.py, the configuration it
+    builds an SD1.5 ldm-layout ControlNet with. Read, not imported: that module imports the WebUI's runtime and
+    every other control type's code."""
+    import ast
+
+    source = (extension / "scripts" / "controlnet_model_guess.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "controlnet_default_config"
+                                                for t in node.targets):
+            return dict(ast.literal_eval(node.value))
+    raise RuntimeError(f"controlnet_default_config not found in {extension}/scripts/controlnet_model_guess.py")
+
+
+def _import_controlnet_class(webui: Path, extension: Path) -> type:
+    """sd-webui-controlnet's `scripts.cldm.ControlNet`, imported without the WebUI's runtime: cldm.py imports
+    `modules.devices` only for its low-VRAM helpers (importing the real one starts the WebUI's shared state and
+    command-line parsing), so a stand-in module takes its place; the network itself is built from the ldm/sgm blocks
+    of the WebUI's repositories, as the extension does at run time.
+
+    The extension's modules import each other as `scripts.*`, but generative-models (on sys.path for sgm) holds a
+    regular `scripts` package, which any import of `scripts` would find first: the extension's folder is
+    registered as the `scripts` package explicitly."""
+    import types
+
+    folder = str(extension / "scripts")
+    package = sys.modules.get("scripts")
+    if package is None:
+        package = types.ModuleType("scripts")
+        package.__path__ = [folder]  # type: ignore[attr-defined]
+        sys.modules["scripts"] = package
+    elif list(getattr(package, "__path__", [])) != [folder]:
+        raise RuntimeError(f"another `scripts` package is already imported: {package}")
+    if str(webui) not in sys.path:
+        sys.path.append(str(webui))  # the `modules` namespace package
+    sys.modules.setdefault("modules.devices", types.ModuleType("modules.devices"))
+    from scripts.cldm import ControlNet
+
+    return ControlNet
+
+
+def controlnet_hint(size: int = 64, outline: bool = False) -> torch.Tensor:
+    """A [1, 3, size, size] hint in [0, 1]: a white square on black, as the tests' control image (what preprocessor
+    "none" passes on), or only its outline, 2 px wide (about what canny makes of it)."""
+    hint = torch.zeros(1, 3, size, size)
+    lo, hi = size // 4, 3 * size // 4
+    hint[..., lo:hi, lo:hi] = 1.0
+    if outline:
+        hint[..., lo + 1:hi - 1, lo + 1:hi - 1] = 0.0
+        hint[..., lo - 1:hi + 1, lo - 1] = hint[..., lo - 1:hi + 1, hi] = 1.0
+        hint[..., lo - 1, lo - 1:hi + 1] = hint[..., hi, lo - 1:hi + 1] = 1.0
+    return hint
+
+
+def calibrate_hint_block(net: torch.nn.Module, x: torch.Tensor, gen: torch.Generator) -> list[float]:
+    """Redraw the hint encoder (`input_hint_block`, eight 3x3 convs with SiLU between) so that the hint reaches the
+    network; returns the scale given to each conv.
+
+    With default initialisation each conv and SiLU shrinks the signal by about a half, so after eight convs the
+    encoded hint is a thousandth of the biases' constant: a fixture built so ignores its hint entirely (on
+    sd-webui-controlnet, preprocessor "none" and "canny" gave images 74 dB apart, identical to the eye), and tests
+    of the hint's path (preprocessor, resize) would prove nothing. So every conv is redrawn with fan-in-scaled
+    weights and small biases, then scaled in turn to unit output std on the square hint (data-dependent
+    initialisation), and the last so that the encoded hint, added to the features of the first input block, has
+    their std on a unit-variance latent, as a trained ControlNet's hint is as strong as what it is added to."""
+    convs = [m for m in net.input_hint_block if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * conv.weight[0].numel() ** -0.5)
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.02)
+    target = float(net.input_blocks[0][0](x).std())  # the first input block is conv_in alone
+    scales = []
+    y = controlnet_hint(64)
+    for module in net.input_hint_block:
+        y = module(y)
+        if isinstance(module, torch.nn.Conv2d):
+            scale = (target if module is convs[-1] else 1.0) / float(y.std())
+            module.weight.mul_(scale)
+            module.bias.mul_(scale)
+            y = y * scale
+            scales.append(round(scale, 3))
+    return scales
+
+
+def write_controlnet(webui: Path, extension: Path, model: str, dest: Path, gen: torch.Generator,
+                     started: float) -> dict:
+    """The SD1.5 ControlNet fixture: the extension's ControlNet class with the configuration its model guess uses,
+    every all-zero parameter refilled, saved in fp16 under the `control_model.` prefix of the official files."""
+    from safetensors.torch import save_file
+
+    control_net = _import_controlnet_class(webui, extension)
+    config = _controlnet_default_config(extension)
+    # what build_model_by_guess sets for an SD1.5 ldm-layout file: RGB hint, CLIP-L context, no global pooling
+    config.update(hint_channels=3, context_dim=768, global_average_pooling=False, use_fp16=False)
+    net = control_net(**config).eval()
+    filled = fill_zero_parameters(net, gen)
+    x = torch.randn(1, 4, 8, 8, generator=gen)  # a 64x64 image's latent, at the unit variance the UNet sees
+    hint_scales = calibrate_hint_block(net, x, gen)
+    # One forward on the fixture's kind of input: the 13 residuals it adds to the UNet (12 skips and the middle
+    # block), and how much of them the hint decides (the outline against the filled square), recorded so that a
+    # change of scale shows in the manifest.
+    context = torch.randn(1, 77, 768, generator=gen)
+    t = torch.tensor([500.0])
+    outs = net(x, controlnet_hint(64), t, context)
+    outline = net(x, controlnet_hint(64, outline=True), t, context)
+    if not all(torch.isfinite(o).all() for o in [*outs, *outline]):
+        raise RuntimeError("the ControlNet fixture's residuals are not finite")
+    residual_std = [round(float(o.std()), 3) for o in outs]
+    hint_share = [round(float((o - q).std() / o.std()), 3) for o, q in zip(outs, outline, strict=True)]
+    half_parameters(net)
+    state = {f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()}
+    path = dest / f"{CHECKPOINT_NAMES[model]}.safetensors"
+    save_file(state, str(path), metadata={"delta_e2e_fixture": str(FIXTURE_VERSION), "delta_e2e_model": model})
+    manifest = {
+        "fixture_version": FIXTURE_VERSION, "model_version": MODEL_VERSIONS.get(model, 0), "model": model,
+        "kind": "controlnet", "seed": SEED, "files": {"controlnet": path.name}, "loras": {},
+        "parameters": sum(v.numel() for v in state.values()), "tensors": len(state),
+        "config": {k: v for k, v in config.items()}, "zero_tensors_filled": len(filled), "filled": filled,
+        "hint_block_scales": hint_scales, "residual_std": residual_std, "residual_hint_share": hint_share,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
 def half_parameters(model: torch.nn.Module) -> None:
     """fp16 parameters (half the disk; the WebUI upcasts with --no-half); buffers such as alphas_cumprod stay fp32."""
     for p in model.parameters():
@@ -437,8 +580,9 @@ def _lora_metadata(model: str, module: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_model(webui: Path, model: str, out: Path) -> dict:
-    """Write one model's checkpoint (+ yaml) and its LoRA files into out/<model>/; returns its manifest."""
+def write_model(webui: Path, model: str, out: Path, controlnet: Path | None = None) -> dict:
+    """Write one model's checkpoint (+ yaml) and its LoRA files into out/<model>/; returns its manifest.
+    ``controlnet``: the sd-webui-controlnet checkout, for the models of CONTROLNET_MODELS."""
     from safetensors.torch import save_file
 
     started = time.monotonic()
@@ -448,6 +592,10 @@ def write_model(webui: Path, model: str, out: Path) -> dict:
     gen = torch.Generator().manual_seed(SEED + MODELS.index(model))
     if model in ("sd3", "sd35"):
         return write_sd3(webui, dest, gen, started, model)
+    if model in CONTROLNET_MODELS:
+        if controlnet is None:
+            raise ValueError(f"{model} is built from sd-webui-controlnet's classes: pass --controlnet")
+        return write_controlnet(webui, controlnet, model, dest, gen, started)
 
     net, yaml_beside = build_model(webui, model)
     filled = fill_zero_parameters(net, gen)
@@ -491,7 +639,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--webui", type=Path, required=True, help="AUTOMATIC1111 install (the repo root)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    checkpoints = [m for m in MODELS if m not in CONTROLNET_MODELS and m not in GPU_ONLY_MODELS]
+    parser.add_argument("--models", default=",".join(checkpoints), help=f"comma-separated subset of {MODELS}")
+    parser.add_argument("--controlnet", type=Path, help="sd-webui-controlnet checkout (for the ControlNet models)")
     args = parser.parse_args(argv)
 
     webui = args.webui.resolve()
@@ -500,7 +650,8 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(webui)  # some configs and modules resolve paths relative to the WebUI root
     torch.set_grad_enabled(False)
     for model in args.models.split(","):
-        manifest = write_model(webui, model.strip(), args.out.resolve())
+        manifest = write_model(webui, model.strip(), args.out.resolve(),
+                               args.controlnet.resolve() if args.controlnet else None)
         print(json.dumps(manifest), flush=True)
 
 

@@ -11,6 +11,9 @@ Environment:
     DELTA_E2E_FORGE_PYTHON  Forge's python (default: <install>/venv/bin/python)
     DELTA_E2E_FORGE_ARGS    extra launch flags, e.g. "--unet-in-bf16" on a machine short of memory
     DELTA_E2E_CACHE, DELTA_E2E_HF_HOME, DELTA_E2E_A1111: as in harness.py
+    DELTA_E2E_CONTROLNET    only to build the ControlNet fixture when it is not cached (with DELTA_E2E_A1111): Forge
+                            runs its own built-in ControlNet; ServerConfig.controlnets puts the fixture in the data
+                            dir's models/ControlNet
 """
 
 from __future__ import annotations
@@ -128,6 +131,9 @@ class ForgeServer(WebUIServer):
     """A running Forge on 127.0.0.1 with its own data dir; see :class:`harness.WebUIServer`."""
 
     def start(self) -> None:
+        if self.config.controlnet_extension:
+            raise ValueError("Forge has its ControlNet built in: ServerConfig.controlnet_extension is for "
+                             "AUTOMATIC1111 (ServerConfig.controlnets puts the ControlNet fixtures in place)")
         self._prepare_data_dir()
         assert self.data_dir is not None
         self.port = _free_port()
@@ -188,7 +194,8 @@ class ForgeServerPool(ServerPool):
             if self.current.config == config and self.current.process and self.current.process.poll() is None:
                 return self.current
             self.close()
-        server = ForgeServer(self.install, config, self.fixtures(config.models))  # type: ignore[arg-type]
+        server = ForgeServer(self.install, config,  # type: ignore[arg-type]
+                             self.fixtures(config.models + config.controlnets))
         server.__enter__()
         self.current = server
         return server

@@ -10,6 +10,10 @@ Environment:
     DELTA_E2E_CACHE     fixture cache (default: ~/.cache/sd-webui-delta-sampling-e2e)
     DELTA_E2E_HF_HOME   HF_HOME for the server (default: the inherited HF_HOME); it must hold the
                         openai/clip-vit-large-patch14 tokenizer, since the server runs with the Hub offline
+    DELTA_E2E_CONTROLNET  a checkout of sd-webui-controlnet (Mikubill, v1.1.455), its Python packages installed in
+                        the WebUI's environment: linked into the data dir of servers that ask for it
+                        (ServerConfig.controlnet_extension), and the classes the ControlNet fixture is built from;
+                        the ControlNet tests are skipped without it
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ FIXTURES_SCRIPT = E2E_DIR / "fixtures.py"
 EXTENSION_DIR_NAME = "sd-webui-delta-sampling"
 EXTENSION_SCRIPT_TITLE = "Delta Sampling"  # scripts/delta_sampling.py's title(); the API lists it lower-cased
 ALL_MODELS = ("sd15", "sd21v", "sdxl")
+CONTROLNET_DIR_NAME = "sd-webui-controlnet"
+# The API key of a ControlNet unit list: sd-webui-controlnet's and Forge's built-in script are both titled
+# "ControlNet", and alwayson_scripts takes titles lower-cased.
+CONTROLNET_SCRIPT = "controlnet"
 
 # The flags every server gets: CPU only, fp32, API on, loopback only (no --listen), nothing downloaded.
 BASE_ARGS = (
@@ -65,6 +73,7 @@ class A1111Install:
     python: Path
     cache: Path
     hf_home: Path | None
+    controlnet: Path | None = None  # DELTA_E2E_CONTROLNET: the sd-webui-controlnet checkout
 
     @classmethod
     def from_env(cls) -> A1111Install | None:
@@ -76,7 +85,7 @@ class A1111Install:
         python = Path(os.environ.get("DELTA_E2E_PYTHON") or root_path / "venv" / "bin" / "python").expanduser()
         cache = Path(os.environ.get("DELTA_E2E_CACHE") or "~/.cache/sd-webui-delta-sampling-e2e").expanduser()
         hf_home = os.environ.get("DELTA_E2E_HF_HOME") or os.environ.get("HF_HOME")
-        return cls(root_path, python, cache, Path(hf_home).expanduser() if hf_home else None)
+        return cls(root_path, python, cache, Path(hf_home).expanduser() if hf_home else None, controlnet_from_env())
 
     def problems(self) -> list[str]:
         """Why this install cannot run the suite (empty when it can)."""
@@ -87,35 +96,77 @@ class A1111Install:
             found.append(f"no WebUI python at {self.python} (set DELTA_E2E_PYTHON)")
         if not (self.root / "repositories" / "stable-diffusion-stability-ai").is_dir():
             found.append(f"{self.root}/repositories is not populated (the WebUI's helper repositories are missing)")
+        if self.controlnet is not None:
+            found.extend(controlnet_problems(self.controlnet))
         return found
+
+
+def controlnet_from_env() -> Path | None:
+    """The sd-webui-controlnet checkout named by DELTA_E2E_CONTROLNET, or None when the variable is unset."""
+    path = os.environ.get("DELTA_E2E_CONTROLNET")
+    return Path(path).expanduser().resolve() if path else None
+
+
+def controlnet_problems(path: Path) -> list[str]:
+    """Why DELTA_E2E_CONTROLNET cannot be used (empty when it can)."""
+    needed = ("scripts/controlnet.py", "scripts/cldm.py", "scripts/controlnet_model_guess.py")
+    if not all((path / name).is_file() for name in needed):
+        return [f"DELTA_E2E_CONTROLNET={path} is not an sd-webui-controlnet checkout (no {', '.join(needed)})"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-def fixture_version() -> int:
-    """FIXTURE_VERSION as written in fixtures.py (read, not imported: that module needs the WebUI's python)."""
+def _fixtures_constant(name: str) -> Any:
+    """A constant of fixtures.py, as written there (read, not imported: that module needs the WebUI's python)."""
     for node in ast.parse(FIXTURES_SCRIPT.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FIXTURE_VERSION" for t in node.targets):
-            return int(ast.literal_eval(node.value))
-    raise RuntimeError(f"FIXTURE_VERSION not found in {FIXTURES_SCRIPT}")
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{name} not found in {FIXTURES_SCRIPT}")
+
+
+def fixture_version() -> int:
+    """FIXTURE_VERSION of fixtures.py: the version of every fixture, the name of the cache folder."""
+    return int(_fixtures_constant("FIXTURE_VERSION"))
+
+
+def model_version(key: str) -> int:
+    """One fixture's own version (MODEL_VERSIONS of fixtures.py; 0 when it has none): it is rebuilt alone when that
+    changes, while a new FIXTURE_VERSION rebuilds them all."""
+    return int(_fixtures_constant("MODEL_VERSIONS").get(key, 0))
+
+
+def controlnet_models() -> tuple[str, ...]:
+    """The fixture keys that are ControlNets (CONTROLNET_MODELS of fixtures.py)."""
+    return tuple(_fixtures_constant("CONTROLNET_MODELS"))
 
 
 @dataclass(frozen=True)
 class ModelFixture:
-    """One generated checkpoint and its LoRA files, as described by its manifest.json."""
+    """One generated checkpoint and its LoRA files, or one ControlNet, as described by its manifest.json."""
 
     key: str
     directory: Path
     manifest: dict[str, Any]
 
     @property
+    def is_controlnet(self) -> bool:
+        return self.manifest.get("kind") == "controlnet"
+
+    @property
     def checkpoint(self) -> Path:
         return self.directory / self.manifest["files"]["checkpoint"]
 
     @property
+    def controlnet(self) -> Path:
+        """A ControlNet fixture's file (the hosts look for it under models/ControlNet)."""
+        return self.directory / self.manifest["files"]["controlnet"]
+
+    @property
     def model_name(self) -> str:
-        return self.checkpoint.stem
+        """The file's stem: the checkpoint's name, or the ControlNet's (which the hosts list as "<stem> [<hash>]")."""
+        return (self.controlnet if self.is_controlnet else self.checkpoint).stem
 
     @property
     def checkpoint_files(self) -> list[Path]:
@@ -148,7 +199,7 @@ def _read_fixture(directory: Path, key: str, version: int) -> ModelFixture | Non
     except (OSError, ValueError):
         return None
     fixture = ModelFixture(key, directory, manifest)
-    if manifest.get("fixture_version") != version:
+    if manifest.get("fixture_version") != version or manifest.get("model_version", 0) != model_version(key):
         return None
     if not all(p.is_file() for p in [*fixture.checkpoint_files, *fixture.lora_files]):
         return None
@@ -157,7 +208,8 @@ def _read_fixture(directory: Path, key: str, version: int) -> ModelFixture | Non
 
 def ensure_fixtures(install: A1111Install, models: tuple[str, ...] = ALL_MODELS,
                     timeout: float = 3600) -> dict[str, ModelFixture]:
-    """The fixture models, generated (once per FIXTURE_VERSION, under a lock) into the cache when missing."""
+    """The fixture models, generated (once per FIXTURE_VERSION and model version, under a lock) into the cache when
+    missing. A ControlNet fixture needs DELTA_E2E_CONTROLNET (a LookupError without it)."""
     version = fixture_version()
     base = install.cache / f"fixtures-v{version}"
     found: dict[str, ModelFixture] = {}
@@ -175,12 +227,18 @@ def ensure_fixtures(install: A1111Install, models: tuple[str, ...] = ALL_MODELS,
         for key in missing:
             fixture = _read_fixture(base / key, key, version)  # another run may have built it meanwhile
             if fixture is None:
+                extra = []
+                if key in controlnet_models():
+                    if install.controlnet is None:
+                        raise LookupError(f"the {key} fixture is built from sd-webui-controlnet's own classes: set "
+                                          "DELTA_E2E_CONTROLNET to its checkout")
+                    extra = ["--controlnet", str(install.controlnet)]
                 # build beside the cache and move into place, so an interrupted run leaves nothing half-written
                 staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=install.cache))
                 try:
                     subprocess.run(
                         [str(install.python), str(FIXTURES_SCRIPT), "--webui", str(install.root),
-                         "--out", str(staging), "--models", key],
+                         "--out", str(staging), "--models", key, *extra],
                         check=True, timeout=timeout, env=_server_env(install), cwd=install.root,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                         preexec_fn=lambda: os.nice(10),  # minutes of CPU: yield to interactive work
@@ -219,6 +277,26 @@ def same_pixels(a: bytes, b: bytes) -> bool:
     it into a text chunk), so images made with different settings that draw the same pixels differ as files."""
     x, y = decode_image(a), decode_image(b)
     return x.shape == y.shape and bool((x == y).all())
+
+
+def control_image(size: int = 64, border: int = 16) -> bytes:
+    """The ControlNet tests' control image (PNG bytes): a white square on black, `border` pixels from each edge.
+    Preprocessor "none" hands it to the ControlNet as it is; canny finds the square's four edges."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[border:size - border, border:size - border] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def controlnet_units(*units: dict[str, Any]) -> dict[str, Any]:
+    """Request fields that run the host's own ControlNet with these units (sd-webui-controlnet's unit keys, which
+    Forge's built-in ControlNet reads too: enabled, model, image, module, weight, guidance_start, guidance_end,
+    resize_mode, processor_res, threshold_a, threshold_b, control_mode, pixel_perfect, ...)."""
+    return {"alwayson_scripts": {CONTROLNET_SCRIPT: {"args": list(units)}}}
 
 
 def psnr(a: bytes, b: bytes) -> float:
@@ -358,6 +436,12 @@ class ServerConfig:
     # (name, fixture key): the fixture's checkpoint listed once more under another name, a second model to switch to
     twins: tuple[tuple[str, str], ...] = ()
     faults: bool = False  # link the fault-injection extension too
+    # AUTOMATIC1111: link sd-webui-controlnet (DELTA_E2E_CONTROLNET) in as an extension. Forge has its ControlNet
+    # built in and needs nothing linked.
+    controlnet_extension: bool = False
+    # ControlNet fixture keys, linked into models/ControlNet of the data dir, where both sd-webui-controlnet and
+    # Forge's built-in ControlNet look by default
+    controlnets: tuple[str, ...] = ()
 
 
 class WebUIServer:
@@ -374,6 +458,7 @@ class WebUIServer:
         self.port = 0
         self.client: WebUIClient | None = None
         self.extension_link: Path | None = None
+        self.controlnet_link: Path | None = None
         self._log_handle: io.TextIOBase | None = None
 
     @property
@@ -422,6 +507,22 @@ class WebUIServer:
             self.extension_link = ext_dir / EXTENSION_DIR_NAME
             self.extension_link.symlink_to(REPO_ROOT, target_is_directory=True)
         settings = dict(BASE_CONFIG)
+        if self.config.controlnets:
+            cn_dir = self.data_dir / "models" / "ControlNet"
+            cn_dir.mkdir(parents=True)
+            for key in self.config.controlnets:
+                fixture = self.fixtures[key]
+                (cn_dir / fixture.controlnet.name).symlink_to(fixture.controlnet)
+        if self.config.controlnet_extension:
+            checkout = getattr(self.install, "controlnet", None)
+            if checkout is None:
+                raise LookupError("ServerConfig.controlnet_extension needs DELTA_E2E_CONTROLNET (an "
+                                  "sd-webui-controlnet checkout)")
+            self.controlnet_link = ext_dir / CONTROLNET_DIR_NAME
+            self.controlnet_link.symlink_to(checkout, target_is_directory=True)
+            # Its annotator folder (created at start, where preprocessors that need a model download it) defaults to
+            # the checkout's annotator/downloads: keep it in the data dir.
+            settings["control_net_modules_path"] = str(self.data_dir / "models" / "ControlNetAnnotator")
         if self.config.models:  # load a model we have at start instead of searching for the default one
             settings["sd_model_checkpoint"] = self.fixtures[self.config.models[0]].checkpoint.name
         settings.update(self.config.settings)
@@ -491,6 +592,10 @@ class WebUIServer:
             with contextlib.suppress(FileNotFoundError):
                 self.extension_link.unlink()  # the link, never the working tree behind it
             self.extension_link = None
+        if self.controlnet_link is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.controlnet_link.unlink()  # the link, never the checkout behind it
+            self.controlnet_link = None
         if self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
@@ -526,7 +631,7 @@ class ServerPool:
             if self.current.config == config and self.current.process and self.current.process.poll() is None:
                 return self.current
             self.close()
-        server = WebUIServer(self.install, config, self.fixtures(config.models))
+        server = WebUIServer(self.install, config, self.fixtures(config.models + config.controlnets))
         server.__enter__()
         self.current = server
         return server

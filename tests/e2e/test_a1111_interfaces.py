@@ -83,7 +83,7 @@ def test_script_info_lists_our_args_and_axes(api: WebUIClient) -> None:
         assert len(args) == len(POSITIONAL_FIELDS)
         assert [a["value"] for a in args] == to_positional(DeltaSettings())
         assert args[POSITIONAL_FIELDS.index("schedule")]["choices"][0] == "constant"
-        assert (args[3]["minimum"], args[3]["maximum"]) == (-2.0, 3.0)
+        assert (args[3]["minimum"], args[3]["maximum"]) == (-5.0, 5.0)  # the range the API accepts
     for grid in (s for s in info if s["name"] == "x/y/z plot"):
         labels = grid["args"][0]["choices"]
         assert [lab for lab in labels if lab.startswith("[Delta]")] == AXES

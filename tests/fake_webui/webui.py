@@ -116,14 +116,23 @@ class WebUI:
 
         return sd_models.load_model(sd_models.get_closet_checkpoint_match(name))
 
-    def txt2img(self, delta: dict | None = None, **kwargs: Any):
+    def add_script(self, script) -> None:
+        """Another always-on script after Delta Sampling (the ControlNet stand-in): its args follow ours."""
+        script.args_from, script.args_to = 1, 2
+        script.filename = script.title()
+        self.runner.alwayson_scripts.append(script)
+        script.alwayson = True
+
+    def txt2img(self, delta: dict | None = None, controlnet: list | None = None, **kwargs: Any):
         from modules import processing
 
-        p = processing.StableDiffusionProcessingTxt2Img(scripts=self.runner, script_args=(delta or {},), **kwargs)
+        args = (delta or {}, controlnet or [])
+        p = processing.StableDiffusionProcessingTxt2Img(scripts=self.runner, script_args=args, **kwargs)
         return processing.process_images(p)
 
-    def img2img(self, delta: dict | None = None, **kwargs: Any):
+    def img2img(self, delta: dict | None = None, controlnet: list | None = None, **kwargs: Any):
         from modules import processing
 
-        p = processing.StableDiffusionProcessingImg2Img(scripts=self.runner, script_args=(delta or {},), **kwargs)
+        args = (delta or {}, controlnet or [])
+        p = processing.StableDiffusionProcessingImg2Img(scripts=self.runner, script_args=args, **kwargs)
         return processing.process_images(p)

@@ -28,8 +28,10 @@ from ..common.files import checkpoint_family
 from ..common.http import as_failure
 from ..common.runs import RunSlot
 from . import conds as conds_mod
+from . import control as control_mod
 from . import source as source_mod
 from . import step as step_mod
+from .control_rows import RowControl
 
 ERROR_ATTR = "delta_sampling_error"
 SLOT = RunSlot()  # the generation in progress (the WebUI runs one at a time)
@@ -102,6 +104,8 @@ class Run:
     current: step_mod.Pass | None = None
     graphs: dict[int, GraphedCall] | None = None  # the source's forward per model, replayed as a CUDA graph
     wrappers: dict[int, Any] = field(default_factory=dict)  # per model: its x0 wrapper
+    units: list[control_mod.LoadedUnit] = field(default_factory=list)  # ControlNet units, in group order
+    controls: dict[int, RowControl] = field(default_factory=dict)  # per model with units: its row hooks
     log: list[str] = field(default_factory=list)  # what the generation's log line reports, kept past close()
     closed: bool = False
 
@@ -125,15 +129,24 @@ class Run:
             if self.lora is not None:
                 self.lora.close()
         finally:
+            for control in self.controls.values():
+                control.remove()
+            for unit in self.units:
+                unit.release()
             self.passes, self.current, self.graphs, self.lora = [], None, None, None
             self.wrappers.clear()
+            self.controls.clear()
+            self.units.clear()
             source_mod.settle(keys)
 
     def _summary(self) -> list[str]:
         guided = [ps.guidance for ps in self.passes if ps.guidance is not None]
         calls, beside = sum(g.source_calls for g in guided), sum(g.prefetched for g in guided)
         where = f" ({beside} beside the target on {self.device})" if beside else ""
-        return [f"{calls} source calls{where}", f"{self.overhead():.1f}s source overhead"]
+        out = [f"{calls} source calls{where}", f"{self.overhead():.1f}s source overhead"]
+        if self.units:
+            out.append(f"ControlNet on the adapted rows: {control_mod.describe(self.units)}")
+        return out
 
     def overhead(self) -> float:
         return self.setup_seconds + sum(ps.source.seconds for ps in self.passes)
@@ -154,6 +167,7 @@ class Plan:
     source: Any
     tuned: tuple[Any, ...]
     keys: tuple[tuple[str, str], ...]
+    units: tuple[control_mod.UnitPlan, ...] = ()
 
 
 def start(p: Any, settings: DeltaSettings) -> None:
@@ -164,10 +178,10 @@ def start(p: Any, settings: DeltaSettings) -> None:
     t0 = time.perf_counter()
     target = shared.sd_model
     _check_target(target)
-    plan = _plan(settings, target)
+    plan = _plan(settings, target, p)
     source_mod.POOL.prepare(plan.keys)
     try:
-        run = _load(settings, plan, target)
+        run = _load(settings, plan, target, p)
     except BaseException:
         source_mod.POOL.discard_fresh()
         source_mod.settle(list(plan.keys))
@@ -180,7 +194,7 @@ def start(p: Any, settings: DeltaSettings) -> None:
               "and the active model's modules step aside for it: expect each step to take several times longer.")
 
 
-def _plan(settings: DeltaSettings, target: Any) -> Plan:
+def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
     source = source_mod.resolve(settings.source)
     tuned = tuple(source_mod.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
                   for g in settings.groups)
@@ -203,10 +217,21 @@ def _plan(settings: DeltaSettings, target: Any) -> Plan:
             raise _not_a_fine_tune(source_mod.info_label(info), _FAMILY_FORMATS[theirs].name,
                                    _FAMILY_FORMATS[family].name, source_mod.info_label(source))
     keys = tuple(dict.fromkeys(source_mod.key_of(i) for i in (source, *tuned) if i is not None))
-    return Plan(source, tuned, keys)
+    units = control_mod.plan_units(settings, p, family, _context_width(source.filename),
+                                   source_mod.info_label(source))
+    return Plan(source, tuned, keys, units)
 
 
-def _load(settings: DeltaSettings, plan: Plan, target: Any) -> Run:
+def _context_width(filename: str) -> int | None:
+    """The source UNet's cross-attention width, from its header (None for a pickle: checked once built)."""
+    from ..common.files import safetensors_shapes
+
+    shapes = safetensors_shapes(filename) or {}
+    return next((v[1] for k, v in shapes.items()
+                 if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
+
+
+def _load(settings: DeltaSettings, plan: Plan, target: Any, p: Any = None) -> Run:
     device = source_mod.source_device()
     source = source_mod.acquire(plan.source)
     _check_pair(source.model, target, "source")
@@ -225,11 +250,31 @@ def _load(settings: DeltaSettings, plan: Plan, target: Any) -> Run:
         source_mod.place_for_generation(entry, device)
     if lora is not None:
         lora.lay_out()
-    run = Run(settings, source, groups, device, lora)
-    if source_mod.graphs_allowed(device):
+    units = _load_units(plan, source, groups, device, p)
+    run = Run(settings, source, groups, device, lora, units=units)
+    for g, resolved in enumerate(groups):
+        model = resolved.checkpoint or source
+        if any(u.plan.group == g for u in units) and id(model) not in run.controls:
+            run.controls[id(model)] = RowControl(model.model.model.diffusion_model)
+    if source_mod.graphs_allowed(device) and units:
+        # the ControlNet's Python branches (window, rows) would need to key the graph: run such generations eagerly
+        print("Delta Sampling: CUDA graph replay is off for generations with ControlNet units.")
+    elif source_mod.graphs_allowed(device):
         run.graphs = {id(m): GraphedCall(step_mod.forward_source, fingerprint=storage_fingerprint([m.model.model]))
                       for m in run.models}
     return run
+
+
+def _load_units(plan: Plan, source: source_mod.PrivateModel, groups: list[Group], device: Any,
+                p: Any) -> list[control_mod.LoadedUnit]:
+    if not plan.units:
+        return []
+    for unit in plan.units:  # a pickled source had no header to check against: its built UNet decides
+        model = groups[unit.group].checkpoint or source
+        control_mod.check_built(unit, model.model, source_mod.model_label(model.model))
+    wanted = source_mod.placement(device)
+    return control_mod.load_units(plan.units, p, lambda g: (groups[g].checkpoint or source).model.model.diffusion_model,
+                                  wanted)
 
 
 def _check_target(target: Any) -> None:
@@ -332,8 +377,10 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     hires = bool(getattr(p, "is_hr_pass", False))
     steps = int((getattr(p, "hr_second_pass_steps", 0) if hires else 0) or getattr(p, "steps", 0) or 0)
     graphs = run.graphs if steps >= source_mod.MIN_GRAPH_STEPS else None
+    for control in run.controls.values():
+        control.hires = hires
     source = step_mod.SourceEval(variants, run.device, run.wrappers, image_cond_rows, run.lora, graphs,
-                                 concurrent=source_mod.runs_beside(run.device))
+                                 concurrent=source_mod.runs_beside(run.device), controls=run.controls or None)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
     space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
@@ -356,7 +403,8 @@ def _variants(run: Run, prompts: conds_mod.PromptSet) -> list[step_mod.Variant]:
         else:
             conds = _encode(run, model, prompts.with_extra(g.prompt), te)
         unet = run.lora.unet_terms(i) if run.lora is not None else None
-        variants.append(step_mod.Variant(model, conds, unet))
+        controls = tuple(u for u in run.units if u.plan.group == i)
+        variants.append(step_mod.Variant(model, conds, unet, controls))
     return variants
 
 

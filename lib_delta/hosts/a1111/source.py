@@ -319,9 +319,14 @@ def graphs_allowed(device: torch.device) -> bool:
     return not target_uses_lowvram()
 
 
+def placement(device: torch.device) -> torch.device:
+    """Where a generation keeps its private modules: on its device, or on the CPU under --lowvram/--medvram."""
+    return torch.device("cpu") if target_uses_lowvram() and device.type != "cpu" else device
+
+
 def place_for_generation(entry: PrivateModel, device: torch.device) -> None:
     """Put a model where the generation runs it: on its device, or on the CPU under --lowvram/--medvram."""
-    wanted = torch.device("cpu") if target_uses_lowvram() and device.type != "cpu" else device
+    wanted = placement(device)
     if entry.device != wanted:
         entry.model.to(wanted)
 

@@ -9,6 +9,7 @@ the generation finishes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Variant:
     model: source_mod.PrivateModel
     conds: conds_mod.SourceConds
     unet_terms: Any = None  # the LoRA package's handle for this variant's UNet terms, or None
+    controls: tuple = ()  # the ControlNet units (control.LoadedUnit) on this variant's rows
 
 
 @dataclass
@@ -114,6 +116,7 @@ class CallState:
     step: int
     denoiser: Any
     layout: CfgLayout | None = None  # read once per call: at cfg_denoiser when the source starts there
+    fraction: float = 0.0  # sampling step / total steps: the ControlNet window's clock, as the extension's
 
 
 @dataclass
@@ -128,6 +131,7 @@ class SourceEval:
     lora: Any = None  # a1111_lora.Adapter, or None
     graphs: dict[int, GraphedCall] | None = None  # per source model; None: run eagerly
     concurrent: bool = False  # on another GPU than the target: started before the target's forward
+    controls: dict[int, Any] | None = None  # per model with ControlNet units: its control_rows.RowControl
     call: CallState | None = None
     seconds: float = 0.0
     _rows_cache: dict[tuple[int, int], tuple] = field(default_factory=dict)
@@ -184,7 +188,7 @@ class SourceEval:
         plan = [(len(pos), self.variants[v].unet_terms) for _, pos, _, v in chunks]
         wrapper = self.wrappers[id(entry)]
         graph = None if self.graphs is None else self.graphs.get(id(entry))
-        with source_mod.on_device(entry, entry.model.model, self.device):
+        with source_mod.on_device(entry, entry.model.model, self.device), self._controlled(entry, chunks):
             # the wrapper and the LoRA terms are keys of the graph (by identity): a new pass or plan records anew
             x0 = (graph or forward_source)(self.lora, entry, wrapper, xs, ls, cond, tuple(plan))
         x0 = x0.to(device=out.device, dtype=out.dtype)
@@ -193,6 +197,27 @@ class SourceEval:
             span = _span(pos)
             out[k, span if span is not None else pos] = x0[start:start + len(pos)]
             start += len(pos)
+
+
+    def _controlled(self, entry: source_mod.PrivateModel, chunks: list) -> contextlib.AbstractContextManager:
+        """The call's ControlNet plan: each chunk's rows with its variant's units active at this step."""
+        control = None if self.controls is None else self.controls.get(id(entry))
+        if control is None:
+            return contextlib.nullcontext()
+        assert self.call is not None
+        plan, start = [], 0
+        for _, pos, _, v in chunks:
+            units = tuple(u for u in self.variants[v].controls if u.active(self.call.fraction))
+            if units:
+                plan.append((slice(start, start + len(pos)), units))
+            start += len(pos)
+        if not plan:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for net in {id(u.net): u.net for _, units in plan for u in units}.values():
+            stack.enter_context(source_mod.on_device(entry, net, self.device))
+        stack.enter_context(control.rows(plan))
+        return stack
 
 
 def _span(rows: Sequence[int]) -> slice | None:
@@ -318,7 +343,9 @@ class Pass:
         wrap = getattr(d, "model_wrap", None)
         if wrap is not None:
             vars(wrap)[PASS_ATTR] = self
-        self.call = CallState(params.x, params.sigma, params.image_cond, int(d.step), d)
+        total = int(getattr(params, "total_sampling_steps", 0) or 0)
+        fraction = int(getattr(params, "sampling_step", 0) or 0) / total if total else 0.0
+        self.call = CallState(params.x, params.sigma, params.image_cond, int(d.step), d, fraction=fraction)
         if self.source.concurrent:
             self._start_source(self.call)
 

@@ -37,6 +37,17 @@ def safetensors_keys(path: str) -> set[str] | None:
     return {k for k in header if k != "__metadata__"}
 
 
+def safetensors_shapes(path: str) -> dict[str, list[int]] | None:
+    """Each tensor's shape in a safetensors file, from its header; None when it is not one (or is damaged)."""
+    if os.path.splitext(path)[1].lower() != ".safetensors":
+        return None
+    try:
+        header, _ = _read_header(path)
+        return {k: [int(n) for n in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
 def safetensors_damage(path: str) -> str | None:
     """Why a safetensors file cannot be read whole (a header that does not parse, tensors past its end, bytes left
     over: a truncated or damaged download), or None when its layout is sound. Reads the header alone."""

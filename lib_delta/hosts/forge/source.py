@@ -196,6 +196,10 @@ class Plan:
 def plan(settings: DeltaSettings, target: Any) -> Plan:
     """Check every name, limit and file of a request, cheapest first; raises DeltaError. Nothing loads here but
     the LoRA files themselves, read whole, since only reading one proves it sound."""
+    if any(g.controlnets for g in settings.groups):  # a unit ignored here would leave a delta of zero, silently
+        raise DeltaError("ControlNet units on the Delta Sampling source run in AUTOMATIC1111 with sd-webui-controlnet "
+                         "for now; in Forge, remove the 'controlnets' of the request (or use a LoRA, a fine-tuned "
+                         "checkpoint or an adapted prompt as the adaptation).")
     source = forge_models.resolve(settings.source)
     tuned = tuple(forge_models.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
                   for g in settings.groups)

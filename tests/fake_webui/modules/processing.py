@@ -169,6 +169,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
     init_latent_input: Any = None  # [C, h, w] or [B, C, h, w]: stands in for the VAE-encoded init image
     latent_mask: Any = None  # [1, h, w], 1 where the image is regenerated
+    init_images: list = field(default_factory=list)  # PIL images (what the VAE would encode; here only read by
+    # extensions that take the init image as their input, such as ControlNet)
 
     def init(self):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
