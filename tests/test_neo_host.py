@@ -241,11 +241,17 @@ def test_sd2_and_sd3_sources_are_refused_before_neo_fails_to_load_them(forge, mo
 # --- the loaded-model list ------------------------------------------------------------------------------------------
 
 
-def test_a_clone_someone_keeps_is_handed_back_to_the_targets_own_patcher(forge, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_clone_someone_keeps_is_handed_back_to_the_targets_own_patcher(forge, monkeypatch, lora):
     """Neo's entry for the target's UNet holds our clone weakly and turns to the clone's parent when it dies; one
-    kept alive by another extension is handed back at the end of the run, as Neo would on its death."""
+    kept alive by another extension is handed back at the end of the run, as Neo would on its death, and stays with
+    the target's patcher when the clone dies later (with a LoRA in the prompt, Neo's own patcher is itself a clone,
+    networks.py:137-151, whose parent lacks the LoRA)."""
     base = forge.checkpoint("base", family="sd1", seed=0)
     target = forge.load(base)
+    if lora:
+        target.forge_objects.unet = target.forge_objects_original.unet.clone()
+        target.forge_objects_after_applying_lora = target.forge_objects.shallow_copy()
     own = target.forge_objects_after_applying_lora.unet
     kept = []
     real_arm = forge.adapter.ForgeRun.arm
@@ -258,6 +264,9 @@ def test_a_clone_someone_keeps_is_handed_back_to_the_targets_own_patcher(forge, 
     assert [e.model for e in entries] == [own]
     assert not clone.model_options["sampler_post_cfg_function"]  # stripped, in case it is used again
     assert clone.extra_model_patchers_during_sampling == []
+    del clone, kept[:]
+    entries = [e for e in backend.current_loaded_models if e.model is not None and e.model.model is own.model]
+    assert [e.model for e in entries] == [own]
 
 
 def test_a_released_source_leaves_neos_list_and_dies_by_reference_counting(forge, monkeypatch,

@@ -46,6 +46,11 @@ def hand_over(entry: Any, own: Any) -> None:
     loading ``own`` would do (Forge 2: unload_model_clones, memory_management.py:552-559), or what Neo does itself
     when the clone dies (``LoadedModel._switch_parent``)."""
     if is_neo():
+        # the clone's death must not move the entry again, to ``own``'s parent (the patcher without the target's
+        # LoRAs, which Neo applies to a clone, networks.py:137-151)
+        finalizer = getattr(entry, "_patcher_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
         entry._set_model(own)
     else:
         entry.model.forge_unpatch_model()  # its object patches, if any, as Forge restores them unloading a clone

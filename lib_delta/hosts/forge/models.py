@@ -187,16 +187,23 @@ def check_file(info: Any, what: str = "source checkpoint") -> None:
                "failed" if is_neo() else "Forge reads such files with an unrestricted unpickler, which runs any code "
                "hidden in them")
         raise DeltaError(f"The Delta Sampling {what} '{filename}' is a pickled checkpoint. {why}, so Delta Sampling "
-                         "does not load them: convert it to .safetensors (and refresh the checkpoint list), or choose "
-                         "another checkpoint.")
+                         "loads no pickled checkpoint: convert it to .safetensors (and refresh the checkpoint list), "
+                         "or choose another checkpoint.")
     damage = safetensors_damage(info.filename) if extension == ".safetensors" else None
     if damage:
         raise DeltaError(f"The Delta Sampling {what} '{filename}' is damaged or truncated ({damage}): download it "
                          "again, or choose another checkpoint.")
-    family = checkpoint_family(info.filename) if extension == ".safetensors" and is_neo() else None
+    if extension == ".safetensors" and is_neo():
+        _check_neo_loads(info.filename, what)
+
+
+def _check_neo_loads(path: str, what: str) -> None:
+    """Refuse a checkpoint of a family Neo cannot load, rather than let its loader fail on it."""
+    family = checkpoint_family(path)
     if family in _NOT_IN_NEO:
-        raise DeltaError(f"The Delta Sampling {what} '{filename}' is an {_NOT_IN_NEO[family]} checkpoint, which "
-                         "Forge Neo cannot load (it dropped SD2.x and SD3): choose another checkpoint.")
+        raise DeltaError(f"The Delta Sampling {what} '{os.path.basename(path)}' is an {_NOT_IN_NEO[family]} "
+                         "checkpoint, which Forge Neo cannot load (it dropped SD2.x and SD3): choose another "
+                         "checkpoint.")
 
 
 def file_format(info: Any) -> LatentFormat | None:
