@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -57,6 +58,10 @@ class ForgeInstall:
     extra_args: tuple[str, ...] = ()
     launch_args: tuple[str, ...] = FORGE_ARGS  # the flags every server gets
     label: str = "forge"  # names its logs
+
+    def config_settings(self) -> dict[str, Any]:
+        """What every server's config.json must hold besides the test's settings."""
+        return {}
 
     @classmethod
     def from_env(cls) -> ForgeInstall | None:
@@ -142,6 +147,10 @@ class ForgeServer(WebUIServer):
     def start(self) -> None:
         self._prepare_data_dir()
         assert self.data_dir is not None
+        required = self.install.config_settings()  # type: ignore[attr-defined]
+        if required:
+            config = self.data_dir / "config.json"
+            config.write_text(json.dumps({**required, **json.loads(config.read_text())}, indent=2))
         self.port = _free_port()
         env = _server_env(self.install)  # type: ignore[arg-type]
         env["SD_WEBUI_CACHE_DIR"] = str(self.install.cache / "forge-webui-cache")

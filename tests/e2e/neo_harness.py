@@ -24,6 +24,7 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from forge_harness import ForgeInstall, ForgeServerPool, cached_fixtures, fixtures_dir, serve
 from harness import ModelFixture, _read_fixture
@@ -78,6 +79,12 @@ class NeoInstall(ForgeInstall):
             found.append(f"no Neo python at {self.python} (set DELTA_E2E_NEO_PYTHON)")
         return found
 
+    def config_settings(self) -> dict[str, Any]:
+        """Neo stops at start-up for a key press when config.json lacks its settings' version (``VERSION_UID``,
+        modules/launch_utils.py:577-619: "You are updating from an old version...")."""
+        uid = _assigned(self.root / "modules" / "launch_utils.py", "VERSION_UID")
+        return {"VERSION_UID": uid} if uid else {}
+
     def version(self) -> str | None:
         """``version`` in modules_forge/forge_version.py ("neo" for Neo), read without importing it."""
         return _assigned(self.root / "modules_forge" / "forge_version.py", "version")
@@ -87,8 +94,9 @@ class NeoInstall(ForgeInstall):
 
 
 def _assigned(path: Path, name: str) -> str | None:
+    """The string a module assigns to ``name`` at its top level (annotated or not), read without importing it."""
     try:
-        match = re.search(rf"^{name}\s*=\s*['\"]([^'\"]*)['\"]", path.read_text(), re.MULTILINE)
+        match = re.search(rf"^{name}(?:\s*:[^=]*)?\s*=\s*['\"]([^'\"]*)['\"]", path.read_text(), re.MULTILINE)
     except OSError:
         return None
     return match.group(1) if match else None
