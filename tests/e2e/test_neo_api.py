@@ -35,11 +35,22 @@ from test_forge_api import (  # noqa: F401  (collected here again, on Neo)
 )
 
 VPRED_MODELS = ("sd15", "sdxl", "sdxl_vpred")
+# Neo has no latent upscalers (modules/shared.py:48, latent_upscale_modes = {}): its hires fix upscales the decoded
+# image, here with the built-in Lanczos
+NEO_HIRES = {**test_forge_api.HIRES, "hr_upscaler": "Lanczos"}
 forge, plain, sd15 = test_forge_api.forge, test_forge_api.plain, test_forge_api.sd15  # the fixtures, on Neo's pool
 
 
+@pytest.fixture(scope="module", autouse=True)
+def neo_hires() -> Iterator[None]:
+    """The Forge tests' hires settings, with an upscaler Neo has, for this module only."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(test_forge_api, "HIRES", NEO_HIRES)
+        yield
+
+
 @pytest.fixture(scope="module")
-def pool() -> Iterator[NeoServerPool]:
+def pool(neo_hires: None) -> Iterator[NeoServerPool]:
     yield from open_pool(MODELS)
 
 
