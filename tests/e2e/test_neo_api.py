@@ -36,8 +36,8 @@ from test_forge_api import (  # noqa: F401  (collected here again, on Neo)
 
 VPRED_MODELS = ("sd15", "sdxl", "sdxl_vpred")
 # Neo has no latent upscalers (modules/shared.py:48, latent_upscale_modes = {}): its hires fix upscales the decoded
-# image, here with the built-in Lanczos
-NEO_HIRES = {**test_forge_api.HIRES, "hr_upscaler": "Lanczos"}
+# image. Offline, with no ESRGAN model, its one upscaler is "None", a PIL Lanczos resize (modules/images.py:277-279).
+NEO_HIRES = {**test_forge_api.HIRES, "hr_upscaler": "None"}
 forge, plain, sd15 = test_forge_api.forge, test_forge_api.plain, test_forge_api.sd15  # the fixtures, on Neo's pool
 
 
