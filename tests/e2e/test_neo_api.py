@@ -14,9 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 import test_forge_api
-from harness import ModelFixture, ServerConfig, WebUIClient, decode_image, psnr
+from harness import Generation, ModelFixture, ServerConfig, WebUIClient, decode_image, psnr
 from neo_harness import LOW_MEMORY, NeoServerPool, open_pool
 from test_forge_api import (  # noqa: F401  (collected here again, on Neo)
+    IMG2IMG,
+    INIT,
+    INPAINT,
     MODELS,
     PROMPT,
     _steers,
@@ -38,20 +41,46 @@ VPRED_MODELS = ("sd15", "sdxl", "sdxl_vpred")
 # Neo has no latent upscalers (modules/shared.py:48, latent_upscale_modes = {}): its hires fix upscales the decoded
 # image. Offline, with no ESRGAN model, its one upscaler is "None", a PIL Lanczos resize (modules/images.py:277-279).
 NEO_HIRES = {**test_forge_api.HIRES, "hr_upscaler": "None"}
-forge, plain, sd15 = test_forge_api.forge, test_forge_api.plain, test_forge_api.sd15  # the fixtures, on Neo's pool
+# Neo's X/Y/Z script takes a row count (0: automatic) before the margin (scripts/xyz_grid.py:710, 804-806)
+NEO_XYZ_OPTIONS = [*test_forge_api.XYZ_OPTIONS[:7], 0, *test_forge_api.XYZ_OPTIONS[7:]]
+forge, sd15 = test_forge_api.forge, test_forge_api.sd15  # the fixtures, on Neo's pool
 
 
 @pytest.fixture(scope="module", autouse=True)
-def neo_hires() -> Iterator[None]:
-    """The Forge tests' hires settings, with an upscaler Neo has, for this module only."""
+def neo_requests() -> Iterator[None]:
+    """The Forge tests' hires and X/Y/Z settings as Neo takes them, for this module only."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(test_forge_api, "HIRES", NEO_HIRES)
+        patch.setattr(test_forge_api, "XYZ_OPTIONS", NEO_XYZ_OPTIONS)
         yield
 
 
 @pytest.fixture(scope="module")
-def pool(neo_hires: None) -> Iterator[NeoServerPool]:
+def pool(neo_requests: None) -> Iterator[NeoServerPool]:
     yield from open_pool(MODELS)
+
+
+@pytest.fixture(scope="module")
+def plain(pool: NeoServerPool, record_testsuite_property) -> dict[str, Generation]:
+    """Reference images from Neo without the extension, as test_forge_api's ``plain`` makes them, but for one.
+
+    Neo's own inpainting depends on the request before it: on a fresh server, an inpainting request made right after
+    another gives an image one 8-bit level apart (in one channel of one pixel here) from the same request made after
+    any other, with or without the extension. The tests follow each inpainting with another, so the reference is
+    the second of two in a row."""
+    server = pool.get(ServerConfig(extension=False, models=MODELS))
+    client = server.client
+    assert client is not None
+    client.set_model(pool.fixtures(MODELS)["sd15"].model_name)
+    refs = {"sd15": client.txt2img(PROMPT), "sd15_hires": client.txt2img(PROMPT, **NEO_HIRES),
+            "sd15_img2img": client.img2img(PROMPT, INIT, **IMG2IMG)}
+    first = client.img2img(PROMPT, INIT, **INPAINT)
+    refs["sd15_inpaint"] = client.img2img(PROMPT, INIT, **INPAINT)
+    apart = psnr(first.image, refs["sd15_inpaint"].image)
+    record_testsuite_property("psnr_neo_inpaint_first_vs_second_db", round(apart, 2))
+    print(f"Neo's own inpainting, first vs second in a row: PSNR {apart:.2f} dB")
+    assert client.txt2img(PROMPT).image == refs["sd15"].image, "Neo itself must be deterministic here"
+    return refs
 
 
 def test_the_server_is_neo(forge: WebUIClient, sd15: ModelFixture, pool: NeoServerPool) -> None:
