@@ -1,5 +1,8 @@
 """Host adapters: how the core meets AUTOMATIC1111 or Forge. Chosen at run time, imported lazily.
 
+Forge 2 and Forge Neo share one adapter (``hosts.forge``): Neo keeps Forge 2's API on the surface and changes what
+lies beneath it, so the adapter asks :func:`is_neo` where the two differ.
+
 Each adapter module exposes the same functions, called by ``scripts/delta_sampling.py``:
 - ``register()``: per-step callbacks, settings section, X/Y/Z axes (idempotent);
 - ``begin(p)``: a generation starts: close the previous one, whatever ended it (the run slot of
@@ -23,6 +26,16 @@ def is_forge() -> bool:
     except ImportError:
         return False
     return True
+
+
+def is_neo() -> bool:
+    """Whether this Forge is Forge Neo: its ``modules_forge/forge_version.py`` says ``version = "neo"`` (Forge 2's
+    says ``"2.0.1v1.10.1"``). Asked each time, never cached: the answer is one module lookup."""
+    try:
+        from modules_forge import forge_version
+    except ImportError:
+        return False
+    return getattr(forge_version, "version", None) == "neo"
 
 
 def current() -> ModuleType:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -58,6 +59,12 @@ class ForgeInstall:
     cache: Path
     hf_home: Path | None
     extra_args: tuple[str, ...] = ()
+    launch_args: tuple[str, ...] = FORGE_ARGS  # the flags every server gets
+    label: str = "forge"  # names its logs
+
+    def config_settings(self) -> dict[str, Any]:
+        """What every server's config.json must hold besides the test's settings."""
+        return {}
 
     @classmethod
     def from_env(cls) -> ForgeInstall | None:
@@ -87,7 +94,19 @@ def forge_fixtures(install: ForgeInstall, models: tuple[str, ...]) -> dict[str, 
     """Cached fixture models; built with the A1111 install when DELTA_E2E_A1111 is set and some are missing.
 
     "sdxl" is the reduced SDXL made Forge-loadable (see :func:`forge_sdxl`)."""
-    base = install.cache / f"fixtures-v{fixture_version()}"
+    found = cached_fixtures(install, models)
+    if "sdxl" in found:
+        found["sdxl"] = forge_sdxl(found["sdxl"], fixtures_dir(install) / "forge-sdxl")
+    return found
+
+
+def fixtures_dir(install: ForgeInstall) -> Path:
+    return install.cache / f"fixtures-v{fixture_version()}"
+
+
+def cached_fixtures(install: ForgeInstall, models: tuple[str, ...]) -> dict[str, ModelFixture]:
+    """The fixture models as built (see :func:`forge_fixtures`)."""
+    base = fixtures_dir(install)
     found = {key: _read_fixture(base / key, key, fixture_version()) for key in models}
     missing = [key for key, f in found.items() if f is None]
     if missing:
@@ -96,8 +115,6 @@ def forge_fixtures(install: ForgeInstall, models: tuple[str, ...]) -> dict[str, 
             raise LookupError(f"fixture models {missing} are not in {base}; build them once with DELTA_E2E_A1111 set "
                               "(or run tests/e2e/fixtures.py with the A1111 python)")
         found.update(ensure_fixtures(a1111, tuple(missing)))
-    if "sdxl" in found:
-        found["sdxl"] = forge_sdxl(found["sdxl"], base / "forge-sdxl")
     return {key: found[key] for key in models}
 
 
@@ -136,13 +153,18 @@ class ForgeServer(WebUIServer):
                              "AUTOMATIC1111 (ServerConfig.controlnets puts the ControlNet fixtures in place)")
         self._prepare_data_dir()
         assert self.data_dir is not None
+        required = self.install.config_settings()  # type: ignore[attr-defined]
+        if required:
+            config = self.data_dir / "config.json"
+            config.write_text(json.dumps({**required, **json.loads(config.read_text())}, indent=2))
         self.port = _free_port()
         env = _server_env(self.install)  # type: ignore[arg-type]
         env["SD_WEBUI_CACHE_DIR"] = str(self.install.cache / "forge-webui-cache")
         # Forge serves its own JavaScript and CSS through gradio 4's file route, which answers 403 outside the
         # allowed paths; Forge allows only the data dir by default, and ours is elsewhere, so the UI would load
         # without its scripts (no hints, no input accordions).
-        cmd = [str(self.install.python), "launch.py", *FORGE_ARGS, *self.install.extra_args,  # type: ignore[attr-defined]
+        cmd = [str(self.install.python), "launch.py", *self.install.launch_args,  # type: ignore[attr-defined]
+               *self.install.extra_args,  # type: ignore[attr-defined]
                "--port", str(self.port), "--data-dir", str(self.data_dir),
                "--gradio-allowed-path", str(self.install.root), *self.config.extra_args]
         self._log_handle = open(self.log_path, "w")  # closed in stop()
@@ -172,7 +194,8 @@ class ForgeServer(WebUIServer):
         try:
             logs.mkdir(parents=True, exist_ok=True)
             label = ("ext" if self.config.extension else "plain") + "".join(self.config.extra_args).replace("--", "-")
-            shutil.copyfile(self.log_path, logs / f"forge-{label}-{self.port}.log")  # one per server: post-mortems
+            name = f"{self.install.label}-{label}-{self.port}.log"  # type: ignore[attr-defined]
+            shutil.copyfile(self.log_path, logs / name)  # one per server: post-mortems
         except OSError:
             pass
 
@@ -204,14 +227,19 @@ class ForgeServerPool(ServerPool):
 def open_pool(models: tuple[str, ...]) -> Iterator[ForgeServerPool]:
     """A test module's Forge servers, closed at the end; a skip when DELTA_E2E_FORGE is unset or a fixture is
     missing, a failure naming what is wrong when the install is unusable. The body of each module's ``pool``."""
-    install = ForgeInstall.from_env()
+    yield from serve(ForgeInstall.from_env(), ForgeServerPool, models, "DELTA_E2E_FORGE", "a Forge 2 install")
+
+
+def serve(install: ForgeInstall | None, pool_class: type[ForgeServerPool], models: tuple[str, ...], variable: str,
+          what: str) -> Iterator[ForgeServerPool]:
+    """:func:`open_pool` for any Forge: ``variable`` names ``what`` the install must be."""
     if install is None:
-        pytest.skip("set DELTA_E2E_FORGE to a Forge 2 install to run the Forge end-to-end tests")
+        pytest.skip(f"set {variable} to {what} to run these end-to-end tests")
     problems = install.problems()
     if problems:
-        pytest.fail("DELTA_E2E_FORGE is set but unusable:\n" + "\n".join(problems), pytrace=False)
+        pytest.fail(f"{variable} is set but unusable:\n" + "\n".join(problems), pytrace=False)
     try:
-        pool = ForgeServerPool(install)
+        pool = pool_class(install)
         pool.fixtures(models)
     except LookupError as e:
         pytest.skip(str(e))

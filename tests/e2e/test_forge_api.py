@@ -44,6 +44,9 @@ GROUPS_SUM_DB = 50.0
 HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.6,
          "hr_upscaler": "Latent", "hr_additional_modules": ["Use same choices"]}
 LOW_MEMORY = ("--unet-in-bf16", "--clip-in-fp16")
+# The X/Y/Z script's arguments after its nine axis ones (scripts/xyz_grid.py, run()): draw legend, the cells' own
+# images, no sub grids, seeds kept, no varying seeds on x, y or z, margin 0, csv mode off
+XYZ_OPTIONS = [True, True, False, False, False, False, False, 0, False]
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -237,9 +240,8 @@ def test_xyz_plot_over_lambda_gives_the_single_generations(forge, sd15, plain, r
                        if s["name"] == "x/y/z plot" and not s["is_img2img"])
     axis = grid_script["args"][0]["choices"].index("[Delta] Lambda")  # depends on the installed scripts
     settings = dict(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>", strength=1.0)
-    # x: λ over three values (overriding the panel's 1.0); no y or z; legend, the cells' own images; csv mode off
-    script_args = [axis, "0, 0.5, 1", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0,
-                   False]
+    # x: λ over three values (overriding the panel's 1.0); no y or z; then the grid's options
+    script_args = [axis, "0, 0.5, 1", [], 0, "", [], 0, "", [], *XYZ_OPTIONS]
     grid = forge.txt2img(PROMPT, script_name="x/y/z plot", script_args=script_args, **delta(**settings))
     record_property("seconds_grid", round(grid.seconds, 1))
     assert len(grid.images) == 4, "the grid, then one image per cell"

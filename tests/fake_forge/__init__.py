@@ -4,7 +4,8 @@
 start-up wrappers around ``torch.load`` and ``safetensors.torch.load_file``, and takes it all out again, so the A1111
 stand-in and this one never meet. Nothing here is Forge code: it is written from Forge's behaviour (the host notes,
 and Forge's source at dfdcbab6 where cited), at the size the tests need (see ``backend`` and ``webui``);
-``harness`` is the tests' session on top of it.
+``harness`` is the tests' session on top of it. ``installed(neo=True)`` installs the Forge Neo flavour instead
+(``neo``: Neo's pieces where its API or behaviour differs from Forge 2's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 from . import backend, webui
+from . import neo as neo_flavour
 
 
 def _module(name: str, **attrs) -> ModuleType:
@@ -23,9 +25,14 @@ def _module(name: str, **attrs) -> ModuleType:
     return m
 
 
-def _modules() -> dict[str, ModuleType]:
+def _modules(neo: bool) -> dict[str, ModuleType]:
     b, w = backend, webui
     mods = {
+        "modules_forge": _module("modules_forge"),
+        # modules_forge/forge_version.py; backend/args.py: Forge 2's dynamic_args is a dict its loader never writes
+        "modules_forge.forge_version": _module("modules_forge.forge_version", version="2.0.1v1.10.1"),
+        "backend.args": _module("backend.args", dynamic_args={"embedding_dir": None, "forge_unet_storage_dtype": None,
+                                                               "online_lora": False}),
         "backend": _module("backend"),
         "backend.loader": _module("backend.loader", forge_loader=b.forge_loader),
         "backend.memory_management": b,
@@ -44,6 +51,8 @@ def _modules() -> dict[str, ModuleType]:
         "modules.scripts": _module("modules.scripts", Script=w.Script, AlwaysVisible=w.AlwaysVisible),
         "networks": w,
     }
+    if neo:
+        mods.update(neo_flavour.modules())
     for name, m in mods.items():  # `from package import submodule` looks for an attribute first
         parent, _, child = name.rpartition(".")
         if parent:
@@ -52,8 +61,10 @@ def _modules() -> dict[str, ModuleType]:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
-    mods = _modules()
+def installed(neo: bool = False) -> Iterator[None]:
+    """Forge 2's stand-in, or with ``neo`` its Forge Neo flavour (``neo``: Neo's pieces where they differ)."""
+    restore_flavour = neo_flavour.apply() if neo else (lambda: None)
+    mods = _modules(neo)
     saved = {name: sys.modules.get(name) for name in mods}
     sys.modules.update(mods)
     restore_loaders = backend.patch_loaders()
@@ -61,6 +72,7 @@ def installed() -> Iterator[None]:
         yield
     finally:
         restore_loaders()
+        restore_flavour()
         for name, old in saved.items():
             if old is None:
                 sys.modules.pop(name, None)

@@ -23,7 +23,17 @@ APPENDED = f"{PROMPT}, {ADAPTED}"  # what an adapted prompt adds to: the target'
 @pytest.fixture
 def forge(tmp_path, monkeypatch):
     """The stand-in installed, empty lists, and the real script class loaded against it."""
-    with installed():
+    yield from _session(tmp_path, monkeypatch, neo=False)
+
+
+@pytest.fixture
+def neo(tmp_path, monkeypatch):
+    """The same with the Forge Neo flavour of the stand-in (``neo.py``)."""
+    yield from _session(tmp_path, monkeypatch, neo=True)
+
+
+def _session(tmp_path, monkeypatch, neo: bool):
+    with installed(neo=neo):
         from lib_delta.hosts import forge as adapter
         from lib_delta.hosts.forge import models as forge_models
 
@@ -41,15 +51,15 @@ def forge(tmp_path, monkeypatch):
         spec = importlib.util.spec_from_file_location("delta_sampling_script", ROOT / "scripts" / "delta_sampling.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        yield Forge(tmp_path, module.DeltaSamplingScript(), adapter)
+        yield Forge(tmp_path, module.DeltaSamplingScript(), adapter, neo)
         adapter.begin(None)
         forge_models.forget_all()
         backend.current_loaded_models.clear()
 
 
 class Forge:
-    def __init__(self, tmp_path, script, adapter):
-        self.tmp, self.script, self.adapter = tmp_path, script, adapter
+    def __init__(self, tmp_path, script, adapter, neo: bool = False):
+        self.tmp, self.script, self.adapter, self.neo = tmp_path, script, adapter, neo
 
     def checkpoint(self, name: str, **spec) -> str:
         path = self.tmp / f"{name}.safetensors"
@@ -179,6 +189,8 @@ def assert_clean(target) -> None:
 
     assert "sampler_post_cfg_function" not in target.forge_objects.unet.model_options
     for loaded in backend.current_loaded_models:
+        if loaded.model is None:  # Neo: a patcher that is gone
+            continue
         assert "sampler_post_cfg_function" not in loaded.model.model_options
         assert not getattr(loaded.model, "extra_model_patchers_during_sampling", [])
     for entry in forge_models.cached():

@@ -115,6 +115,11 @@ class SdConditioning(list):
         self.distilled_cfg_scale = distilled_cfg_scale or getattr(copy_from, "distilled_cfg_scale", None)
 
 
+def record_conds_params(p):
+    """After each conditioning the WebUI moves the infotext its text encoder recorded ("Emphasis", "TI") into the
+    target's parameters. Forge 2 keeps it in a module global of classic_engine, not modelled here (Neo's: neo.py)."""
+
+
 def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
     cache = {}
     for prompt in dict.fromkeys(prompts):
@@ -276,6 +281,7 @@ class Processing:
                                  distilled_cfg_scale=self.distilled_cfg_scale)
         self.uc = None if self.cfg_scale == 1 else get_learned_conditioning(self.sd_model, negs, self.steps)
         self.c = get_multicond_learned_conditioning(self.sd_model, prompts, self.steps)
+        record_conds_params(self)
 
     def noise(self):
         channels = self.sd_model.forge_objects.vae.latent_channels
@@ -291,6 +297,7 @@ class Processing:
         if not self.enable_hr or state.interrupted:
             return samples
         self.is_hr_pass = True
+        record_conds_params(self)  # the hires pass's own conditioning (calculate_hr_conds)
         self.sampler = KDiffusionSampler(self)
         noise = self.noise() * 0.5 + 0.1
         self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.c, uc=self.uc)

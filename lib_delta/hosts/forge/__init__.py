@@ -1,4 +1,10 @@
-"""Forge 2 host adapter: the source as private engines, the delta in a post-CFG function on a clone of the UNet.
+"""Forge host adapter (Forge 2 and Forge Neo): the source as private engines, the delta in a post-CFG function on a
+clone of the UNet.
+
+Neo keeps the Forge 2 API this adapter calls and changes what lies beneath it; where the two differ the parts ask
+``hosts.is_neo()`` or what the API offers: the latent scale (:mod:`.models`), the global flags the loader resets and
+the infotext the text encoder records (:mod:`.isolation`), the loaded-model list (:mod:`.memory`), the prompt
+parser's arguments (:mod:`.source`).
 
 Forge never fires ``cfg_denoised``; its post-CFG function sees the CFG-combined x0 before the inpaint blend, which
 the core corrects through ``DeltaGuidance.apply_combined``. Each sampling pass clones the target's UNet patcher and
@@ -29,6 +35,7 @@ from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
 from . import guard as guard_mod
+from . import memory as forge_memory
 from . import models as forge_models
 from . import source as forge_source
 from .source import ForgeSource
@@ -190,6 +197,7 @@ class ForgeRun:
         src, tgt = self.source.base.latent, forge_models.latent_format(target)
         src_name, tgt_name = self.source.base.title, forge_models.model_label(target)
         check_latent_compatible(src, tgt, src_name, tgt_name)
+        forge_models.check_convertible(source, target, src_name, tgt_name)
         if not forge_models.same_latent_space(source, target):
             note = f"{src.name}->{tgt.name} via the unscaled latent (different VAEs: approximate)"
             if note not in self.notes:
@@ -324,19 +332,16 @@ def _drop_loaded_clones(clones: list[Any], targets: list[Any]) -> None:
     clone of it) until a clone of the same module loads. Each such entry is handed the target's own patcher of the
     same module, as loading that would (memory_management.py:552-559, unload_model_clones), but without moving a
     weight: Forge's accounting of the loaded module stays as it is, and our clone goes."""
-    from backend import memory_management
-
-    loaded = memory_management.current_loaded_models
+    loaded = forge_memory.entries()
     for i in range(len(loaded) - 1, -1, -1):
         patcher = loaded[i].model
-        if not (_carries_hook(patcher) or any(patcher is c for c in clones)):
+        if patcher is None or not (_carries_hook(patcher) or any(patcher is c for c in clones)):
             continue
         own = next((t.forge_objects.unet for t in targets if t.forge_objects.unet.model is patcher.model), None)
         if own is None or any(entry.model is own for entry in loaded):
-            loaded.pop(i).model_unload(avoid_model_moving=True)
+            forge_memory.unload(loaded.pop(i), move_weights=False)
         else:
-            patcher.forge_unpatch_model()  # its object patches, if any, as Forge restores them unloading a clone
-            loaded[i].model = own
+            forge_memory.hand_over(loaded[i], own)
 
 
 def _strip(unet: Any, ours: list[Any]) -> None:

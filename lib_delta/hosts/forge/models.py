@@ -1,17 +1,20 @@
 """Private engines for Forge: the source base (and fine-tuned checkpoints), built beside the active model.
 
 A private engine is found only among Forge's listed checkpoints and built by Forge's own loader
-(``backend.loader.forge_loader``), which never touches the active model. The engines live in a
+(``backend.loader.forge_loader``), which never touches the active model's weights; on Forge Neo it resets global
+model-type flags, which are kept as they were around the call (:mod:`.isolation`). The engines live in a
 :class:`~lib_delta.hosts.common.pool.ModelPool`: bounded, and each one leaves through :func:`_release`.
 
-Why releasing takes more than dropping the object: every module a Forge patcher wraps gets a ``lora_loader`` that
+Why releasing takes more than dropping the object: every module a Forge 2 patcher wraps gets a ``lora_loader`` that
 refers back to the module (backend/patcher/base.py:63-66), a reference cycle, and Forge collects cycles only after
 dropping its own model (modules/sd_models.py:483-487). Encoding a prompt and sampling also put the engine's patchers
 in Forge's global list of loaded models. So a release takes them out of that list, breaks the cycle and empties every
-weight tensor in place: the memory returns at once, and the engine itself dies by reference counting alone.
+weight tensor in place: the memory returns at once, and the engine itself dies by reference counting alone. Neo's
+ComfyUI-style patchers make no such cycle; the same release serves both.
 
-Only safetensors (and GGUF) checkpoints are loaded: Forge reads any other file with the plain unpickler
-(backend/utils.py:33-40), which runs whatever code a pickle carries.
+Only safetensors (and GGUF) checkpoints are loaded: Forge 2 reads any other file with the plain unpickler
+(backend/utils.py:33-40), which runs whatever code a pickle carries; Neo reads it with torch's weights-only
+unpickler, but renames a file that fails to load to ``.corrupted`` (modules_forge/patch_basic.py:30-59).
 """
 
 from __future__ import annotations
@@ -26,38 +29,59 @@ import torch
 
 from ...errors import DeltaError
 from ...spaces import FLUX, SD1, SD2, SD3, SDXL, LatentFormat, check_latent_compatible
+from .. import is_neo
 from ..common import names as listed
 from ..common.files import checkpoint_family, safetensors_damage
 from ..common.pool import Limits, ModelPool, free_weights
+from . import isolation, memory
 
-# Forge engine flags and class names -> family; the names match lib_delta.lora's families where it has them.
+# Forge engine class names and flags -> family; the names match lib_delta.lora's families where it has them. Class
+# names first: Neo's Mugen sets is_sdxl but is a 32-channel flow model (backend/diffusion_engine/mugen.py:61).
+_CLASS_FAMILIES = {"Flux": "flux", "Chroma": "chroma", "Flux2": "flux2", "Mugen": "mugen", "Lumina2": "lumina2",
+                   "ZImage": "zimage", "QwenImage": "qwen", "Wan": "wan", "Anima": "anima", "Krea2": "krea2",
+                   "ErnieImage": "ernie", "PiD": "pid"}
 _FLAG_FAMILIES = (("is_sdxl", "sdxl"), ("is_sd3", "sd3"), ("is_sd2", "sd2"), ("is_sd1", "sd1"))
-_CLASS_FAMILIES = {"Flux": "flux", "Chroma": "chroma"}
-FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "chroma": "Chroma"}
+FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "chroma": "Chroma",
+                 "flux2": "Flux.2", "mugen": "Mugen", "lumina2": "Lumina 2", "zimage": "Z-Image", "qwen": "Qwen-Image",
+                 "wan": "Wan", "anima": "Anima", "krea2": "Krea 2", "ernie": "ERNIE-Image", "pid": "PiD"}
 # Families whose VAEs share one latent space (up to the scale): SD1/SD2/SDXL are converted by rescaling alone.
-LATENT_SPACES = {"sd1": "sd", "sd2": "sd", "sdxl": "sd", "sd3": "sd3", "flux": "flux", "chroma": "flux"}
+LATENT_SPACES = {"sd1": "sd", "sd2": "sd", "sdxl": "sd", "sd3": "sd3", "flux": "flux", "chroma": "flux",
+                 "lumina2": "flux", "zimage": "flux", "flux2": "flux2", "mugen": "flux2", "ernie": "flux2",
+                 "qwen": "wan", "wan": "wan", "anima": "wan", "krea2": "wan", "pid": "rgb"}
+# Latent spaces scaled by one number and shift, so that another space's latent converts into them through the
+# unscaled latent; the others normalise per channel (Wan, Flux.2: huggingface_guess/latent.py) or are pixels (PiD).
+_SCALAR_SPACES = {"sd", "sd3", "flux"}
+# Header families Forge Neo cannot load at all (huggingface_guess dropped SD2.x and SD3/3.5).
+_NOT_IN_NEO = {"sd2": "SD2.x", "sd3": "SD3/3.5"}
 # A checkpoint file's family (read from its header) -> its latent format, for the checks before loading.
 _FILE_FORMATS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL, "sd3": SD3, "flux": FLUX}
 _UNPICKLED = (".safetensors", ".gguf")  # the checkpoint formats Forge reads without unpickling
 
 
 def family_of(engine: Any) -> str:
-    for flag, family in _FLAG_FAMILIES:
-        if getattr(engine, flag, False):
-            return family
     name = type(engine).__name__
     if name in _CLASS_FAMILIES:
         return _CLASS_FAMILIES[name]
+    for flag, family in _FLAG_FAMILIES:
+        if getattr(engine, flag, False):
+            return family
     raise DeltaError(f"Delta Sampling does not know the model type {name}: use an SD1.x, SD2.x, SDXL, SD3/3.5 or "
                      "Flux checkpoint.")
 
 
 def latent_format(engine: Any) -> LatentFormat:
-    """The engine's latent format, read from its own VAE."""
+    """The engine's latent format: Forge 2's VAE carries its scale; Neo's keeps none (backend/nn/vae.py:286-301),
+    and the model's guess holds it instead (``model_config.latent_format``, huggingface_guess/latent.py)."""
     vae = engine.forge_objects.vae
-    first = vae.first_stage_model
-    return LatentFormat(FAMILY_LABELS[family_of(engine)], int(vae.latent_channels), float(first.scaling_factor),
-                        float(getattr(first, "shift_factor", 0.0) or 0.0))
+    first = getattr(vae, "first_stage_model", None)
+    scale = getattr(first, "scaling_factor", None)
+    if scale is not None:
+        shift, channels = getattr(first, "shift_factor", 0.0), vae.latent_channels
+    else:
+        guessed = engine.model_config.latent_format
+        scale, shift = guessed.scale_factor, getattr(guessed, "shift_factor", 0.0)
+        channels = getattr(vae, "latent_channels", None) or guessed.latent_channels
+    return LatentFormat(FAMILY_LABELS[family_of(engine)], int(channels), float(scale), float(shift or 0.0))
 
 
 def convention(engine: Any) -> str:
@@ -77,6 +101,17 @@ def sigma_max(engine: Any) -> float | None:
 def same_latent_space(a: Any, b: Any) -> bool:
     """Whether two engines' VAEs share one latent space (then only the scale differs)."""
     return LATENT_SPACES[family_of(a)] == LATENT_SPACES[family_of(b)]
+
+
+def check_convertible(source: Any, target: Any, source_name: str, target_name: str) -> None:
+    """Refuse two latent spaces of equal channels that no scale and shift convert into each other (Neo's Wan and
+    Flux.2 latents are normalised per channel)."""
+    spaces = LATENT_SPACES[family_of(source)], LATENT_SPACES[family_of(target)]
+    if spaces[0] != spaces[1] and not set(spaces) <= _SCALAR_SPACES:
+        src, tgt = FAMILY_LABELS[family_of(source)], FAMILY_LABELS[family_of(target)]
+        raise DeltaError(f"The source model '{source_name}' ({src}) and the target '{target_name}' ({tgt}) use "
+                         "different VAEs whose latents Delta Sampling cannot convert into each other. Choose a source "
+                         f"of the target's family ({tgt}).")
 
 
 def model_label(engine: Any) -> str:
@@ -148,14 +183,27 @@ def check_file(info: Any, what: str = "source checkpoint") -> None:
         raise DeltaError(f"The Delta Sampling {what} '{filename}' is listed but its file is gone: refresh the "
                          "checkpoint list, or choose another checkpoint.")
     if extension not in _UNPICKLED:
-        raise DeltaError(f"The Delta Sampling {what} '{filename}' is a pickled checkpoint. Forge reads such files with "
-                         "an unrestricted unpickler, which runs any code hidden in them, so Delta Sampling does not "
-                         "load them: convert it to .safetensors (and refresh the checkpoint list), or choose "
-                         "another checkpoint.")
+        why = ("Forge Neo would unpickle it (with torch's weights-only loader) and rename it to '.corrupted' if that "
+               "failed" if is_neo() else "Forge reads such files with an unrestricted unpickler, which runs any code "
+               "hidden in them")
+        raise DeltaError(f"The Delta Sampling {what} '{filename}' is a pickled checkpoint. {why}, so Delta Sampling "
+                         "loads no pickled checkpoint: convert it to .safetensors (and refresh the checkpoint list), "
+                         "or choose another checkpoint.")
     damage = safetensors_damage(info.filename) if extension == ".safetensors" else None
     if damage:
         raise DeltaError(f"The Delta Sampling {what} '{filename}' is damaged or truncated ({damage}): download it "
                          "again, or choose another checkpoint.")
+    if extension == ".safetensors" and is_neo():
+        _check_neo_loads(info.filename, what)
+
+
+def _check_neo_loads(path: str, what: str) -> None:
+    """Refuse a checkpoint of a family Neo cannot load, rather than let its loader fail on it."""
+    family = checkpoint_family(path)
+    if family in _NOT_IN_NEO:
+        raise DeltaError(f"The Delta Sampling {what} '{os.path.basename(path)}' is an {_NOT_IN_NEO[family]} "
+                         "checkpoint, which Forge Neo cannot load (it dropped SD2.x and SD3): choose another "
+                         "checkpoint.")
 
 
 def file_format(info: Any) -> LatentFormat | None:
@@ -200,11 +248,12 @@ def _load(info: Any, key: tuple[str, str], what: str) -> PrivateEngine:
     filename = os.path.basename(info.filename)
     t0 = time.perf_counter()
     try:
-        engine = forge_loader(info.filename)
+        with isolation.model_flags_kept():  # Neo's loader resets the active model's global flags
+            engine = forge_loader(info.filename)
     except Exception as e:
         raise DeltaError(f"Delta Sampling cannot build a model from the {what} '{filename}' ({type(e).__name__}: "
                          f"{e}). Is it a checkpoint Forge itself can load?") from e
-    if engine is None:
+    if engine is None:  # Forge 2; Neo raises instead (backend/loader.py:950)
         raise DeltaError(f"Forge does not recognise the model type of the {what} '{filename}'.")
     engine.sd_checkpoint_info = info
     latent = latent_format(engine)
@@ -222,25 +271,23 @@ def _load(info: Any, key: tuple[str, str], what: str) -> PrivateEngine:
 
 def unload(entry: PrivateEngine) -> None:
     """Take the engine's parts out of Forge's list of loaded models, back to their offload device."""
-    _forget_loaded(entry.patchers(), avoid_model_moving=False)
+    _forget_loaded(entry.patchers(), move_weights=True)
 
 
-def _forget_loaded(patchers: list[Any], avoid_model_moving: bool) -> None:
+def _forget_loaded(patchers: list[Any], move_weights: bool) -> None:
     """Remove from Forge's loaded-model list every entry for these patchers' modules (clones included)."""
-    from backend import memory_management
-
     modules = {id(p.model) for p in patchers}
-    loaded = memory_management.current_loaded_models
+    loaded = memory.entries()
     for i in range(len(loaded) - 1, -1, -1):
-        if id(getattr(loaded[i].model, "model", None)) in modules:
-            loaded.pop(i).model_unload(avoid_model_moving=avoid_model_moving)
+        if id(memory.module_of(loaded[i])) in modules:
+            memory.unload(loaded.pop(i), move_weights)
 
 
 def _release(entry: PrivateEngine) -> None:
     """Free an engine now, whatever still refers to it (see the module doc)."""
     try:
         patchers = entry.patchers()
-        _forget_loaded(patchers, avoid_model_moving=True)  # its weights are emptied next: moving them is wasted work
+        _forget_loaded(patchers, move_weights=False)  # its weights are emptied next: moving them is wasted work
         for patcher in patchers:
             _free(patcher)
     except Exception as e:  # the pool has let it go already; a release must not fail the generation that asked

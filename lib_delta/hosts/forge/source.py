@@ -15,6 +15,7 @@ combine ``uncond + scale · (cond − uncond)`` equals Forge's own.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...lora import DeltaPatch, LoraUse, build_patch
 from ..common.prompts import append_to_prompt
-from . import loras
+from . import isolation, loras
 from . import models as forge_models
 from .models import PrivateEngine
 
@@ -106,7 +107,7 @@ class ForgeSource:
         width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr else (p.width, p.height)
         distilled = getattr(p, "hr_distilled_cfg" if hr else "distilled_cfg_scale", None)
         steps, hires_steps = _schedule_steps(p, hr)
-        old = bool(getattr(shared.opts, "use_old_scheduling", False))
+        scheduling = _scheduling_args(prompt_parser, shared.opts)
         negs = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True,
                                             distilled_cfg_scale=distilled)
         self.conds = {}
@@ -118,10 +119,12 @@ class ForgeSource:
                                                  else prompts, width=width, height=height,
                                                  distilled_cfg_scale=distilled)
             plan = contextlib.nullcontext() if v.group is None else slot.patch.rows([(slice(None), v.group)])
-            with torch.inference_mode(), devices.autocast(), plan:
+            # the source's "Emphasis"/"TI" must not reach the target's infotext through the host's global dict
+            with torch.inference_mode(), devices.autocast(), plan, isolation.infotext_params_kept():
                 engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
-                cond = prompt_parser.get_multicond_learned_conditioning(engine, texts, steps, hires_steps, old)
-                uncond = prompt_parser.get_learned_conditioning(engine, negs, steps, hires_steps, old)
+                cond = prompt_parser.get_multicond_learned_conditioning(engine, texts, steps, hires_steps,
+                                                                        *scheduling)
+                uncond = prompt_parser.get_learned_conditioning(engine, negs, steps, hires_steps, *scheduling)
             self.conds[v] = VariantConds(cond, uncond)
 
     def extra_memory(self, shape: Sequence[int], target_unet: Any) -> int:
@@ -280,6 +283,14 @@ def _schedule_steps(p: Any, hr: bool) -> tuple[int, int | None]:
     config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
     steps = p.hr_second_pass_steps or p.steps
     return first, (config.total_steps(steps) if config else steps)
+
+
+def _scheduling_args(prompt_parser: Any, opts: Any) -> tuple[bool, ...]:
+    """``use_old_scheduling`` where the prompt parser takes it: Forge 2 and early Neo do, Neo 2.26 dropped the
+    parameter and its option (modules/prompt_parser.py:163, 252)."""
+    if "use_old_scheduling" not in inspect.signature(prompt_parser.get_learned_conditioning).parameters:
+        return ()
+    return (bool(getattr(opts, "use_old_scheduling", False)),)
 
 
 def _compile(conds: VariantConds, step: int, with_uncond: bool, prompt_parser: Any) -> tuple[list, list | None]:
