@@ -7,7 +7,7 @@
 # It installs the bundle's wheels into $DELTA_GPU_TMP/site (default /tmp/delta-gpu), unpacks the WebUI beside them,
 # and runs gpu_e2e.py from the bundle's extension snapshot with a python that sees those wheels first. Everything
 # lives under $DELTA_GPU_TMP and is reused by a later call while it is still there (fixtures take minutes to
-# build); nothing is written into the bundle. Results go to $OUT (or $DELTA_GPU_OUT) when set.
+# build); nothing is written into the bundle. Results go to $DELTA_GPU_OUT (default: $tmp/out).
 set -euo pipefail
 bundle=$(cd "${1:?bundle folder}" && pwd)
 shift
@@ -39,6 +39,6 @@ echo "setup: $(( $(date +%s) - started )) s"
 
 export DELTA_E2E_A1111="$tmp/a1111" DELTA_E2E_PYTHON="$tmp/python" DELTA_E2E_CACHE="${DELTA_E2E_CACHE:-$tmp/cache}" \
     DELTA_E2E_HF_HOME="$bundle/hf-home" PYTHONUNBUFFERED=1
-export DELTA_GPU_OUT=${DELTA_GPU_OUT:-${OUT:-$tmp/out}}
+export DELTA_GPU_OUT=${DELTA_GPU_OUT:-$tmp/out}
 mkdir -p "$DELTA_GPU_OUT"
 exec "$tmp/python" "$bundle/ext/tests/e2e/gpu/gpu_e2e.py" --phases "$@"
