@@ -83,12 +83,12 @@ def cfg_combine(rows: Tensor, layout: CfgLayout) -> Tensor:
     return out
 
 
-def with_guidance_scale(rows: Tensor, layout: CfgLayout, scale: float) -> Tensor:
+def with_guidance_scale(rows: Tensor, layout: CfgLayout, scale: float, images: Tensor) -> Tensor:
     """Rows that the host's combine at ``layout.cond_scale`` turns into the combine at ``scale``: each cond row moved
-    to ``uncond + (scale / layout scale) · (cond − uncond)``, the uncond rows kept."""
+    to ``uncond + (scale / layout scale) · (cond − uncond)``, the uncond rows kept. ``images``: the image index of
+    every row (``layout.row_images()`` on the rows' device)."""
     k = scale / layout.cond_scale
-    images = torch.tensor(layout.row_images()[:layout.n_cond], device=rows.device)
-    uncond = rows[layout.n_cond:].index_select(0, images)
+    uncond = rows[layout.n_cond:].index_select(0, images[:layout.n_cond])
     return torch.cat([uncond + (rows[:layout.n_cond] - uncond) * k, rows[layout.n_cond:]])
 
 
@@ -290,7 +290,7 @@ class DeltaGuidance:
         src = self.bridge.x0_to_target(pred)
         scale = self._source_scale(layout)
         if scale != layout.cond_scale and layout.cond_scale != 0:
-            src = with_guidance_scale(src, layout, scale)
+            src = with_guidance_scale(src, layout, scale, self._row_index(layout, src.device))
         if self.bridge.target.output == "eps":
             src = eps_from_x0(x_ve, sigma, src)
         out += (lam * (src - _wide(out))).to(out.dtype)
