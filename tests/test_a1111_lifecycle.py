@@ -9,12 +9,12 @@ rarely runs it), and the next plain generation is bit-identical to one from a fr
 from __future__ import annotations
 
 import contextlib
-import gc
 import weakref
 
 import pytest
 import test_a1111_host as world
 import torch
+from memory import no_cycle_collection
 
 from lib_delta.errors import DeltaError
 from lib_delta.hosts import a1111 as host
@@ -23,19 +23,6 @@ from lib_delta.hosts.a1111 import step as a1111_step
 
 files, ui = world.files, world.ui  # the stand-in WebUI's fixtures: checkpoint files, a fresh session
 BASE, delta, images = world.BASE, world.delta, world.images
-
-
-@contextlib.contextmanager
-def no_cycle_collection():
-    """What is freed here is freed by reference counting alone, as in a WebUI that never collects."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class RunSpy:

@@ -3,7 +3,6 @@ helpers that write checkpoints and LoRAs and run generations the way Forge's API
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import weakref
 from collections.abc import Callable
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from tests import memory
 
 from . import backend, installed, webui
 
@@ -110,15 +111,8 @@ def lora_tensors(engine, seed: int = 5) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def no_cycle_collection():
-    """What is freed here is freed by reference counting alone, as in a WebUI that rarely runs a full collection."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with memory.no_cycle_collection():
         yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def failure(fn: Callable[[], object]) -> tuple[int | None, str, str]:
