@@ -32,6 +32,7 @@ from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
+from ..common import credits as credits_mod
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
 from . import guard as guard_mod
@@ -75,8 +76,9 @@ def start(p: Any, settings: DeltaSettings) -> None:
         forge_models.discard_fresh()
         forge_models.settle(request.keys)
         raise
+    run.credits = request.credits
     SLOT.open(p, run)
-    p.extra_generation_params.update(settings.to_infotext())
+    p.extra_generation_params = run.credits.into({**p.extra_generation_params, **settings.to_infotext()})
 
 
 def fail(p: Any, error: BaseException) -> None:
@@ -114,6 +116,8 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
     run = SLOT.get(p)
     if run is None:
         return
+    # again now that Forge's LoRA support has written its "Lora hashes" for this pass
+    p.extra_generation_params = run.credits.into(p.extra_generation_params)
     try:
         run.arm(p, kwargs.get("x"))
     except Exception as e:
@@ -138,6 +142,7 @@ class ForgeRun:
     def __init__(self, p: Any, settings: DeltaSettings, source: ForgeSource) -> None:
         self.p = p
         self.settings = settings
+        self.credits = credits_mod.Credits()  # the source's resources, for the infotext's hash keys
         self.started = time.perf_counter()
         self.source = source
         try:
