@@ -119,6 +119,9 @@ def test_panel_in_the_browser(forge: WebUIClient, sd15: ModelFixture, chromium: 
         assert (params["Delta LoRAs"], params["Delta lambda"]) == (lora, "0.75"), text
         second = json.loads(params["Delta group 2"])
         assert second["loras"] == [{"name": sd15.lora(), "weight": 1.0}] and second["strength"] == 0.25, text
+        # the source and its LoRA credited where image sites read them (once, though both groups use the LoRA)
+        assert params["Lora hashes"].startswith(f"{sd15.lora()}: ") and "," not in params["Lora hashes"], text
+        assert f'Hashes: {{"model:{sd15.model_name}": ' in text, text
         src = page.locator("#txt2img_gallery img").first.get_attribute("src") or ""
         ui_image = forge.session.get(src if src.startswith("http") else forge.base_url + "/" + src.lstrip("/"),
                                      timeout=60)
@@ -131,6 +134,7 @@ def test_panel_in_the_browser(forge: WebUIClient, sd15: ModelFixture, chromium: 
         again = Generation([base64.b64decode(i) for i in data["images"]], json.loads(data["info"]), 0)
         assert again.param("Delta group 2") == Generation([], {"infotexts": [infotext]}, 0).param("Delta group 2")
         assert same_pixels(again.image, ui_image.content), (infotext, again.infotext)
+        assert again.infotext.splitlines()[0] == PROMPT  # pasting the credits added no LoRA to the prompt
 
         # pasting parameters without Delta keys switches it off
         phase[0] = "paste"
