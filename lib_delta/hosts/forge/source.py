@@ -217,9 +217,11 @@ def plan(settings: DeltaSettings, target: Any) -> Plan:
     read = {e.filename: loras.read(e.filename) for e in {id(e): e for e in entries.values()}.values()}
     files = tuple(tuple(LoraUse(read[entries[r.name].filename], r.te, r.unet) for r in g.loras)
                   for g in settings.groups)
-    keys = tuple(dict.fromkeys(forge_models.key_of(i) for i in (source, *tuned) if i is not None))
+    # hashed first (the WebUI's hash, cached by it): the pool keys a checkpoint by its hash once it is known
     checkpoints = {credits_mod.checkpoint_name(i): i for i in (source, *tuned) if i is not None}
-    return Plan(source, tuned, files, keys, credits_mod.gather(checkpoints, entries))
+    credits = credits_mod.gather(checkpoints, entries)
+    keys = tuple(dict.fromkeys(forge_models.key_of(i) for i in (source, *tuned) if i is not None))
+    return Plan(source, tuned, files, keys, credits)
 
 
 def build(settings: DeltaSettings, request: Plan) -> ForgeSource:
