@@ -178,6 +178,12 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool
 
     server = pool.get(ServerConfig(extension=True, models=MODELS))
     assert server.client is not None and server.data_dir is not None
+    # metadata.ini read by Forge: no complaint at start, and the script runs after Forge's built-in ControlNet
+    names = server.client.get("/sdapi/v1/scripts")["txt2img"]
+    assert names.index("controlnet") < names.index("delta sampling"), names
+    complaints = [line for line in server.log_tail(1 << 20).splitlines()
+                  if "delta" in line.lower() and ("requires" in line.lower() or "error" in line.lower())]
+    assert not complaints, complaints
     with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium, headless=True,
                                                     args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
