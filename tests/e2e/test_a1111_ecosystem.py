@@ -107,33 +107,39 @@ def caption(image: Image.Image, text: str) -> Image.Image:
     return out
 
 
-def test_readme_pictures(client: WebUIClient, model_fixtures, record_property) -> None:
-    """docs/images/lambda-sweep.png (one seed, λ from 0 to 2) and docs/images/preview-strip.png (the panel's
-    preview option), from the real WebUI with the fixture checkpoint and LoRA (random weights: the pictures show
-    what the setting does to an image, not a style)."""
+def _settings(fixture: ModelFixture) -> dict[str, Any]:
+    return {"enabled": True, "source": fixture.model_name, "loras": [{"name": fixture.lora(), "weight": 1.0}]}
+
+
+def test_readme_lambda_sweep(client: WebUIClient, model_fixtures) -> None:
+    """docs/images/lambda-sweep.png: one seed, λ from 0 to 2, from the real WebUI with the fixture checkpoint and
+    LoRA (random weights: the picture shows what λ does to an image, not a style)."""
     sd15: ModelFixture = model_fixtures["sd15"]
     client.set_model(sd15.model_name)
-    settings = {"enabled": True, "source": sd15.model_name, "loras": [{"name": sd15.lora(), "weight": 1.0}]}
     tiles = []
     for strength in SWEEP:
         gen = client.txt2img(PROMPT, width=SIZE, height=SIZE, steps=8,
-                             alwayson_scripts={SCRIPT: {"args": [{**settings, "strength": strength}]}})
+                             alwayson_scripts={SCRIPT: {"args": [{**_settings(sd15), "strength": strength}]}})
         assert gen.param("Delta lambda") == f"{strength:g}"
         tiles.append(caption(Image.open(io.BytesIO(gen.image)).convert("RGB"), f"λ = {strength:g}"))
     strip = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), tiles[0].height), "white")
     for i, tile in enumerate(tiles):
         strip.paste(tile, (i * (tile.width + 4), 0))
-    out = REPO_ROOT / "docs" / "images"
-    strip.save(out / "lambda-sweep.png")
+    strip.save(REPO_ROOT / "docs" / "images" / "lambda-sweep.png")
     assert tiles[0].tobytes() != tiles[2].tobytes()  # λ moves the image
 
+
+def test_readme_preview_strip(client: WebUIClient, model_fixtures) -> None:
+    """docs/images/preview-strip.png: what the panel's preview option adds to the results (rows: the target's, the
+    source base's and the adapted source's predictions and |Δ|; columns: kept steps)."""
+    sd15: ModelFixture = model_fixtures["sd15"]
+    client.set_model(sd15.model_name)
     gen = client.txt2img(PROMPT, width=SIZE, height=SIZE, steps=8,
-                         alwayson_scripts={SCRIPT: {"args": [{**settings, "preview": True}]}})
+                         alwayson_scripts={SCRIPT: {"args": [{**_settings(sd15), "preview": True}]}})
     assert len(gen.images) == 2, "the preview strip follows the image"
-    preview = Image.open(io.BytesIO(gen.images[1]))
-    assert preview.width > preview.height
-    preview.save(out / "preview-strip.png")
-    record_property("pictures", ["docs/images/lambda-sweep.png", "docs/images/preview-strip.png"])
+    image, preview = (Image.open(io.BytesIO(b)).convert("RGB") for b in gen.images)
+    assert preview.height % 4 == 0 and preview.tobytes() != image.tobytes()  # four rows of tiles
+    preview.save(REPO_ROOT / "docs" / "images" / "preview-strip.png")
 
 
 # ---------------------------------------------------------------------------------------------- browser
