@@ -20,7 +20,7 @@ from typing import Any
 import harness
 import pytest
 from harness import CHROMIUM_FLAGS, REPO_ROOT, ModelFixture, ServerConfig, WebUIClient
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 PROMPT = "a photo of a cat sitting on a red chair"
 SCRIPT = "Delta Sampling"
@@ -94,54 +94,6 @@ def test_source_resources_are_credited_and_pasting_them_applies_nothing(client: 
     client.set_model(sd15.model_name)
 
 
-# ---------------------------------------------------------------------------------------------- pictures
-
-SWEEP = (0.0, 0.5, 1.0, 1.5, 2.0)
-SIZE = 128
-
-
-def caption(image: Image.Image, text: str) -> Image.Image:
-    out = Image.new("RGB", (image.width, image.height + 18), "white")
-    out.paste(image, (0, 18))
-    ImageDraw.Draw(out).text((4, 3), text, fill="black")
-    return out
-
-
-def _settings(fixture: ModelFixture) -> dict[str, Any]:
-    return {"enabled": True, "source": fixture.model_name, "loras": [{"name": fixture.lora(), "weight": 1.0}]}
-
-
-def test_readme_lambda_sweep(client: WebUIClient, model_fixtures) -> None:
-    """docs/images/lambda-sweep.png: one seed, λ from 0 to 2, from the real WebUI with the fixture checkpoint and
-    LoRA (random weights: the picture shows what λ does to an image, not a style)."""
-    sd15: ModelFixture = model_fixtures["sd15"]
-    client.set_model(sd15.model_name)
-    tiles = []
-    for strength in SWEEP:
-        gen = client.txt2img(PROMPT, width=SIZE, height=SIZE, steps=8,
-                             alwayson_scripts={SCRIPT: {"args": [{**_settings(sd15), "strength": strength}]}})
-        assert gen.param("Delta lambda") == f"{strength:g}"
-        tiles.append(caption(Image.open(io.BytesIO(gen.image)).convert("RGB"), f"λ = {strength:g}"))
-    strip = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), tiles[0].height), "white")
-    for i, tile in enumerate(tiles):
-        strip.paste(tile, (i * (tile.width + 4), 0))
-    strip.save(REPO_ROOT / "docs" / "images" / "lambda-sweep.png")
-    assert tiles[0].tobytes() != tiles[2].tobytes()  # λ moves the image
-
-
-def test_readme_preview_strip(client: WebUIClient, model_fixtures) -> None:
-    """docs/images/preview-strip.png: what the panel's preview option adds to the results (rows: the target's, the
-    source base's and the adapted source's predictions and |Δ|; columns: kept steps)."""
-    sd15: ModelFixture = model_fixtures["sd15"]
-    client.set_model(sd15.model_name)
-    gen = client.txt2img(PROMPT, width=SIZE, height=SIZE, steps=8,
-                         alwayson_scripts={SCRIPT: {"args": [{**_settings(sd15), "preview": True}]}})
-    assert len(gen.images) == 2, "the preview strip follows the image"
-    image, preview = (Image.open(io.BytesIO(b)).convert("RGB") for b in gen.images)
-    assert preview.height % 4 == 0 and preview.tobytes() != image.tobytes()  # four rows of tiles
-    preview.save(REPO_ROOT / "docs" / "images" / "preview-strip.png")
-
-
 # ---------------------------------------------------------------------------------------------- browser
 
 
@@ -186,6 +138,62 @@ def test_pasting_credited_infotext_in_the_ui(client: WebUIClient, model_fixtures
             assert sd15.model_name not in overrides and "Model hash" not in overrides, overrides
     finally:
         client.set_model(sd15.model_name)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+
+SWEEP = (0.0, 0.5, 1.0, 1.5, 2.0)
+SIZE, STEPS = 96, 6  # each delta step runs the source twice: minutes per image on a CPU
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"  # has λ; PIL's built-in font does not
+
+
+def caption(image: Image.Image, text: str) -> Image.Image:
+    out = Image.new("RGB", (image.width, image.height + 18), "white")
+    out.paste(image, (0, 18))
+    try:
+        font = ImageFont.truetype(FONT, 12)
+    except OSError:
+        font, text = ImageFont.load_default(), text.replace("λ", "lambda")
+    ImageDraw.Draw(out).text((4, 2), text, fill="black", font=font)
+    return out
+
+
+def _settings(fixture: ModelFixture) -> dict[str, Any]:
+    return {"enabled": True, "source": fixture.model_name, "loras": [{"name": fixture.lora(), "weight": 1.0}]}
+
+
+def test_readme_lambda_sweep(client: WebUIClient, model_fixtures) -> None:
+    """docs/images/lambda-sweep.png: one seed, λ from 0 to 2, from the real WebUI with the fixture checkpoint and
+    LoRA (random weights: the picture shows what λ does to an image, not a style)."""
+    sd15: ModelFixture = model_fixtures["sd15"]
+    client.set_model(sd15.model_name)
+    tiles = []
+    for strength in SWEEP:
+        gen = client.txt2img(PROMPT, width=SIZE, height=SIZE, steps=STEPS,
+                             alwayson_scripts={SCRIPT: {"args": [{**_settings(sd15), "strength": strength}]}})
+        assert gen.param("Delta lambda") == f"{strength:g}"
+        tiles.append(caption(Image.open(io.BytesIO(gen.image)).convert("RGB"), f"λ = {strength:g}"))
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), tiles[0].height), "white")
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, (i * (tile.width + 4), 0))
+    strip.save(REPO_ROOT / "docs" / "images" / "lambda-sweep.png")
+    assert tiles[0].tobytes() != tiles[2].tobytes()  # λ moves the image
+
+
+def test_readme_preview_strip(client: WebUIClient, model_fixtures) -> None:
+    """docs/images/preview-strip.png: what the panel's preview option adds to the results (rows: the target's, the
+    source base's and the adapted source's predictions and |Δ|; columns: kept steps)."""
+    sd15: ModelFixture = model_fixtures["sd15"]
+    client.set_model(sd15.model_name)
+    gen = client.txt2img(PROMPT, width=SIZE, height=SIZE, steps=STEPS,
+                         alwayson_scripts={SCRIPT: {"args": [{**_settings(sd15), "preview": True}]}})
+    assert len(gen.images) == 2, "the preview strip follows the image"
+    image, preview = (Image.open(io.BytesIO(b)).convert("RGB") for b in gen.images)
+    assert preview.height % 4 == 0 and preview.tobytes() != image.tobytes()  # four rows of tiles
+    preview.save(REPO_ROOT / "docs" / "images" / "preview-strip.png")
+
+
+# ---------------------------------------------------------------------------------------------- restarts
 
 
 def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(
