@@ -206,6 +206,7 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(
     server = server_pool.get(ServerConfig(extension=True))
     assert server.client is not None and server.data_dir is not None
     with browser(server.client.base_url, chromium) as page:
+        page.locator(f"#{P}enabled .label-wrap").first.click()  # opens it: a closed accordion's controls are hidden
         strength = page.locator(f"#{P}strength input[type=number]")
         strength.fill("0.6")
         strength.press("Enter")
@@ -229,7 +230,8 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(
             summary = page.locator(f"#{P}summary .delta-sampling-summary-text")
             expect(summary).to_have_text(f"λ 0.6 · {ZH['no source']}")
             shot = REPO_ROOT / "docs" / "images" / "accordion-zh.png"
-            header.click()
+            if not page.locator(f"#{P}enabled-visible-checkbox").is_checked():  # saved open with the default
+                header.click()
             page.locator(f"#{P}enabled").screenshot(path=str(shot))
             record_property("screenshot", str(shot.relative_to(REPO_ROOT)))
     finally:

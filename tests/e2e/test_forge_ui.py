@@ -188,6 +188,7 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium, headless=True,
                                                     args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
         page = page_of(ctx, server.client.base_url)
+        page.locator(f"#{p}enabled .label-wrap").first.click()  # opens it: a closed accordion's controls are hidden
         box = page.locator(f"#{p}strength input[type=number]")
         box.fill("0.6")
         box.press("Enter")
