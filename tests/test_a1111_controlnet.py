@@ -478,6 +478,8 @@ def test_a_source_on_the_gpu_runs_its_units_there_eagerly(ui, monkeypatch, capsy
 
     monkeypatch.setattr(sys.modules["lib_delta.hosts.a1111.control"].LoadedUnit, "hint", hint)
     out = images(ui.txt2img(delta(controlnets=[unit(module="canny")]), **kw))
-    assert not made and "CUDA graph replay is off" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert not made, f"a graph was recorded for a run with units; the log said: {said[-2000:]}"
+    assert "CUDA graph replay is off" in said, said[-2000:]
     assert devices and set(devices) == {("cuda", "cuda")}
     assert rel(out, reference) < 1e-4
