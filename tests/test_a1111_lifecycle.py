@@ -406,3 +406,28 @@ def test_under_lowvram_the_lora_data_goes_back_with_its_model(ui, monkeypatch):
     with on_gpu.te_active(entry, on_gpu.te_terms(0)):
         pass
     assert moves == ["cuda", "cpu", "cuda", "cpu"]
+
+
+@pytest.mark.parametrize("flag, free_gib, resident", [("medvram", 8, True), ("medvram", 1, False),
+                                                      ("lowvram", 64, False)])
+def test_under_medvram_the_source_stays_on_the_gpu_when_it_fits(monkeypatch, flag, free_gib, resident):
+    """One move per generation instead of two per step when the card has room beside the target (--medvram); per
+    call, with the target's modules stepping aside, when it has not or under --lowvram."""
+    from modules import lowvram, shared
+
+    module = torch.nn.Linear(4, 4)
+    moves, evicted = [], []
+    monkeypatch.setattr(module, "to", lambda device: moves.append(str(device)) or module)
+    monkeypatch.setattr(lowvram, "send_everything_to_cpu", lambda: evicted.append(1))
+    monkeypatch.setattr(shared.cmd_opts, flag, True)
+    monkeypatch.setattr(a1111_source, "target_uses_lowvram", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib << 30, 80 << 30))
+    gpu = torch.device("cuda", 0)
+    assert a1111_source.stays_resident(module, gpu) is resident
+    for _ in range(3):  # three source calls
+        with a1111_source.on_device(None, module, gpu):
+            pass
+    if resident:
+        assert moves == ["cuda:0"] * 3 and evicted == []  # .to() on a module already there moves nothing
+    else:
+        assert moves == ["cuda:0", "cpu"] * 3 and len(evicted) == 3

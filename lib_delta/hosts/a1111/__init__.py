@@ -195,8 +195,9 @@ def start(p: Any, settings: DeltaSettings) -> None:
     SLOT.open(p, run)
     _write_infotext(p, run)
     if source_mod.target_uses_lowvram() and run.device.type != "cpu":
-        print("Delta Sampling: under --lowvram/--medvram the source's UNet moves to the GPU and back at every step "
-              "and the active model's modules step aside for it: expect each step to take several times longer.")
+        if source_mod.shared_flag("lowvram"):
+            print("Delta Sampling: under --lowvram the source's UNet moves to the GPU and back at every step and the "
+                  "active model's modules step aside for it: expect each step to take several times longer.")
 
 
 def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
