@@ -35,10 +35,12 @@ from torch import Tensor
 from .spaces import _bcast
 
 METHODS = ("area", "topup", "renoise", "rescale")
-# Chosen on the fidelity world (docs/fidelity.md, "Source resolution"): "rescale" keeps the target's own noise,
-# so the source's composition follows the target's (recovered effect and class fidelity closest to the source at
-# the target's size), and its statistics are exact; it needs the target's x̂0 of the same call, which every host
-# has when it corrects a call (not before the target's forward: a source started early runs at the target's size).
+# "rescale": its noise statistics are exact (unit variance per pixel, white for integer factors) and it keeps the
+# target's own noise field, so the source denoises the same coarse composition the target does (at high σ that
+# field decides the layout; fresh noise would have the source steer towards another one). "area" is the baseline
+# that shows the noise matters; fidelity/resolution.py measures all four (docs/fidelity.md, "Source resolution").
+# It needs the target's x̂0 of the same call, which every host has when it corrects a call; a source started before
+# the target's forward (a second GPU) therefore starts at apply() instead.
 METHOD = "rescale"
 NEEDS_X0 = frozenset({"renoise", "rescale"})
 UPSAMPLE = "bilinear"  # the delta back to the target's grid: smooth, no overshoot (bicubic rings at edges)
