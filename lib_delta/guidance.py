@@ -242,8 +242,7 @@ class DeltaGuidance:
         source's (x, level)."""
         images = self._row_index(layout, x_ve.device)
         x0_rows = None if x0 is None else x0.index_select(0, images)
-        x_small = grid.to_source(x_ve, sigma, x0_rows, images, layout.batch)
-        return self.bridge.ve_to_source(x_small, sigma)
+        return self.bridge.ve_to_source(*grid.to_source(x_ve, sigma, x0_rows, images, layout.batch))
 
     def _strengths_at(self, level: Tensor) -> tuple[float, tuple[float, ...], list[int]]:
         progress = self.clock.progress(float(level.reshape(-1)[0]))
@@ -401,13 +400,13 @@ class SeparateTrajectory:
             ratio = _bcast(si / self.sigma, self.x)
             self.x = self.denoised + ratio * (self.x - self.denoised)
         self.sigma = si
-        x = self.x
+        x, s = self.x, si
         if self.grid is not None:
             x0 = self.denoised if self.denoised is not None else self.bridge.x0_to_source(
                 torch.zeros_like(xi) if self.init_x0 is None else self.init_x0.to(xi))
             per_image = torch.arange(layout.batch, device=x.device)
-            x = self.grid.to_source(x, si, x0, per_image, layout.batch)
-        xs, ls = self.bridge.source.from_ve(x, si)
+            x, s = self.grid.to_source(x, si, x0, per_image, layout.batch)
+        xs, ls = self.bridge.source.from_ve(x, s)
         return xs[images], ls[images]
 
     def observe(self, x_ve: Tensor, sigma: Tensor, denoised: Tensor, output: str) -> None:

@@ -8,15 +8,23 @@ was trained to; the delta it returns is smooth at the target's scale, so it is u
 Resizing a noisy latent is not resizing a clean one. ``x = x0 + σ·ε``: an area average of a k×k block keeps the
 smooth x0 but divides the white noise's variance by k², so the source would see a point far less noisy than the σ
 it is told (at 1024 → 512 the noise is halved) and predict an x0 that is too sharp and off its schedule. The
-resamplers below (``METHODS``) differ in how they restore the noise; ``fidelity/resolution.py`` measures them and
+resamplers below (``METHODS``) differ in how they account for that; ``fidelity/resolution.py`` measures them and
 :data:`METHOD` is the one the product uses:
 
-- ``area``: the plain area average of x, noise statistics wrong (the baseline the others are measured against);
+- ``area``: the plain area average of x, told σ: noise statistics wrong (the baseline the others are measured
+  against);
+- ``shift``: the plain area average of x, told the noise level it really has, ``σ·√v`` (σ/2 at 2×), the few
+  pixels whose window was larger topped up to it with fixed fresh noise. The same point the target is at, seen
+  coarser: a coarse structure is as noisy at σ in 1024 px as at σ/2 in 512 px (the resolution shift of the noise
+  schedule), so the source is asked at the stage of the target's sampling it is really at;
 - ``topup``: the area average of x plus fixed fresh noise of the variance the averaging removed, per pixel;
 - ``renoise``: the area average of the target's denoised estimate x̂0 plus σ times fixed fresh noise;
 - ``rescale``: the area average of x̂0 plus the area average of the target's own noise part ``x − x̂0``, each
   pixel divided by the standard deviation the averaging left it: the target's noise, whitened back to unit
   variance. No fresh noise: the source sees the same noise field as the target, coarsened.
+
+``shift``, ``area`` and ``topup`` need only the target's noisy latent; ``renoise`` and ``rescale`` its estimate x̂0
+of the same call, and ``rescale`` doubles (at 2×) any smooth error of that estimate along with the noise.
 
 All work in the VE form (``x = x0 + σ·ε``, any latent format: the map between formats is affine and commutes with
 a resize). Every resize here is linear and separable, so the variance it leaves white noise is exact
@@ -34,14 +42,12 @@ from torch import Tensor
 
 from .spaces import _bcast
 
-METHODS = ("area", "topup", "renoise", "rescale")
-# "rescale": its noise statistics are exact (unit variance per pixel, white for integer factors) and it keeps the
-# target's own noise field, so the source denoises the same coarse composition the target does (at high σ that
-# field decides the layout; fresh noise would have the source steer towards another one). "area" is the baseline
-# that shows the noise matters; fidelity/resolution.py measures all four (docs/fidelity.md, "Source resolution").
-# It needs the target's x̂0 of the same call, which every host has when it corrects a call; a source started before
-# the target's forward (a second GPU) therefore starts at apply() instead.
-METHOD = "rescale"
+METHODS = ("area", "shift", "topup", "renoise", "rescale")
+# "shift": exact in distribution for an integer factor (the averaged noise is white, at σ·√v), it keeps the
+# target's own noise, so the source denoises the composition the target is committing to, at the stage it has
+# reached, and it needs no estimate of the target's (a source on another GPU can start before the target's
+# forward). fidelity/resolution.py measures all five (docs/fidelity.md, "Source resolution").
+METHOD = "shift"
 NEEDS_X0 = frozenset({"renoise", "rescale"})
 UPSAMPLE = "bilinear"  # the delta back to the target's grid: smooth, no overshoot (bicubic rings at edges)
 LATENT_FACTOR = 8  # pixels per latent cell (every family the host runs)
@@ -111,6 +117,8 @@ class SourceGrid:
     method: str = METHOD
     upsample: str = UPSAMPLE
     _variance: Tensor | None = field(default=None, repr=False)
+    _peak: float = field(default=1.0, repr=False)
+    _least: float = field(default=1.0, repr=False)
     _noise: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,21 +130,27 @@ class SourceGrid:
         return self.method in NEEDS_X0
 
     def to_source(self, x: Tensor, sigma: Tensor, x0: Tensor | None, images: Tensor | None = None,
-                  batch: int = 1) -> Tensor:
-        """A VE point ``x`` at noise ``sigma`` (per row) on the source's grid, with unit-variance noise again.
-        ``x0``: the target's denoised estimate for each row (the methods in :data:`NEEDS_X0`)."""
+                  batch: int = 1) -> tuple[Tensor, Tensor]:
+        """A VE point ``x`` at noise ``sigma`` (per row) on the source's grid, and its noise level there (σ, or
+        less for ``shift``). ``x0``: the target's denoised estimate for each row (the methods in
+        :data:`NEEDS_X0`)."""
         s = _bcast(sigma.to(x.dtype), x)
         if self.method == "area":
-            return down(x, self.source_hw)
-        if self.method == "topup":
-            missing = (1.0 - self.variance(x.device)).clamp_min(0.0).sqrt()
-            return down(x, self.source_hw) + s * missing * self.noise(x, images, batch)
+            return down(x, self.source_hw), sigma
+        if self.method in ("shift", "topup"):
+            v = self.variance(x.device)
+            # shift: every pixel up to the largest variance the averaging left; topup: up to 1
+            goal = self._peak if self.method == "shift" else 1.0
+            xs = down(x, self.source_hw)
+            if goal > self._least:  # an integer factor leaves every pixel the same variance: nothing to add
+                xs = xs + s * (goal - v).clamp_min(0.0).sqrt() * self.noise(x, images, batch)
+            return xs, sigma * goal**0.5
         if x0 is None:
             raise ValueError(f"the {self.method!r} resampling needs the target's denoised estimate")
         x0 = x0.to(x.dtype)
         if self.method == "renoise":
-            return down(x0, self.source_hw) + s * self.noise(x, images, batch)
-        return down(x0, self.source_hw) + down(x - x0, self.source_hw) / self.variance(x.device).sqrt()
+            return down(x0, self.source_hw) + s * self.noise(x, images, batch), sigma
+        return down(x0, self.source_hw) + down(x - x0, self.source_hw) / self.variance(x.device).sqrt(), sigma
 
     def to_target(self, t: Tensor) -> Tensor:
         """A delta (or any smooth field) on the source's grid, upsampled to the target's."""
@@ -145,6 +159,7 @@ class SourceGrid:
     def variance(self, device: torch.device) -> Tensor:
         if self._variance is None or self._variance.device != device:
             self._variance = noise_variance(self.target_hw, self.source_hw, device)
+            self._peak, self._least = float(self._variance.max()), float(self._variance.min())  # once per pass
         return self._variance
 
     def noise(self, like: Tensor, images: Tensor | None, batch: int = 1) -> Tensor:

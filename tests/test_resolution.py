@@ -118,14 +118,24 @@ def test_each_resampling_keeps_the_clean_part_and_only_area_loses_noise(method):
     eps = torch.randn(8, 4, 64, 96, generator=g)
     sigma = torch.full((8,), 3.0)
     grid = SourceGrid((64, 96), (32, 48), method)
-    xs = grid.to_source(x0 + 3.0 * eps, sigma, x0, torch.arange(8), 8)
-    noise = (xs - down(x0, (32, 48))) / 3.0
+    xs, level = grid.to_source(x0 + 3.0 * eps, sigma, x0, torch.arange(8), 8)
+    assert torch.equal(level, sigma / 2 if method == "shift" else sigma)  # shift: the level the average has
+    noise = (xs - down(x0, (32, 48))) / level[:, None, None, None]
     assert abs(noise.mean().item()) < 0.02
     assert noise.std().item() == pytest.approx(0.5 if method == "area" else 1.0, rel=0.03)
     kept = torch.corrcoef(torch.stack([noise.flatten(), down(eps, (32, 48)).flatten()]))[0, 1].item()
-    # area and rescale carry the target's own noise (coarsened); renoise draws its own; topup keeps part
-    expected = {"area": 1.0, "rescale": 1.0, "topup": 0.5, "renoise": 0.0}[method]
+    # area, shift and rescale carry the target's own noise (coarsened); renoise draws its own; topup keeps part
+    expected = {"area": 1.0, "shift": 1.0, "rescale": 1.0, "topup": 0.5, "renoise": 0.0}[method]
     assert kept == pytest.approx(expected, abs=0.03)
+
+
+def test_shift_tops_uneven_windows_up_to_the_largest_variance():
+    grid = SourceGrid((30, 45), (18, 25), "shift")
+    eps = torch.randn(20000, 1, 30, 45, generator=torch.Generator().manual_seed(4))
+    xs, level = grid.to_source(eps, torch.ones(20000), None, torch.arange(20000), 20000)
+    v = noise_variance((30, 45), (18, 25))
+    assert level[0].item() == pytest.approx(v.max().sqrt().item())
+    assert torch.allclose(xs.var(dim=0)[0], v.max().expand_as(v), rtol=0.08)
 
 
 def test_fixed_noise_is_per_image_and_the_same_for_every_rows_of_an_image():
@@ -140,6 +150,7 @@ def test_fixed_noise_is_per_image_and_the_same_for_every_rows_of_an_image():
 def test_the_methods_that_need_the_target_estimate_say_so():
     with pytest.raises(ValueError, match="needs the target's denoised estimate"):
         SourceGrid((32, 32), (16, 16), "rescale").to_source(torch.zeros(1, 4, 32, 32), torch.ones(1), None)
+    SourceGrid((32, 32), (16, 16), "shift").to_source(torch.zeros(1, 4, 32, 32), torch.ones(1), None)  # needs none
     with pytest.raises(ValueError, match="unknown resampling"):
         SourceGrid((32, 32), (16, 16), "nearest")
 
