@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
         from . import resolution
 
         cfg = resolution.toy() if args.toy else resolution.full(args.train_scale)
-        if args.deadline is not None:
-            cfg = replace(cfg, deadline_s=args.deadline)
+        cfg = replace(cfg, **{k: v for k, v in (("deadline_s", args.deadline), ("images", args.images),
+                                                 ("steps", args.steps)) if v is not None})
         return resolution.run_stage(cfg, torch.device(args.device), args.out, args.results or args.out)
     cfg = (config.toy(args.eps_weighting) if args.toy
            else config.full(args.train_scale, batch_scale=args.batch_scale, eps_weighting=args.eps_weighting))
