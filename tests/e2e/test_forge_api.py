@@ -382,9 +382,11 @@ def test_a_native_sd15_source_at_twice_its_size_steers_sdxl_and_round_trips(pool
     """A 1024 px SDXL image with ``source_resolution: native``: the SD1.5 source runs at its own 512 px, the image
     changes, is not blank, records the setting, and its infotext alone gives the same image again."""
     server = pool.get(ServerConfig(extension=True, models=MODELS, extra_args=LOW_MEMORY))
-    client = server.client
-    assert client is not None
-    fixtures = pool.fixtures(MODELS)
+    assert server.client is not None
+    _native_round_trip(server.client, pool.fixtures(MODELS), record_property)
+
+
+def _native_round_trip(client: WebUIClient, fixtures: dict[str, ModelFixture], record_property) -> None:
     sd15 = fixtures["sd15"]
     client.set_model(fixtures["sdxl"].model_name)
     size = {"width": 1024, "height": 1024, "steps": 2}
