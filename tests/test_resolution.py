@@ -325,3 +325,32 @@ def test_source_resolution_reaches_every_form():
     assert "source_resolution=native" in s.summary()
     with pytest.raises(DeltaError, match="source_resolution is 'half'; allowed: target, native"):
         DeltaSettings.from_dict({**s.to_dict(), "source_resolution": "half"}).validated()
+
+
+# --- why "shift": a world where every denoiser is known exactly ---------------------------------------------------
+
+
+def test_only_shift_gives_the_delta_a_source_of_the_coarse_world_owes_the_fine_one():
+    """Pixels i.i.d. N(m, 1) on the target's grid; the source's world is the same one averaged 2×2, N(m, 1/4) per
+    pixel. The exact denoiser of an N(m, v) world at noise σ is ``m + v / (v + σ²) · (x − m)``, so an adaptation
+    that moves m from 0 to μ changes the target's prediction by μ·σ² / (1 + σ²). Only the source asked at σ/2, the
+    level the averaged noise has, owes that same delta; one told σ owes μ·σ² / (1/4 + σ²), too much."""
+    mu = torch.tensor([0.4, -0.3, 0.2, 0.1], dtype=torch.float64).reshape(1, 4, 1, 1)
+
+    def coarse_world(x, sigma, rows, variant=0):
+        s2 = sigma.reshape(-1, 1, 1, 1) ** 2
+        m = mu if variant else 0.0
+        return m + 0.25 / (0.25 + s2) * (x - m)
+
+    x = latent((16, 16))
+    for sigma in (10.0, 2.0, 0.5):
+        owed = (mu * sigma**2 / (1 + sigma**2)).expand(2, 4, 16, 16)
+        for method in METHODS:
+            dg = guidance(settings(), Source(coarse_world), native_px=64, resampling=method)
+            before, out, _ = apply(dg, x, sigma=sigma, out=torch.zeros_like(x))
+            got = cfg_combine(out, LAYOUT) - cfg_combine(before, LAYOUT)
+            assert torch.allclose(got, owed, atol=1e-12) == (method == "shift"), (method, sigma)
+        # the source run on the fine grid is outside its world: it owes the same too-large delta
+        before, out, _ = apply(guidance(settings("target"), Source(coarse_world), native_px=64), x, sigma=sigma)
+        got = cfg_combine(out, LAYOUT) - cfg_combine(before, LAYOUT)
+        assert torch.allclose(got, (mu * sigma**2 / (0.25 + sigma**2)).expand_as(got), atol=1e-12)
