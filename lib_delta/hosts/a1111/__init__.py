@@ -23,6 +23,7 @@ from typing import Any
 from ...args import DeltaSettings
 from ...cuda_graph import GraphedCall, storage_fingerprint
 from ...errors import DeltaError
+from ...resolution import native_side
 from ...spaces import SD1, SD2, SD3, SDXL, ModelSpace, check_latent_compatible
 from ..common.files import checkpoint_family
 from ..common.http import as_failure
@@ -388,7 +389,9 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     source = step_mod.SourceEval(variants, run.device, run.wrappers, image_cond_rows, run.lora, graphs,
                                  concurrent=source_mod.runs_beside(run.device), controls=run.controls or None)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
-    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
+    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max,
+                       native_px=native_side(run.source.latent.name,
+                                             getattr(run.source.model, "parameterization", "") == "v"))
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
     ps = step_mod.Pass(run.settings, sampler, target, source, space, label)
     ps.arm(on_failure=SLOT.close)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ... import resolution
 from ...args import DeltaSettings
 from ...cuda_graph import GraphedCall
 from ...errors import DeltaError
@@ -181,6 +182,7 @@ class SourceEval:
         cond = conds_mod.move(conds_mod.cat_rows([c for _, _, c, _ in chunks]), self.device)
         if self.image_cond_rows:
             image_cond = _take(self.call.image_cond, [rows[i] for i in positions]).to(self.device)
+            image_cond = resolution.down(image_cond, tuple(xs.shape[-2:]))  # a source at its own area
         else:
             image_cond = torch.zeros((len(positions), 5, 1, 1), dtype=xs.dtype, device=self.device)
         cond = {**cond, "c_concat": [image_cond]} if isinstance(cond, dict) else \
