@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import adaptive, compare_plots, compare_tables, config, gaps, models, naive, pipeline
+from devkit.sampling import get_sigmas_flow
+
+from . import adaptive, compare_plots, compare_tables, config, gaps, metrics, models, naive, pipeline, world
 from .config import ADAPTATIONS
 from .evaluation import EvalSet
 from .study import Variant, delta_sample, sample
@@ -253,8 +255,8 @@ def steps_stage(r: Runner, zoo: dict, patches: dict, target: str = "v_unet") -> 
 
 def colour_stage(r: Runner, zoo: dict, patches: dict, paths: dict) -> None:
     cfg = r.st.cfg
-    tune = gaps.finetune_config(cfg.model_train["same_family"], seconds=None if cfg.toy else 8.0,
-                                steps=2 if cfg.toy else 400)
+    tune = gaps.finetune_config(cfg.model_train["same_family"], seconds=None if cfg.toy else gaps.FINETUNE_S,
+                                steps=2 if cfg.toy else 600)
     for i, k in enumerate((gaps.COLOUR_LEVELS[-1],) if cfg.toy else gaps.COLOUR_LEVELS):
         if not r.room(15.0):
             r.st.res["skipped"].append({"stage": "gap_colour", "level": k})
@@ -272,8 +274,8 @@ def colour_stage(r: Runner, zoo: dict, patches: dict, paths: dict) -> None:
 
 def scale_stage(r: Runner, zoo: dict, patches: dict) -> None:
     cfg = r.st.cfg
-    tune = gaps.finetune_config(cfg.model_train["same_family"], seconds=None if cfg.toy else 8.0,
-                                steps=2 if cfg.toy else 400)
+    tune = gaps.finetune_config(cfg.model_train["same_family"], seconds=None if cfg.toy else gaps.FINETUNE_S,
+                                steps=2 if cfg.toy else 600)
     for i, s in enumerate((gaps.SCALE_LEVELS[-1],) if cfg.toy else gaps.SCALE_LEVELS):
         if not r.room(15.0):
             r.st.res["skipped"].append({"stage": "gap_scale", "level": s})
@@ -298,10 +300,14 @@ def dit_stage(r: Runner, zoo: dict, part: int) -> None:
     st, cfg = r.st, r.st.cfg
     dit = zoo["flow_dit"]
     out: dict = st.res.setdefault("dit", {})
-    for label, steps, scale in (("40 steps", cfg.steps * 2, cfg.cfg_scale), ("CFG 5", cfg.steps, 5.0)):
+    out["per_class"] = {"as trained": _per_class(r, "alone:flow_dit")}
+    shifted = ShiftedFlow(dit.spec, dit.encoder, dit.net, dit.denoiser, shift=3.0)
+    for label, model, steps, scale in (("40 steps", dit, cfg.steps * 2, cfg.cfg_scale),
+                                       ("CFG 5", dit, cfg.steps, 5.0), ("shift 3", shifted, cfg.steps, cfg.cfg_scale)):
         if r.room():
             out[label] = _strip(r.reference(f"alone:flow_dit {label}",
-                                            lambda lab, noi, s=steps, c=scale: sample(dit, lab, noi, s, c)))
+                                            lambda lab, noi, m=model, s=steps, c=scale: sample(m, lab, noi, s, c)))
+            out["per_class"][label] = _per_class(r, f"alone:flow_dit {label}")
     train = replace(cfg.model_train["flow_dit"], flow_t="uniform")
     if not r.room((train.seconds or 0) + 10):
         st.res["skipped"].append({"stage": "dit", "what": "uniform-t DiT"})
@@ -315,6 +321,26 @@ def dit_stage(r: Runner, zoo: dict, part: int) -> None:
     out["uniform_t_training"] = {k: rep[k] for k in ("steps", "seconds", "last_loss", "x0_mse_by_sigma")}
     out["uniform t"] = _strip(r.reference("alone:flow_dit uniform t",
                                           lambda lab, noi: sample(model, lab, noi, cfg.steps, cfg.cfg_scale)))
+    out["per_class"]["uniform t"] = _per_class(r, "alone:flow_dit uniform t")
+
+
+class ShiftedFlow(models.DiffusionModel):
+    """A flow model sampled on SD3's shifted schedule, which spends more of its steps at high noise."""
+
+    def __init__(self, *args, shift: float = 3.0):
+        super().__init__(*args)
+        self.shift = shift
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        return get_sigmas_flow(steps, self.shift)
+
+
+def _per_class(r: Runner, key: str) -> dict[str, float]:
+    """Class fidelity of a reference per class, over every seed: which shapes a model misdraws."""
+    imgs = torch.cat([r.ev.ref_images[key][s] for s in r.ev.seeds])
+    labels = r.ev.labels.repeat(len(r.ev.seeds))
+    hit = metrics.classify(r.ev.classifier, imgs) == labels
+    return {c: hit[labels == i].float().mean().item() for i, c in enumerate(world.CLASSES)}
 
 
 def _strip(row: dict) -> dict:
@@ -344,7 +370,7 @@ def plan(cfg: config.StudyConfig, part: int, n_seeds: int) -> dict:
     train = sum(t.seconds or 0 for t in (*cfg.model_train.values(), *cfg.adapter_train.values()))
     train += (cfg.model_train["flow_dit"].seconds or 0)  # the uniform-t DiT
     if part == 2:
-        train += 8.0 * (len(gaps.COLOUR_LEVELS) + len(gaps.SCALE_LEVELS))
+        train += gaps.FINETUNE_S * (len(gaps.COLOUR_LEVELS) + len(gaps.SCALE_LEVELS))
     return {"train_s": round(train, 1), "grid_s": grid, "total_s": round(train + sum(grid.values()) + 20, 1)}
 
 

@@ -14,12 +14,10 @@ import numpy as np
 from torch import Tensor
 
 from . import png, report
-from .compare_tables import TARGET_NAMES, _find, alone_of, best_constant
+from .compare_tables import TARGET_NAMES, _find, alone_of, best_constant, gap_series
 from .config import ADAPTATIONS
 from .evaluation import acceptable
 from .plots import _pyplot
-
-BASE_LEVEL = {"colour": 0.0, "scale": 1.0}  # the ungapped point of each axis: the same-family target
 
 
 def make_all(res: dict, images: dict[str, Tensor], outdir: Path) -> list[Path]:
@@ -36,21 +34,6 @@ def make_all(res: dict, images: dict[str, Tensor], outdir: Path) -> list[Path]:
     return written
 
 
-def _series(res: dict, axis: str, ad: str, label: str) -> list[dict]:
-    rows = [r for r in res["runs"] if r.get("gap", {}).get("axis") == axis and r["adaptation"] == ad
-            and r["label"] == label]
-    if axis in BASE_LEVEL:  # the ungapped point: the same-family target at the same setting
-        stage, strength = ("naive", 1.0) if label.startswith("merged") else ("lambda", 1.0)
-        base = _find(res, stage=stage, target="same_family", adaptation=ad, strength=strength)
-        if base is not None and not label.endswith("undeclared"):
-            rows.append(base | {"gap": {"axis": axis, "level": BASE_LEVEL[axis]}})
-    if axis == "steps":
-        base = _find(res, stage="lambda", target="v_unet", adaptation=ad, strength=1.0)
-        if base is not None and label == "λ=1":
-            rows.append(base | {"gap": {"axis": axis, "level": res["config"]["steps"]}})
-    return sorted(rows, key=lambda r: r["gap"]["level"])
-
-
 def gaps_plot(res: dict, images, outdir: Path, plt) -> Path | None:
     axes_present = sorted({r["gap"]["axis"] for r in res["runs"] if "gap" in r})
     if plt is None or not axes_present:
@@ -60,7 +43,7 @@ def gaps_plot(res: dict, images, outdir: Path, plt) -> Path | None:
         labels = list(dict.fromkeys(r["label"] for r in res["runs"] if r.get("gap", {}).get("axis") == axis))
         for i, ad in enumerate(ADAPTATIONS):
             for k, label in enumerate(labels):
-                rows = _series(res, axis, ad, label)
+                rows = gap_series(res, axis, ad, label)
                 if not rows:
                     continue
                 x = [r["gap"]["level"] for r in rows]

@@ -84,6 +84,26 @@ def _find(res: dict, **kw) -> dict | None:
     return next((r for r in res["runs"] if all(r.get(k) == v for k, v in kw.items())), None)
 
 
+BASE_LEVEL = {"colour": 0.0, "scale": 1.0}  # the ungapped point of each axis: the same-family target
+
+
+def gap_series(res: dict, axis: str, ad: str, label: str) -> list[dict]:
+    """The runs of one gap axis, adaptation and setting by level, with the ungapped point (the same-family target
+    for colour and scale, the 20-step v-UNet for steps) where it was run."""
+    rows = [r for r in res["runs"] if r.get("gap", {}).get("axis") == axis and r["adaptation"] == ad
+            and r["label"] == label]
+    if axis in BASE_LEVEL:  # the ungapped point: the same-family target at the same setting
+        stage, strength = ("naive", 1.0) if label.startswith("merged") else ("lambda", 1.0)
+        base = _find(res, stage=stage, target="same_family", adaptation=ad, strength=strength)
+        if base is not None:  # at s = 1 declaring the scale changes nothing
+            rows.append(base | {"gap": {"axis": axis, "level": BASE_LEVEL[axis]}})
+    if axis == "steps":
+        base = _find(res, stage="lambda", target="v_unet", adaptation=ad, strength=1.0)
+        if base is not None and label == "λ=1":
+            rows.append(base | {"gap": {"axis": axis, "level": res["config"]["steps"]}})
+    return sorted(rows, key=lambda r: r["gap"]["level"])
+
+
 def summarise(res: dict) -> dict:
     out: dict = {"budget": res.get("budget"), "goal": {}, "naive_vs_delta": {}, "adaptive": {}, "gaps": {}}
     targets = [t for t in ("self", "same_family", "v_unet", "flow_dit")
@@ -110,14 +130,14 @@ def summarise(res: dict) -> dict:
                 if row is not None:
                     per[f"{t}/{ad}"] = matches(res, row, best_constant(res, t, ad))
         out["adaptive"][rule] = {"matches": per, "everywhere": bool(per) and all(per.values())}
-    for r in res["runs"]:
-        if "gap" in r:
-            key = f"{r['gap']['axis']}/{r['adaptation']}/{r['label']}"
-            out["gaps"].setdefault(key, []).append({
-                "level": r["gap"]["level"], "recovered": r["recovered"], "fidelity": r["fidelity"],
-                "fidelity_vs_adapted": r.get("fidelity_vs_adapted"),
-                "acceptable": acceptable(r, alone_of(res, r), "relative"),
-                "spread": {k: r["spread"].get(k) for k in ("recovered", "fidelity")}})
+    for axis, ad, label in dict.fromkeys((r["gap"]["axis"], r["adaptation"], r["label"])
+                                         for r in res["runs"] if "gap" in r):
+        out["gaps"][f"{axis}/{ad}/{label}"] = [{
+            "level": r["gap"]["level"], "recovered": r["recovered"], "fidelity": r["fidelity"],
+            "fidelity_vs_adapted": r.get("fidelity_vs_adapted"),
+            "acceptable": acceptable(r, alone_of(res, r), "relative"),
+            "spread": {k: r["spread"].get(k) for k in ("recovered", "fidelity")}}
+            for r in gap_series(res, axis, ad, label)]
     return out
 
 
@@ -239,6 +259,11 @@ def gaps_table(res: dict) -> str:
     for r in sorted(rows, key=lambda r: (r["gap"]["axis"], str(r["adaptation"]), r["label"], r["gap"]["level"])):
         lines.append(f"| {r['gap']['axis']} | {r['gap']['level']:g} | {r['adaptation']} | {r['label']} | "
                      f"{cell(res, r)} |")
+    alone = [(k.split(":", 1)[1], v) for k, v in res["references"].items()
+             if k.startswith(("alone:colour_", "alone:scale_", "alone:v_unet@"))]
+    if alone:
+        lines.append("\nThe gapped targets alone (class fidelity · red · striped): " + "; ".join(
+            f"{name} {_pct(v['fidelity'])} · {_pct(v['red'])} · {_pct(v['striped'])}" for name, v in alone) + ".")
     return "\n".join(lines)
 
 
@@ -250,9 +275,14 @@ def dit_table(res: dict) -> str:
     lines = ["| flow DiT alone | class fidelity | diversity |", "|---|---:|---:|",
              f"| as trained (logit-normal t), 20 steps, CFG 3 | {_pm(base, 'fidelity', '{:.1%}')} | "
              f"{base['diversity']:.3f} |"]
-    for label in ("40 steps", "CFG 5", "uniform t"):
+    for label in ("40 steps", "CFG 5", "shift 3", "uniform t"):
         if label in d:
             lines.append(f"| {label} | {_pm(d[label], 'fidelity', '{:.1%}')} | {d[label]['diversity']:.3f} |")
+    per = d.get("per_class", {})
+    if per:
+        classes = list(next(iter(per.values())))
+        lines += ["", "| class fidelity per class | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+        lines += [f"| {label} | " + " | ".join(_pct(v[c]) for c in classes) + " |" for label, v in per.items()]
     return "\n".join(lines)
 
 

@@ -19,16 +19,20 @@ from lib_delta.lora import LoraUse, build_patch, read_lora
 from lib_delta.spaces import SpaceBridge
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add synchronisation (several times slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
-    try:
-        first = compare.main(["--part", "1", "--toy", "--out", str(out), "--results", str(out / "r1")])
-        second = compare.main(["--part", "2", "--toy", "--out", str(out), "--results", str(out / "r2")])
-    finally:
-        torch.set_num_threads(threads)
+    first = compare.main(["--part", "1", "--toy", "--out", str(out), "--results", str(out / "r1")])
+    second = compare.main(["--part", "2", "--toy", "--out", str(out), "--results", str(out / "r2")])
     return first, second, out
 
 
@@ -73,7 +77,7 @@ def test_part_two_trains_part_ones_models_on(parts):
 def test_adaptive_gains_stay_inside_their_clamp(parts):
     for res in parts[:2]:
         for row in (r for r in res["runs"] if r["stage"] == "adaptive"):
-            assert len(row["gains"]) == 2
+            assert len(row["gains"]) == 1  # one sampling pass over both seeds
             for g in row["gains"]:
                 assert 1 / adaptive.GAIN_LIMIT - 1e-6 <= g["min"] <= g["max"] <= adaptive.GAIN_LIMIT + 1e-6
 
