@@ -56,7 +56,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def study_config(part: int, toy: bool, images: int | None, deadline: float | None) -> config.StudyConfig:
     cfg = config.toy() if toy else config.full(train_scale=1.0)
-    cfg = replace(cfg, images=images or (6 if toy else 80), deadline_s=deadline or (1e9 if toy else 470.0))
+    cfg = replace(cfg, images=images or (6 if toy else 80), deadline_s=deadline or (1e9 if toy else 490.0))
     if part == 2:
         cfg = replace(cfg, adapter_train={k: _scaled(v, 2.0) for k, v in cfg.adapter_train.items()})
     return cfg
@@ -398,9 +398,10 @@ def run_part(part: int, cfg: config.StudyConfig, device: torch.device, out: Path
               ("adaptive", lambda: adaptive_stage(r, zoo, patches))]
     if part == 1:
         stages += [("gap_steps", lambda: steps_stage(r, zoo, patches)), ("dit", lambda: dit_stage(r, zoo, part))]
-    else:
-        stages += [("gap_colour", lambda: colour_stage(r, zoo, patches, paths)),
-                   ("gap_scale", lambda: scale_stage(r, zoo, patches)), ("dit", lambda: dit_stage(r, zoo, part))]
+    else:  # the gap axes before the adaptive rules: part 1 has run those on every pair already
+        stages = stages[:3] + [("gap_colour", lambda: colour_stage(r, zoo, patches, paths)),
+                               ("gap_scale", lambda: scale_stage(r, zoo, patches)), stages[3],
+                               ("dit", lambda: dit_stage(r, zoo, part))]
     for name, fn in stages:
         fn()
         st.checkpoint(name)
@@ -417,9 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     st_res, images = run_part(args.part, cfg, torch.device(args.device), args.out, results, seeds)
     st_res["timings"]["total"] = round(time.perf_counter() - t0, 1)
-    (results / "results.json").write_text(json.dumps(st_res, indent=1, default=float))
+    text = json.dumps(st_res, indent=1, default=float)
+    (results / "results.json").write_text(text)
+    (args.out / f"results_part{args.part}.json").write_text(text)  # for the other part's compare.md
     written = compare_plots.make_all(st_res, images, results)
-    page = compare_tables.write_markdown(results)
+    page = compare_tables.write_markdown(results, also=args.out)
     print(f"wrote {results / 'results.json'}, {page} and {len(written)} figures in {st_res['timings']['total']}s")
     return st_res
 

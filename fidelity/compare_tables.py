@@ -405,12 +405,18 @@ def markdown(results: list[dict]) -> str:
     return "\n\n".join(body) + "\n"
 
 
-def write_markdown(results_dir: Path) -> Path:
-    """This part's tables, and both parts' where the other part's results.json sits beside this one."""
-    found = sorted({*results_dir.parent.glob("*/results.json"), results_dir / "results.json"})
-    results = [json.loads(p.read_text()) for p in found if p.exists()]
-    results = [r for r in results if "part" in r]
-    results.sort(key=lambda r: r["part"])
+def write_markdown(results_dir: Path, also: Path | None = None) -> Path:
+    """This part's tables, and the other part's too where its results are found: a results.json in a folder
+    beside this one, or ``also``/results_part<N>.json (the copy each part leaves in its ``--out``)."""
+    found = [results_dir / "results.json", *results_dir.parent.glob("*/results.json")]
+    if also is not None:
+        found += sorted(also.glob("results_part*.json"))
+    by_part: dict[int, dict] = {}
+    for p in found:
+        r = json.loads(p.read_text()) if p.exists() else {}
+        if "part" in r:
+            by_part.setdefault(r["part"], r)  # this run's own results first
+    results = [by_part[k] for k in sorted(by_part)]
     path = results_dir / "compare.md"
     path.write_text(markdown(results))
     return path
