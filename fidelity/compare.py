@@ -399,9 +399,9 @@ def run_part(part: int, cfg: config.StudyConfig, device: torch.device, out: Path
     if part == 1:
         stages += [("gap_steps", lambda: steps_stage(r, zoo, patches)), ("dit", lambda: dit_stage(r, zoo, part))]
     else:  # the gap axes before the adaptive rules: part 1 has run those on every pair already
-        stages = stages[:3] + [("gap_colour", lambda: colour_stage(r, zoo, patches, paths)),
-                               ("gap_scale", lambda: scale_stage(r, zoo, patches)), stages[3],
-                               ("dit", lambda: dit_stage(r, zoo, part))]
+        stages = [*stages[:3], ("gap_colour", lambda: colour_stage(r, zoo, patches, paths)),
+                  ("gap_scale", lambda: scale_stage(r, zoo, patches)), stages[3],
+                  ("dit", lambda: dit_stage(r, zoo, part))]
     for name, fn in stages:
         fn()
         st.checkpoint(name)
