@@ -225,3 +225,14 @@ def test_pipeline_saves_and_loads_a_model_exactly(tmp_path, toy_models):
     pipeline.load_model(fresh, tmp_path / "v.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(fresh.net.state_dict().values(),
                                                  zoo["v_unet"].net.state_dict().values(), strict=True))
+
+
+def test_each_part_is_planned_to_fit_one_nine_minute_gpu_call():
+    """The plan (training budgets plus the grid at the earlier run's measured GPU cost) of each full-size part,
+    without the DiT's uniform-t training that runs last and only if time is left, stays under nine minutes less
+    the imports and the figures; and the deadline that guards the rest leaves the same margin."""
+    for part in (1, 2):
+        cfg = compare.study_config(part, toy=False, images=None, deadline=None)
+        plan = compare.plan(cfg, part, len(compare.EVAL_SEEDS))
+        assert plan["total_s"] - cfg.model_train["flow_dit"].seconds <= 540 - 20, (part, plan)
+        assert cfg.deadline_s <= 540 - 40
