@@ -222,7 +222,7 @@ def naive_table(res: dict) -> str:
         for t in ("v_unet", "flow_dit"):
             why = res.get("naive_unavailable", {}).get(f"{t}/{ad}", "n/a: the adapter does not load")
             ds = _find(res, stage="lambda", target=t, adaptation=ad, strength=1.0)
-            lines.append(f"| {TARGET_NAMES[t]} / {ad} | 1 | {cell(res, ds)} | {why} | delta |")
+            lines.append(f"| {TARGET_NAMES[t]} / {ad} | 1 | {cell(res, ds)} | {why} | delta (the only route) |")
     return "\n".join(lines)
 
 

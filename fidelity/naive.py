@@ -29,7 +29,7 @@ def naive_patch(target: DiffusionModel, path: Path, weight: float) -> DeltaPatch
         return f"{NOT_LOADED} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     rep = patch.reports[0][0]
     if rep.keys_matched < rep.keys_total:  # a host would apply the rest silently: not the adapter as trained
-        return f"{NOT_LOADED} ({rep.keys_matched}/{rep.keys_total} keys matched)"
+        return f"{NOT_LOADED} (only {rep.keys_matched} of its {rep.keys_total} keys match this architecture)"
     return patch
 
 
