@@ -120,7 +120,8 @@ def summarise(res: dict) -> dict:
         for w in sorted({r["strength"] for r in res["runs"] if r["stage"] == "naive"}):
             ds = _find(res, stage="lambda", target="same_family", adaptation=ad, strength=w)
             nv = _find(res, stage="naive", target="same_family", adaptation=ad, strength=w)
-            out["naive_vs_delta"][f"{ad}@{w:g}"] = winner(res, ds, nv, ("delta", "naive"))
+            if ds is not None and nv is not None:  # (the second part's sweep leaves out λ = 0.5)
+                out["naive_vs_delta"][f"{ad}@{w:g}"] = winner(res, ds, nv, ("delta", "naive"))
     rules = list(dict.fromkeys(r["rule"] for r in res["runs"] if r["stage"] == "adaptive"))
     for rule in rules:
         per = {}
