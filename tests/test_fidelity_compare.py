@@ -236,3 +236,16 @@ def test_each_part_is_planned_to_fit_one_nine_minute_gpu_call():
         plan = compare.plan(cfg, part, len(compare.EVAL_SEEDS))
         assert plan["total_s"] - cfg.model_train["flow_dit"].seconds <= 540 - 20, (part, plan)
         assert cfg.deadline_s <= 540 - 40
+
+
+def test_a_run_cut_at_the_deadline_still_makes_its_page(parts):
+    """The GPU run may stop anywhere: the tables and the README's start-here table render from what ran."""
+    first, second, _ = parts
+    for res in (first, second):
+        for keep in ("lambda", "naive", None):
+            cut = dict(res, runs=[r for r in res["runs"] if r["stage"] == keep], skipped=[{"stage": "adaptive"}])
+            cut.pop("dit")
+            cut["summary"] = compare_tables.summarise(cut)
+            text = compare_tables.markdown([cut])
+            assert "Configurations skipped at the deadline: adaptive: 1." in text
+            assert compare_tables.start_here([cut]).count("\n") == 4  # header, rule, three targets
