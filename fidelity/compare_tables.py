@@ -329,19 +329,19 @@ def usage_hints(results: list[dict]) -> str:
 
 
 def breaks_at(points: list[dict]) -> str:
-    """The first gap level (in the axis' order) whose run falls under the bounds: recovered < 0.8, or outside
-    the fidelity/diversity bounds relative to the gapped target alone."""
+    """Where along the axis (points in the axis' order) the runs first fall under the bounds: recovered < 0.8,
+    or outside the fidelity/diversity bounds relative to the gapped target alone."""
     for p in points:
         if p["recovered"] is None or p["recovered"] < report.GOAL_RECOVERED or not p["acceptable"]:
-            return f"{p['level']:g}"
-    return "not within the levels run"
+            return f"falls under the bounds at {p['level']:g}"
+    return "holds at every level run"
 
 
 def findings(results: list[dict]) -> str:
     """The answer in brief, worded from the summaries (so that it always says what the numbers say)."""
     lines = []
     for res in results:
-        s, b = res["summary"], res.get("budget")
+        s, b = summarise(res), res.get("budget")  # from the runs, by this generator
         goal = s["goal"]
         transfer = [k for k in goal if not k.startswith("self/")]
         counts = {r: sum(goal[k][r] for k in transfer) for r in READINGS}
@@ -364,8 +364,8 @@ def findings(results: list[dict]) -> str:
         for key, points in sorted(s["gaps"].items()):
             axis, ad, label = key.split("/", 2)
             order = sorted(points, key=lambda p: p["level"], reverse=axis in ("scale", "steps"))
-            lines.append(f"- **{b}, gap `{axis}`**, {ad}, {label}: falls under the bounds at level "
-                         f"{breaks_at(order)} (levels run: {', '.join(format(p['level'], 'g') for p in order)}).")
+            lines.append(f"- **{b}, gap `{axis}`**, {ad}, {label}: {breaks_at(order)} "
+                         f"(levels run: {', '.join(format(p['level'], 'g') for p in order)}).")
         dit = res.get("dit", {})
         alone = res["references"].get("alone:flow_dit")
         if alone is not None:
@@ -380,7 +380,7 @@ def start_here(results: list[dict]) -> str:
     """The README's start-here table: per target kind and adaptation, the constant λ inside the bounds nearest
     full effect at the longest training budget run, and where merging the file does as well."""
     res = results[-1]
-    s = res["summary"]
+    s = summarise(res)
     lines = ["| target | " + " | ".join(f"{ad} ({ATTRIBUTE[ad]})" for ad in ADAPTATIONS) + " |",
              "|---|" + "---|" * len(ADAPTATIONS)]
     for t in ("same_family", "v_unet", "flow_dit"):
