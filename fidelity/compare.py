@@ -123,6 +123,11 @@ def _models(st: pipeline.Study, part: int) -> dict[str, models.DiffusionModel]:
     st.out = root / "budget1"
     st.out.mkdir(parents=True, exist_ok=True)
     st.cfg = replace(st.cfg, reuse_models=part == 2)
+    missing = [n for n in models.specs(st.cfg.toy) if not (st.out / f"{n}.safetensors").exists()]
+    if part == 2 and missing:
+        st.res["warning"] = (f"part 1's models {', '.join(missing)} were not found under {st.out}: trained here from "
+                             "scratch at 1× first, which leaves less time for the grid")
+        st.log("WARNING: " + st.res["warning"])
     zoo = pipeline._train_models(st)
     if part == 1:
         return zoo

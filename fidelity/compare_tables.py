@@ -301,6 +301,8 @@ def part_markdown(res: dict) -> str:
              f"Evaluation seeds {', '.join(map(str, ev['seeds']))}, {ev['images_per_seed']} images each; run on "
              f"{res['machine'].get('gpu', res['machine']['device'])} in {res['timings'].get('total', '?')} s.",
              models_table(res)]
+    if res.get("warning"):
+        parts.insert(2, f"**Warning:** {res['warning']}.")
     for ad in ADAPTATIONS:
         parts += [f"#### {b} training: λ sweep, {ad} ({ATTRIBUTE[ad]})", lambda_table(res, ad)]
     parts += [f"#### {b} training: the goal at λ = 1, three ways", goal_table(res),
