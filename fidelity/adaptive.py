@@ -84,7 +84,7 @@ class AdaptiveGuidance(DeltaGuidance):
         self.state: dict = {}
         self.gains: list[Tensor] = []  # per call, the gains applied (for the record)
 
-    def _add_delta(self, out, sigma, pred, lams, layout, cond_only, record) -> None:
+    def _add_delta(self, out, sigma, pred, lams, layout, cond_only, record, *rest) -> None:
         if self.bridge.target.output != "x0":
             raise ValueError("the adaptive rules read the target's x0 prediction")
         scale = self._source_scale(layout)
@@ -99,7 +99,7 @@ class AdaptiveGuidance(DeltaGuidance):
         self.gains.append(k.detach().cpu())
         per_row = k.index_select(0, self._row_index(layout, k.device)).view(-1, 1, 1, 1)
         scaled = torch.stack([pred[0], pred[0] + per_row * (pred[1] - pred[0])])
-        super()._add_delta(out, sigma, scaled, lams, layout, cond_only, record)
+        super()._add_delta(out, sigma, scaled, lams, layout, cond_only, record, *rest)
 
 
 @torch.no_grad()
