@@ -365,7 +365,7 @@ def findings(results: list[dict]) -> str:
                             f"; not on {', '.join(k for k, ok in v['matches'].items() if not ok)}."))
         for key, points in sorted(s["gaps"].items()):
             axis, ad, label = key.split("/", 2)
-            order = sorted(points, key=lambda p: p["level"], reverse=axis in ("scale", "steps"))
+            order = _axis_order(axis, points)
             lines.append(f"- **{b}, gap `{axis}`**, {ad}, {label}: {breaks_at(order)} "
                          f"(levels run: {', '.join(format(p['level'], 'g') for p in order)}).")
         dit = res.get("dit", {})
@@ -397,7 +397,37 @@ def start_here(results: list[dict]) -> str:
                     text += f"; merging the file ×{merged[0]} does as well" + ("" if len(merged) == 1 else " or better")
             cells.append(text)
         lines.append(f"| {TARGET_NAMES[t]} | " + " | ".join(cells) + " |")
+    for res in results:  # the gap axes, from whichever budget ran them
+        gaps = summarise(res)["gaps"]
+        for axis, what in GAP_ROWS.items():
+            cells = ["; ".join(f"{key.split('/', 2)[2]}: {holds_to(_axis_order(axis, points), GAP_UNIT[axis])}"
+                               for key, points in sorted(gaps.items()) if key.startswith(f"{axis}/{ad}/"))
+                     for ad in ADAPTATIONS]
+            if any(cells):
+                lines.append(f"| {what} ({res.get('budget')} training) | " + " | ".join(c or "–" for c in cells)
+                             + " |")
     return "\n".join(lines)
+
+
+GAP_ROWS = {"colour": "same family, fine-tuned on shifted colours (cast k)",
+            "scale": "same family at another latent scale s", "steps": "v-prediction UNet with fewer steps"}
+GAP_UNIT = {"colour": "k = {:g}", "scale": "s = {:g}", "steps": "{:g} steps"}
+
+
+def _axis_order(axis: str, points: list[dict]) -> list[dict]:
+    """The ungapped end first: colour from k = 0 up, scale from s = 1 down, steps from the most down."""
+    return sorted(points, key=lambda p: p["level"], reverse=axis in ("scale", "steps"))
+
+
+def holds_to(points: list[dict], unit: str) -> str:
+    """How far along the axis the runs stay inside the bounds with ≥ 0.8 recovered."""
+    last = None
+    for p in points:
+        if p["recovered"] is None or p["recovered"] < report.GOAL_RECOVERED or not p["acceptable"]:
+            return f"fails already at {unit.format(p['level'])}" if last is None else \
+                f"holds to {unit.format(last)}, fails at {unit.format(p['level'])}"
+        last = p["level"]
+    return "–" if last is None else f"holds to {unit.format(last)} (the last level run)"
 
 
 def markdown(results: list[dict]) -> str:
