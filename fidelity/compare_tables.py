@@ -149,12 +149,16 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
 
 
+PCT1 = "{:.1%}"  # a share to a tenth of a point, written "98.1 %" like the page's other percentages
+
+
 def _pm(row: dict, key: str, fmt: str = "{:.2f}") -> str:
     v = row.get(key)
     if v is None:
         return "–"
     h = row.get("spread", {}).get(key)
-    return fmt.format(v) + ("" if not h else "±" + fmt.format(h / 2))
+    text = fmt.format(v) + ("" if not h else "±" + fmt.format(h / 2))
+    return text.replace("%", "") + " %" if fmt == PCT1 else text
 
 
 def cell(res: dict, row: dict | None) -> str:
@@ -178,12 +182,12 @@ def models_table(res: dict) -> str:
         first = t.get("first_round")
         steps = (f"{first['steps']} + {t['steps']} ({(first.get('seconds') or 0) + t['seconds']:.0f})" if first
                  else f"{t['steps']} ({t['seconds']:.0f})")
-        lines.append(f"| {name} | {steps} | {_pm(a, 'fidelity', '{:.1%}')} | {a['diversity']:.3f} | "
+        lines.append(f"| {name} | {steps} | {_pm(a, 'fidelity', PCT1)} | {a['diversity']:.3f} | "
                      f"{_pct(a['red'])} · {_pct(a['striped'])} |")
     for name, a in res["adapters"].items():
         ad = res["references"].get(f"adapted:{name}")
         if ad is not None:
-            lines.append(f"| source + {name} | {a['steps']} ({a['seconds']:.0f}) | {_pm(ad, 'fidelity', '{:.1%}')} | "
+            lines.append(f"| source + {name} | {a['steps']} ({a['seconds']:.0f}) | {_pm(ad, 'fidelity', PCT1)} | "
                          f"{ad['diversity']:.3f} | {_pct(ad['red'])} · {_pct(ad['striped'])} |")
     return "\n".join(lines)
 
@@ -274,11 +278,12 @@ def dit_table(res: dict) -> str:
     if base is None:
         return "(no DiT runs)"
     lines = ["| flow DiT alone | class fidelity | diversity |", "|---|---:|---:|",
-             f"| as trained (logit-normal t), 20 steps, CFG 3 | {_pm(base, 'fidelity', '{:.1%}')} | "
+             f"| as trained (logit-normal t), {res['config']['steps']} steps, CFG {res['config']['cfg_scale']:g} | "
+             f"{_pm(base, 'fidelity', PCT1)} | "
              f"{base['diversity']:.3f} |"]
     for label in ("40 steps", "CFG 5", "shift 3", "uniform t"):
         if label in d:
-            lines.append(f"| {label} | {_pm(d[label], 'fidelity', '{:.1%}')} | {d[label]['diversity']:.3f} |")
+            lines.append(f"| {label} | {_pm(d[label], 'fidelity', PCT1)} | {d[label]['diversity']:.3f} |")
     per = d.get("per_class", {})
     if per:
         classes = list(next(iter(per.values())))
@@ -330,12 +335,12 @@ def usage_hints(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def breaks_at(points: list[dict]) -> str:
+def breaks_at(points: list[dict], unit: str = "{:g}") -> str:
     """Where along the axis (points in the axis' order) the runs first fall under the bounds: recovered < 0.8,
     or outside the fidelity/diversity bounds relative to the gapped target alone."""
     for p in points:
         if p["recovered"] is None or p["recovered"] < report.GOAL_RECOVERED or not p["acceptable"]:
-            return f"falls under the bounds at {p['level']:g}"
+            return f"falls under the bounds at {unit.format(p['level'])}"
     return "holds at every level run"
 
 
@@ -366,14 +371,15 @@ def findings(results: list[dict]) -> str:
         for key, points in sorted(s["gaps"].items()):
             axis, ad, label = key.split("/", 2)
             order = _axis_order(axis, points)
-            lines.append(f"- **{b}, gap `{axis}`**, {ad}, {label}: {breaks_at(order)} "
-                         f"(levels run: {', '.join(format(p['level'], 'g') for p in order)}).")
+            unit = GAP_UNIT.get(axis, "{:g}")
+            lines.append(f"- **{b}, gap `{axis}`**, {ad}, {label}: {breaks_at(order, unit)} "
+                         f"(levels run: {', '.join(unit.format(p['level']) for p in order)}).")
         dit = res.get("dit", {})
         alone = res["references"].get("alone:flow_dit")
         if alone is not None:
-            tried = ", ".join(f"{k} {v['fidelity']:.0%}" for k, v in dit.items() if isinstance(v, dict)
+            tried = ", ".join(f"{k} {_pct(v['fidelity'])}" for k, v in dit.items() if isinstance(v, dict)
                               and "fidelity" in v)
-            lines.append(f"- **{b}, the flow DiT alone**: {alone['fidelity']:.0%} as trained; "
+            lines.append(f"- **{b}, the flow DiT alone**: {_pct(alone['fidelity'])} as trained; "
                          f"{tried or 'nothing else run'}.")
     return "\n".join(lines)
 
