@@ -36,6 +36,7 @@ def neo(tmp_path, monkeypatch):
 def _session(tmp_path, monkeypatch, neo: bool):
     with installed(neo=neo):
         from lib_delta.hosts import forge as adapter
+        from lib_delta.hosts.forge import control as forge_control
         from lib_delta.hosts.forge import models as forge_models
 
         webui.checkpoints_list.clear()
@@ -55,6 +56,7 @@ def _session(tmp_path, monkeypatch, neo: bool):
         yield Forge(tmp_path, module.DeltaSamplingScript(), adapter, neo)
         adapter.begin(None)
         forge_models.forget_all()
+        forge_control.forget_all()
         backend.current_loaded_models.clear()
 
 
