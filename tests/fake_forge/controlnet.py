@@ -524,6 +524,11 @@ def modules(neo: bool) -> dict[str, ModuleType]:
     }
 
 
+def forget_cached() -> None:
+    if _CONTROL_MODEL_CACHE is not None:
+        _CONTROL_MODEL_CACHE.cache.clear()
+
+
 def use_folder(path: str) -> None:
     """Forge's ControlNet folder (models/ControlNet) for the tests' files."""
     global controlnet_dir
