@@ -339,7 +339,7 @@ class PreprocessorHookingSampling(Preprocessor):
         raise RuntimeError("hooks the sampling")
 
 
-def HWC3(x):  # noqa: N802 (Forge's name)
+def HWC3(x):
     return x if x.ndim == 3 and x.shape[2] == 3 else np.repeat(x[:, :, :1], 3, axis=2)
 
 
@@ -390,7 +390,7 @@ def crop_and_resize_image(detected_map, resize_mode, h, w, fill_border_with_255=
         return _resize(detected_map, h, w)
     old_h, old_w = detected_map.shape[:2]
     k = max(h / old_h, w / old_w) if resize_mode == ResizeMode.INNER_FIT else min(h / old_h, w / old_w)
-    nh, nw = int(round(old_h * k)), int(round(old_w * k))
+    nh, nw = round(old_h * k), round(old_w * k)
     scaled = _resize(detected_map, nh, nw)
     if resize_mode == ResizeMode.INNER_FIT:
         top, left = (nh - h) // 2, (nw - w) // 2
@@ -476,7 +476,7 @@ class UserControlNet:
                 negative_advanced_weighting=weighting)
 
 
-# --- installation ------------------------------------------------------------------------------------------------------
+# --- installation -----------------------------------------------------------------------------------------------------
 
 _state = ModuleType("lib_controlnet.global_state")
 
