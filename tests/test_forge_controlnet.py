@@ -9,7 +9,10 @@ Sampling's unit must give the same image.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import re
+import sys
 import weakref
 
 import numpy as np
@@ -18,7 +21,7 @@ import torch
 
 from lib_delta.args import DeltaSettings
 from tests.fake_forge import backend, controlnet, harness, webui
-from tests.fake_forge.harness import Forge, failure, forward_calls
+from tests.fake_forge.harness import Forge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 forge = harness.forge
@@ -187,7 +190,7 @@ def test_identity_in_forge_neo(neo_world):
     assert rel(out, reference) < 1e-5
 
 
-# --- across families ---------------------------------------------------------------------------------------------------
+# --- across families --------------------------------------------------------------------------------------------------
 
 
 def test_an_sd1_controlnet_through_an_sd1_source_steers_an_sdxl_target(world):
@@ -201,3 +204,184 @@ def test_an_sd1_controlnet_through_an_sd1_source_steers_an_sdxl_target(world):
     back = DeltaSettings.from_infotext({"Delta source": world.base, "Delta ControlNets": stored})
     assert back.groups[0].controlnets[0].model == controlnet.listed("control_tiny_sd15_canny")
     assert back.groups[0].controlnets[0].weight == 0.5 and back.groups[0].controlnets[0].image == ""
+
+
+# --- refusals: a 422 with a clear message, nothing loaded ----------------------------------------------------------
+
+
+def _listed(stem: str) -> str:
+    return controlnet.listed(stem)
+
+
+@pytest.mark.parametrize(("unit", "message"), [
+    ({"model": "control_tiny_sd15_cany", "image": "x"},
+     r"ControlNet model 'control_tiny_sd15_cany' is not among Forge's ControlNet models\. Closest: 'control_tiny"),
+    ({"model": "control_tiny_sdxl_canny", "image": "x"},
+     r"'control_tiny_sdxl_canny \[\w+\]' \(SDXL\) is not made for the source 'base' \(SD1\)"),
+    ({"model": "t2iadapter_tiny", "image": "x"}, r"'t2iadapter_tiny \[\w+\]' is not a ControlNet \(a T2I-Adapter"),
+    ({"model": "control_pickled", "image": "x"}, r"'control_pickled \[\w+\]' is not a \.safetensors file"),
+    ({"model": "control_truncated", "image": "x"}, r"'control_truncated \[\w+\]' is damaged or truncated"),
+    ({"image": "bm90IGFuIGltYWdl"}, r"control image \(ControlNet unit 1\) is not a readable image"),
+    ({"image": "%%%"}, r"not a readable image"),
+    ({"image": huge_png(4097, 8)}, r"4097×8; at most 4096 pixels a side"),
+    ({"image": huge_png(4096, 4100)}, r"at most 4096 pixels a side"),
+    ({"module": "depth_midas"}, r"preprocessor 'depth_midas' \(ControlNet unit 1\) is not supported"),
+    ({"module": "tile_colorfix"}, r"preprocessor 'tile_colorfix' \(ControlNet unit 1\) is not supported"),
+    ({"module": "cany"}, r"preprocessor \(ControlNet unit 1\) 'cany' is not among .* Closest: 'canny'"),
+    ({"image": ""}, r"No control image was given \(ControlNet unit 1\): send it as base64 .* never kept in infotext"),
+])
+def test_bad_units_are_refused_before_anything_loads(world, unit, message, no_cycle_collection):
+    from lib_delta.hosts.forge import control as control_mod
+    from lib_delta.hosts.forge import models as forge_models
+
+    fresh = world.f.generate(world.target)
+    request = world.unit(**unit) if "model" not in unit else {"image": b64png(IMAGE), **unit}
+    if "model" in unit and unit["model"] != "control_tiny_sd15_cany":
+        request["model"] = _listed(unit["model"])
+    calls = {n: p.calls for n, p in controlnet.supported_preprocessors.items()}
+    status, text, _ = harness.failure(lambda: world.ours([request]))
+    assert status == 422 and re.search(message, text), text
+    assert controlnet.loaded_files == [] and control_mod.POOL.keys() == [] and forge_models.cached() == []
+    assert {n: p.calls for n, p in controlnet.supported_preprocessors.items()} == calls
+    assert torch.equal(world.f.generate(world.target), fresh)  # and the WebUI keeps serving
+
+
+def test_an_sd1_unit_on_an_sdxl_source_and_a_missing_extension_are_refused(world, monkeypatch):
+    status, text, _ = harness.failure(lambda: world.f.run(world.target, world.xl, {"controlnets": [world.unit()]}))
+    assert status == 422 and "is not made for the source 'xl' (SDXL)" in text
+    monkeypatch.delitem(sys.modules, "lib_controlnet.global_state")
+    _, text, _ = harness.failure(lambda: world.ours([world.unit()]))
+    assert status == 422 and "need Forge's built-in ControlNet (sd_forge_controlnet), which is not enabled" in text
+    assert controlnet.loaded_files == []
+
+
+def test_a_file_added_since_the_list_was_read_is_found_after_one_refresh(world):
+    controlnet.write_controlnet(world.f.tmp / "ControlNet" / "control_tiny_sd15_new.safetensors", "sd1", seed=24)
+    assert not any(k.startswith("control_tiny_sd15_new") for k in controlnet.controlnet_filename_dict)
+    path = str(world.f.tmp / "ControlNet" / "control_tiny_sd15_new.safetensors")
+    name = f"control_tiny_sd15_new [{hashlib.sha256(path.encode()).hexdigest()[:8]}]"  # the name Forge will list
+    out = world.ours([{"model": name, "image": b64png(IMAGE)}])
+    assert torch.isfinite(out).all() and name in controlnet.controlnet_filename_dict
+
+
+# --- Forge's memory manager, the pool -------------------------------------------------------------------------------
+
+
+def test_the_memory_manager_loads_the_controlnet_beside_the_target_and_the_pool_keeps_it(world, monkeypatch):
+    from lib_delta.hosts.forge import control as control_mod
+
+    real, loaded = backend.load_models_gpu, []
+
+    def load_models_gpu(models, *args, **kwargs):
+        loaded.append([id(getattr(m, "model", None)) for m in models])
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "load_models_gpu", load_models_gpu)
+    world.ours([world.unit()])
+    module = control_mod.POOL.models()[0].module
+    target = id(world.target.forge_objects.unet.model)
+    assert any(target in ids and id(module) in ids for ids in loaded)  # sampling_prepare loads both at once
+    world.ours([world.unit(module="canny", weight=0.5)])
+    assert controlnet.loaded_files == [controlnet.get_controlnet_filename(_listed("control_tiny_sd15_canny"))]
+    ref = weakref.ref(module)
+    del module
+    world.ours([world.unit("control_tiny_sd15_depth")])  # the other one: the first is released before it loads
+    assert ref() is None and len(control_mod.POOL.keys()) == 1
+    world.f.generate(world.target, {"enabled": True, "source": world.base, "adapted_prompt": "x"})
+    assert control_mod.POOL.keys() == []  # a generation that names none releases it
+
+
+def test_in_neo_a_module_the_users_unit_cached_is_shared_and_never_freed(neo_world):
+    from lib_delta.hosts.forge import control as control_mod
+
+    w = neo_world
+    path = controlnet.get_controlnet_filename(_listed("control_tiny_sd15_canny"))
+    w.ours([w.unit()])
+    assert path not in controlnet._CONTROL_MODEL_CACHE.cache  # ours alone: kept out of Neo's cache
+    control_mod.forget_all()
+    own = w.f.generate(w.target, others=[w.own()])
+    cached = controlnet._CONTROL_MODEL_CACHE.cache[path]
+    w.ours([w.unit()])
+    assert control_mod.POOL.models()[0].module is cached
+    control_mod.forget_all()
+    assert cached.time_embed[0].weight.numel() > 0  # still the user's, whole
+    assert torch.equal(w.f.generate(w.target, others=[w.own()]), own)
+
+
+# --- the lifecycle: nothing of a unit survives the generation ---------------------------------------------------------
+
+
+class UnitSpy:
+    """Weak references to each run's ControlNet copies and, through them, their hints."""
+
+    def __init__(self, monkeypatch):
+        from lib_delta.hosts.forge import control as control_mod
+
+        self.refs: list[weakref.ref] = []
+        real = control_mod.load_units
+
+        def load_units(*args, **kwargs):
+            units = real(*args, **kwargs)
+            self.refs += [weakref.ref(u.cnet) for u in units] + [weakref.ref(u) for u in units]
+            return units
+
+        monkeypatch.setattr(control_mod, "load_units", load_units)
+
+    def alive(self) -> int:
+        return sum(r() is not None for r in self.refs)
+
+
+def test_nothing_of_a_unit_survives_a_finished_a_failed_or_an_interrupted_generation(world, monkeypatch,
+                                                                                       no_cycle_collection):
+    from lib_delta.hosts.forge import control as control_mod
+
+    spy = UnitSpy(monkeypatch)
+    runs = harness.RunSpy(monkeypatch, world.f.adapter)
+    fresh = world.f.generate(world.target)
+    world.ours([world.unit()], {"preview": True})
+    assert spy.refs and spy.alive() == 0 and runs.alive() == []
+    harness.assert_clean(world.target)
+
+    from lib_delta.hosts.forge import models as forge_models
+
+    entry = forge_models.cached()[0]  # a failure inside the source's own UNet, mid-sampling
+    harness.forward_calls(monkeypatch, entry.engine, at=3, do=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    del entry
+    _, text, _ = harness.failure(lambda: world.ours([world.unit()]))
+    assert "boom" in text and spy.alive() == 0 and runs.alive() == []
+    monkeypatch.undo()
+    spy = UnitSpy(monkeypatch)  # an interruption at the target's second step
+    harness.forward_calls(monkeypatch, world.target, at=2, do=lambda: setattr(webui.state, "interrupted", True))
+    world.ours([world.unit()])
+    assert spy.refs and spy.alive() == 0
+    harness.assert_clean(world.target)
+    module = control_mod.POOL.models()[0].module  # the model itself stays pooled ("kept models") and unloaded
+    assert all(control_mod.memory.module_of(e) is not module for e in backend.current_loaded_models)
+    del module
+    monkeypatch.undo()
+    assert torch.equal(world.f.generate(world.target), fresh)
+
+
+def test_a_start_that_fails_while_loading_units_keeps_nothing(world, monkeypatch, no_cycle_collection):
+    """The second unit's network cannot be built: the first one's copy and module are freed at once (reference
+    counting alone), even while the error (and its traceback) lives; the next plain image is the fresh one."""
+    from lib_delta.hosts.forge import control as control_mod
+
+    real = controlnet.try_load_supported_control_model
+    built = []
+
+    def load(path):
+        if built:
+            raise RuntimeError("damaged weights")
+        out = real(path)
+        built.append(weakref.ref(out.model_patcher.control_model))
+        return out
+
+    fresh = world.f.generate(world.target)
+    monkeypatch.setattr(controlnet, "try_load_supported_control_model", load)
+    monkeypatch.setattr(sys.modules["modules_forge.shared"], "try_load_supported_control_model", load)
+    status, text, _ = harness.failure(lambda: world.ours([world.unit(), world.unit("control_tiny_sd15_depth")]))
+    assert status == 422 and "cannot load the ControlNet" in text and "damaged weights" in text
+    assert built and built[0]() is None and control_mod.POOL.keys() == []
+    assert world.f.adapter.SLOT.get() is None
+    assert torch.equal(world.f.generate(world.target), fresh)
