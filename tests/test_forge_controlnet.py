@@ -144,6 +144,12 @@ def test_base_rows_of_every_batched_call_are_untouched(world, monkeypatch, hires
     extra = {"enable_hr": True, "hr_second_pass_steps": 2} if hires else {}
     world.ours([world.unit(module="canny")], prompt="a red cube AND a tall tree:0.6", **extra)
     assert len(checked) == (6 if hires else 4) and min(checked) > 1e-4
+    checked.clear()  # two groups, each with its unit, in one call: each ControlNet on its own group's rows
+    groups = [{"controlnets": [world.unit()], "strength": 0.5},
+              {"controlnets": [world.unit("control_tiny_sd15_depth", weight=0.6)], "adapted_prompt": "wood",
+               "strength": 0.5}]
+    out = world.f.run(world.target, world.base, {"groups": groups}, **extra)
+    assert torch.isfinite(out).all() and len(checked) == 2 * (6 if hires else 4) and min(checked) > 1e-4
 
 
 # --- the identity: target == source, λ = 1 equals Forge's own unit ---------------------------------------------------
