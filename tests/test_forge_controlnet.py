@@ -21,6 +21,7 @@ import torch
 
 from lib_delta.args import DeltaSettings
 from tests.fake_forge import backend, controlnet, harness, webui
+from tests.fake_forge import neo as neo_flavour
 from tests.fake_forge.harness import Forge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -312,6 +313,7 @@ def test_in_neo_a_module_the_users_unit_cached_is_shared_and_never_freed(neo_wor
     control_mod.forget_all()
     assert cached.time_embed[0].weight.numel() > 0  # still the user's, whole
     assert torch.equal(w.f.generate(w.target, others=[w.own()]), own)
+    assert neo_flavour.leak_reports == []  # no loaded network's patcher died under Neo's memory manager
 
 
 # --- the lifecycle: nothing of a unit survives the generation ---------------------------------------------------------

@@ -203,7 +203,10 @@ def _release(entry: PooledControl) -> None:
 
 
 def _stash(entry: PooledControl) -> None:
+    """Out of the device between generations. Neo's ``cleanup`` drops the network from its list without moving it,
+    so it is moved here too."""
     _forget_loaded(entry.module, move_weights=True)
+    entry.module.to(entry.patcher.model_patcher.control_model_wrapped.offload_device)
 
 
 def _forget_loaded(module: torch.nn.Module, move_weights: bool) -> None:
@@ -288,6 +291,9 @@ def load_units(plans: Sequence[UnitPlan], p: Any, device: Any) -> list[LoadedUni
         for plan in plans:
             pooled = POOL.get(plan.key, lambda plan=plan: _load(plan))
             cnet = pooled.patcher.model_patcher.copy()
+            # every copy loads through the pooled network's one patcher: Forge's list of loaded models may keep it
+            # after the run (Neo reports an entry whose patcher died as a leak)
+            cnet.control_model_wrapped = pooled.patcher.model_patcher.control_model_wrapped
             cnet.load_device = cnet.control_model_wrapped.load_device = cnet.device = device
             pre = plan.preprocessor
             fg.utils.set_numpy_seed(p)  # shuffle draws random numbers, as the user's units do

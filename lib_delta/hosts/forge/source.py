@@ -85,7 +85,8 @@ class ForgeSource:
 
     def patchers(self) -> list[Any]:
         """What Forge's memory manager must load beside the target: the engines' UNets and the units' ControlNets."""
-        return [s.entry.unet for s in self.slots] + [u.cnet.control_model_wrapped for u in self.units()]
+        nets = list({id(u.cnet.control_model_wrapped): u.cnet.control_model_wrapped for u in self.units()}.values())
+        return [s.entry.unet for s in self.slots] + nets
 
     def units(self) -> list[control_mod.LoadedUnit]:
         return [u for s in self.slots for u in s.units]
