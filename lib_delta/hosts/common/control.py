@@ -58,7 +58,9 @@ def not_a_controlnet(path: str) -> str | None:
 
 
 def check_family(path: str, name: str, source_family: str | None, source_context: int | None,
-                  source_label: str) -> None:
+                 source_label: str) -> None:
+    """Refuse a control model that is no plain ControlNet, or one of another family (or cross-attention width) than
+    the source, from the file's header alone."""
     kind = not_a_controlnet(path)
     if kind:
         raise DeltaError(f"'{name}' is {kind}: only ControlNets run on the Delta Sampling source.")
@@ -72,7 +74,7 @@ def check_family(path: str, name: str, source_family: str | None, source_context
                          "source, whatever the active model).")
 
 
-def decode_image(text: str, where: str) -> np.ndarray:
+def decode_image(text: str, where: str, what: str = "control image") -> np.ndarray:
     """A base64 PNG/JPEG (or ``data:`` URL) as HWC uint8 RGB; its size is checked before its pixels are read."""
     from PIL import Image, UnidentifiedImageError
 
@@ -82,12 +84,12 @@ def decode_image(text: str, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
-                raise DeltaError(f"The control image{where} is {w}×{h}; at most {MAX_SIDE} pixels a side and "
-                                 f"{MAX_PIXELS // 2**20} megapixels are allowed: send a smaller image (the control "
-                                 "map is resized to the generation anyway).")
+                raise DeltaError(f"The {what}{where} is {w}×{h}; at most {MAX_SIDE} pixels a side and "
+                                 f"{MAX_PIXELS // 2**20} megapixels are allowed: send a smaller image (it is resized "
+                                 "anyway).")
             return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
     except DeltaError:
         raise
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise DeltaError(f"The control image{where} is not a readable image ({type(e).__name__}): send a base64 PNG "
+        raise DeltaError(f"The {what}{where} is not a readable image ({type(e).__name__}): send a base64 PNG "
                          "or JPEG.") from None
