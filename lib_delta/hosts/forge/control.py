@@ -232,6 +232,8 @@ def _load(plan: UnitPlan) -> PooledControl:
     from backend.patcher.controlnet import ControlLora, ControlNet
 
     net = getattr(patcher, "model_patcher", None)
+    if net is None:
+        raise DeltaError(f"Forge does not recognise '{plan.listed}' as a control model it can load.")
     if not isinstance(net, ControlNet) or isinstance(net, ControlLora):
         raise DeltaError(f"'{plan.listed}' is not a ControlNet Forge loads as one (a {type(net).__name__}): only "
                          "ControlNets (no T2I-Adapter, Control-LoRA or IP-Adapter) run on the source.")
