@@ -393,3 +393,17 @@ def test_a_start_that_fails_while_loading_units_keeps_nothing(world, monkeypatch
     assert built and built[0]() is None and control_mod.POOL.keys() == []
     assert world.f.adapter.SLOT.get() is None
     assert torch.equal(world.f.generate(world.target), fresh)
+
+
+def test_a_unit_on_a_native_resolution_source_gets_its_hint_fitted_by_forge(world, monkeypatch):
+    """The source at its own (smaller) size: Forge's ControlNet fits the generation-size hint to the source's latent
+    (its get_control), and the image is steered, finite."""
+    from lib_delta import resolution
+
+    monkeypatch.setitem(resolution.NATIVE_SIDE, "SD1", 64)
+    xl = world.f.load(world.xl)
+    big = {"width": 128, "height": 128}
+    plain = world.f.run(xl, world.base, {"source_resolution": "native", "adapted_prompt": "wood"}, **big)
+    out = world.f.run(xl, world.base, {"source_resolution": "native", "adapted_prompt": "wood",
+                                       "controlnets": [world.unit()]}, **big)
+    assert torch.isfinite(out).all() and rel(out, plain) > 1e-3
