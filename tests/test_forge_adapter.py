@@ -145,6 +145,22 @@ def test_different_vaes_of_equal_channels_convert_with_a_warning(forge):
     assert p.extra_generation_params["Delta source"] == sd3
 
 
+def test_the_source_and_its_lora_are_credited_in_the_hash_keys(forge):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    lora = forge.lora("style", forge.load(base))
+    target = forge.load(base)
+    p = webui.Processing(target, PROMPT)
+    p.scripts = webui.ScriptRunner(forge.script, ({"enabled": True, "source": base, "loras": f"<lora:{lora}:1>"},))
+    webui.process_images(p)
+    params = p.extra_generation_params
+    entry = webui.available_networks[lora]
+    assert params["Lora hashes"] == f"{lora}: {entry.shorthash}" and len(entry.shorthash) == 12
+    info = webui.checkpoint_aliases[base]
+    hashes = [k for k in params if k.startswith("Hashes: ")]
+    assert hashes == [f'Hashes: {{"model:{info.model_name}": "{info.shorthash}", "lora:{lora}": "{entry.shorthash}"}}']
+    assert params[hashes[0]] == hashes[0]  # written verbatim: readers match it unquoted
+
+
 def test_a_flux_source_gets_the_distilled_guidance_of_the_pass(forge):
     from lib_delta.hosts.forge import models as forge_models
 

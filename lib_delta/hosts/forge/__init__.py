@@ -33,6 +33,7 @@ from ...guidance import CfgLayout, DeltaGuidance
 from ...resolution import native_side
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
+from ..common import credits as credits_mod
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
 from . import control as forge_control
@@ -81,8 +82,9 @@ def start(p: Any, settings: DeltaSettings) -> None:
         forge_models.settle(request.keys)
         forge_control.settle(request.control_keys)
         raise
+    run.credits = request.credits
     SLOT.open(p, run)
-    p.extra_generation_params.update(settings.to_infotext())
+    p.extra_generation_params = run.credits.into({**p.extra_generation_params, **settings.to_infotext()})
 
 
 def fail(p: Any, error: BaseException) -> None:
@@ -120,6 +122,8 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
     run = SLOT.get(p)
     if run is None:
         return
+    # again now that Forge's LoRA support has written its "Lora hashes" for this pass
+    p.extra_generation_params = run.credits.into(p.extra_generation_params)
     try:
         run.arm(p, kwargs.get("x"))
     except Exception as e:
@@ -153,6 +157,7 @@ class ForgeRun:
     def __init__(self, p: Any, settings: DeltaSettings, source: ForgeSource) -> None:
         self.p = p
         self.settings = settings
+        self.credits = credits_mod.Credits()  # the source's resources, for the infotext's hash keys
         self.started = time.perf_counter()
         self.source = source
         try:
