@@ -318,20 +318,6 @@ def test_a_near_miss_is_refused_with_the_closest_listed_names(forge, what, name)
     assert forge_models.cached() == []
 
 
-def test_controlnet_units_are_refused_in_forge_for_now(forge):
-    """A unit Forge ignored would leave a delta of zero and a plain image: refused, and nothing loads."""
-    from lib_delta.hosts.forge import models as forge_models
-
-    base = forge.checkpoint("base", family="sd1", seed=0)
-    target = forge.load(base)
-    fresh = forge.generate(target)
-    unit = {"model": "control_sd15", "image": "iVBORw0KGgo="}
-    with pytest.raises(DeltaError, match=r"ControlNet units .* AUTOMATIC1111") as err:
-        forge.run(target, base, {"controlnets": [unit]})
-    assert err.value.status_code == 422 and forge_models.cached() == []
-    assert torch.equal(forge.generate(target), fresh)
-
-
 def test_a_native_source_runs_at_its_own_size_and_changes_the_image(forge, monkeypatch):
     """The tiny SD1 source's training size taken as 64 px: a 128 px SDXL request runs it at 64 px (8×8 latent
     cells) and upsamples its delta; at 64 px "native" is today's computation bit for bit."""

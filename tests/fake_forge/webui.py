@@ -218,6 +218,9 @@ class CFGDenoiser:
         unet = self.p.sd_model.forge_objects.unet
         model, options = unet.model, unet.model_options
         cond, uncond = backend.compile_weighted_conditions(cond, composition), backend.compile_conditions(uncond)
+        if unet.controlnet_linked_list is not None:  # the user's ControlNets (sampling_function.py:352-357)
+            for entry in [*cond, *(uncond or [])]:
+                entry["control"] = unet.controlnet_linked_list
         seed = 0
         for modifier in options.get("conditioning_modifiers", []):
             model, x, sigma, uncond, cond, cond_scale, options, seed = modifier(model, x, sigma, uncond, cond,
@@ -247,6 +250,8 @@ class KDiffusionSampler:
             return sampling.sample_euler(lambda xx, s: model(xx, s, c, uc, cfg), x, sigmas)
         except InterruptedException:
             return self.last_latent
+        finally:
+            backend.sampling_cleanup(unet)
 
     def sample(self, p, x, c, uc, image_conditioning=None):
         sigmas = self.get_sigmas(p, p.steps)
@@ -275,6 +280,7 @@ class Processing:
             denoising_strength
         self.hr_cfg = cfg_scale if hr_cfg is None else hr_cfg
         self.hr_upscale_to_x, self.hr_upscale_to_y = width, height
+        self.hr_scale, self.hr_resize_x, self.hr_resize_y = 1.0, 0, 0  # the hires pass runs at the same size
         self.distilled_cfg_scale = self.hr_distilled_cfg = distilled_cfg_scale
         self.sampler_name, self.hr_sampler_name = "Euler", None
         self.extra_generation_params: dict = {}

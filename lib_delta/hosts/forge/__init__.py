@@ -36,6 +36,7 @@ from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
 from ..common import credits as credits_mod
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
+from . import control as forge_control
 from . import guard as guard_mod
 from . import memory as forge_memory
 from . import models as forge_models
@@ -59,6 +60,7 @@ def forget_all() -> None:
     """The scripts are being reloaded: close the run and release every engine."""
     SLOT.close()
     forge_models.forget_all()
+    forge_control.forget_all()
 
 
 def begin(p: Any) -> None:
@@ -69,13 +71,16 @@ def begin(p: Any) -> None:
 def start(p: Any, settings: DeltaSettings) -> None:
     """Check every name, limit and file, then load the source and adaptations and write the infotext. A start that
     fails releases whatever it loaded."""
-    request = forge_source.plan(settings, p.sd_model)
+    request = forge_source.plan(settings, p)
     forge_models.prepare(request.keys)
+    forge_control.prepare(request.control_keys)
     try:
-        run = ForgeRun(p, settings, forge_source.build(settings, request))
+        run = ForgeRun(p, settings, forge_source.build(settings, request, p))
     except BaseException:
         forge_models.discard_fresh()
+        forge_control.discard_fresh()
         forge_models.settle(request.keys)
+        forge_control.settle(request.control_keys)
         raise
     run.credits = request.credits
     SLOT.open(p, run)
@@ -182,6 +187,7 @@ class ForgeRun:
             bridge = self._bridge(target)
             levels = sampling_levels(p)
             self.source.encode(p)
+            self.source.begin_pass(p)
             self.guidance = DeltaGuidance(self.settings, bridge, self.source,
                                           ProgressClock(levels, log_space=bridge.target.convention == "ve"),
                                           record=self.settings.preview)
@@ -294,15 +300,19 @@ class ForgeRun:
             if self.guidance is not None:
                 self.target_latent = self.guidance.bridge.target.latent.name
             keys = [s.entry.key for s in self.source.slots]
+            control_keys = forge_control.keys(u.plan for u in self.source.units())
+            units = forge_control.describe(self.source.units())
+            self.source.release_units()
             self.samplers, self.armed, self.clones = [], [], []
             self.guidance, self.source.denoiser, self.p = None, None, None
             forge_models.settle(keys)
+            forge_control.settle(control_keys)
         seconds = time.perf_counter() - self.started
         loras = self.source.lora_summary()
         for slot in self.source.slots:  # detached: its terms would only hold memory until the run object goes
             slot.patch = None
         print(f"{self.settings.summary()}; {self.source.calls} source calls; {seconds:.1f}s"
-              + (f"; LoRA {loras}" if loras else ""))
+              + (f"; LoRA {loras}" if loras else "") + (f"; ControlNet on the adapted rows: {units}" if units else ""))
 
     def append_preview(self, processed: Any) -> None:
         from ... import preview
