@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import pytest
 
+from lib_delta import hosts
 from lib_delta.args import POSITIONAL_FIELDS, STRENGTH_RANGE, DeltaSettings, from_positional, to_positional
 from lib_delta.webui import panel as ui
 
@@ -52,7 +53,7 @@ def webui(monkeypatch):
     Block.created = []
     gr = types.ModuleType("gradio")
     for name in ("Row", "Column", "Accordion", "Group", "Dropdown", "Textbox", "Slider", "Checkbox", "Radio",
-                 "HTML", "Button"):
+                 "HTML", "Button", "Image"):
         setattr(gr, name, type(name, (Block,), {}))
     gr.update = lambda **kw: {"__type__": "update", **kw}
 
@@ -68,13 +69,36 @@ def webui(monkeypatch):
     ui_components = types.ModuleType("modules.ui_components")
     ui_components.InputAccordion = InputAccordion
     ui_components.FormHTML = type("FormHTML", (Block,), {})
+    ui_components.ToolButton = type("ToolButton", (Block,), {})
     modules.sd_models, modules.shared = sd_models, shared
     networks = SimpleNamespace(available_networks={"style": 1, "Detail": 2}, list_available_networks=lambda: None)
     for name, module in {"gradio": gr, "modules": modules, "modules.sd_models": sd_models, "modules.shared": shared,
                          "modules.ui_common": ui_common, "modules.ui_components": ui_components,
                          "networks": networks}.items():
         monkeypatch.setitem(sys.modules, name, module)
-    return SimpleNamespace(opts=shared.opts, refreshes=refreshes)
+    catalog = Catalog()
+    monkeypatch.setattr(hosts, "catalog", lambda: catalog)
+    return SimpleNamespace(opts=shared.opts, refreshes=refreshes, catalog=catalog)
+
+
+class Catalog:
+    """The host's lists (``lib_delta.hosts.catalog()``): ControlNet models of three families and preprocessors."""
+
+    def __init__(self):
+        self.lists = {"controlnet": ["control_v11p_sd15_canny [d14c016b]", "diffusers_xl_canny_mid [112a778d]",
+                                     "control_sd21_depth [aaaa0000]", "my_own_control [12345678]"],
+                      "controlnet_module": ["none", "canny", "invert"]}
+        self.refreshed: list[str] = []
+        self.why: str | None = None
+
+    def names(self, catalog):
+        return list(self.lists[catalog]) if self.why is None else []
+
+    def refresh(self, catalog):
+        self.refreshed.append(catalog)
+
+    def missing(self, catalog):
+        return self.why
 
 
 def script(tab: str = "txt2img"):
@@ -137,9 +161,11 @@ def test_picking_a_lora_appends_its_tag(webui):
 def test_infotext_fields_are_set_on_the_script(webui):
     s = script("img2img")
     controls = ui.build(s, is_img2img=True)
+    notes = [b for b in Block.created if (b.elem_id or "").endswith("_note")]
+    assert len(notes) == 4  # one per unit: two ControlNet units in each of two groups
     assert [c for c, _ in s.infotext_fields] == [c for f, c in zip(POSITIONAL_FIELDS, controls, strict=True)
-                                                 if f != "preview"]
-    assert s.paste_field_names == [key for _, key in s.infotext_fields]
+                                                 if f not in ui.NOT_IN_INFOTEXT] + notes
+    assert s.paste_field_names == [key for c, key in s.infotext_fields if c not in notes]
 
 
 def test_api_forms_fill_like_the_webui(webui):

@@ -77,7 +77,7 @@ def test_paste_restores_every_control(settings):
 
 def test_paste_without_delta_keys_only_switches_it_off():
     assert _paste({"Steps": "20", "Sampler": "Euler"}) == {f: (False if f == "enabled" else None)
-                                                            for f in POSITIONAL_FIELDS if f != "preview"}
+                                                            for f in POSITIONAL_FIELDS if f not in ui.NOT_IN_INFOTEXT}
 
 
 def test_bad_delta_infotext_is_reported_once():

@@ -13,6 +13,8 @@ Each adapter module exposes the same functions, called by ``scripts/delta_sampli
   for anything else (the WebUI only logs exceptions raised inside script hooks);
 - ``before_sampling(p, **kwargs)``: arm the per-step correction for one sampling pass (hires fix has two);
 - ``finish(p, processed=None)``: disarm, restore every patched object, add the preview, free per-generation state.
+
+Each adapter package also has a ``catalog`` module: the names its unit dropdowns list (:func:`catalog`).
 """
 
 from __future__ import annotations
@@ -50,3 +52,14 @@ def current() -> ModuleType:
 
 def register() -> None:
     current().register()
+
+
+def catalog() -> ModuleType:
+    """The host's lists for the panel's unit dropdowns (``names``, ``refresh``, ``missing`` by list name)."""
+    if is_forge():
+        from .forge import catalog as forge_catalog
+
+        return forge_catalog
+    from .a1111 import catalog as a1111_catalog
+
+    return a1111_catalog
