@@ -179,6 +179,7 @@ def start(p: Any, settings: DeltaSettings) -> None:
     target = shared.sd_model
     _check_target(target)
     plan = _plan(settings, target, p)
+    settings = control_mod.named_as_listed(settings, plan.units)
     source_mod.POOL.prepare(plan.keys)
     try:
         run = _load(settings, plan, target, p)
@@ -426,19 +427,29 @@ def finish(p: Any, processed: Any = None) -> None:
         return
     records = [r for ps in run.passes if ps.guidance is not None for r in ps.guidance.records]
     target = next((ps.guidance.bridge.target.latent.name for ps in reversed(run.passes) if ps.guidance), None)
+    hints = _hints(run) if processed is not None and run.settings.preview else []
     run.close()
     if processed is not None and run.settings.preview:
         try:
-            _append_preview(run, records, target, processed)
+            _append_preview(run, records, target, processed, hints)
         except Exception as e:
             print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
     print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {', '.join(run.log)}")
 
 
-def _append_preview(run: Run, records: list, target: str | None, processed: Any) -> None:
+def _hints(run: Run) -> list:
+    """The units' control maps for the preview, taken before the run closes (closing drops them)."""
+    try:
+        return [u.shown_hint() for u in run.units]
+    except Exception as e:
+        print(f"Delta Sampling: no control maps in the preview ({type(e).__name__}: {e})")
+        return []
+
+
+def _append_preview(run: Run, records: list, target: str | None, processed: Any, hints: list) -> None:
     from ... import preview
 
-    strip = preview.render(records, run.source.latent.name, target)
+    strip = preview.render(records, run.source.latent.name, target, hints)
     if strip is None:
         return
     preview.append_to(processed, strip)
