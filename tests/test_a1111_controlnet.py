@@ -575,3 +575,37 @@ def test_the_preview_strip_shows_each_units_control_map(ui):
     hint, _ = type(script).detectmap_proc(detected, "canny", "Crop and Resize", 64, 64)
     expected = preview._shrink(preview.hint_image(hint), tile, tile)
     assert np.array_equal(maps[:tile], expected)
+
+
+# --- what the panel's dropdowns list ------------------------------------------------------------------------------
+
+
+def test_the_panels_lists_are_the_extensions_and_follow_the_sources_header(ui, files):
+    from lib_delta import hosts
+    from lib_delta.args import ControlNetUnit
+    from lib_delta.fields import settings_of
+    from lib_delta.hosts.a1111 import catalog
+    from lib_delta.webui import lists
+
+    assert hosts.catalog() is catalog and catalog.missing("controlnet") is None
+    gs = sys.modules["scripts.global_state"]
+    assert catalog.names("controlnet") == [k for k, v in gs.cn_models.items() if v]  # "None" maps to no file
+    assert catalog.names("controlnet_module") == ["none", "canny", "invert", "shuffle"]  # not depth_midas, inpaint
+    model = next(s for s in settings_of(ControlNetUnit) if s.name == "model")
+    # the source's family from its file's header, whatever its name says: "base" is SD1.5, "xl" SDXL
+    assert lists.source_family("base") == "SD1" and lists.source_family("xl") == "SDXL"
+    assert lists.choices(model, "base") == ["None", listed("control_tiny_sd15_canny"),
+                                            listed("control_tiny_sd15_depth"), listed("t2iadapter_tiny")]
+    assert lists.choices(model, "xl") == ["None", listed("control_tiny_sdxl_canny"), listed("t2iadapter_tiny")]
+    # a file added later appears after a refresh
+    controlnet_ext.write_controlnet(files / "ControlNet" / "control_late_sd15_seg.safetensors", "sd1", seed=24)
+    try:
+        assert not any("late" in n for n in catalog.names("controlnet"))
+        lists.refresh(model)
+        assert any(n.startswith("control_late_sd15_seg [") for n in lists.choices(model, "base"))
+    finally:
+        (files / "ControlNet" / "control_late_sd15_seg.safetensors").unlink()
+        gs.update_cn_models()
+    controlnet_ext.uninstall()
+    assert "sd-webui-controlnet extension, which is not installed" in catalog.missing("controlnet")
+    assert catalog.names("controlnet") == [] and lists.choices(model, "base") == ["None"]
