@@ -333,3 +333,17 @@ def test_pasting_a_unit_says_that_its_image_must_be_given_again(webui):
     image = _by_id("img2img")["controlnet1_image"]
     clear = image.events["change"]
     assert clear["outputs"] == [note[0]] and clear["fn"](object()) == ""
+
+
+def test_txt2img_does_not_paste_the_init_image_box_it_hides(webui):
+    params = {"Delta source": "sd15", "Delta ControlNets": '[{"model":"d","use_init_image":true}]'}
+    fields = {}
+    for tab in ("txt2img", "img2img"):
+        s = script(tab)
+        ui.build(s, is_img2img=tab == "img2img")
+        fields[tab] = {key: key for _, key in s.infotext_fields}
+    box = "Delta ControlNet unit 1 use_init_image"
+    assert fields["img2img"][box](params) is True
+    assert fields["txt2img"][box](params) is False  # it could not be unticked there
+    assert fields["txt2img"]["Delta ControlNet unit 1 model"](params) == "d"
+    assert list(fields["txt2img"]) == list(fields["img2img"])  # "Send to img2img" pairs the tabs' fields by key

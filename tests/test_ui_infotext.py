@@ -62,9 +62,9 @@ def _infotext_params(extra: dict[str, str]) -> dict[str, str]:
 
 
 def _paste(params: dict[str, str]) -> dict[str, object]:
-    """What the paste fields give each control (None = left as it is)."""
+    """What the paste fields of img2img's panel give each control (None = left as it is)."""
     components = {f: SimpleNamespace(name=f) for f in POSITIONAL_FIELDS}
-    return {component.name: key(params) for component, key in ui.infotext_fields(components)}
+    return {component.name: key(params) for component, key in ui.infotext_fields(components, is_img2img=True)}
 
 
 def test_every_control_has_a_tooltip_and_every_pasted_one_a_unique_key():

@@ -93,6 +93,11 @@ def infotext_fields(components: Mapping[str, Any], notes: Mapping[UnitKey, Any] 
         for f in POSITIONAL_FIELDS
         if f not in NOT_IN_INFOTEXT
     ]
+    if not is_img2img:  # a control txt2img hides keeps its default, whatever an img2img infotext says
+        hidden = {slot.name for slot in SLOTS if slot.setting.control is not None and slot.setting.control.img2img}
+        fields = [(c, InfotextField(key, _kept_default)) if f in hidden else (c, key)
+                  for f, (c, key) in zip([f for f in POSITIONAL_FIELDS if f not in NOT_IN_INFOTEXT], fields,
+                                         strict=True)]
     for key, note in (notes or {}).items():
         label = f"{_unit_label(key)} image note"  # never in infotext: the note reads the units' own keys
         fields.append((note, InfotextField(label, lambda params, key=key: pasted_unit_note(key, params, is_img2img))))
@@ -100,6 +105,18 @@ def infotext_fields(components: Mapping[str, Any], notes: Mapping[UnitKey, Any] 
 
 
 UnitKey = tuple[int, str, int]  # panel group, object list (its setting's name), unit: all from 0
+
+
+def _kept_default(params: Mapping[str, str]) -> Any:
+    """A hidden control's value for pasted infotext: its default (False: "Use the init image" in txt2img); None
+    (left as it is) where the infotext has no Delta keys or bad ones, as for every other control."""
+    if infotext_marker() not in params:
+        return None
+    try:
+        DeltaSettings.from_infotext(params)
+    except DeltaError:
+        return None
+    return False
 
 
 def _unit_label(key: UnitKey) -> str:
