@@ -254,7 +254,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         widget = ctl.widget or s.kind.widget
         common = {"label": ctl.label, "value": start[slot.index], "elem_id": script.elem_id(slot.name)}
         if ctl.img2img and not is_img2img:
-            common["visible"] = False  # still a positional value, as the tabs share one argument list
+            common["visible"] = False  # hidden, not left out: both tabs pass the same positional values
         kind: Any = s.kind
         if widget == "checkpoint":
             dropdown = tip(slot, gr.Dropdown(choices=checkpoint_choices(), allow_custom_value=True, **common))
