@@ -283,7 +283,8 @@ def test_units_in_the_panel_in_a_browser(env: Env, chromium: str, record_propert
 
         def options(elem_id: str) -> list[str]:
             page.locator(f"#{elem_id} input").first.click()
-            texts = [t.strip() for t in page.locator(f"#{elem_id} ul.options li").all_text_contents()]
+            # gradio 3 puts a check mark (shown on the selected one only) before each option's text
+            texts = [t.replace("✓", "").strip() for t in page.locator(f"#{elem_id} ul.options li").all_text_contents()]
             page.keyboard.press("Escape")
             return texts
 
