@@ -54,6 +54,7 @@ from .schedule import SCHEDULES
 MODES = ("delta", "base-first")
 CFG_MODES = ("cfg", "cond")
 TRAJECTORIES = ("shared", "separate")
+RESOLUTIONS = ("target", "native")  # where the source runs: the image's size, or its own training area
 STRENGTH_RANGE = (-5.0, 5.0)
 LORA_WEIGHT_RANGE = (-10.0, 10.0)
 SOURCE_CFG_RANGE = (0.0, 30.0)
@@ -208,34 +209,34 @@ class ControlNetUnit:
     unit 2. The image is never recorded (infotext cannot hold it), so a pasted unit needs its image given again."""
 
     model: str = setting(
-        MISSING, Listed("controlnet", family=True), slot=(22, 23, 24, 25),
+        MISSING, Listed("controlnet", family=True), slot=(23, 24, 25, 26),
         control=Control("ControlNet model", row="cn_model"),
         tooltip="the ControlNet model as the host lists it, e.g. 'control_v11p_sd15_canny [d14c016b]'; it must be "
                 "made for the source's family (the list shows those whose name says so)")
     image: str = setting(
-        "", ImageData(), recorded=False, slot=(26, 27, 28, 29), control=Control("Control image"),
+        "", ImageData(), recorded=False, slot=(27, 28, 29, 30), control=Control("Control image"),
         tooltip="the control image, base64 PNG or JPEG (in img2img the init image when empty); not kept in "
                 "infotext: give it again when pasting")
     use_init_image: bool = setting(
-        False, Bool(), slot=(30, 31, 32, 33), control=Control("Use the init image", img2img=True),
+        False, Bool(), slot=(31, 32, 33, 34), control=Control("Use the init image", img2img=True),
         tooltip="in img2img, use the init image as the control image (any image given is ignored)")
     module: str = setting(
-        "none", Listed("controlnet_module"), slot=(34, 35, 36, 37), control=Control("Preprocessor", row="cn_model"),
+        "none", Listed("controlnet_module"), slot=(35, 36, 37, 38), control=Control("Preprocessor", row="cn_model"),
         tooltip="the preprocessor run on the image first ('none': the image is already a control map)")
     weight: float = setting(
-        1.0, Number(*CONTROLNET_WEIGHT_RANGE), slot=(38, 39, 40, 41),
+        1.0, Number(*CONTROLNET_WEIGHT_RANGE), slot=(39, 40, 41, 42),
         control=Control("Control weight", row="cn_weights", step=0.05),
         xyz=XYZ("[Delta] ControlNet weight", at=8, key="controlnet_weight"),
         tooltip="how strongly its residuals are added")
     guidance_start: float = setting(
-        0.0, Number(0.0, 1.0), slot=(42, 43, 44, 45), control=Control("Guidance start", row="cn_weights"),
+        0.0, Number(0.0, 1.0), slot=(43, 44, 45, 46), control=Control("Guidance start", row="cn_weights"),
         tooltip="the fraction of the steps where it starts")
     guidance_end: float = setting(
-        1.0, Number(0.0, 1.0), slot=(46, 47, 48, 49), control=Control("Guidance end", row="cn_weights"),
+        1.0, Number(0.0, 1.0), slot=(47, 48, 49, 50), control=Control("Guidance end", row="cn_weights"),
         xyz=XYZ("[Delta] ControlNet guidance end", at=9, key="controlnet_guidance_end"),
         tooltip="the fraction of the steps where it stops")
     resize_mode: str = setting(
-        "Crop and Resize", Choice(CONTROLNET_RESIZE_MODES), slot=(50, 51, 52, 53),
+        "Crop and Resize", Choice(CONTROLNET_RESIZE_MODES), slot=(51, 52, 53, 54),
         control=Control("Resize mode", widget="radio"),
         tooltip="how the image is fitted to the generation's size")
 
@@ -351,6 +352,15 @@ class DeltaSettings:
                 f"in delta mode, {num(BASE_FIRST_CFG)} in base-first mode, where a distilled (Turbo, Lightning) "
                 "active model runs at CFG 1-2 and following it would leave the source's layout steps nearly "
                 "unguided.")
+    source_resolution: str = setting(
+        "target", Choice(RESOLUTIONS), slot=22, infotext=Infotext("Delta source resolution"),
+        control=Control("Source resolution", widget="radio", section="advanced"),
+        xyz=XYZ("[Delta] Source resolution", at=10),
+        tooltip="target: the source runs at the image's size. native: above the source's training size (512² "
+                "for SD1.x, 768² for SD2.x-v, 1024² for SDXL) it runs at that size instead, the image's aspect "
+                "ratio kept, and its delta is upsampled back: an SD1.5 source at 1024 px then costs about a quarter "
+                "and composes as it was trained to, but the delta carries no detail finer than the source's grid. "
+                "No change at or below the source's size.")
 
     # -- validation -------------------------------------------------------------------------------------------
 
@@ -465,6 +475,8 @@ class DeltaSettings:
             parts.append(f"source_cfg={num(self.source_cfg)}")
         if self.trajectory != "shared":
             parts.append(f"trajectory={self.trajectory}")
+        if self.source_resolution != "target":
+            parts.append(f"source_resolution={self.source_resolution}")
         return ", ".join(parts)
 
 
@@ -632,6 +644,7 @@ __all__ = [
     "MODES",
     "OVERRIDES",
     "POSITIONAL_FIELDS",
+    "RESOLUTIONS",
     "SCHEDULES",
     "SOURCE_CFG_RANGE",
     "STRENGTH_RANGE",

@@ -347,3 +347,24 @@ def test_txt2img_does_not_paste_the_init_image_box_it_hides(webui):
     assert fields["txt2img"][box](params) is False  # it could not be unticked there
     assert fields["txt2img"]["Delta ControlNet unit 1 model"](params) == "d"
     assert list(fields["txt2img"]) == list(fields["img2img"])  # "Send to img2img" pairs the tabs' fields by key
+
+
+def test_every_text_the_panel_shows_is_in_the_localization_template(webui):
+    """A text added to the panel without a declaration the template is made from fails here."""
+    from lib_delta.webui import strings
+
+    ui.build(script(), is_img2img=False)
+    shown = set()
+    for b in Block.created:
+        texts = [b.label, b.kwargs.get("placeholder"), getattr(b, "webui_tooltip", None)]
+        if type(b).__name__ == "Accordion":
+            texts.append(b.value)  # its label, given positionally
+        if type(b).__name__ in ("Radio", "Dropdown") and not (b.elem_id or "").endswith(("source", "checkpoint",
+                                                                                           "lora_picker", "_model",
+                                                                                           "_module")):
+            # fixed choices; checkpoint, LoRA, ControlNet and preprocessor names are the user's or the host's
+            texts += b.kwargs.get("choices") or []
+        shown |= {t for t in texts if isinstance(t, str) and t.strip()}
+    template = strings.template()
+    assert shown - set(template) == set(), sorted(shown - set(template))
+    assert {"Advanced", "Add LoRA", "Second adaptation group", "λ (strength)"} <= shown  # the walk sees them

@@ -29,6 +29,14 @@ from . import lists
 
 TITLE = "Delta Sampling"
 REFRESH_SYMBOL = "\U0001f504"  # the WebUI's refresh buttons' symbol (modules/ui_common.py)
+# The frame's own texts (the controls' come from their declarations); the localization template lists them all.
+ADVANCED = "Advanced"
+GROUP_ACCORDION = "{ordinal} adaptation group"
+PICKER_LABEL = "Add LoRA"
+PICKER_TOOLTIP = "Pick a LoRA to add its tag to the field beside, with the default extra networks multiplier as weight."
+UNITS_ACCORDION = "{item}s"  # a group's units of one kind ("ControlNet units")
+UNIT_ACCORDION = "{item} {k}"
+LIST_REFRESH_TOOLTIP = "Read the list again (after adding model files)."
 # Settings that shape the panel (the others, for the generation path, live with the host adapters).
 SETTING_DEFAULT_STRENGTH = "delta_sampling_default_strength"
 SETTING_PREVIEW = "delta_sampling_preview"
@@ -223,10 +231,9 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     def lora_controls(slot: Slot, control: Control, **common: Any) -> None:
         prefix = slot.name[: len(slot.name) - len(slot.setting.name)]
         field = tip(slot, gr.Textbox(lines=1, scale=3, placeholder=control.placeholder, **common))
-        picker = gr.Dropdown(label="Add LoRA", choices=lora_names(), value=None, scale=1,
+        picker = gr.Dropdown(label=PICKER_LABEL, choices=lora_names(), value=None, scale=1,
                              elem_id=script.elem_id(f"{prefix}lora_picker"))
-        picker.webui_tooltip = "Pick a LoRA to add its tag to the field beside, with the default extra networks " \
-                               "multiplier as weight."
+        picker.webui_tooltip = PICKER_TOOLTIP
         create_refresh_button(picker, refresh_loras, lambda: {"choices": lora_names()},
                               script.elem_id(f"{prefix}lora_refresh"))
         picker.change(fn=add_picked_lora, inputs=[picker, field], outputs=[field, picker], show_progress="hidden")
@@ -235,7 +242,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         s = slot.setting
         dropdown = tip(slot, gr.Dropdown(choices=lists.choices(s), allow_custom_value=True, scale=3, **common))
         button = ToolButton(value=REFRESH_SYMBOL, elem_id=script.elem_id(f"{slot.name}_refresh"))
-        button.webui_tooltip = "Read the list again (after adding model files)."
+        button.webui_tooltip = LIST_REFRESH_TOOLTIP
         if s.kind.family:
             by_family.append((s, dropdown))
             source = [c["source"]]
@@ -291,13 +298,14 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             first = next(s for s in settings_of(kind.cls) if isinstance(s.kind, Listed))
             why = lists.missing(first)
             prefix = "" if g == 0 else f"group{g + 1}_"
-            with gr.Accordion(f"{kind.item}s", open=False, elem_id=script.elem_id(f"{prefix}{owner.name}")):
+            with gr.Accordion(UNITS_ACCORDION.format(item=kind.item), open=False,
+                              elem_id=script.elem_id(f"{prefix}{owner.name}")):
                 if why:  # the extension that lists and runs them is missing: say so instead of empty controls
                     gr.HTML(f'<p class="delta-sampling-note">{why}</p>',
                             elem_id=script.elem_id(f"{prefix}{owner.name}_missing"))
                 with gr.Column(visible=not why):
                     for k in range(kind.panel):
-                        with gr.Accordion(f"{kind.item} {k + 1}", open=k == 0,
+                        with gr.Accordion(UNIT_ACCORDION.format(item=kind.item, k=k + 1), open=k == 0,
                                           elem_id=script.elem_id(f"{prefix}{kind.prefix}{k + 1}")):
                             note = gr.HTML("", elem_id=script.elem_id(f"{prefix}{kind.prefix}{k + 1}_note"))
                             notes[(g, owner.name, k)] = note
@@ -320,10 +328,10 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         controls(_section("main"))
         controls(_group(0))
         unit_blocks(0)
-        with gr.Accordion("Advanced", open=False, elem_id=script.elem_id("advanced")):
+        with gr.Accordion(ADVANCED, open=False, elem_id=script.elem_id("advanced")):
             controls(_section("advanced"))
             for g, switch in enumerate((slot for slot in SLOTS if slot.switch), 1):
-                with gr.Accordion(f"{ORDINALS[g + 1]} adaptation group", open=False,
+                with gr.Accordion(GROUP_ACCORDION.format(ordinal=ORDINALS[g + 1]), open=False,
                                   elem_id=script.elem_id(f"group{g + 1}")):
                     controls([switch])
                     controls(_group(g))

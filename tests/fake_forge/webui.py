@@ -13,6 +13,7 @@ the scripts' ``postprocess`` still runs. Prompts support AND with weights; no ed
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import traceback
@@ -64,11 +65,19 @@ def add_checkpoint(path: str) -> SimpleNamespace:
     name = os.path.basename(path)
     model_name = os.path.splitext(name)[0]
     info = SimpleNamespace(filename=path, name=name, name_for_extra=model_name, model_name=model_name, title=name,
-                           sha256=None)
+                           sha256=None, shorthash=None)
+    info.calculate_shorthash = lambda: _hash(info, 10)  # sets sha256, as Forge's CheckpointInfo does
     checkpoints_list[name] = info
     for alias in (model_name, name, model_name):
         checkpoint_aliases[alias] = info
     return info
+
+
+def _hash(item, digits: int) -> str:
+    with open(item.filename, "rb") as f:
+        item.sha256 = hashlib.sha256(f.read()).hexdigest()
+    item.shorthash = item.sha256[:digits]
+    return item.shorthash
 
 
 def get_closet_checkpoint_match(search_string):
@@ -93,7 +102,8 @@ def list_available_networks():
     for name in sorted(os.listdir(lora_dir)) if lora_dir else []:
         stem, ext = os.path.splitext(name)
         if ext in (".safetensors", ".pt", ".ckpt"):
-            entry = SimpleNamespace(name=stem, alias=stem, filename=os.path.join(lora_dir, name))
+            entry = SimpleNamespace(name=stem, alias=stem, filename=os.path.join(lora_dir, name), shorthash=None)
+            entry.read_hash = lambda entry=entry: _hash(entry, 12)
             available_networks[stem] = available_network_aliases[stem] = entry
 
 
@@ -339,8 +349,15 @@ class ScriptRunner:
     def process_before_every_sampling(self, p, **kwargs):
         self._call("process_before_every_sampling", p, **kwargs)
 
+    def post_sample(self, p, ps):
+        self._call("post_sample", p, ps)
+
     def postprocess(self, p, processed):
         self._call("postprocess", p, processed)
+
+
+def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
+    return batch  # no VAE here: images stay latents; a test makes the decode fail here
 
 
 def process_images(p):
@@ -350,6 +367,9 @@ def process_images(p):
     p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
     p.setup_conds()
     samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc)
+    ps = SimpleNamespace(samples=samples)  # modules.scripts.PostSampleArgs
+    p.scripts.post_sample(p, ps)
+    samples = decode_latent_batch(p.sd_model, ps.samples)
     p.processed = SimpleNamespace(images=list(samples), infotexts=["infotext"] * len(samples))
     p.scripts.postprocess(p, p.processed)
     return samples

@@ -23,7 +23,9 @@ from typing import Any
 from ...args import DeltaSettings
 from ...cuda_graph import GraphedCall, storage_fingerprint
 from ...errors import DeltaError
+from ...resolution import native_side
 from ...spaces import SD1, SD2, SD3, SDXL, ModelSpace, check_latent_compatible
+from ..common import credits as credits_mod
 from ..common.files import checkpoint_family
 from ..common.http import as_failure
 from ..common.runs import RunSlot
@@ -107,6 +109,10 @@ class Run:
     units: list[control_mod.LoadedUnit] = field(default_factory=list)  # ControlNet units, in group order
     controls: dict[int, RowControl] = field(default_factory=dict)  # per model with units: its row hooks
     log: list[str] = field(default_factory=list)  # what the generation's log line reports, kept past close()
+    credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)  # the source's, for the hash keys
+    records: list = field(default_factory=list)  # the preview's records, kept past close()
+    target_latent: str | None = None
+    hints: list = field(default_factory=list)  # the units' control maps for the preview, kept past close()
     closed: bool = False
 
     @property
@@ -119,10 +125,15 @@ class Run:
             return
         self.closed = True
         keys = [m.key for m in self.models]
-        self.log = self._summary()
         try:
             for ps in self.passes:
                 ps.disarm()
+            tallies = [ps.tally() for ps in self.passes]
+            self.records = [r for t in tallies for r in t.records]
+            self.target_latent = next((t.target_latent for t in reversed(tallies) if t.target_latent), None)
+            self.log = self._summary(tallies)
+            if self.settings.preview:
+                self.hints = _hints(self)
             if self.graphs:
                 for graph in self.graphs.values():
                     graph.reset()  # their memory pool goes with the last reference
@@ -139,17 +150,14 @@ class Run:
             self.units.clear()
             source_mod.settle(keys)
 
-    def _summary(self) -> list[str]:
-        guided = [ps.guidance for ps in self.passes if ps.guidance is not None]
-        calls, beside = sum(g.source_calls for g in guided), sum(g.prefetched for g in guided)
+    def _summary(self, tallies: list[step_mod.PassTally]) -> list[str]:
+        calls, beside = sum(t.calls for t in tallies), sum(t.prefetched for t in tallies)
         where = f" ({beside} beside the target on {self.device})" if beside else ""
-        out = [f"{calls} source calls{where}", f"{self.overhead():.1f}s source overhead"]
+        overhead = self.setup_seconds + sum(t.seconds for t in tallies)
+        out = [f"{calls} source calls{where}", f"{overhead:.1f}s source overhead"]
         if self.units:
             out.append(f"ControlNet on the adapted rows: {control_mod.describe(self.units)}")
         return out
-
-    def overhead(self) -> float:
-        return self.setup_seconds + sum(ps.source.seconds for ps in self.passes)
 
 
 def begin(p: Any) -> None:
@@ -168,6 +176,7 @@ class Plan:
     tuned: tuple[Any, ...]
     keys: tuple[tuple[str, str], ...]
     units: tuple[control_mod.UnitPlan, ...] = ()
+    credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)
 
 
 def start(p: Any, settings: DeltaSettings) -> None:
@@ -188,11 +197,13 @@ def start(p: Any, settings: DeltaSettings) -> None:
         source_mod.settle(list(plan.keys))
         raise
     run.setup_seconds = time.perf_counter() - t0
+    run.credits = plan.credits
     SLOT.open(p, run)
     _write_infotext(p, run)
     if source_mod.target_uses_lowvram() and run.device.type != "cpu":
-        print("Delta Sampling: under --lowvram/--medvram the source's UNet moves to the GPU and back at every step "
-              "and the active model's modules step aside for it: expect each step to take several times longer.")
+        if source_mod.shared_flag("lowvram"):
+            print("Delta Sampling: under --lowvram the source's UNet moves to the GPU and back at every step and the "
+                  "active model's modules step aside for it: expect each step to take several times longer.")
 
 
 def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
@@ -201,12 +212,11 @@ def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
                   for g in settings.groups)
     files = {os.path.abspath(i.filename) for i in (source, *tuned) if i is not None}
     source_mod.limits().check_request(len(files), sum(len(g.loras) for g in settings.groups))
+    loras: dict[str, Any] = {}
     if any(g.loras for g in settings.groups):
         from . import lora as a1111_lora
 
-        for g in settings.groups:
-            for ref in g.loras:
-                a1111_lora.resolve(ref)
+        loras = {ref.name: a1111_lora.resolve(ref) for g in settings.groups for ref in g.loras}
     family = checkpoint_family(source.filename)
     if family in _FAMILY_FORMATS:
         check_latent_compatible(_FAMILY_FORMATS[family], source_mod.latent_format(target),
@@ -220,7 +230,8 @@ def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
     keys = tuple(dict.fromkeys(source_mod.key_of(i) for i in (source, *tuned) if i is not None))
     units = control_mod.plan_units(settings, p, family, _context_width(source.filename),
                                    source_mod.info_label(source))
-    return Plan(source, tuned, keys, units)
+    checkpoints = {credits_mod.checkpoint_name(i): i for i in (source, *tuned) if i is not None}
+    return Plan(source, tuned, keys, units, credits_mod.gather(checkpoints, loras))
 
 
 def _context_width(filename: str) -> int | None:
@@ -322,12 +333,12 @@ def _not_a_fine_tune(label: str, family: str, source_family: str, source_label: 
 
 def _write_infotext(p: Any, run: Run) -> None:
     # X/Y/Z cells are shallow copies of one p that share this dict: write into a copy of our own.
-    params = dict(p.extra_generation_params)
-    params.update(run.settings.to_infotext())
-    params["Delta source hash"] = run.source.shorthash
-    if run.lora is not None and run.lora.hashes():
-        params["Delta LoRA hashes"] = ", ".join(f"{n}: {h}" for n, h in run.lora.hashes().items())
-    p.extra_generation_params = params
+    p.extra_generation_params = run.credits.into({**p.extra_generation_params, **run.settings.to_infotext()})
+
+
+def _credit(p: Any, run: Run) -> None:
+    """Merge the credits again once the WebUI's LoRA support has written its "Lora hashes" for this pass."""
+    p.extra_generation_params = run.credits.into(p.extra_generation_params)
 
 
 def fail(p: Any, error: BaseException) -> None:
@@ -346,6 +357,7 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
     if sampler is None or (error is None and run is None):
         return
     if error is None:
+        _credit(p, run)
         try:
             _arm(p, run, sampler)
             return
@@ -383,7 +395,9 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     source = step_mod.SourceEval(variants, run.device, run.wrappers, image_cond_rows, run.lora, graphs,
                                  concurrent=source_mod.runs_beside(run.device), controls=run.controls or None)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
-    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
+    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max,
+                       native_px=native_side(run.source.latent.name,
+                                             getattr(run.source.model, "parameterization", "") == "v"))
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
     ps = step_mod.Pass(run.settings, sampler, target, source, space, label)
     ps.arm(on_failure=SLOT.close)
@@ -418,6 +432,16 @@ def _encode(run: Run, entry: source_mod.PrivateModel, prompts: conds_mod.PromptS
         return conds_mod.encode(entry.model, prompts)
 
 
+def after_sampling(p: Any) -> None:
+    """The last batch is sampled (``post_sample``, before the VAE decodes it): the source is not needed any more, so
+    its graphs, patches and GPU memory go now. The VAE decode gets that memory, and a decode that runs out of it
+    leaves nothing of the run behind (the WebUI skips ``postprocess`` then). ``finish`` still writes the log line
+    and the preview from what the closed run kept."""
+    run = SLOT.get(p)
+    if run is not None and getattr(p, "iteration", 0) >= getattr(p, "n_iter", 1) - 1:
+        run.close()
+
+
 def finish(p: Any, processed: Any = None) -> None:
     """The generation ended (``postprocess``): close its run, add the preview and write its log line."""
     if hasattr(p, ERROR_ATTR):
@@ -425,13 +449,10 @@ def finish(p: Any, processed: Any = None) -> None:
     run = SLOT.take(p)
     if run is None:
         return
-    records = [r for ps in run.passes if ps.guidance is not None for r in ps.guidance.records]
-    target = next((ps.guidance.bridge.target.latent.name for ps in reversed(run.passes) if ps.guidance), None)
-    hints = _hints(run) if processed is not None and run.settings.preview else []
-    run.close()
+    run.close()  # a no-op when after_sampling closed it already
     if processed is not None and run.settings.preview:
         try:
-            _append_preview(run, records, target, processed, hints)
+            _append_preview(run, run.records, run.target_latent, processed, run.hints)
         except Exception as e:
             print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
     print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {', '.join(run.log)}")

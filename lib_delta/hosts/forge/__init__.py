@@ -30,8 +30,10 @@ from typing import Any
 from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance
+from ...resolution import native_side
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
+from ..common import credits as credits_mod
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
 from . import guard as guard_mod
@@ -75,8 +77,9 @@ def start(p: Any, settings: DeltaSettings) -> None:
         forge_models.discard_fresh()
         forge_models.settle(request.keys)
         raise
+    run.credits = request.credits
     SLOT.open(p, run)
-    p.extra_generation_params.update(settings.to_infotext())
+    p.extra_generation_params = run.credits.into({**p.extra_generation_params, **settings.to_infotext()})
 
 
 def fail(p: Any, error: BaseException) -> None:
@@ -114,10 +117,21 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
     run = SLOT.get(p)
     if run is None:
         return
+    # again now that Forge's LoRA support has written its "Lora hashes" for this pass
+    p.extra_generation_params = run.credits.into(p.extra_generation_params)
     try:
         run.arm(p, kwargs.get("x"))
     except Exception as e:
         fail(p, e)
+
+
+def after_sampling(p: Any) -> None:
+    """The last batch is sampled (``post_sample``, before the VAE decodes it): close the run now, so that the source
+    leaves Forge's loaded models before the decode needs the memory, and a decode that fails leaves nothing of the
+    run behind (``postprocess`` is skipped then). ``finish`` still adds the preview from what the run kept."""
+    run = SLOT.get(p)
+    if run is not None and getattr(p, "iteration", 0) >= getattr(p, "n_iter", 1) - 1:
+        run.close()
 
 
 def finish(p: Any, processed: Any = None) -> None:
@@ -138,6 +152,7 @@ class ForgeRun:
     def __init__(self, p: Any, settings: DeltaSettings, source: ForgeSource) -> None:
         self.p = p
         self.settings = settings
+        self.credits = credits_mod.Credits()  # the source's resources, for the infotext's hash keys
         self.started = time.perf_counter()
         self.source = source
         try:
@@ -154,6 +169,7 @@ class ForgeRun:
         self.clones: list[weakref.ref] = []
         self.samplers: list[weakref.ref] = []
         self.records: list = []  # preview records of every pass
+        self.target_latent: str | None = None  # the preview's target label, kept past close()
         self.closed = False
 
     # -- one sampling pass -------------------------------------------------------------------------------------
@@ -206,7 +222,8 @@ class ForgeRun:
                       f"({tgt.name}) have different VAEs; the source sees the target's latent converted through "
                       "the unscaled latent, an approximation.")
             self.p.extra_generation_params["Delta latent conversion"] = "; ".join(self.notes)
-        return SpaceBridge(ModelSpace(src, forge_models.convention(source), sigma_max=forge_models.sigma_max(source)),
+        return SpaceBridge(ModelSpace(src, forge_models.convention(source), sigma_max=forge_models.sigma_max(source),
+                                      native_px=native_side(src.name, forge_models.v_prediction(source))),
                            ModelSpace(tgt, forge_models.convention(target)))
 
     def _scale_recorder(self):
@@ -274,19 +291,23 @@ class ForgeRun:
                 _strip(clone, ours)
             self.source.detach()
         finally:
+            if self.guidance is not None:
+                self.target_latent = self.guidance.bridge.target.latent.name
             keys = [s.entry.key for s in self.source.slots]
             self.samplers, self.armed, self.clones = [], [], []
             self.guidance, self.source.denoiser, self.p = None, None, None
             forge_models.settle(keys)
         seconds = time.perf_counter() - self.started
         loras = self.source.lora_summary()
+        for slot in self.source.slots:  # detached: its terms would only hold memory until the run object goes
+            slot.patch = None
         print(f"{self.settings.summary()}; {self.source.calls} source calls; {seconds:.1f}s"
               + (f"; LoRA {loras}" if loras else ""))
 
     def append_preview(self, processed: Any) -> None:
         from ... import preview
 
-        target = self.guidance.bridge.target.latent.name if self.guidance is not None else None
+        target = self.guidance.bridge.target.latent.name if self.guidance is not None else self.target_latent
         strip = preview.render(self.records, self.source.base.latent.name, target)
         if strip is None:
             return

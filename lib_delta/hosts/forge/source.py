@@ -28,6 +28,7 @@ from torch import Tensor
 from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...lora import DeltaPatch, LoraUse, build_patch
+from ..common import credits as credits_mod
 from ..common.prompts import append_to_prompt
 from . import isolation, loras
 from . import models as forge_models
@@ -194,6 +195,7 @@ class Plan:
     tuned: tuple[Any, ...]
     loras: tuple[tuple[LoraUse, ...], ...]
     keys: tuple[tuple[str, str], ...]
+    credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)
 
 
 def plan(settings: DeltaSettings, target: Any) -> Plan:
@@ -208,13 +210,18 @@ def plan(settings: DeltaSettings, target: Any) -> Plan:
                   for g in settings.groups)
     infos = {os.path.abspath(i.filename): i for i in (source, *tuned) if i is not None}
     forge_models.limits().check_request(len(infos), sum(len(g.loras) for g in settings.groups))
-    lora_paths = [[(loras.find(r.name), r) for r in g.loras] for g in settings.groups]
+    entries = {r.name: loras.find(r.name) for g in settings.groups for r in g.loras}
     for info in infos.values():
         forge_models.check_file(info, "source checkpoint" if info is source else "fine-tuned checkpoint")
     forge_models.check_pairing(source, [i for i in infos.values() if i is not source], target)
-    files = tuple(tuple(LoraUse(loras.read(path), r.te, r.unet) for path, r in group) for group in lora_paths)
+    read = {e.filename: loras.read(e.filename) for e in {id(e): e for e in entries.values()}.values()}
+    files = tuple(tuple(LoraUse(read[entries[r.name].filename], r.te, r.unet) for r in g.loras)
+                  for g in settings.groups)
+    # hashed first (the WebUI's hash, cached by it): the pool keys a checkpoint by its hash once it is known
+    checkpoints = {credits_mod.checkpoint_name(i): i for i in (source, *tuned) if i is not None}
+    credits = credits_mod.gather(checkpoints, entries)
     keys = tuple(dict.fromkeys(forge_models.key_of(i) for i in (source, *tuned) if i is not None))
-    return Plan(source, tuned, files, keys)
+    return Plan(source, tuned, files, keys, credits)
 
 
 def build(settings: DeltaSettings, request: Plan) -> ForgeSource:

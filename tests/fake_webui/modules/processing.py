@@ -1,10 +1,12 @@
 """modules.processing: txt2img (with hires fix) and img2img (with a latent inpainting mask) in the WebUI's call
-order: ``process`` → per batch (``before_process_batch``, tags stripped, ``process_batch``, conds, ``sample``) →
-``postprocess``. Images stay latents (there is no VAE here); an exception escapes ``process_images`` unhandled,
-so ``postprocess`` is not reached, as in the WebUI."""
+order: ``process`` → per batch (``before_process_batch``, tags stripped, ``process_batch``, conds, ``sample``,
+``post_sample``, the VAE decode) → ``postprocess``. Images stay latents (``decode_latent_batch`` returns them as
+they are, and is where a test makes the decode fail); an exception escapes ``process_images`` unhandled, so
+``postprocess`` is not reached, as in the WebUI."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,11 +209,23 @@ class Processed:
         self.seed = p.all_seeds[0]
 
 
+def quote(text):
+    """infotext_utils.quote: JSON-quoted when it holds a separator."""
+    if "," not in str(text) and "\n" not in str(text) and ":" not in str(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 def create_infotext(p, index):
     params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": p.all_seeds[index],
               **p.extra_generation_params}
-    line = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+    # the WebUI's rule (processing.py create_infotext): an entry whose key is its value is written alone
+    line = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
     return f"{p.all_prompts[index]}\nNegative prompt: {p.all_negative_prompts[index]}\n{line}"
+
+
+def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
+    return batch  # no VAE here: images stay latents
 
 
 def process_images(p):
@@ -234,6 +248,13 @@ def process_images(p):
                 p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds)
             p.setup_conds()
             samples = p.sample(p.c, p.uc, p.seeds)
+            if p.scripts is not None:
+                from modules import scripts
+
+                ps = scripts.PostSampleArgs(samples)
+                p.scripts.post_sample(p, ps)
+                samples = ps.samples
+            samples = decode_latent_batch(p.sd_model, samples)
             for i in range(samples.shape[0]):
                 images.append(samples[i].clone())
                 infotexts.append(create_infotext(p, n * p.batch_size + i))
