@@ -281,11 +281,14 @@ def test_units_in_the_panel_in_a_browser(env: Env, chromium: str, record_propert
             page.locator(f"#{elem_id} input").first.click()
             page.locator(f"#{elem_id} ul.options li").filter(has_text=text).first.click()
 
-        def options(elem_id: str) -> list[str]:
+        def pick_from(elem_id: str, text: str) -> list[str]:
+            """Open the dropdown, read what it offers, and pick ``text`` from that same open list (gradio 3 puts a
+            check mark, shown on the selected one only, before each option's text)."""
             page.locator(f"#{elem_id} input").first.click()
-            # gradio 3 puts a check mark (shown on the selected one only) before each option's text
-            texts = [t.replace("✓", "").strip() for t in page.locator(f"#{elem_id} ul.options li").all_text_contents()]
-            page.keyboard.press("Escape")
+            items = page.locator(f"#{elem_id} ul.options li")
+            items.first.wait_for()
+            texts = [t.replace("✓", "").strip() for t in items.all_text_contents()]
+            page.locator(f"#{elem_id} ul.options li[data-value='{text}']").first.click()
             return texts
 
         phase[0] = "panel"
@@ -294,9 +297,9 @@ def test_units_in_the_panel_in_a_browser(env: Env, chromium: str, record_propert
         page.locator(f"#{p}controlnets .label-wrap").first.click()
         expect(page.locator(f"#{p}controlnet1_model")).to_be_visible()
         assert page.locator(f"#{p}controlnets_missing").count() == 0  # the extension is there
-        listed = options(f"{p}controlnet1_model")
+        page.wait_for_timeout(1000)  # the source's change event refills the model lists
+        listed = pick_from(f"{p}controlnet1_model", env.cn_model)
         assert listed[0] == "None" and env.cn_model in listed, listed
-        pick(f"{p}controlnet1_model", env.cn_model)
         page.locator(f"#{p}controlnet1_image input[type=file]").set_input_files(str(picture))
         page.wait_for_timeout(1000)
         pick(f"{p}controlnet1_module", "canny")
