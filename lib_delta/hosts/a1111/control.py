@@ -183,7 +183,7 @@ def _preprocessor(ext: Extension, module: str, where: str) -> Any:
     return pre
 
 
-def decode_image(text: str, where: str) -> np.ndarray:
+def decode_image(text: str, where: str, what: str = "control image") -> np.ndarray:
     """A base64 PNG/JPEG (or ``data:`` URL) as HWC uint8 RGB; its size is checked before its pixels are read."""
     from PIL import Image, UnidentifiedImageError
 
@@ -193,14 +193,14 @@ def decode_image(text: str, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
-                raise DeltaError(f"The control image{where} is {w}×{h}; at most {MAX_SIDE} pixels a side and "
-                                 f"{MAX_PIXELS // 2**20} megapixels are allowed: send a smaller image (the control "
-                                 "map is resized to the generation anyway).")
+                raise DeltaError(f"The {what}{where} is {w}×{h}; at most {MAX_SIDE} pixels a side and "
+                                 f"{MAX_PIXELS // 2**20} megapixels are allowed: send a smaller image (it is resized "
+                                 "anyway).")
             return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
     except DeltaError:
         raise
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise DeltaError(f"The control image{where} is not a readable image ({type(e).__name__}): send a base64 PNG "
+        raise DeltaError(f"The {what}{where} is not a readable image ({type(e).__name__}): send a base64 PNG "
                          "or JPEG.") from None
 
 

@@ -203,6 +203,10 @@ def plan(settings: DeltaSettings, target: Any) -> Plan:
         raise DeltaError("ControlNet units on the Delta Sampling source run in AUTOMATIC1111 with sd-webui-controlnet "
                          "for now; in Forge, remove the 'controlnets' of the request (or use a LoRA, a fine-tuned "
                          "checkpoint or an adapted prompt as the adaptation).")
+    if any(g.ipadapters for g in settings.groups):
+        raise DeltaError("IP-Adapter units on the Delta Sampling source run in AUTOMATIC1111 with sd-webui-controlnet "
+                         "for now; in Forge, remove the 'ipadapters' of the request (or use a LoRA, a fine-tuned "
+                         "checkpoint or an adapted prompt as the adaptation).")
     source = forge_models.resolve(settings.source)
     tuned = tuple(forge_models.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
                   for g in settings.groups)
