@@ -45,7 +45,10 @@ ENCODERS = {
 }
 FACE_MODULES = ("ip-adapter_face_id", "ip-adapter_face_id_plus")
 FACE_MODEL = "buffalo_l"  # the insightface model the extension's FaceID preprocessors load
-_WIDTHS = {1024: "ViT-H", 1280: "ViT-H", 1664: "ViT-bigG"}  # image-proj input width -> encoder (see encoder_of)
+# The image projection's input width names the encoder: a plain adapter projects the pooled, projected embedding
+# (ViT-H 1024, ViT-bigG 1280); Plus (resampler) and Full (MLP) ones read the penultimate hidden states (1280, 1664).
+_WIDTHS = {"proj.weight": {1024: "ViT-H", 1280: "ViT-bigG"},
+           "proj_in.weight": {1280: "ViT-H", 1664: "ViT-bigG"}, "proj.0.weight": {1280: "ViT-H", 1664: "ViT-bigG"}}
 _CONTEXTS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
@@ -84,8 +87,8 @@ def adapter_shape(shapes: dict[str, Any], filename: str) -> AdapterShape | None:
     context = int(list(getattr(to_k, "shape", to_k))[1]) if to_k is not None else None
     faceid = "faceid" in os.path.basename(filename).lower()
     plus = "proj.3.weight" in shape or "latents" in shape or "perceiver_resampler.proj_in.weight" in shape
-    width = next((shape[k][1] for k in ("proj_in.weight", "proj.0.weight", "proj.weight") if k in shape), None)
-    encoder = "ViT-H" if faceid and plus else None if faceid else _WIDTHS.get(width or 0)
+    key = next((k for k in _WIDTHS if k in shape), None)
+    encoder = "ViT-H" if faceid and plus else None if faceid or key is None else _WIDTHS[key].get(shape[key][1])
     return AdapterShape(context, sum(1 for k in ip if k.endswith("to_k_ip.weight")), encoder, faceid, plus)
 
 
@@ -118,8 +121,11 @@ def plan_units(settings: DeltaSettings, p: Any, source_family: str | None, sourc
             where = f" (IP-Adapter unit {k}{group_where(i + 1, len(settings.groups))})"
             name, path = _resolve(ext, unit.model)
             pre = _preprocessor(ext, unit.module, where)
-            shape = adapter_shape(safetensors_shapes(path) or {}, path)
-            if shape is not None:  # a pickle is checked once read (check_read)
+            shapes = safetensors_shapes(path)
+            shape = adapter_shape(shapes or {}, path)
+            if shapes and shape is None:
+                raise _not_an_adapter(name)
+            if shape is not None:  # a pickle is checked once read, before it is built
                 check_shape(shape, name, pre, source_family, source_context, source_label)
             config = ENCODERS[pre.name][0]
             _check_encoder_file(config, pre, where)
@@ -127,6 +133,11 @@ def plan_units(settings: DeltaSettings, p: Any, source_family: str | None, sourc
                 _init_image(p, where)
             plans.append(IPPlan(i, unit, name, path, image, pre, config))
     return tuple(plans)
+
+
+def _not_an_adapter(name: str) -> DeltaError:
+    return DeltaError(f"'{name}' is not an IP-Adapter (it has no image_proj/ip_adapter tensors): a ControlNet goes in "
+                      "'controlnets'; for 'ipadapters' choose an IP-Adapter file.")
 
 
 def _extension() -> control_mod.Extension:
@@ -282,7 +293,7 @@ def _acquire(ext: control_mod.Extension, plan: IPPlan, source_family: str | None
                              "or it is empty. Convert it to .safetensors.")
         shape = adapter_shape(state_dict, plan.path)
         if shape is None:
-            raise DeltaError(f"'{plan.listed}' is not an IP-Adapter (no image_proj/ip_adapter tensors).")
+            raise _not_an_adapter(plan.listed)
         check_shape(shape, plan.listed, plan.preprocessor, source_family, source_context, source_label)
         try:
             built = ext.model_guess.build_model_by_guess(state_dict, None, plan.path)
