@@ -48,7 +48,7 @@ ControlNets (not checkpoints: the harness puts them under models/ControlNet; bui
   (its ClipVisionDetector builds transformers' CLIPVisionModelWithProjection from a fixed config, read from the
   extension's annotator/clipvision/__init__.py, and loads `<annotator models>/clip_vision/clip_h.pth` into it: a
   reduced file could not load). Random transformers initialisation, its zero biases refilled; a plain state dict in
-  fp16 saved with torch.save, 632 M parameters, 1.3 GB. The harness links it where the extension looks, so it never
+  fp16 saved with torch.save in the legacy format the WebUI's safe unpickler reads, 632 M parameters, 1.3 GB. The harness links it where the extension looks, so it never
   downloads the real one.
 - cn_sd15: an SD1.5 ControlNet of the real full-size layout (`control_model.*` keys, the ldm layout of the official
   ControlNet 1.0/1.1 files), built from sd-webui-controlnet's own `scripts/cldm.py` ControlNet class with the SD1.5
@@ -79,7 +79,7 @@ import torch
 FIXTURE_VERSION = 4
 # One model's own version on top of FIXTURE_VERSION (0 when absent): bumping an entry rebuilds that model alone, where
 # FIXTURE_VERSION rebuilds every model (GBs). Written into the manifest as "model_version"; the harness compares it.
-MODEL_VERSIONS = {"cn_sd15": 2, "ip_sd15": 1, "clip_h": 1, "ip_plus_sd15": 1}
+MODEL_VERSIONS = {"cn_sd15": 2, "ip_sd15": 1, "clip_h": 2, "ip_plus_sd15": 1}
 SEED = 20251203
 LORA_RANK = 4
 LORA_ALPHA = 2.0
@@ -556,7 +556,9 @@ def write_clip_vision(extension: Path, model: str, dest: Path, gen: torch.Genera
     half_parameters(net)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     path = dest / f"{CHECKPOINT_NAMES[model]}.pth"
-    torch.save(state, str(path))
+    # The legacy (non-zip) format: the zip format of torch >= 2.5 holds a `.format_version` entry, which the
+    # WebUI's safe unpickler (modules/safe.py, through which the extension's torch.load goes) refuses.
+    torch.save(state, str(path), _use_new_zipfile_serialization=False)
     manifest = {
         "fixture_version": FIXTURE_VERSION, "model_version": MODEL_VERSIONS.get(model, 0), "model": model,
         "kind": "clip_vision", "seed": SEED, "files": {"clip_vision": path.name}, "loras": {},
