@@ -48,8 +48,8 @@ ControlNets (not checkpoints: the harness puts them under models/ControlNet; bui
   (its ClipVisionDetector builds transformers' CLIPVisionModelWithProjection from a fixed config, read from the
   extension's annotator/clipvision/__init__.py, and loads `<annotator models>/clip_vision/clip_h.pth` into it: a
   reduced file could not load). Random transformers initialisation, its zero biases refilled; a plain state dict in
-  fp16 saved with torch.save in the legacy format the WebUI's safe unpickler reads, 632 M parameters, 1.3 GB. The harness links it where the extension looks, so it never
-  downloads the real one.
+  fp16 saved with torch.save in the legacy format the WebUI's safe unpickler reads, 632 M parameters, 1.3 GB. The
+  harness links it where the extension looks, so it never downloads the real one.
 - cn_sd15: an SD1.5 ControlNet of the real full-size layout (`control_model.*` keys, the ldm layout of the official
   ControlNet 1.0/1.1 files), built from sd-webui-controlnet's own `scripts/cldm.py` ControlNet class with the SD1.5
   configuration its `controlnet_model_guess.py` loads such a file with (`--controlnet` names that extension's

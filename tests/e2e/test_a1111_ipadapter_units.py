@@ -170,3 +170,29 @@ def test_bad_units_are_422s_and_leave_nothing_behind(env: Env, source: str, unit
     assert env.client.txt2img(PROMPT).image == first
     with pytest.raises(requests.HTTPError):
         env.client.post("/sdapi/v1/txt2img", payload)
+
+
+def test_the_row_hooks_equal_the_extensions_hook_on_the_full_sd15_unet(record_property) -> None:
+    """No server: ipadapter_probe.py under the WebUI's python compares our hooks with the extension's
+    PlugableIPAdapter.hook on the full-size SD1.5 UNet, row by row (see that script)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from harness import A1111Install, ensure_fixtures
+
+    install = A1111Install.from_env()
+    if install is None or controlnet_from_env() is None:
+        pytest.skip("set DELTA_E2E_A1111 and DELTA_E2E_CONTROLNET")
+    fixtures = ensure_fixtures(install, ("sd15", "ip_sd15"))
+    here = Path(__file__).resolve().parent
+    out = subprocess.run([str(install.python), str(here / "ipadapter_probe.py"), str(here.parent.parent),
+                          str(install.root), str(install.controlnet), str(fixtures["sd15"].checkpoint),
+                          str(fixtures["ip_sd15"].controlnet)], check=True, capture_output=True, text=True,
+                         timeout=900, cwd=install.root)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key, value in result.items():
+        record_property(key, value)
+    print(result)
+    assert result["layers"] == 16 and result["base_row_identical"]
+    assert result["rel_vs_extension"] < 1e-5 and result["rel_vs_plain"] > 0.05
