@@ -388,3 +388,36 @@ def test_a_start_that_fails_after_the_adapter_loaded_keeps_nothing(ui, monkeypat
     assert host.SLOT.get() is None and not any(_hooked(e) for e in a1111_source.cached())
     monkeypatch.setattr(ip_mod, "_embed", real)
     assert torch.equal(images(ui.txt2img(**BASE)), fresh)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_source_on_the_gpu_gets_its_image_prompt_there_eagerly(ui, monkeypatch, capsys):
+    """The source on cuda:0 (the stand-in's target stays on the CPU): the image prompt's keys and values go to the
+    source's device, CUDA graph replay is off for the run (and said so), and the identity holds within the two
+    devices' rounding."""
+    from modules import shared
+
+    made = []
+    real = host.GraphedCall
+    monkeypatch.setattr(host, "GraphedCall", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(shared.opts, "delta_sampling_device", "cuda:0", raising=False)
+    monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", True, raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 alone differs from the CPU by 1e-3
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    kw = {**BASE, "steps": 8}
+    reference = images(ui.txt2img(controlnet=[own_unit()], **kw))
+    devices = []
+    real_kv = ip_mod.LoadedIPUnit.kv
+
+    def kv(self, n, marks, device, dtype):
+        out = real_kv(self, n, marks, device, dtype)
+        devices.append(out[0].device.type)
+        return out
+
+    monkeypatch.setattr(ip_mod.LoadedIPUnit, "kv", kv)
+    out = images(ui.txt2img(delta(ipadapters=[unit()]), **kw))
+    said = capsys.readouterr().out
+    assert not made, f"a graph was recorded for a run with units; the log said: {said[-2000:]}"
+    assert "CUDA graph replay is off" in said, said[-2000:]
+    assert devices and set(devices) == {"cuda"}
+    assert rel(out, reference) < 1e-4
