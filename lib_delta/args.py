@@ -63,6 +63,8 @@ MAX_GROUPS = 4
 CONTROLNET_WEIGHT_RANGE = (0.0, 2.0)
 CONTROLNET_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # sd-webui-controlnet's ResizeMode
 MAX_CONTROLNETS = 2  # per group
+IPADAPTER_WEIGHT_RANGE = (0.0, 2.0)  # sd-webui-controlnet's unit weight slider
+MAX_IPADAPTERS = 2  # per group
 MAX_IMAGE_TEXT = 32 * 2**20  # characters of base64: an image of the largest allowed size, compressed
 MAX_IMAGE_SIDE = 4096  # pixels a side of a control image: far beyond a generation's control map
 MAX_IMAGE_PIXELS = 16 * 2**20
@@ -245,6 +247,28 @@ class ControlNetUnit:
             object.__setattr__(self, "image", "")
 
 
+@dataclass(frozen=True)
+class IPAdapterUnit:
+    """One IP-Adapter (an image prompt) for a group's adapted pass, by the name the host's model list shows, with
+    the image encoder that host pairs with it.
+
+    API and infotext only for now: no panel control (no positional slot). The image is never recorded."""
+
+    model: str = setting(MISSING, Text(), tooltip="the IP-Adapter model as the host lists it, e.g. "
+                                                  "'ip-adapter_sd15 [6a3f6166]'")
+    image: str = setting("", ImageData(), recorded=False,
+                         tooltip="the reference image, base64 PNG or JPEG; not kept in infotext: give it again when "
+                                 "pasting")
+    module: str = setting("ip-adapter_clip_h", Text(),
+                          tooltip="the image encoder (the host's IP-Adapter preprocessor) that embeds the image; it "
+                                  "must be the one the adapter was trained with (ViT-H for most SD1.5 adapters)")
+    weight: float = setting(1.0, Number(*IPADAPTER_WEIGHT_RANGE),
+                            xyz=XYZ("[Delta] IP-Adapter weight", at=11, key="ipadapter_weight"),
+                            tooltip="how strongly the image prompt's attention is added")
+    guidance_start: float = setting(0.0, Number(0.0, 1.0), tooltip="the fraction of the steps where it starts")
+    guidance_end: float = setting(1.0, Number(0.0, 1.0), tooltip="the fraction of the steps where it stops")
+
+
 # Positional slots are append-only: a new group setting takes the next two free numbers (one per panel group), a
 # new generation setting the next one. A tooltip is the control's hover text and explains the setting everywhere.
 
@@ -297,10 +321,15 @@ class AdaptationGroup:
                     prefix="controlnet"), infotext=Infotext("Delta ControlNets"),
         tooltip="ControlNet units applied to the source's adapted pass only (the source base stays plain), so "
                 "the delta carries what the control changes. They must be made for the source's family.")
+    ipadapters: tuple[IPAdapterUnit, ...] = setting(
+        # No slot, no control yet: the API and infotext carry the units, as for ControlNet.
+        (), Objects(IPAdapterUnit, "IP-Adapter unit", most=MAX_IPADAPTERS), infotext=Infotext("Delta IP-Adapters"),
+        tooltip="IP-Adapter units (image prompts) applied to the source's adapted pass only, so the delta carries "
+                "what the image prompt changes. They must be made for the source's family.")
 
     @property
     def has_adaptation(self) -> bool:
-        return bool(self.loras or self.checkpoint or self.prompt or self.controlnets)
+        return bool(self.loras or self.checkpoint or self.prompt or self.controlnets or self.ipadapters)
 
 
 @dataclass(frozen=True)
@@ -382,7 +411,8 @@ class DeltaSettings:
                                  "start and end are fractions of the sampling progress with start <= end.")
             if self.mode == "delta" and not g.has_adaptation:
                 raise DeltaError(f"Delta Sampling has nothing to transfer{where}: add a LoRA, a fine-tuned "
-                                 "checkpoint, an adapted prompt or a ControlNet, or switch mode to 'base-first'.")
+                                 "checkpoint, an adapted prompt, a ControlNet or an IP-Adapter, or switch mode to "
+                                 "'base-first'.")
         return self
 
     def source_cfg_for(self, target_scale: float) -> float:
@@ -467,6 +497,8 @@ class DeltaSettings:
                 what.append(f"prompt={g.prompt!r}")
             what += [f"controlnet={u.model} ({u.module}, {num(u.weight)}, {num(u.guidance_start)}-"
                      f"{num(u.guidance_end)})" for u in g.controlnets]
+            what += [f"ipadapter={u.model} ({u.module}, {num(u.weight)}, {num(u.guidance_start)}-"
+                     f"{num(u.guidance_end)})" for u in g.ipadapters]
             window = f"{num(g.start)}-{num(g.end)}"
             label = "" if len(self.groups) == 1 else f"group{i}: "
             parts.append(f"{label}{' '.join(what) or 'base'} λ={num(g.strength)} {g.schedule} {window}")
@@ -652,6 +684,7 @@ __all__ = [
     "AdaptationGroup",
     "ControlNetUnit",
     "DeltaSettings",
+    "IPAdapterUnit",
     "LoraRef",
     "format_lora_tags",
     "from_positional",

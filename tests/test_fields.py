@@ -11,6 +11,7 @@ from lib_delta.args import (
     AdaptationGroup,
     ControlNetUnit,
     DeltaSettings,
+    IPAdapterUnit,
     LoraRef,
     from_positional,
     overrides_of,
@@ -66,7 +67,8 @@ def test_the_derived_tables_cover_every_slot():
     assert [a.label for a in interfaces.AXES] == [
         "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
         "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale",
-        "[Delta] ControlNet weight", "[Delta] ControlNet guidance end", "[Delta] Source resolution"]
+        "[Delta] ControlNet weight", "[Delta] ControlNet guidance end", "[Delta] Source resolution",
+        "[Delta] IP-Adapter weight"]
     assert {a.key for a in interfaces.AXES} <= set(OVERRIDES)
     # every single-valued setting can be overridden per generation, by its name
     assert {s.name for s in GENERATION + GROUP if not isinstance(s.kind, Objects)} <= set(OVERRIDES)
@@ -81,6 +83,8 @@ def _other(s):
         return next(o for o in kind.options if o != s.default)
     if isinstance(kind, Bool):
         return not s.default
+    if isinstance(kind, Objects) and kind.cls is IPAdapterUnit:
+        return (IPAdapterUnit("ip [abc]", image="<png>", weight=0.5), IPAdapterUnit("e", guidance_end=0.5))
     if isinstance(kind, Objects) and kind.cls is ControlNetUnit:
         return (ControlNetUnit("cn [abc]", image="<png>", weight=0.5), ControlNetUnit("d", guidance_end=0.5))
     if isinstance(kind, Objects):

@@ -37,6 +37,19 @@ LoRA files per model (kohya naming, rank 4, alpha 2): `<model>_lora`; for sd15 a
 a truncated, unreadable copy of the LoRA (`sd15_corrupt`).
 
 ControlNets (not checkpoints: the harness puts them under models/ControlNet; built only when asked for by name):
+- ip_sd15: a plain SD1.5 IP-Adapter (the layout of h94's ip-adapter_sd15: `image_proj.proj` 1024 -> 4 x 768 tokens and
+  its LayerNorm; `ip_adapter.{2n+1}.to_k_ip`/`to_v_ip` for the 16 cross-attentions in sd-webui-controlnet's order),
+  random fan-in-scaled weights (IP_STRENGTH), the LayerNorm's zero bias refilled; fp16 safetensors, 22 M parameters.
+  sd-webui-controlnet lists it with the ControlNets (models/ControlNet) and builds its IPAdapterModel from it.
+- ip_plus_sd15: an SD1.5 IP-Adapter Plus (h94's ip-adapter-plus_sd15 layout: the image projection is
+  sd-webui-controlnet's own Resampler class, 16 tokens from the ViT-H penultimate hidden states, width 1280), the same
+  `ip_adapter.*` layout; its zero-initialised biases refilled.
+- clip_h: the ViT-H CLIP-vision encoder sd-webui-controlnet's `ip-adapter_clip_h` preprocessor loads, at full size
+  (its ClipVisionDetector builds transformers' CLIPVisionModelWithProjection from a fixed config, read from the
+  extension's annotator/clipvision/__init__.py, and loads `<annotator models>/clip_vision/clip_h.pth` into it: a
+  reduced file could not load). Random transformers initialisation, its zero biases refilled; a plain state dict in
+  fp16 saved with torch.save in the legacy format the WebUI's safe unpickler reads, 632 M parameters, 1.3 GB. The
+  harness links it where the extension looks, so it never downloads the real one.
 - cn_sd15: an SD1.5 ControlNet of the real full-size layout (`control_model.*` keys, the ldm layout of the official
   ControlNet 1.0/1.1 files), built from sd-webui-controlnet's own `scripts/cldm.py` ControlNet class with the SD1.5
   configuration its `controlnet_model_guess.py` loads such a file with (`--controlnet` names that extension's
@@ -66,7 +79,7 @@ import torch
 FIXTURE_VERSION = 4
 # One model's own version on top of FIXTURE_VERSION (0 when absent): bumping an entry rebuilds that model alone, where
 # FIXTURE_VERSION rebuilds every model (GBs). Written into the manifest as "model_version"; the harness compares it.
-MODEL_VERSIONS = {"cn_sd15": 2}
+MODEL_VERSIONS = {"cn_sd15": 2, "ip_sd15": 1, "clip_h": 2, "ip_plus_sd15": 1}
 SEED = 20251203
 LORA_RANK = 4
 LORA_ALPHA = 2.0
@@ -75,13 +88,21 @@ LORA_ALPHA = 2.0
 # change still scales with the multiplier (about 6 dB per halving); at 3.5x this strength it saturates near 17 dB.
 LORA_STRENGTH = 0.1
 
-MODELS = ("sd15", "sd21v", "sdxl", "sd3", "sd35", "cn_sd15", "sdxl_full")  # append only: an index seeds its generator
+MODELS = ("sd15", "sd21v", "sdxl", "sd3", "sd35", "cn_sd15", "sdxl_full", "ip_sd15", "clip_h",
+          "ip_plus_sd15")  # append only: an index seeds its generator
 CHECKPOINT_NAMES = {"sd15": "delta_e2e_sd15", "sd21v": "delta_e2e_sd21v", "sdxl": "delta_e2e_sdxl_small",
                     "sd3": "delta_e2e_sd3_small", "sd35": "delta_e2e_sd35_small", "cn_sd15": "delta_e2e_cn_sd15",
-                    "sdxl_full": "delta_e2e_sdxl"}
+                    "sdxl_full": "delta_e2e_sdxl", "ip_sd15": "ip-adapter_delta_e2e_sd15", "clip_h": "clip_h",
+                    "ip_plus_sd15": "ip-adapter-plus_delta_e2e_sd15"}
 # ControlNets, built from sd-webui-controlnet's classes (--controlnet); left out of the default --models. The name
 # carries "sd15": sd-webui-controlnet tells a unit's family from its model's name and warns on an unknown one.
-CONTROLNET_MODELS = ("cn_sd15",)
+CONTROLNET_MODELS = ("cn_sd15", "ip_sd15", "clip_h", "ip_plus_sd15")
+# An IP-Adapter's to_k_ip/to_v_ip entries have std IP_STRENGTH / sqrt(768). Measured on the SD1.5 fixture (4-step
+# 64x64, weight 1): the extension's own IP-Adapter unit lands below 25 dB PSNR from the plain image (see docs/e2e.md).
+IP_STRENGTH = 1.0
+# sd-webui-controlnet's transformer order (input blocks 1, 2, 4, 5, 7, 8; output blocks 3-11; the middle block): the
+# inner width of each SD1.5 cross-attention an IP-Adapter's ip_adapter.{2n+1}.* tensors serve
+IP_SD15_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)
 GPU_ONLY_MODELS = ("sdxl_full",)  # about 15 GB of RAM to build and to run on a CPU: left out of the default --models
 SDXL_TRANSFORMER_DEPTH = "[1, 1, 1]"
 SD3_DEPTH = 2  # joint blocks; SD3 medium has 24 (hidden size 64 * depth, one attention head per block)
@@ -466,6 +487,88 @@ def write_controlnet(webui: Path, extension: Path, model: str, dest: Path, gen: 
     return manifest
 
 
+def _resampler_state(extension: Path, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An IP-Adapter Plus image projection: sd-webui-controlnet's Resampler with the SD1.5 Plus configuration
+    (IPAdapterModel: dim = cross-attention width, depth 4, 12 heads of 64, 16 queries, ViT-H hidden width 1280), its
+    zero parameters refilled. image_proj_models.py needs torch alone: loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("delta_e2e_image_proj_models",
+                                                  extension / "scripts" / "ipadapter" / "image_proj_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.Resampler(dim=768, depth=4, dim_head=64, heads=12, num_queries=16, embedding_dim=1280,
+                           output_dim=768, ff_mult=4)
+    fill_zero_parameters(net, gen)
+    return {f"image_proj.{k}": v for k, v in net.state_dict().items()}
+
+
+def write_ipadapter(model: str, dest: Path, gen: torch.Generator, started: float, extension: Path | None) -> dict:
+    """The SD1.5 IP-Adapter fixtures, plain and Plus (see the module doc)."""
+    from safetensors.torch import save_file
+
+    context, tokens, clip_dim = 768, 4, 1024
+    if model == "ip_plus_sd15":
+        if extension is None:
+            raise ValueError(f"{model} is built from sd-webui-controlnet's classes: pass --controlnet")
+        state = _resampler_state(extension, gen)
+    else:
+        state = {"image_proj.proj.weight": torch.randn(tokens * context, clip_dim, generator=gen) / clip_dim ** 0.5,
+                 "image_proj.proj.bias": torch.randn(tokens * context, generator=gen) * 0.02,
+                 "image_proj.norm.weight": torch.ones(context),
+                 "image_proj.norm.bias": torch.randn(context, generator=gen) * 0.02}
+    for n, width in enumerate(IP_SD15_WIDTHS):
+        for kind in ("k", "v"):
+            weight = torch.randn(width, context, generator=gen) * IP_STRENGTH / context ** 0.5
+            state[f"ip_adapter.{2 * n + 1}.to_{kind}_ip.weight"] = weight
+    state = {k: v.half().contiguous() for k, v in state.items()}
+    path = dest / f"{CHECKPOINT_NAMES[model]}.safetensors"
+    save_file(state, str(path), metadata={"delta_e2e_fixture": str(FIXTURE_VERSION), "delta_e2e_model": model})
+    manifest = {
+        "fixture_version": FIXTURE_VERSION, "model_version": MODEL_VERSIONS.get(model, 0), "model": model,
+        "kind": "ipadapter", "seed": SEED, "files": {"controlnet": path.name}, "loras": {},
+        "parameters": sum(v.numel() for v in state.values()), "tensors": len(state), "strength": IP_STRENGTH,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _clip_vision_config(extension: Path, name: str) -> dict:
+    """`config_<name>` of sd-webui-controlnet's annotator/clipvision/__init__.py (read: that module loads files and
+    the WebUI's runtime on import)."""
+    import ast
+
+    source = (extension / "annotator" / "clipvision" / "__init__.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == f"config_{name}" for t in node.targets):
+            return dict(ast.literal_eval(node.value))
+    raise RuntimeError(f"config_{name} not found in {extension}/annotator/clipvision/__init__.py")
+
+
+def write_clip_vision(extension: Path, model: str, dest: Path, gen: torch.Generator, started: float) -> dict:
+    """The ViT-H CLIP-vision fixture (see the module doc)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = _clip_vision_config(extension, model)
+    net = CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval()
+    filled = fill_zero_parameters(net, gen)
+    half_parameters(net)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path = dest / f"{CHECKPOINT_NAMES[model]}.pth"
+    # The legacy (non-zip) format: the zip format of torch >= 2.5 holds a `.format_version` entry, which the
+    # WebUI's safe unpickler (modules/safe.py, through which the extension's torch.load goes) refuses.
+    torch.save(state, str(path), _use_new_zipfile_serialization=False)
+    manifest = {
+        "fixture_version": FIXTURE_VERSION, "model_version": MODEL_VERSIONS.get(model, 0), "model": model,
+        "kind": "clip_vision", "seed": SEED, "files": {"clip_vision": path.name}, "loras": {},
+        "parameters": sum(v.numel() for v in state.values()), "tensors": len(state), "config": config,
+        "zero_tensors_filled": len(filled), "seconds": round(time.monotonic() - started, 1),
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
 def half_parameters(model: torch.nn.Module) -> None:
     """fp16 parameters (half the disk; the WebUI upcasts with --no-half); buffers such as alphas_cumprod stay fp32."""
     for p in model.parameters():
@@ -592,9 +695,13 @@ def write_model(webui: Path, model: str, out: Path, controlnet: Path | None = No
     gen = torch.Generator().manual_seed(SEED + MODELS.index(model))
     if model in ("sd3", "sd35"):
         return write_sd3(webui, dest, gen, started, model)
+    if model in ("ip_sd15", "ip_plus_sd15"):
+        return write_ipadapter(model, dest, gen, started, controlnet)
     if model in CONTROLNET_MODELS:
         if controlnet is None:
             raise ValueError(f"{model} is built from sd-webui-controlnet's classes: pass --controlnet")
+        if model == "clip_h":
+            return write_clip_vision(controlnet, model, dest, gen, started)
         return write_controlnet(webui, controlnet, model, dest, gen, started)
 
     net, yaml_beside = build_model(webui, model)

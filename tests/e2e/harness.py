@@ -152,7 +152,13 @@ class ModelFixture:
 
     @property
     def is_controlnet(self) -> bool:
-        return self.manifest.get("kind") == "controlnet"
+        """A file of the ControlNet models folder: a ControlNet, or an IP-Adapter (sd-webui-controlnet lists both)."""
+        return self.manifest.get("kind") in ("controlnet", "ipadapter")
+
+    @property
+    def clip_vision(self) -> Path:
+        """A CLIP-vision fixture's file (sd-webui-controlnet looks under <annotator models>/clip_vision)."""
+        return self.directory / self.manifest["files"]["clip_vision"]
 
     @property
     def checkpoint(self) -> Path:
@@ -444,6 +450,8 @@ class ServerConfig:
     controlnets: tuple[str, ...] = ()
     # ui-config.json entries (the WebUI's saved UI defaults, "<tab>/<label>/value" keys), written before start
     ui_config: tuple[tuple[str, Any], ...] = ()
+    # CLIP-vision fixture keys, linked into the annotator folder's clip_vision/ (sd-webui-controlnet, A1111)
+    clip_vision: tuple[str, ...] = ()
 
 
 class WebUIServer:
@@ -525,6 +533,11 @@ class WebUIServer:
             # Its annotator folder (created at start, where preprocessors that need a model download it) defaults to
             # the checkout's annotator/downloads: keep it in the data dir.
             settings["control_net_modules_path"] = str(self.data_dir / "models" / "ControlNetAnnotator")
+            if self.config.clip_vision:
+                clip_dir = self.data_dir / "models" / "ControlNetAnnotator" / "clip_vision"
+                clip_dir.mkdir(parents=True)
+                for key in self.config.clip_vision:
+                    (clip_dir / self.fixtures[key].clip_vision.name).symlink_to(self.fixtures[key].clip_vision)
         if self.config.models:  # load a model we have at start instead of searching for the default one
             settings["sd_model_checkpoint"] = self.fixtures[self.config.models[0]].checkpoint.name
         settings.update(self.config.settings)
@@ -636,7 +649,8 @@ class ServerPool:
             if self.current.config == config and self.current.process and self.current.process.poll() is None:
                 return self.current
             self.close()
-        server = WebUIServer(self.install, config, self.fixtures(config.models + config.controlnets))
+        server = WebUIServer(self.install, config,
+                             self.fixtures(config.models + config.controlnets + config.clip_vision))
         server.__enter__()
         self.current = server
         return server

@@ -31,9 +31,11 @@ from ..common.http import as_failure
 from ..common.runs import RunSlot
 from . import conds as conds_mod
 from . import control as control_mod
+from . import ipadapter as ip_mod
 from . import source as source_mod
 from . import step as step_mod
 from .control_rows import RowControl
+from .ip_rows import RowImagePrompt
 
 ERROR_ATTR = "delta_sampling_error"
 SLOT = RunSlot()  # the generation in progress (the WebUI runs one at a time)
@@ -108,6 +110,8 @@ class Run:
     wrappers: dict[int, Any] = field(default_factory=dict)  # per model: its x0 wrapper
     units: list[control_mod.LoadedUnit] = field(default_factory=list)  # ControlNet units, in group order
     controls: dict[int, RowControl] = field(default_factory=dict)  # per model with units: its row hooks
+    ip_units: list[ip_mod.LoadedIPUnit] = field(default_factory=list)  # IP-Adapter units, in group order
+    images: dict[int, RowImagePrompt] = field(default_factory=dict)  # per model with IP-Adapter units: its hooks
     log: list[str] = field(default_factory=list)  # what the generation's log line reports, kept past close()
     credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)  # the source's, for the hash keys
     records: list = field(default_factory=list)  # the preview's records, kept past close()
@@ -142,12 +146,20 @@ class Run:
         finally:
             for control in self.controls.values():
                 control.remove()
+            for image in self.images.values():
+                image.remove()
             for unit in self.units:
                 unit.release()
+            ip_plans = [u.plan for u in self.ip_units]
+            for ip_unit in self.ip_units:
+                ip_unit.release()
             self.passes, self.current, self.graphs, self.lora = [], None, None, None
             self.wrappers.clear()
             self.controls.clear()
+            self.images.clear()
             self.units.clear()
+            self.ip_units.clear()
+            ip_mod.settle(ip_plans, source_mod.limits().cache)
             source_mod.settle(keys)
 
     def _summary(self, tallies: list[step_mod.PassTally]) -> list[str]:
@@ -157,6 +169,8 @@ class Run:
         out = [f"{calls} source calls{where}", f"{overhead:.1f}s source overhead"]
         if self.units:
             out.append(f"ControlNet on the adapted rows: {control_mod.describe(self.units)}")
+        if self.ip_units:
+            out.append(f"IP-Adapter on the adapted rows: {ip_mod.describe(self.ip_units)}")
         return out
 
 
@@ -177,6 +191,9 @@ class Plan:
     keys: tuple[tuple[str, str], ...]
     units: tuple[control_mod.UnitPlan, ...] = ()
     credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)
+    ip_units: tuple[ip_mod.IPPlan, ...] = ()
+    family: str | None = None  # the source's, from its header (None for a pickle: read from the built model)
+    context: int | None = None
 
 
 def start(p: Any, settings: DeltaSettings) -> None:
@@ -190,10 +207,12 @@ def start(p: Any, settings: DeltaSettings) -> None:
     plan = _plan(settings, target, p)
     settings = control_mod.named_as_listed(settings, plan.units)
     source_mod.POOL.prepare(plan.keys)
+    ip_mod.prepare(plan.ip_units)
     try:
         run = _load(settings, plan, target, p)
     except BaseException:
         source_mod.POOL.discard_fresh()
+        ip_mod.POOL.discard_fresh()
         source_mod.settle(list(plan.keys))
         raise
     run.setup_seconds = time.perf_counter() - t0
@@ -228,10 +247,11 @@ def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
             raise _not_a_fine_tune(source_mod.info_label(info), _FAMILY_FORMATS[theirs].name,
                                    _FAMILY_FORMATS[family].name, source_mod.info_label(source))
     keys = tuple(dict.fromkeys(source_mod.key_of(i) for i in (source, *tuned) if i is not None))
-    units = control_mod.plan_units(settings, p, family, _context_width(source.filename),
-                                   source_mod.info_label(source))
+    context = _context_width(source.filename)
+    units = control_mod.plan_units(settings, p, family, context, source_mod.info_label(source))
+    ip_units = ip_mod.plan_units(settings, p, family, context, source_mod.info_label(source))
     checkpoints = {credits_mod.checkpoint_name(i): i for i in (source, *tuned) if i is not None}
-    return Plan(source, tuned, keys, units, credits_mod.gather(checkpoints, loras))
+    return Plan(source, tuned, keys, units, credits_mod.gather(checkpoints, loras), ip_units, family, context)
 
 
 def _context_width(filename: str) -> int | None:
@@ -263,14 +283,17 @@ def _load(settings: DeltaSettings, plan: Plan, target: Any, p: Any = None) -> Ru
     if lora is not None:
         lora.lay_out()
     units = _load_units(plan, source, groups, device, p)
-    run = Run(settings, source, groups, device, lora, units=units)
+    ip_units = _load_ip_units(plan, source, groups, p)
+    run = Run(settings, source, groups, device, lora, units=units, ip_units=ip_units)
     for g, resolved in enumerate(groups):
         model = resolved.checkpoint or source
         if any(u.plan.group == g for u in units) and id(model) not in run.controls:
             run.controls[id(model)] = RowControl(model.model.model.diffusion_model)
-    if source_mod.graphs_allowed(device) and units:
-        # the ControlNet's Python branches (window, rows) would need to key the graph: run such generations eagerly
-        print("Delta Sampling: CUDA graph replay is off for generations with ControlNet units.")
+        if any(u.plan.group == g for u in ip_units) and id(model) not in run.images:
+            run.images[id(model)] = RowImagePrompt(model.model.model.diffusion_model)
+    if source_mod.graphs_allowed(device) and (units or ip_units):
+        # the units' Python branches (window, rows) would need to key the graph: run such generations eagerly
+        print("Delta Sampling: CUDA graph replay is off for generations with ControlNet or IP-Adapter units.")
     elif source_mod.graphs_allowed(device):
         run.graphs = {id(m): GraphedCall(step_mod.forward_source, fingerprint=storage_fingerprint([m.model.model]))
                       for m in run.models}
@@ -287,6 +310,19 @@ def _load_units(plan: Plan, source: source_mod.PrivateModel, groups: list[Group]
     wanted = source_mod.placement(device)
     return control_mod.load_units(plan.units, p, lambda g: (groups[g].checkpoint or source).model.model.diffusion_model,
                                   wanted)
+
+
+def _load_ip_units(plan: Plan, source: source_mod.PrivateModel, groups: list[Group],
+                   p: Any) -> list[ip_mod.LoadedIPUnit]:
+    if not plan.ip_units:
+        return []
+    model = source.model
+    family = plan.family or ("sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False)
+                             else "sd1")
+    to_k = next((m for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2.to_k")), None)
+    context = plan.context or getattr(to_k, "in_features", None)
+    return ip_mod.load_units(plan.ip_units, p, lambda g: (groups[g].checkpoint or source).model.model.diffusion_model,
+                             family, context, source_mod.model_label(model))
 
 
 def _check_target(target: Any) -> None:
@@ -393,7 +429,8 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     for control in run.controls.values():
         control.hires = hires
     source = step_mod.SourceEval(variants, run.device, run.wrappers, image_cond_rows, run.lora, graphs,
-                                 concurrent=source_mod.runs_beside(run.device), controls=run.controls or None)
+                                 concurrent=source_mod.runs_beside(run.device), controls=run.controls or None,
+                                 images=run.images or None)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
     space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max,
                        native_px=native_side(run.source.latent.name,
@@ -419,7 +456,8 @@ def _variants(run: Run, prompts: conds_mod.PromptSet) -> list[step_mod.Variant]:
             conds = _encode(run, model, prompts.with_extra(g.prompt), te)
         unet = run.lora.unet_terms(i) if run.lora is not None else None
         controls = tuple(u for u in run.units if u.plan.group == i)
-        variants.append(step_mod.Variant(model, conds, unet, controls))
+        ips = tuple(u for u in run.ip_units if u.plan.group == i)
+        variants.append(step_mod.Variant(model, conds, unet, controls, ips))
     return variants
 
 

@@ -105,6 +105,7 @@ class Variant:
     conds: conds_mod.SourceConds
     unet_terms: Any = None  # the LoRA package's handle for this variant's UNet terms, or None
     controls: tuple = ()  # the ControlNet units (control.LoadedUnit) on this variant's rows
+    ipadapters: tuple = ()  # the IP-Adapter units (ipadapter.LoadedIPUnit) on this variant's rows
 
 
 @dataclass
@@ -133,6 +134,7 @@ class SourceEval:
     graphs: dict[int, GraphedCall] | None = None  # per source model; None: run eagerly
     concurrent: bool = False  # on another GPU than the target: started before the target's forward
     controls: dict[int, Any] | None = None  # per model with ControlNet units: its control_rows.RowControl
+    images: dict[int, Any] | None = None  # per model with IP-Adapter units: its ip_rows.RowImagePrompt
     call: CallState | None = None
     seconds: float = 0.0
     _rows_cache: dict[tuple[int, int], tuple] = field(default_factory=dict)
@@ -190,7 +192,8 @@ class SourceEval:
         plan = [(len(pos), self.variants[v].unet_terms) for _, pos, _, v in chunks]
         wrapper = self.wrappers[id(entry)]
         graph = None if self.graphs is None else self.graphs.get(id(entry))
-        with source_mod.on_device(entry, entry.model.model, self.device), self._controlled(entry, chunks):
+        with source_mod.on_device(entry, entry.model.model, self.device), self._controlled(entry, chunks), \
+                self._image_prompted(entry, rows, chunks):
             # the wrapper and the LoRA terms are keys of the graph (by identity): a new pass or plan records anew
             x0 = (graph or forward_source)(self.lora, entry, wrapper, xs, ls, cond, tuple(plan))
         x0 = x0.to(device=out.device, dtype=out.dtype)
@@ -220,6 +223,32 @@ class SourceEval:
             stack.enter_context(source_mod.on_device(entry, net, self.device))
         stack.enter_context(control.rows(plan))
         return stack
+
+
+    def _image_prompted(self, entry: source_mod.PrivateModel, rows: Sequence[int],
+                        chunks: list) -> contextlib.AbstractContextManager:
+        """The call's IP-Adapter plan: each chunk's rows with its variant's units active at this step, and per row
+        whether it is a cond row (the image embedding) or an uncond row (the empty one), as the extension marks
+        them."""
+        images = None if self.images is None else self.images.get(id(entry))
+        if images is None:
+            return contextlib.nullcontext()
+        assert self.call is not None
+        plan, start = [], 0
+        for _, pos, _, v in chunks:
+            units = tuple(u for u in self.variants[v].ipadapters if u.active(self.call.fraction))
+            if units:
+                n_cond = self._n_cond(v)
+                marks = tuple(rows[i] < n_cond for i in pos)
+                plan.append((slice(start, start + len(pos)), tuple((u, marks) for u in units)))
+            start += len(pos)
+        return images.rows(plan) if plan else contextlib.nullcontext()
+
+    def _n_cond(self, v: int) -> int:
+        """How many of the call's rows (target layout) are cond rows for variant ``v`` at this step."""
+        assert self.call is not None
+        cond, _ = self._rows_cache[(v, self.call.step)]
+        return int((cond["crossattn"] if isinstance(cond, dict) else cond).shape[0])
 
 
 def _span(rows: Sequence[int]) -> slice | None:

@@ -240,6 +240,10 @@ class Plan:
 def plan(settings: DeltaSettings, p: Any) -> Plan:
     """Check every name, limit and file of a request, cheapest first; raises DeltaError. Nothing loads here but
     the LoRA files themselves, read whole, since only reading one proves it sound."""
+    if any(g.ipadapters for g in settings.groups):
+        raise DeltaError("IP-Adapter units on the Delta Sampling source run in AUTOMATIC1111 with sd-webui-controlnet "
+                         "for now; in Forge, remove the 'ipadapters' of the request (or use a LoRA, a fine-tuned "
+                         "checkpoint or an adapted prompt as the adaptation).")
     target = p.sd_model
     source = forge_models.resolve(settings.source)
     tuned = tuple(forge_models.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None

@@ -68,6 +68,7 @@ class Script(scripts.Script):
 
     def process(self, p, units=(), *args):
         self._restore()
+        _ext("scripts.ipadapter.plugable_ipadapter").clear_all_ip_adapter()  # as clear_all_secondary_control_models
         units = [u for u in (units or []) if u.get("enabled", True)]
         if not units:
             return
@@ -77,13 +78,17 @@ class Script(scripts.Script):
         hook_mod = _ext("scripts.hook")
         unet = p.sd_model.model.diffusion_model
         h, w, hr_h, hr_w = self.get_target_dimensions(p)
-        params = []
+        params, ips = [], []
         for u in units:
             from modules import sd_models
 
             built = guess.build_model_by_guess(sd_models.read_state_dict(gs.cn_models[u["model"]]), unet,
                                                gs.cn_models[u["model"]])
             pre = pre_cls.get_preprocessor(u.get("module", "none"))
+            if built.type.name == "IPAdapter":
+                embeds = pre.cached_call(u["image"]).value
+                ips.append((built.model, embeds, u))
+                continue
             set_numpy_seed(p)
             detected = pre.cached_call(u["image"], resolution=pre.slider_resolution.value,
                                        slider_1=pre.slider_1.value, slider_2=pre.slider_2.value).value
@@ -99,9 +104,13 @@ class Script(scripts.Script):
         self.latest_network = hook_mod.UnetHook()
         self.latest_network.hook(model=unet, sd_ldm=p.sd_model, control_params=params, process=p)
         self.latest_unet = unet
+        for ip, embeds, u in ips:
+            ip.hook(model=unet, preprocessor_outputs=embeds, weight=u.get("weight", 1.0),
+                    start=u.get("guidance_start", 0.0), end=u.get("guidance_end", 1.0))
 
     def postprocess(self, p, processed, *args):
         self._restore()
+        _ext("scripts.ipadapter.plugable_ipadapter").clear_all_ip_adapter()
 
     def _restore(self):
         if self.latest_network is not None:

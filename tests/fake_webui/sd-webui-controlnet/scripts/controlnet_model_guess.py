@@ -38,6 +38,18 @@ class PlugableControlModel(torch.nn.Module):
 def build_model_by_guess(state_dict, unet, model_path: str) -> ControlModel:
     if "lora_controlnet" in state_dict:
         raise NotImplementedError("the stand-in builds no Control-LoRA")
+    if any(k.startswith("image_proj.") for k in state_dict) and any(k.startswith("ip_adapter.") for k in state_dict):
+        nested = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in state_dict.items():
+            part, _, rest = key.partition(".")
+            nested[part][rest] = value
+        state_dict = nested
+    if "ip_adapter" in state_dict:
+        import sys
+
+        ip = sys.modules["scripts.ipadapter.plugable_ipadapter"]
+        model = sys.modules["scripts.ipadapter.ipadapter_model"].IPAdapterModel.load(state_dict, model_path)
+        return ControlModel(ip.PlugableIPAdapter(model), ControlModelType.IPAdapter)
     state_dict = {k.replace("control_model.", ""): v for k, v in state_dict.items()}
     if "input_hint_block.0.weight" not in state_dict:
         raise Exception("[ControlNet Error] Cannot recognize the ControlModel!")

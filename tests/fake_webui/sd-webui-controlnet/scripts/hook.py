@@ -9,6 +9,16 @@ from modules import script_callbacks
 from devkit.ldm_unet import timestep_embedding
 
 
+def cond_mark(context, uncond):
+    """1 for a cond row of ``context``, 0 for a row equal to one of the uncond rows."""
+    marks = torch.ones(context.shape[0], 1, 1, 1, dtype=context.dtype, device=context.device)
+    if uncond is not None and uncond.shape[1:] == context.shape[1:]:
+        for i, row in enumerate(context):
+            if any(torch.equal(row, u.to(row)) for u in uncond):
+                marks[i] = 0
+    return marks
+
+
 class ControlParams:
     def __init__(self, control_model, preprocessor, hint_cond, weight, guidance_stopped, start_guidance_percent,
                  stop_guidance_percent, advanced_weighting, control_model_type, hr_hint_cond, global_average_pooling,
@@ -35,6 +45,9 @@ class UnetHook:
         self.control_params = None
 
     def guidance_schedule_handler(self, x):
+        self.model.current_sampling_percent = x.sampling_step / x.total_sampling_steps
+        uncond = x.text_uncond["crossattn"] if isinstance(x.text_uncond, dict) else x.text_uncond
+        self.uncond_rows = uncond
         if not self.control_params:
             return
         for param in self.control_params:
@@ -48,6 +61,8 @@ class UnetHook:
         outer = self
 
         def forward(x, timesteps=None, context=None, y=None, **kwargs):
+            # the real hook reads the cond/uncond marks from the context; the stand-in finds the uncond rows
+            outer.model.cond_mark = cond_mark(context, getattr(outer, "uncond_rows", None))
             total = None
             for param in outer.control_params:
                 if param.guidance_stopped:

@@ -1,6 +1,8 @@
 """sd-webui-controlnet ``scripts/supported_preprocessor.py``: the registry and ``cached_call``; a few of its
 preprocessors (``none``, ``canny``, ``invert`` and ``shuffle`` need no model; ``depth_midas`` and ``inpaint_only``
-stand for those Delta Sampling refuses)."""
+stand for those Delta Sampling refuses); and the IP-Adapter encoders, legacy preprocessors that run a CLIP-vision
+model (``ip-adapter_clip_sd15``, labelled ``ip-adapter_clip_h``; ``ip-adapter_clip_sdxl``, ``ip-adapter_clip_g``) and
+the FaceID one, which needs insightface."""
 
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -103,6 +105,49 @@ class PreprocessorInpaint(Preprocessor):
     def __call__(self, input_image, *args, **kwargs):
         return input_image
 
+
+class PreprocessorClip(Preprocessor):
+    """A legacy preprocessor: ``unload`` drops its model once it ran (``active_with_model``)."""
+
+    returns_image = False
+
+    def __init__(self, name, label, config):
+        self.name, self._label, self.config = name, label, config
+        self.active_with_model = False
+
+    @property
+    def label(self):
+        return self._label
+
+    def __call__(self, input_image, resolution=512, slider_1=None, slider_2=None, low_vram=False, **kwargs):
+        import sys
+
+        result, _ = sys.modules["scripts.preprocessor.legacy.processor"].clip(input_image, config=self.config,
+                                                                              low_vram=low_vram)
+        self.active_with_model = True
+        return result
+
+    def unload(self):
+        if self.active_with_model:
+            import sys
+
+            sys.modules["scripts.preprocessor.legacy.processor"].unload_clip(self.config)
+            self.active_with_model = False
+            return True
+        return False
+
+
+class PreprocessorFaceId(Preprocessor):
+    name = "ip-adapter_face_id"
+    returns_image = False
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("would download insightface's face model")
+
+
+for _p in (PreprocessorClip("ip-adapter_clip_sd15", "ip-adapter_clip_h", "clip_h"),
+           PreprocessorClip("ip-adapter_clip_sdxl", "ip-adapter_clip_g", "clip_g"), PreprocessorFaceId()):
+    Preprocessor.add_supported_preprocessor(_p)
 
 for _p in (PreprocessorNone, PreprocessorCanny, PreprocessorInvert, PreprocessorShuffle, PreprocessorDepth,
            PreprocessorInpaint):
