@@ -131,10 +131,16 @@ class ForgeSource:
         """Bytes to reserve beyond the target's own activations: the source runs after the target, on more rows."""
         b, c, h, w = shape
         target = target_unet.memory_required([2 * b, c, h, w])
-        activations = max(s.entry.unet.memory_required([2 * b * sum(v.slot == i for v in self.variants), c, h, w])
-                          for i, s in enumerate(self.slots))
-        patches = sum(s.patch.nbytes() for s in self.slots if s.patch is not None)
-        return int(max(activations - target, 0)) + patches
+        return int(max(self.activations(shape) - target, 0)) + self.patch_bytes()
+
+    def activations(self, shape: Sequence[int]) -> int:
+        """Bytes of the largest source forward: all the variants on one engine, cond and uncond rows."""
+        b, c, h, w = shape
+        return int(max(s.entry.unet.memory_required([2 * b * sum(v.slot == i for v in self.variants), c, h, w])
+                       for i, s in enumerate(self.slots)))
+
+    def patch_bytes(self) -> int:
+        return sum(s.patch.nbytes() for s in self.slots if s.patch is not None)
 
     # -- per model call -------------------------------------------------------------------------------------------
 
