@@ -30,9 +30,9 @@ from typing import Any
 from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance
-from .. import is_neo
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
+from .. import is_neo
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
 from . import guard as guard_mod
@@ -210,7 +210,7 @@ class ForgeRun:
         source = self.source.base.engine
         src, tgt = self.source.base.latent, forge_models.latent_format(target)
         src_name, tgt_name = self.source.base.title, forge_models.model_label(target)
-        check_latent_compatible(src, tgt, src_name, tgt_name)
+        check_latent_compatible(src, tgt, src_name, tgt_name, forge_models.sources_for(target))
         forge_models.check_convertible(source, target, src_name, tgt_name)
         if not forge_models.same_latent_space(source, target):
             note = f"{src.name}->{tgt.name} via the unscaled latent (different VAEs: approximate)"
