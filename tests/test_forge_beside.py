@@ -220,8 +220,10 @@ def test_skipped_cfg_steps_run_the_source_unguided_as_in_automatic1111(host, mon
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_a_source_on_cuda_runs_there_beside_the_target_and_gives_the_cpu_images(host, monkeypatch):
     """The source on cuda:0 (the setting; the stand-in's target computes on the CPU, so the source runs beside it):
-    its UNet is loaded there by the memory manager, each call starts before the target's forward, and the images
-    equal those of the source on the CPU up to the GPU's arithmetic; afterwards it is back on its offload device."""
+    its UNet is loaded there by the memory manager, each call starts before the target's forward and its prediction
+    stays on the GPU until the delta is added (moving it back at once would make the target's stream wait), and the
+    images equal those of the source on the CPU up to the GPU's arithmetic; afterwards it is back on its offload
+    device."""
     base = host.checkpoint("base", family="sd1", seed=0)
     target = host.load(base)
     lora = host.lora("style", target)
@@ -232,11 +234,22 @@ def test_gpu_a_source_on_cuda_runs_there_beside_the_target_and_gives_the_cpu_ima
     on_cpu = host.run(target, base, group, **kw)
     runs = Runs(monkeypatch, host.adapter)
     calls = Calls(monkeypatch, target)
+    started = []  # where each prediction started early waits: on the source's GPU, so that nothing waits for it
+    real_before = host.adapter.ForgeRun.before_call
+
+    def before_call(run, *args):
+        real_before(run, *args)
+        pending = run.guidance._pending if run.guidance is not None else None
+        if pending is not None:
+            started.append(pending[1].device)
+
+    monkeypatch.setattr(host.adapter.ForgeRun, "before_call", before_call)
     monkeypatch.setattr(webui.opts, "delta_sampling_device", "cuda:0", raising=False)
     on_gpu = host.run(target, base, group, **kw)
     (source_calls, calls_beside), = runs.done
     assert source_calls > 0 and calls_beside == source_calls and calls.source_first()
     assert calls.devices and all(d.type == "cuda" for d in calls.devices)
+    assert len(started) == source_calls and all(d.type == "cuda" for d in started)
     assert close(on_gpu, on_cpu, 1e-3)
     assert not close(on_gpu, plain, 1e-2)  # the delta really moved the images
     from lib_delta.hosts.forge import models as forge_models

@@ -161,7 +161,8 @@ class ForgeSource:
                 preds.update(self._run(self.slots[slot_index], batch, compiled, x[:b], level[:b], run_uncond))
         self.calls += 1
         out = torch.stack([preds[k] for k in variants])
-        return out[:, list(rows)]
+        # a slice, not a list index: indexing a GPU tensor with a list copies the list there and waits for the GPU
+        return out[:, : len(rows)] if list(rows) == list(range(len(rows))) else out[:, list(rows)]
 
     def _run(self, slot: Slot, ks: list[int], compiled: dict, x: Tensor, level: Tensor,
              run_uncond: bool) -> dict[int, Tensor]:
@@ -175,12 +176,11 @@ class ForgeSource:
             options["model_function_wrapper"] = _row_plan(slot.patch, groups, b)
         cond = _merge([compiled[k][0] for k in ks])
         uncond = _merge([compiled[k][1] for k in ks]) if run_uncond else None
-        device = x.device
         xin, sin = x.to(unet.load_device).repeat(n, 1, 1, 1), level.to(unet.load_device).repeat(n)
         c_all, u_all = calc_cond_uncond_batch(unet.model, cond, uncond, xin, sin, options)
         out = {}
-        for i, k in enumerate(ks):
-            c, u = c_all[i * b:(i + 1) * b].to(device), u_all[i * b:(i + 1) * b].to(device)
+        for i, k in enumerate(ks):  # left on the source's device: the guidance moves the delta once it is needed
+            c, u = c_all[i * b:(i + 1) * b], u_all[i * b:(i + 1) * b]
             strength = sum(e.get("strength", 1) for e in compiled[k][0])
             if self.fold_strength and not math.isclose(strength, 1.0):
                 c = u + (c - u) * strength
