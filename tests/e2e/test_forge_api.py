@@ -341,8 +341,11 @@ def test_skipped_cfg_steps_run_the_source_unguided_as_in_automatic1111(forge, sd
         record_property(f"psnr_{key}_db", round(value, 2))
     print("skipped CFG: " + "; ".join(f"{k} = {v:.2f} dB" for k, v in db.items()))
     assert own_early.param("Skip Early CFG") == "0.5" and own_ngms.param("NGMS") == "100.0", own_ngms.infotext
-    assert db["skip_early_moves"] < CHANGED_BELOW_DB and db["ngms_moves"] < CHANGED_BELOW_DB
-    assert db["skip_early_delta_vs_forge"] > CLOSE_DB and db["ngms_delta_vs_forge"] > CLOSE_DB
+    # the skips move Forge's own image (NGMS, on 2 of 4 steps, less), and the delta's lands on it far closer than
+    # that: a source guided on the skipped steps would be about as far from it as the skips move it
+    for skip in ("skip_early", "ngms"):
+        assert db[f"{skip}_moves"] < 60.0, f"{skip} must move the image for this to mean anything"
+        assert db[f"{skip}_delta_vs_forge"] > max(CLOSE_DB, db[f"{skip}_moves"] + 10.0)
     assert forge.txt2img(PROMPT).image == plain["sd15"].image
 
 
