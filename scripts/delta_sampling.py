@@ -36,6 +36,9 @@ class DeltaSamplingScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs) -> None:
         hosts.current().before_sampling(p, **kwargs)
 
+    def post_sample(self, p, ps, *args) -> None:
+        hosts.current().after_sampling(p)
+
     def postprocess(self, p, processed, *args) -> None:
         hosts.current().finish(p, processed)
 

@@ -467,6 +467,9 @@ def test_a_source_on_the_gpu_runs_its_units_there_eagerly(ui, monkeypatch, capsy
     monkeypatch.setattr(host, "GraphedCall", lambda *a, **k: made.append(1) or real(*a, **k))
     monkeypatch.setattr(shared.opts, "delta_sampling_device", "cuda:0", raising=False)
     monkeypatch.setattr(shared.opts, "delta_sampling_cuda_graph", True, raising=False)
+    # cuDNN's convolutions default to TF32 (10-bit mantissa): 1e-3 from the CPU's fp32 on their own
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     kw = {**BASE, "steps": 8}
     reference = images(ui.txt2img(controlnet=[own_unit(module="canny")], **kw))
     devices = []
@@ -478,6 +481,8 @@ def test_a_source_on_the_gpu_runs_its_units_there_eagerly(ui, monkeypatch, capsy
 
     monkeypatch.setattr(sys.modules["lib_delta.hosts.a1111.control"].LoadedUnit, "hint", hint)
     out = images(ui.txt2img(delta(controlnets=[unit(module="canny")]), **kw))
-    assert not made and "CUDA graph replay is off" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert not made, f"a graph was recorded for a run with units; the log said: {said[-2000:]}"
+    assert "CUDA graph replay is off" in said, said[-2000:]
     assert devices and set(devices) == {("cuda", "cuda")}
     assert rel(out, reference) < 1e-4

@@ -174,6 +174,46 @@ def test_a_run_that_died_is_closed_by_the_next_generation(ui, monkeypatch):
         assert spy.alive() == [] and host.SLOT.get() is None
 
 
+def test_a_decode_that_runs_out_of_memory_finds_the_run_closed_already(ui, monkeypatch):
+    """The VAE decode comes after the last batch's ``post_sample``, where the run closes: a decode that fails (the
+    WebUI then skips ``postprocess``) leaves nothing of the run holding memory until the next generation."""
+    from modules import processing
+
+    fresh = images(ui.txt2img(**BASE))
+    spy = RunSpy(monkeypatch)
+
+    def decode(model, batch, target_device=None, check_for_nans=False):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    with no_cycle_collection():
+        with monkeypatch.context() as mp:
+            mp.setattr(processing, "decode_latent_batch", decode)
+            with pytest.raises(torch.OutOfMemoryError):
+                ui.txt2img(delta(loras="<lora:style:1>", adapted_prompt="in the snow"), **BASE)
+        run = host.SLOT.get()
+        assert run is not None and run.closed, "the run still holds its source until the next generation"
+        assert spy.alive() == ["run"]  # its passes, source calls and LoRA patches are gone with the close
+        assert run.passes == [] and run.graphs is None and run.lora is None
+    assert torch.equal(images(ui.txt2img(**BASE)), fresh)  # whose process() drops the closed run from the slot
+    _assert_clean(ui, fresh)
+
+
+def test_with_a_batch_count_the_run_closes_after_the_last_batch_only(ui, monkeypatch):
+    closes = []
+    real = host.Run.close
+
+    def close(run):
+        closes.append(run.closed)
+        real(run)
+
+    monkeypatch.setattr(host.Run, "close", close)
+    both = images(ui.txt2img(delta(adapted_prompt="in the snow"), **{**BASE, "n_iter": 2}))
+    assert closes.count(False) == 1  # closed once, after the second batch
+    second = images(ui.txt2img(delta(adapted_prompt="in the snow"), **{**BASE, "seed": BASE["seed"] + 1}))
+    plain = images(ui.txt2img(**{**BASE, "seed": BASE["seed"] + 1}))
+    assert torch.equal(both[1:], second) and not torch.equal(second, plain)  # the second batch had its delta
+
+
 # --- bad files and requests over a limit --------------------------------------------------------------------------
 
 
@@ -366,3 +406,28 @@ def test_under_lowvram_the_lora_data_goes_back_with_its_model(ui, monkeypatch):
     with on_gpu.te_active(entry, on_gpu.te_terms(0)):
         pass
     assert moves == ["cuda", "cpu", "cuda", "cpu"]
+
+
+@pytest.mark.parametrize("flag, free_gib, resident", [("medvram", 8, True), ("medvram", 1, False),
+                                                      ("lowvram", 64, False)])
+def test_under_medvram_the_source_stays_on_the_gpu_when_it_fits(monkeypatch, flag, free_gib, resident):
+    """One move per generation instead of two per step when the card has room beside the target (--medvram); per
+    call, with the target's modules stepping aside, when it has not or under --lowvram."""
+    from modules import lowvram, shared
+
+    module = torch.nn.Linear(4, 4)
+    moves, evicted = [], []
+    monkeypatch.setattr(module, "to", lambda device: moves.append(str(device)) or module)
+    monkeypatch.setattr(lowvram, "send_everything_to_cpu", lambda: evicted.append(1))
+    monkeypatch.setattr(shared.cmd_opts, flag, True)
+    monkeypatch.setattr(a1111_source, "target_uses_lowvram", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib << 30, 80 << 30))
+    gpu = torch.device("cuda", 0)
+    assert a1111_source.stays_resident(module, gpu) is resident
+    for _ in range(3):  # three source calls
+        with a1111_source.on_device(None, module, gpu):
+            pass
+    if resident:
+        assert moves == ["cuda:0"] * 3 and evicted == []  # .to() on a module already there moves nothing
+    else:
+        assert moves == ["cuda:0", "cpu"] * 3 and len(evicted) == 3

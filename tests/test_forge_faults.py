@@ -94,6 +94,28 @@ def test_out_of_memory_at_step_k_stops_with_a_server_error(forge, scene, monkeyp
     assert_left_nothing(forge, scene)
 
 
+def test_out_of_memory_in_the_decode_finds_the_run_closed_already(forge, scene, monkeypatch):
+    """The decode comes after ``post_sample``, where the run closes: when it fails (Forge then skips
+    ``postprocess``) the source has left Forge's loaded models and the target already, not at the next generation."""
+    def decode(model, batch, target_device=None, check_for_nans=False):
+        raise torch.cuda.OutOfMemoryError(OOM)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(webui, "decode_latent_batch", decode)
+        try:  # not pytest.raises: its kept traceback would hold the frames, and so the run, with the collector off
+            forge.generate(scene.target, scene.delta)
+            pytest.fail("the decode's error did not reach the caller")
+        except torch.cuda.OutOfMemoryError:
+            pass
+    run = forge.adapter.SLOT.get()
+    assert run is not None and run.closed, "the run holds its source until the next generation"
+    del run
+    assert_clean(scene.target)
+    assert set(scene.spy.alive()) <= {"run", "source"}  # the closed run's record, dropped by the next process()
+    assert torch.equal(forge.generate(scene.target), scene.fresh)
+    assert_left_nothing(forge, scene)
+
+
 # --- (b) an interrupt at step k ----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ Each adapter module exposes the same functions, called by ``scripts/delta_sampli
 - ``fail(p, error)``: make ``error`` stop this generation with its message, a 422 for a ``DeltaError`` and a 500
   for anything else (the WebUI only logs exceptions raised inside script hooks);
 - ``before_sampling(p, **kwargs)``: arm the per-step correction for one sampling pass (hires fix has two);
+- ``after_sampling(p)``: the last batch is sampled, before the VAE decodes it: close the run early (its memory goes
+  to the decode, and a decode that fails leaves nothing behind);
 - ``finish(p, processed=None)``: disarm, restore every patched object, add the preview, free per-generation state.
 """
 

@@ -356,8 +356,15 @@ class ScriptRunner:
     def process_before_every_sampling(self, p, **kwargs):
         self._call("process_before_every_sampling", p, **kwargs)
 
+    def post_sample(self, p, ps):
+        self._call("post_sample", p, ps)
+
     def postprocess(self, p, processed):
         self._call("postprocess", p, processed)
+
+
+def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
+    return batch  # no VAE here: images stay latents; a test makes the decode fail here
 
 
 def process_images(p):
@@ -367,6 +374,9 @@ def process_images(p):
     p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
     p.setup_conds()
     samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc)
+    ps = SimpleNamespace(samples=samples)  # modules.scripts.PostSampleArgs
+    p.scripts.post_sample(p, ps)
+    samples = decode_latent_batch(p.sd_model, ps.samples)
     p.processed = SimpleNamespace(images=list(samples), infotexts=["infotext"] * len(samples))
     p.scripts.postprocess(p, p.processed)
     return samples

@@ -108,6 +108,8 @@ class Run:
     units: list[control_mod.LoadedUnit] = field(default_factory=list)  # ControlNet units, in group order
     controls: dict[int, RowControl] = field(default_factory=dict)  # per model with units: its row hooks
     log: list[str] = field(default_factory=list)  # what the generation's log line reports, kept past close()
+    records: list = field(default_factory=list)  # the preview's records, kept past close()
+    target_latent: str | None = None
     closed: bool = False
 
     @property
@@ -121,6 +123,9 @@ class Run:
         self.closed = True
         keys = [m.key for m in self.models]
         self.log = self._summary()
+        self.records = [r for ps in self.passes if ps.guidance is not None for r in ps.guidance.records]
+        self.target_latent = next((ps.guidance.bridge.target.latent.name for ps in reversed(self.passes)
+                                   if ps.guidance is not None), None)
         try:
             for ps in self.passes:
                 ps.disarm()
@@ -191,8 +196,9 @@ def start(p: Any, settings: DeltaSettings) -> None:
     SLOT.open(p, run)
     _write_infotext(p, run)
     if source_mod.target_uses_lowvram() and run.device.type != "cpu":
-        print("Delta Sampling: under --lowvram/--medvram the source's UNet moves to the GPU and back at every step "
-              "and the active model's modules step aside for it: expect each step to take several times longer.")
+        if source_mod.shared_flag("lowvram"):
+            print("Delta Sampling: under --lowvram the source's UNet moves to the GPU and back at every step and the "
+                  "active model's modules step aside for it: expect each step to take several times longer.")
 
 
 def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
@@ -424,6 +430,16 @@ def _encode(run: Run, entry: source_mod.PrivateModel, prompts: conds_mod.PromptS
         return conds_mod.encode(entry.model, prompts)
 
 
+def after_sampling(p: Any) -> None:
+    """The last batch is sampled (``post_sample``, before the VAE decodes it): the source is not needed any more, so
+    its graphs, patches and GPU memory go now. The VAE decode gets that memory, and a decode that runs out of it
+    leaves nothing of the run behind (the WebUI skips ``postprocess`` then). ``finish`` still writes the log line
+    and the preview from what the closed run kept."""
+    run = SLOT.get(p)
+    if run is not None and getattr(p, "iteration", 0) >= getattr(p, "n_iter", 1) - 1:
+        run.close()
+
+
 def finish(p: Any, processed: Any = None) -> None:
     """The generation ended (``postprocess``): close its run, add the preview and write its log line."""
     if hasattr(p, ERROR_ATTR):
@@ -431,12 +447,10 @@ def finish(p: Any, processed: Any = None) -> None:
     run = SLOT.take(p)
     if run is None:
         return
-    records = [r for ps in run.passes if ps.guidance is not None for r in ps.guidance.records]
-    target = next((ps.guidance.bridge.target.latent.name for ps in reversed(run.passes) if ps.guidance), None)
-    run.close()
+    run.close()  # a no-op when after_sampling closed it already
     if processed is not None and run.settings.preview:
         try:
-            _append_preview(run, records, target, processed)
+            _append_preview(run, run.records, run.target_latent, processed)
         except Exception as e:
             print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
     print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {', '.join(run.log)}")

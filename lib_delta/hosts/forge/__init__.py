@@ -121,6 +121,15 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
         fail(p, e)
 
 
+def after_sampling(p: Any) -> None:
+    """The last batch is sampled (``post_sample``, before the VAE decodes it): close the run now, so that the source
+    leaves Forge's loaded models before the decode needs the memory, and a decode that fails leaves nothing of the
+    run behind (``postprocess`` is skipped then). ``finish`` still adds the preview from what the run kept."""
+    run = SLOT.get(p)
+    if run is not None and getattr(p, "iteration", 0) >= getattr(p, "n_iter", 1) - 1:
+        run.close()
+
+
 def finish(p: Any, processed: Any = None) -> None:
     """The generation ended (``postprocess``): add the preview and close the run."""
     run = SLOT.take(p)
@@ -155,6 +164,7 @@ class ForgeRun:
         self.clones: list[weakref.ref] = []
         self.samplers: list[weakref.ref] = []
         self.records: list = []  # preview records of every pass
+        self.target_latent: str | None = None  # the preview's target label, kept past close()
         self.layout: CfgLayout | None = None  # the coming model call's, set just before the target's forward
         self.beside = False  # the source computes on a GPU of its own, started before the target's forward
         self.calls_beside = 0  # source calls of the finished passes that ran beside the target's forward
@@ -306,12 +316,16 @@ class ForgeRun:
                 _strip(clone, ours)
             self.source.detach()
         finally:
+            if self.guidance is not None:
+                self.target_latent = self.guidance.bridge.target.latent.name
             keys = [s.entry.key for s in self.source.slots]
             self.samplers, self.armed, self.clones = [], [], []
             self.guidance, self.layout, self.source.denoiser, self.p = None, None, None, None
             forge_models.settle(keys)
         seconds = time.perf_counter() - self.started
         loras = self.source.lora_summary()
+        for slot in self.source.slots:  # detached: its terms would only hold memory until the run object goes
+            slot.patch = None
         device = self.source.base.unet.load_device
         beside = f" ({self.calls_beside} beside the target on {device})" if self.calls_beside else ""
         print(f"{self.settings.summary()}; {self.source.calls} source calls{beside}; {seconds:.1f}s"
@@ -320,7 +334,7 @@ class ForgeRun:
     def append_preview(self, processed: Any) -> None:
         from ... import preview
 
-        target = self.guidance.bridge.target.latent.name if self.guidance is not None else None
+        target = self.guidance.bridge.target.latent.name if self.guidance is not None else self.target_latent
         strip = preview.render(self.records, self.source.base.latent.name, target)
         if strip is None:
             return

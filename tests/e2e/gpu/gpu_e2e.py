@@ -401,8 +401,11 @@ def phase_oom(r: Report, c: WebUIClient, s: WebUIServer, fx: dict[str, ModelFixt
     sd15 = fx["sd15"]
     plain_g, before = measured(c, PROMPT, **base)  # the level before, with the target resident
     total = before["device_total"]
-    plain_peak = table["plain"]["max_peak_reserved"]
-    ds_peak = table["DS default"]["max_peak_reserved"]
+    # halfway between the allocated peaks: the cap bounds what the allocator may reserve, and it frees its cache
+    # before failing, so a cap between the reserved peaks can still fit the DS request (it did, once the run left
+    # the GPU before the VAE decode)
+    plain_peak = table["plain"]["max_peak_allocated"]
+    ds_peak = table["DS default"]["max_peak_allocated"]
     cap_bytes = (plain_peak + ds_peak) / 2 if ds_peak > plain_peak else plain_peak * 1.02
     fraction = cap_bytes / total
     capped = c.post(f"/delta-gpu/cap?fraction={fraction:.6f}")
@@ -420,8 +423,8 @@ def phase_oom(r: Report, c: WebUIClient, s: WebUIServer, fx: dict[str, ModelFixt
     plain_after = c.txt2img(PROMPT, **base)
     after_plain = mem(c)
     ds_after = c.txt2img(PROMPT, **base, **scripts(delta(sd15)))
-    record = {"cap_fraction": fraction, "cap_bytes": cap_bytes, "plain_peak_reserved": plain_peak,
-              "ds_peak_reserved": ds_peak, "mem_before": before, "mem_capped": capped, "outcome": outcome,
+    record = {"cap_fraction": fraction, "cap_bytes": cap_bytes, "plain_peak_allocated": plain_peak,
+              "ds_peak_allocated": ds_peak, "mem_before": before, "mem_capped": capped, "outcome": outcome,
               "mem_uncapped": uncapped, "mem_after_reset": after, "mem_after_plain": after_plain,
               "ds_after_seconds": ds_after.seconds, "ds_after_flat": flat(ds_after.image),
               "log": log_lines(s, "out of memory", 5) + log_lines(s, "OutOfMemoryError", 5)}

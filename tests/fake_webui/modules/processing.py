@@ -1,7 +1,8 @@
 """modules.processing: txt2img (with hires fix) and img2img (with a latent inpainting mask) in the WebUI's call
-order: ``process`` → per batch (``before_process_batch``, tags stripped, ``process_batch``, conds, ``sample``) →
-``postprocess``. Images stay latents (there is no VAE here); an exception escapes ``process_images`` unhandled,
-so ``postprocess`` is not reached, as in the WebUI."""
+order: ``process`` → per batch (``before_process_batch``, tags stripped, ``process_batch``, conds, ``sample``,
+``post_sample``, the VAE decode) → ``postprocess``. Images stay latents (``decode_latent_batch`` returns them as
+they are, and is where a test makes the decode fail); an exception escapes ``process_images`` unhandled, so
+``postprocess`` is not reached, as in the WebUI."""
 
 from __future__ import annotations
 
@@ -214,6 +215,10 @@ def create_infotext(p, index):
     return f"{p.all_prompts[index]}\nNegative prompt: {p.all_negative_prompts[index]}\n{line}"
 
 
+def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
+    return batch  # no VAE here: images stay latents
+
+
 def process_images(p):
     p.setup_prompts()
     if p.scripts is not None:
@@ -234,6 +239,13 @@ def process_images(p):
                 p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds)
             p.setup_conds()
             samples = p.sample(p.c, p.uc, p.seeds)
+            if p.scripts is not None:
+                from modules import scripts
+
+                ps = scripts.PostSampleArgs(samples)
+                p.scripts.post_sample(p, ps)
+                samples = ps.samples
+            samples = decode_latent_batch(p.sd_model, samples)
             for i in range(samples.shape[0]):
                 images.append(samples[i].clone())
                 infotexts.append(create_infotext(p, n * p.batch_size + i))

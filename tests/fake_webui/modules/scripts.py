@@ -7,6 +7,11 @@ from modules import errors
 AlwaysVisible = object()
 
 
+class PostSampleArgs:
+    def __init__(self, samples):
+        self.samples = samples
+
+
 class Script:
     name = None
     section = None
@@ -48,6 +53,9 @@ class Script:
     def before_hr(self, p, *args):
         pass
 
+    def post_sample(self, p, ps, *args):
+        pass
+
     def postprocess_batch(self, p, *args, **kwargs):
         pass
 
@@ -59,7 +67,7 @@ class Script:
 
 
 _HOOKS = ("before_process", "process", "before_process_batch", "process_batch", "process_before_every_sampling",
-          "before_hr", "postprocess_batch", "postprocess")
+          "before_hr", "post_sample", "postprocess_batch", "postprocess")
 
 
 class ScriptRunner:
