@@ -30,7 +30,7 @@ from . import report
 from .layers import measure_lora_layers
 from .measure import PeakMemory, psnr, rel_err, summary, time_calls
 from .profiling import gpu_time_by_op, profile_steps
-from .rig import ADAPTERS, FULL_PAIRS, TOY_PAIRS, Env, Models, Pair, latent
+from .rig import ADAPTERS, FULL_PAIRS, TOY_PAIRS, Env, Models, Pair
 from .schemes import STEPS, PairRig, Scheme, step_schemes
 from .sources import take
 
@@ -429,7 +429,7 @@ def measure_generations(env: Env, rig: PairRig, make: list[tuple[str, Callable[[
                         runs: int, exact: str | None = None) -> list[dict]:
     """Whole Euler generations; a fresh scheme per run (reuse state and graphs start empty, as in a host)."""
     sigmas = rig.target.get_sigmas(steps)
-    x0 = latent(rig.pair, sigmas[0].reshape(1), env.device, seed=9)
+    x0 = rig.start_latent(sigmas[0].reshape(1), seed=9)
     rows, finals = [], {}
     for key, factory in make:
         times, final, evals, label = [], None, None, key

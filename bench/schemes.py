@@ -86,6 +86,10 @@ class PairRig:
         self.x = latent(pair, self.sigma, env.device)
         self._remote: dict = {}
 
+    def start_latent(self, sigma: Tensor, seed: int = 5) -> Tensor:
+        """A generation's first latent at noise level ``sigma``."""
+        return latent(self.pair, sigma, self.env.device, seed)
+
     # -- the schemes -------------------------------------------------------------------------------------------
 
     def target_only(self) -> Scheme:
@@ -160,7 +164,7 @@ class PairRig:
 
     def delta(self, key: str, label: str, adapter: str = "lora", *, cfg_mode: str = "cfg", hold: bool = False,
               graphed: bool = False, compiled: bool = False, remote: bool = False, end: float = 1.0,
-              reuse: int = 1) -> Scheme:
+              reuse: int = 1, resolution: str = "target") -> Scheme:
         """A DeltaGuidance scheme; see the module doc for the options."""
         if remote:
             dev = self.env.second
@@ -175,7 +179,8 @@ class PairRig:
         if reuse > 1:
             source = ReusedDelta(source, reuse)
         group = AdaptationGroup(loras=(LoraRef("bench"),), strength=1.0, end=end)
-        settings = DeltaSettings(enabled=True, source="bench", groups=(group,), cfg_mode=cfg_mode)
+        settings = DeltaSettings(enabled=True, source="bench", groups=(group,), cfg_mode=cfg_mode,
+                                 source_resolution=resolution)
         guidance = DeltaGuidance(settings, self.bridge, source, ProgressClock(self.sigmas.tolist()))
 
         def step(x: Tensor, sigma: Tensor) -> Tensor:

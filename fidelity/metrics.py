@@ -35,12 +35,12 @@ def is_red(images: Tensor) -> Tensor:
     return red_fraction(images) >= RED_MIN_FRACTION
 
 
-def stripe_score(images: Tensor) -> Tensor:
+def stripe_score(images: Tensor, period: int = world.STRIPE_PERIOD) -> Tensor:
     """Per image, the share of non-DC luminance energy in the horizontal-stripe band (period 4 px, |fx| ≤ 2)."""
     lum = (images.float() * torch.tensor([0.299, 0.587, 0.114], device=images.device)[:, None, None]).sum(1)
     spec = torch.fft.fft2(lum - lum.mean(dim=(1, 2), keepdim=True)).abs() ** 2
     size = images.shape[-1]
-    fy = size // world.STRIPE_PERIOD
+    fy = size // period
     cols = torch.tensor([0, 1, 2, -2, -1], device=images.device) % size
     band = spec[:, [fy, -fy]][:, :, cols].flatten(1).sum(1)
     return band / spec.flatten(1).sum(1).clamp_min(1e-12)
@@ -52,13 +52,16 @@ class Detectors:
 
     stripe_threshold: float
     accuracy: dict[str, float]
+    stripe_period: int = world.STRIPE_PERIOD
 
     def rate(self, attribute: str, images: Tensor) -> float:
-        hit = is_red(images) if attribute == "red" else stripe_score(images) > self.stripe_threshold
+        hit = is_red(images) if attribute == "red" else \
+            stripe_score(images, self.stripe_period) > self.stripe_threshold
         return hit.float().mean().item()
 
 
-def calibrate(n: int, seed: int, device: torch.device | str = "cpu", size: int = world.SIZE) -> Detectors:
+def calibrate(n: int, seed: int, device: torch.device | str = "cpu", size: int = world.SIZE,
+              stripe_period: int = world.STRIPE_PERIOD) -> Detectors:
     """Pick the stripe threshold that best separates striped from other images, noisy copies included (residual
     sampling noise spreads energy into every band), and report both detectors' accuracy on a fresh draw."""
     g = world.generator(seed, device)
@@ -66,22 +69,22 @@ def calibrate(n: int, seed: int, device: torch.device | str = "cpu", size: int =
     def noisy(x: Tensor, std: float) -> Tensor:
         return x + std * torch.randn(x.shape, generator=g, device=x.device)
 
-    plain = torch.cat([world.batch(n, "plain", g, device, size)[0], world.batch(n, "red", g, device, size)[0]])
-    striped = world.batch(n, "striped", g, device, size)[0]
-    neg = stripe_score(torch.cat([plain, noisy(plain, 0.1), noisy(plain, 0.2)]))
-    pos = stripe_score(torch.cat([striped, noisy(striped, 0.1), noisy(striped, 0.2)]))
+    plain = torch.cat([world.batch(n, style, g, device, size, stripe_period)[0] for style in ("plain", "red")])
+    striped = world.batch(n, "striped", g, device, size, stripe_period)[0]
+    neg = stripe_score(torch.cat([plain, noisy(plain, 0.1), noisy(plain, 0.2)]), stripe_period)
+    pos = stripe_score(torch.cat([striped, noisy(striped, 0.1), noisy(striped, 0.2)]), stripe_period)
     candidates = torch.cat([neg, pos]).sort().values
     neg_below = torch.searchsorted(neg.sort().values, candidates, right=True) / len(neg)
     pos_above = 1 - torch.searchsorted(pos.sort().values, candidates, right=True) / len(pos)
     acc = neg_below + pos_above
     threshold = candidates[int(acc.argmax())].item()
-    det = Detectors(threshold, {})
-    images = {style: world.batch(n, style, g, device, size)[0] for style in world.STYLES}
+    det = Detectors(threshold, {}, stripe_period)
+    images = {style: world.batch(n, style, g, device, size, stripe_period)[0] for style in world.STYLES}
     accuracy = {
         "red": ((1 - det.rate("red", images["plain"])) + det.rate("red", images["red"])) / 2,
         "striped": ((1 - det.rate("striped", images["plain"])) + det.rate("striped", images["striped"])) / 2,
     }
-    return Detectors(threshold, accuracy)
+    return Detectors(threshold, accuracy, stripe_period)
 
 
 # --- class fidelity -------------------------------------------------------------------------------------------------
@@ -108,15 +111,15 @@ class ShapeClassifier(nn.Module):
 
 
 def mixed_batch(n: int, g: torch.Generator, device: torch.device | str,
-                size: int = world.SIZE) -> tuple[Tensor, Tensor]:
+                size: int = world.SIZE, stripe_period: int = world.STRIPE_PERIOD) -> tuple[Tensor, Tensor]:
     styles = torch.randint(0, len(world.STYLES), (n,), generator=g, device=torch.device(device))
     labels = torch.randint(0, len(world.CLASSES), (n,), generator=g, device=torch.device(device))
-    return world.render(labels, styles, g, device, size), labels
+    return world.render(labels, styles, g, device, size, stripe_period), labels
 
 
 def train_classifier(steps: int, batch: int, seed: int, device: torch.device | str, width: int = 32,
                      noise: float = 0.15, size: int = world.SIZE,
-                     held_out: int = 2048) -> tuple[ShapeClassifier, dict]:
+                     held_out: int = 2048, stripe_period: int = world.STRIPE_PERIOD) -> tuple[ShapeClassifier, dict]:
     """Train on fresh world draws, with pixel noise (up to ``noise``) and blur on half of them so that imperfect
     samples are judged by their shape; returns the model and a report with its held-out accuracy."""
     torch.manual_seed(seed)
@@ -128,7 +131,7 @@ def train_classifier(steps: int, batch: int, seed: int, device: torch.device | s
     g = world.generator(seed, device)
     losses = []
     for _ in range(steps):
-        x, y = mixed_batch(batch, g, device, size)
+        x, y = mixed_batch(batch, g, device, size, stripe_period)
         blur = torch.rand(batch, generator=g, device=x.device) < 0.5
         x = torch.where(blur[:, None, None, None], F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1), x)
         std = noise * torch.rand(batch, generator=g, device=x.device)
@@ -141,7 +144,7 @@ def train_classifier(steps: int, batch: int, seed: int, device: torch.device | s
         sched.step()
         losses.append(loss.item())
     clf.eval().requires_grad_(False)
-    x, y = mixed_batch(held_out, world.generator(seed + 1, device), device, size)
+    x, y = mixed_batch(held_out, world.generator(seed + 1, device), device, size, stripe_period)
     acc = (classify(clf, x) == y).float().mean().item()
     return clf, {"steps": steps, "batch": batch, "first_loss": losses[0] if losses else None,
                  "last_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None,

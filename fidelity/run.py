@@ -2,6 +2,7 @@
 
     python -m fidelity.run --out fidelity/out --device cuda          # the full study (a few minutes on one GPU)
     python -m fidelity.run --out fidelity/out --toy                  # the whole pipeline at toy size on the CPU
+    python -m fidelity.run --stages resolution --out fidelity/out-resolution --device cuda   # fidelity/resolution.py
 
 Trained models and adapter files go to ``--out``; results.json, log.txt and the figures to ``--results``
 (default: the same folder).
@@ -13,6 +14,7 @@ import argparse
 import json
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +36,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply the models' and adapters' batches")
     p.add_argument("--images", type=int, default=None, help="evaluation images per configuration")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
-    p.add_argument("--stages", default=None, help="comma-separated subset of the grid's stages")
+    p.add_argument("--stages", default=None, help="comma-separated subset of the grid's stages; 'resolution' runs "
+                   "the source-resolution study (fidelity/resolution.py) on its own")
     p.add_argument("--reuse-models", action="store_true",
                    help="load models an earlier run trained into the same --out instead of training them again")
     p.add_argument("--models-only", default=None,
@@ -51,6 +54,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.stages == "resolution":  # its own world sizes, models and runs
+        from . import resolution
+
+        cfg = resolution.toy() if args.toy else resolution.full(args.train_scale)
+        cfg = replace(cfg, **{k: v for k, v in (("deadline_s", args.deadline), ("images", args.images),
+                                                 ("steps", args.steps)) if v is not None})
+        return resolution.run_stage(cfg, torch.device(args.device), args.out, args.results or args.out)
     cfg = (config.toy(args.eps_weighting) if args.toy
            else config.full(args.train_scale, batch_scale=args.batch_scale, eps_weighting=args.eps_weighting))
     cfg = config.with_overrides(cfg, images=args.images, steps=args.steps, deadline_s=args.deadline,

@@ -51,10 +51,11 @@ def _shape_sdf(cls: Tensor, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
 
 
 def render(
-    labels: Tensor, style: str | Tensor, g: torch.Generator, device: torch.device | str = "cpu", size: int = SIZE
+    labels: Tensor, style: str | Tensor, g: torch.Generator, device: torch.device | str = "cpu", size: int = SIZE,
+    stripe_period: int = STRIPE_PERIOD,
 ) -> Tensor:
     """Images [n, 3, size, size] in [-1, 1] of the classes ``labels`` in ``style`` (a name, or per-image
-    indices)."""
+    indices). ``stripe_period`` in pixels (the resolution study scales it with the image)."""
     device = torch.device(device)
     k = size / SIZE  # lengths below are for 32 px
     labels = labels.to(device)
@@ -93,8 +94,8 @@ def render(
     hue = torch.where(red, _uniform(n, -0.025, 0.025, g, device) % 1.0, hue)
     sat = torch.where(red, _uniform(n, 0.8, 1.0, g, device), sat)
     fg = hsv_to_rgb(hue, sat, val)[:, :, None, None].expand(n, 3, size, size)
-    phase = torch.randint(0, STRIPE_PERIOD, (n,), generator=g, device=device)[:, None, None]
-    dark = ((yy[None].long() + phase) % STRIPE_PERIOD) >= STRIPE_PERIOD // 2
+    phase = torch.randint(0, stripe_period, (n,), generator=g, device=device)[:, None, None]
+    dark = ((yy[None].long() + phase) % stripe_period) >= stripe_period // 2
     striped = (styles == STYLES.index("striped"))[:, None, None] & dark
     fg = fg * torch.where(striped, 0.3, 1.0)[:, None]
     img = img * (1 - mask[:, None]) + fg * mask[:, None]
@@ -102,10 +103,10 @@ def render(
 
 
 def batch(n: int, style: str, g: torch.Generator, device: torch.device | str = "cpu",
-          size: int = SIZE) -> tuple[Tensor, Tensor]:
+          size: int = SIZE, stripe_period: int = STRIPE_PERIOD) -> tuple[Tensor, Tensor]:
     """``n`` images with uniformly drawn classes: (images, labels)."""
     labels = torch.randint(0, len(CLASSES), (n,), generator=g, device=torch.device(device))
-    return render(labels, style, g, device, size), labels
+    return render(labels, style, g, device, size, stripe_period), labels
 
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

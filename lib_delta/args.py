@@ -52,6 +52,7 @@ from .schedule import SCHEDULES
 MODES = ("delta", "base-first")
 CFG_MODES = ("cfg", "cond")
 TRAJECTORIES = ("shared", "separate")
+RESOLUTIONS = ("target", "native")  # where the source runs: the image's size, or its own training area
 STRENGTH_RANGE = (-5.0, 5.0)
 LORA_WEIGHT_RANGE = (-10.0, 10.0)
 SOURCE_CFG_RANGE = (0.0, 30.0)
@@ -285,6 +286,15 @@ class DeltaSettings:
                 f"in delta mode, {num(BASE_FIRST_CFG)} in base-first mode, where a distilled (Turbo, Lightning) "
                 "active model runs at CFG 1-2 and following it would leave the source's layout steps nearly "
                 "unguided.")
+    source_resolution: str = setting(
+        "target", Choice(RESOLUTIONS), slot=22, infotext=Infotext("Delta source resolution"),
+        control=Control("Source resolution", widget="radio", section="advanced"),
+        xyz=XYZ("[Delta] Source resolution", at=10),
+        tooltip="target: the source runs at the image's size. native: above the source's training size (512² "
+                "for SD1.x, 768² for SD2.x-v, 1024² for SDXL) it runs at that size instead, the image's aspect "
+                "ratio kept, and its delta is upsampled back: an SD1.5 source at 1024 px then costs about a quarter "
+                "and composes as it was trained to, but the delta carries no detail finer than the source's grid. "
+                "No change at or below the source's size.")
 
     # -- validation -------------------------------------------------------------------------------------------
 
@@ -399,6 +409,8 @@ class DeltaSettings:
             parts.append(f"source_cfg={num(self.source_cfg)}")
         if self.trajectory != "shared":
             parts.append(f"trajectory={self.trajectory}")
+        if self.source_resolution != "target":
+            parts.append(f"source_resolution={self.source_resolution}")
         return ", ".join(parts)
 
 
@@ -546,6 +558,7 @@ __all__ = [
     "MODES",
     "OVERRIDES",
     "POSITIONAL_FIELDS",
+    "RESOLUTIONS",
     "SCHEDULES",
     "SOURCE_CFG_RANGE",
     "STRENGTH_RANGE",

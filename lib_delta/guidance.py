@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from . import resolution
 from .args import DeltaSettings
 from .schedule import ProgressClock, strength_at
 from .spaces import SpaceBridge, _bcast, eps_from_x0
@@ -138,8 +139,11 @@ class DeltaGuidance:
         source: SourceModel,
         clock: ProgressClock,
         record: bool = False,
+        resampling: str = resolution.METHOD,
     ) -> None:
         self.settings = settings
+        self.resampling = resampling  # how a target latent is resized to the source's own area (resolution.py)
+        self._grids: dict[tuple[int, int], resolution.SourceGrid | None] = {}
         self.bridge = bridge
         self.source = source
         self.clock = clock
@@ -170,6 +174,7 @@ class DeltaGuidance:
         progress, lam, active = self._strengths_at(level)
         target = self.bridge.target
         x_ve, sigma = target.to_ve(_wide(x), _wide(level).reshape(-1))
+        grid = self.grid_for(x)
         if not active:
             if self.trajectory is not None:
                 self.trajectory.source_point(x_ve, sigma, layout)
@@ -181,6 +186,9 @@ class DeltaGuidance:
         else:
             if self.trajectory is not None:
                 xs, ls = self.trajectory.source_point(x_ve, sigma, layout)
+            elif grid is not None:
+                x0 = self._target_x0(x_ve, sigma, out, layout) if grid.needs_x0 else None
+                xs, ls = self._to_source_grid(grid, x_ve, sigma, x0, layout)
             else:
                 xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
             pred = self._call_source(xs, ls, rows, variants, layout)
@@ -189,9 +197,9 @@ class DeltaGuidance:
             pred = pred.to(out.device)
         record = StepRecord(progress, lam, self._target_x0(x_ve, sigma, out, layout)) if self.record else None
         if base_first:
-            self._replace(out, x_ve, sigma, pred[0], lam[0], layout, record)
+            self._replace(out, x_ve, sigma, pred[0], lam[0], layout, record, grid)
         else:
-            self._add_delta(out, sigma, pred, [lam[g] for g in active], layout, cond_only, record)
+            self._add_delta(out, sigma, pred, [lam[g] for g in active], layout, cond_only, record, grid)
         if record is not None:
             self.records.append(record)
         return True
@@ -220,10 +228,36 @@ class DeltaGuidance:
         progress, _, active = self._strengths_at(level)
         if not active:
             return
+        grid = self.grid_for(x)
+        if grid is not None and grid.needs_x0:
+            return  # its source point needs the target's prediction of this very call
         _, _, rows, variants = self._request(layout, active)
-        xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
+        if grid is not None:
+            xs, ls = self._to_source_grid(grid, *self.bridge.target.to_ve(_wide(x), _wide(level).reshape(-1)), None,
+                                          layout)
+        else:
+            xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
         pred = self._call_source(xs, ls, rows, variants, layout)
         self._pending = (_call_key(*call, progress, rows, variants), pred)
+
+    def grid_for(self, x: Tensor) -> resolution.SourceGrid | None:
+        """The resize to the source's own area for latents of ``x``'s size, or None: the source sees the target's
+        grid (``source_resolution`` "target", or a target no larger than the source's training area)."""
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        if hw not in self._grids:
+            self._grids[hw] = resolution.source_grid(self.settings.source_resolution, hw,
+                                                      self.bridge.source.native_px, self.resampling)
+            if self.trajectory is not None:
+                self.trajectory.grid = self._grids[hw]
+        return self._grids[hw]
+
+    def _to_source_grid(self, grid: resolution.SourceGrid, x_ve: Tensor, sigma: Tensor, x0: Tensor | None,
+                        layout: CfgLayout) -> tuple[Tensor, Tensor]:
+        """The target's VE point on the source's grid (per row; ``x0``: the target's estimate, per image) as the
+        source's (x, level)."""
+        images = self._row_index(layout, x_ve.device)
+        x0_rows = None if x0 is None else x0.index_select(0, images)
+        return self.bridge.ve_to_source(*grid.to_source(x_ve, sigma, x0_rows, images, layout.batch))
 
     def _strengths_at(self, level: Tensor) -> tuple[float, tuple[float, ...], list[int]]:
         progress = self.clock.progress(float(level.reshape(-1)[0]))
@@ -287,13 +321,17 @@ class DeltaGuidance:
         return layout.cond_scale if layout.uncond_from_cond else self.settings.source_cfg_for(layout.cond_scale)
 
     def _add_delta(self, out: Tensor, sigma: Tensor, pred: Tensor, lams: list[float], layout: CfgLayout,
-                   cond_only: bool, record: StepRecord | None) -> None:
+                   cond_only: bool, record: StepRecord | None, grid: resolution.SourceGrid | None = None) -> None:
         combine = cond_mean if cond_only else cfg_combine
         scale = self._source_scale(layout)
         source_layout = layout if scale == layout.cond_scale else replace(layout, cond_scale=scale)
         base = combine(pred[0], source_layout)
         deltas = [combine(pred[k], source_layout) - base for k in range(1, len(pred))]
         total = sum(lam * d for lam, d in zip(lams, deltas, strict=False))
+        if grid is not None:  # the delta is smooth at the target's scale: upsampled, it keeps what it carries
+            total = grid.to_target(total)
+            if record is not None:
+                base, deltas = grid.to_target(base), [grid.to_target(deltas[0])]
         per_row = self.bridge.delta_to_target(total).index_select(0, self._row_index(layout, total.device))
         if self.bridge.target.output == "eps":
             per_row = -per_row / _bcast(sigma, per_row)  # x0 = x - sigma*eps, so Δeps = -Δx0 / sigma
@@ -302,8 +340,14 @@ class DeltaGuidance:
             record.base_x0, record.adapted_x0, record.delta = base, base + deltas[0], total
 
     def _replace(self, out: Tensor, x_ve: Tensor, sigma: Tensor, pred: Tensor, lam: float, layout: CfgLayout,
-                 record: StepRecord | None) -> None:
+                 record: StepRecord | None, grid: resolution.SourceGrid | None = None) -> None:
         src = self.bridge.x0_to_target(pred)
+        if grid is not None:
+            # the source's prediction replaces the target's on the scales the source's grid holds; the finer
+            # ones stay the target's (an upsampled x0 alone would blur every base-first step)
+            own = _wide(out) if self.bridge.target.output == "x0" else x_ve - _bcast(sigma, x_ve) * _wide(out)
+            src = own + grid.to_target(src - resolution.down(own, grid.source_hw))
+            pred = grid.to_target(pred) if record is not None else pred
         scale = self._source_scale(layout)
         if scale != layout.cond_scale and layout.cond_scale != 0:
             src = with_guidance_scale(src, layout, scale, self._row_index(layout, src.device))
@@ -366,6 +410,7 @@ class SeparateTrajectory:
         self.sigma: Tensor | None = None
         self.denoised: Tensor | None = None  # per image, source format
         self.init_x0: Tensor | None = None  # img2img: the target's clean starting latent, per image
+        self.grid: resolution.SourceGrid | None = None  # the source's own area (DeltaGuidance.grid_for sets it)
 
     def source_point(self, x_ve: Tensor, sigma: Tensor, layout: CfgLayout) -> tuple[Tensor, Tensor]:
         images = layout.row_images()
@@ -379,7 +424,13 @@ class SeparateTrajectory:
             ratio = _bcast(si / self.sigma, self.x)
             self.x = self.denoised + ratio * (self.x - self.denoised)
         self.sigma = si
-        xs, ls = self.bridge.source.from_ve(self.x, si)
+        x, s = self.x, si
+        if self.grid is not None:
+            x0 = self.denoised if self.denoised is not None else self.bridge.x0_to_source(
+                torch.zeros_like(xi) if self.init_x0 is None else self.init_x0.to(xi))
+            per_image = torch.arange(layout.batch, device=x.device)
+            x, s = self.grid.to_source(x, si, x0, per_image, layout.batch)
+        xs, ls = self.bridge.source.from_ve(x, s)
         return xs[images], ls[images]
 
     def observe(self, x_ve: Tensor, sigma: Tensor, denoised: Tensor, output: str) -> None:

@@ -195,6 +195,7 @@ class ModelSpace:
     output: str = "x0"
     vp_schedule: VPSchedule | None = None
     sigma_max: float | None = None  # a VE source's largest trained noise level (see SpaceBridge.ve_to_source)
+    native_px: int | None = None  # a source's training side in pixels, for source_resolution "native"
 
     def __post_init__(self) -> None:
         if self.convention not in CONVENTIONS:

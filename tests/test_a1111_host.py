@@ -599,3 +599,82 @@ def test_a_source_on_the_gpu_replayed_as_a_cuda_graph_gives_the_eager_images(ui,
     assert rel(graphed, eager) < 1e-5
     assert rel(graphed, images(ui.txt2img(**kw))) > 1e-2  # the delta really moved the images
     assert torch.equal(images(ui.txt2img(**BASE)), plain)  # and nothing of it is left behind
+
+
+# --- the source at its own resolution ----------------------------------------------------------------------------
+
+
+def _source_sizes(monkeypatch) -> list:
+    """The latent sizes the source's forwards see."""
+    seen = []
+    real = a1111_step.forward_source
+
+    def spy(lora, entry, wrapper, xs, *args):
+        seen.append(tuple(xs.shape[-2:]))
+        return real(lora, entry, wrapper, xs, *args)
+
+    monkeypatch.setattr(a1111_step, "forward_source", spy)
+    return seen
+
+
+@pytest.mark.parametrize("target", ["base", "xl"])
+def test_a_native_source_runs_at_its_own_size_and_changes_the_image(ui, monkeypatch, target):
+    """With the tiny models' training size taken as 64 px, a 128 px request runs the source at 64 px (8×8
+    latent cells), the delta upsampled; at 64 px "native" is today's computation bit for bit."""
+    from lib_delta import resolution
+
+    monkeypatch.setitem(resolution.NATIVE_SIDE, "SD1", 64)
+    seen = _source_sizes(monkeypatch)
+    ui.load(target)
+    big = {**BASE, "width": 128, "height": 128}
+    settings = delta(loras="<lora:style:1>", adapted_prompt="in the snow")
+    plain = images(ui.txt2img(**big))
+    at_target = images(ui.txt2img(settings, **big))
+    assert set(seen) == {(16, 16)}
+    seen.clear()
+    p = ui.txt2img({**settings, "source_resolution": "native"}, **big)
+    native = images(p)
+    assert set(seen) == {(8, 8)}
+    assert torch.isfinite(native).all() and rel(native, plain) > 1e-3 and rel(native, at_target) > 1e-4
+    assert "Delta source resolution: native" in p.infotexts[0]
+    small = {**BASE}
+    assert torch.equal(images(ui.txt2img({**settings, "source_resolution": "native"}, **small)),
+                       images(ui.txt2img(settings, **small)))
+
+
+def test_a_native_source_in_hires_fix_and_beside_the_target(ui, monkeypatch):
+    """The hires pass (192 px) runs the source at its 64 px too; a source on another GPU is started before the
+    target's forward where its point needs no prediction of the target's, and the images are the sequential ones."""
+    from lib_delta import resolution
+
+    monkeypatch.setitem(resolution.NATIVE_SIDE, "SD1", 64)
+    kw = {**BASE, "width": 128, "height": 128, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 3,
+          "denoising_strength": 0.6}
+    settings = delta(adapted_prompt="in the snow", source_resolution="native")
+    seen = _source_sizes(monkeypatch)
+    sequential = images(ui.txt2img(settings, **kw))
+    assert set(seen) == {(8, 8)}
+    made = _guidances(monkeypatch)
+    monkeypatch.setattr(a1111_source, "runs_beside", lambda device: True)
+    assert torch.equal(images(ui.txt2img(settings, **kw)), sequential)
+    early = resolution.METHOD not in resolution.NEEDS_X0
+    assert len(made) == 2 and all(g.source_calls > 0 and g.prefetched == (g.source_calls if early else 0)
+                                  for g in made)
+
+
+def test_a_native_inpainting_source_gets_its_image_conditioning_resized(ui, monkeypatch):
+    from lib_delta import resolution
+
+    monkeypatch.setitem(resolution.NATIVE_SIDE, "SD1", 64)
+    ui.load("inpaint")
+    init = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :, 8:] = 1.0
+    kw = dict(**{**BASE, "width": 128, "height": 128}, init_latent_input=init, latent_mask=mask,
+              denoising_strength=0.8)
+    plain = images(ui.img2img(**kw))
+    seen = _source_sizes(monkeypatch)
+    out = images(ui.img2img(delta(source="inpaint", adapted_prompt="in the snow", source_resolution="native"), **kw))
+    keep = mask.expand_as(plain) == 0
+    assert set(seen) == {(8, 8)} and torch.isfinite(out).all()
+    assert torch.equal(out[keep], plain[keep]) and not torch.equal(out, plain)

@@ -198,18 +198,25 @@ def test_a_decode_that_runs_out_of_memory_finds_the_run_closed_already(ui, monke
     _assert_clean(ui, fresh)
 
 
-def test_with_a_batch_count_the_run_closes_after_the_last_batch_only(ui, monkeypatch):
-    closes = []
-    real = host.Run.close
+def test_with_a_batch_count_the_run_closes_after_the_last_batch_only(ui, monkeypatch, capsys):
+    from lib_delta.hosts.a1111 import lora as a1111_lora
+
+    closes, released = [], []
+    real, real_release = host.Run.close, a1111_lora.Adapter.close
 
     def close(run):
         closes.append(run.closed)
         real(run)
 
     monkeypatch.setattr(host.Run, "close", close)
-    both = images(ui.txt2img(delta(adapted_prompt="in the snow"), **{**BASE, "n_iter": 2}))
+    monkeypatch.setattr(a1111_lora.Adapter, "close", lambda self: released.append(1) or real_release(self))
+    both = images(ui.txt2img(delta(loras="<lora:style:1>", adapted_prompt="in the snow"), **{**BASE, "n_iter": 2}))
+    said = capsys.readouterr().out
     assert closes.count(False) == 1  # closed once, after the second batch
-    second = images(ui.txt2img(delta(adapted_prompt="in the snow"), **{**BASE, "seed": BASE["seed"] + 1}))
+    # and closed whole: the first batch's pass, disarmed when the second armed, still reports its calls
+    assert released == [1] and "Error" not in said and f"{2 * BASE['steps']} source calls" in said, said
+    second = images(ui.txt2img(delta(loras="<lora:style:1>", adapted_prompt="in the snow"),
+                               **{**BASE, "seed": BASE["seed"] + 1}))
     plain = images(ui.txt2img(**{**BASE, "seed": BASE["seed"] + 1}))
     assert torch.equal(both[1:], second) and not torch.equal(second, plain)  # the second batch had its delta
 

@@ -193,7 +193,7 @@ def test_infotext_errors(params, message):
 
 
 def test_positional_errors():
-    with pytest.raises(DeltaError, match="at most 22 positional values"):
+    with pytest.raises(DeltaError, match="at most 23 positional values"):
         from_positional([False] * 30)
     with pytest.raises(DeltaError, match="must be true or false"):
         from_positional([{"enabled": "yes"}])
@@ -234,7 +234,7 @@ def test_source_cfg_reaches_every_form():
     assert s.to_dict()["source_cfg"] == 5.0
     assert s.to_infotext()["Delta source CFG"] == "5"
     assert DeltaSettings.from_infotext(s.to_infotext()) == s
-    assert POSITIONAL_FIELDS[-1] == "source_cfg" and to_positional(s)[-1] == 5.0
+    assert POSITIONAL_FIELDS[21] == "source_cfg" and to_positional(s)[21] == 5.0
     assert from_positional(to_positional(s)) == s
     assert _enabled().with_overrides({"source_cfg": 5}) == s
     assert "source_cfg=5" in s.summary()

@@ -39,7 +39,7 @@ RELEASED = (
     "mode", "cfg_mode", "trajectory", "preview",
     "group2_enabled", "group2_loras", "group2_strength", "group2_schedule", "group2_start", "group2_end",
     "group2_checkpoint", "group2_prompt",
-    "source_cfg",
+    "source_cfg", "source_resolution",
 )
 
 GENERATION = [s for s in settings_of(DeltaSettings) if not isinstance(s.kind, Groups)]
@@ -60,7 +60,7 @@ def test_the_derived_tables_cover_every_slot():
     assert [a.label for a in interfaces.AXES] == [
         "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
         "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale",
-        "[Delta] ControlNet weight", "[Delta] ControlNet guidance end"]
+        "[Delta] ControlNet weight", "[Delta] ControlNet guidance end", "[Delta] Source resolution"]
     assert {a.key for a in interfaces.AXES} <= set(OVERRIDES)
     # every single-valued setting can be overridden per generation, by its name
     assert {s.name for s in GENERATION + GROUP if not isinstance(s.kind, Objects)} <= set(OVERRIDES)
@@ -157,11 +157,11 @@ class Unit:
 @dataclass(frozen=True)
 class WiderGroup(AdaptationGroup):
     units: tuple[Unit, ...] = setting(
-        (), Objects(Unit, "unit", most=3), slot=(23, 24), infotext=Infotext("Delta units"), control=Control("Units"),
+        (), Objects(Unit, "unit", most=3), slot=(24, 25), infotext=Infotext("Delta units"), control=Control("Units"),
         tooltip="Control units the adapted pass is guided by (a stand-in for ControlNet units).")
     boost: float = setting(
-        0.0, Number(0.0, 2.0), slot=(25, 26), infotext=Infotext("Delta boost"), control=Control("Boost"),
-        xyz=XYZ("[Delta] Boost", at=11), tooltip="A made-up group setting, to prove the derivation.")
+        0.0, Number(0.0, 2.0), slot=(26, 27), infotext=Infotext("Delta boost"), control=Control("Boost"),
+        xyz=XYZ("[Delta] Boost", at=12), tooltip="A made-up group setting, to prove the derivation.")
 
 
 _GROUPS = next(s for s in settings_of(DeltaSettings) if s.name == "groups")
@@ -173,8 +173,8 @@ class Wider(DeltaSettings):
         (WiderGroup(),), replace(_GROUPS.kind, cls=WiderGroup), slot=_GROUPS.slot, infotext=_GROUPS.infotext,
         control=_GROUPS.control, tooltip=_GROUPS.tooltip)
     eta: float = setting(
-        0.0, Number(0.0, 1.0), slot=22, infotext=Infotext("Delta eta"), control=Control("Eta"),
-        xyz=XYZ("[Delta] Eta", at=10), tooltip="A made-up generation setting, to prove the derivation.")
+        0.0, Number(0.0, 1.0), slot=23, infotext=Infotext("Delta eta"), control=Control("Eta"),
+        xyz=XYZ("[Delta] Eta", at=11), tooltip="A made-up generation setting, to prove the derivation.")
 
 
 WIDE = Wider(enabled=True, source="sd15", eta=0.5, groups=(

@@ -314,3 +314,34 @@ def test_controlnet_units_are_refused_in_forge_for_now(forge):
         forge.run(target, base, {"controlnets": [unit]})
     assert err.value.status_code == 422 and forge_models.cached() == []
     assert torch.equal(forge.generate(target), fresh)
+
+
+def test_a_native_source_runs_at_its_own_size_and_changes_the_image(forge, monkeypatch):
+    """The tiny SD1 source's training size taken as 64 px: a 128 px SDXL request runs it at 64 px (8×8 latent
+    cells) and upsamples its delta; at 64 px "native" is today's computation bit for bit."""
+    from lib_delta import resolution
+    from lib_delta.hosts.forge.source import ForgeSource
+
+    monkeypatch.setitem(resolution.NATIVE_SIDE, "SD1", 64)
+    source = forge.checkpoint("sd1", family="sd1", seed=0)
+    xl = forge.checkpoint("xl", family="sdxl", seed=5)
+    lora = forge.lora("style", forge.load(source))
+    target = forge.load(xl)
+    seen, real = [], ForgeSource.__call__
+    monkeypatch.setattr(ForgeSource, "__call__", lambda self, x, *a: (seen.append(tuple(x.shape[-2:])),
+                                                                       real(self, x, *a))[1])
+    group = {"loras": f"<lora:{lora}:1>"}
+    big = {"width": 128, "height": 128}
+    off = forge.generate(target, **big)
+    at_target = forge.run(target, source, group, **big)
+    assert set(seen) == {(16, 16)}
+    seen.clear()
+    p = forge.processing(target, {"enabled": True, "source": source, **group, "source_resolution": "native"},
+                         **big)
+    native = webui.process_images(p)
+    assert set(seen) == {(8, 8)}
+    assert torch.isfinite(native).all() and (native - off).abs().mean() > 1e-3
+    assert not close(native, at_target)
+    assert p.extra_generation_params["Delta source resolution"] == "native"
+    assert torch.equal(forge.run(target, source, {**group, "source_resolution": "native"}),
+                       forge.run(target, source, group))

@@ -117,7 +117,8 @@ def test_axes_are_added_once(webui):
     labels = [a.label for a in webui.xyz.axis_options]
     assert labels == ["Nothing", "Seed", "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end",
                       "[Delta] Source checkpoint", "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled",
-                      "[Delta] Source CFG scale", "[Delta] ControlNet weight", "[Delta] ControlNet guidance end"]
+                      "[Delta] Source CFG scale", "[Delta] ControlNet weight", "[Delta] ControlNet guidance end",
+                      "[Delta] Source resolution"]
     # plain AxisOption: listed in both tabs
     assert all(type(a) is AxisOption for a in webui.xyz.axis_options)
 

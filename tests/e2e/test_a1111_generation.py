@@ -355,6 +355,25 @@ def test_sd15_source_steers_another_family(client: WebUIClient, fixtures: dict[s
     assert ours.param("Model") == fixtures[target].model_name
 
 
+def test_a_native_sd15_source_at_twice_its_size_steers_sdxl_and_round_trips(
+        client: WebUIClient, fixtures: dict[str, ModelFixture], record_property) -> None:
+    """A 1024 px SDXL image with ``source_resolution: native``: the SD1.5 source runs at its own 512 px, the image
+    changes, is not blank, records the setting, and its infotext alone gives the same image again."""
+    client.set_model(fixtures["sdxl"].model_name)
+    size = {"width": 1024, "height": 1024, "steps": 2}
+    plain = client.txt2img(PROMPT, **size)
+    ours = client.txt2img(PROMPT, **size, **scripts(delta(fixtures["sd15"], source_resolution="native")))
+    db = psnr(ours.image, plain.image)
+    record_property("psnr_db_vs_target_alone", round(db, 2))
+    record_property("seconds", round(ours.seconds, 1))
+    assert db < CHANGED_BELOW_DB
+    assert decode_image(ours.image).std(axis=(0, 1)).min() > 5  # NaN latents decode to a flat image
+    assert ours.param("Delta source resolution") == "native", ours.infotext
+    again = client.txt2img(PROMPT, **size, infotext=ours.infotext)
+    assert again.param("Delta source resolution") == "native", again.infotext
+    assert same_pixels(again.image, ours.image)
+
+
 # ---------------------------------------------------------------------------------------------- SD3
 # Their own server, after every other test: the reduced SD3 fixture (loaded at start) and the SD1.5 source.
 

@@ -422,6 +422,32 @@ def test_sd15_source_steers_an_sdxl_target(pool, plain, record_property):
     _steers(server.client, fixtures["sdxl"], fixtures["sd15"], "SDXL", record_property)
 
 
+def test_a_native_sd15_source_at_twice_its_size_steers_sdxl_and_round_trips(pool, record_property):
+    """A 1024 px SDXL image with ``source_resolution: native``: the SD1.5 source runs at its own 512 px, the image
+    changes, is not blank, records the setting, and its infotext alone gives the same image again."""
+    server = pool.get(ServerConfig(extension=True, models=MODELS, extra_args=LOW_MEMORY))
+    assert server.client is not None
+    _native_round_trip(server.client, pool.fixtures(MODELS), record_property)
+
+
+def _native_round_trip(client: WebUIClient, fixtures: dict[str, ModelFixture], record_property) -> None:
+    sd15 = fixtures["sd15"]
+    client.set_model(fixtures["sdxl"].model_name)
+    size = {"width": 1024, "height": 1024, "steps": 2}
+    off = client.txt2img(PROMPT, **size)
+    got = client.txt2img(PROMPT, **size, **delta(enabled=True, source=sd15.model_name,
+                                                  loras=f"<lora:{sd15.lora()}:1>", source_resolution="native"))
+    db = psnr(got.image, off.image)
+    record_property("psnr_db_vs_target_alone", round(db, 2))
+    record_property("seconds", round(got.seconds, 1))
+    assert db < CHANGED_BELOW_DB
+    assert decode_image(got.image).std(axis=(0, 1)).min() > 5  # NaN latents decode to a flat image
+    assert got.param("Delta source resolution") == "native", got.infotext
+    again = client.txt2img(PROMPT, **size, infotext=got.infotext, styles=[])  # styles: see the infotext test above
+    assert again.param("Delta source resolution") == "native", again.infotext
+    assert np.array_equal(decode_image(again.image), decode_image(got.image))
+
+
 @pytest.fixture
 def sd21v_server(pool) -> tuple[WebUIClient, dict[str, ModelFixture]]:
     """Forge with the SD1.5 source and the SD2.1-v target, both in fp32: their own server, no SDXL beside them.

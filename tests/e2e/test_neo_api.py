@@ -22,6 +22,7 @@ from test_forge_api import (  # noqa: F401  (collected here again, on Neo)
     INPAINT,
     MODELS,
     PROMPT,
+    _native_round_trip,
     _steers,
     test_a_source_device_that_does_not_exist_is_refused_by_name,
     test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged,
@@ -97,6 +98,15 @@ def test_sd15_source_steers_an_sdxl_target(pool: NeoServerPool, plain, record_pr
     assert server.client is not None
     fixtures = pool.fixtures(MODELS)
     _steers(server.client, fixtures["sdxl"], fixtures["sd15"], "SDXL", record_property)
+
+
+def test_a_native_sd15_source_at_twice_its_size_steers_sdxl_and_round_trips(pool: NeoServerPool,
+                                                                             record_property) -> None:
+    """As on Forge 2: a 1024 px SDXL image with ``source_resolution: native`` runs, changes, is not blank, records
+    the setting and is reproduced from its infotext."""
+    server = pool.get(ServerConfig(extension=True, models=MODELS, extra_args=LOW_MEMORY))
+    assert server.client is not None
+    _native_round_trip(server.client, pool.fixtures(MODELS), record_property)
 
 
 @pytest.fixture

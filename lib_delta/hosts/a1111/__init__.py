@@ -23,6 +23,7 @@ from typing import Any
 from ...args import DeltaSettings
 from ...cuda_graph import GraphedCall, storage_fingerprint
 from ...errors import DeltaError
+from ...resolution import native_side
 from ...spaces import SD1, SD2, SD3, SDXL, ModelSpace, check_latent_compatible
 from ..common.files import checkpoint_family
 from ..common.http import as_failure
@@ -122,13 +123,13 @@ class Run:
             return
         self.closed = True
         keys = [m.key for m in self.models]
-        self.log = self._summary()
-        self.records = [r for ps in self.passes if ps.guidance is not None for r in ps.guidance.records]
-        self.target_latent = next((ps.guidance.bridge.target.latent.name for ps in reversed(self.passes)
-                                   if ps.guidance is not None), None)
         try:
             for ps in self.passes:
                 ps.disarm()
+            tallies = [ps.tally() for ps in self.passes]
+            self.records = [r for t in tallies for r in t.records]
+            self.target_latent = next((t.target_latent for t in reversed(tallies) if t.target_latent), None)
+            self.log = self._summary(tallies)
             if self.graphs:
                 for graph in self.graphs.values():
                     graph.reset()  # their memory pool goes with the last reference
@@ -145,17 +146,14 @@ class Run:
             self.units.clear()
             source_mod.settle(keys)
 
-    def _summary(self) -> list[str]:
-        guided = [ps.guidance for ps in self.passes if ps.guidance is not None]
-        calls, beside = sum(g.source_calls for g in guided), sum(g.prefetched for g in guided)
+    def _summary(self, tallies: list[step_mod.PassTally]) -> list[str]:
+        calls, beside = sum(t.calls for t in tallies), sum(t.prefetched for t in tallies)
         where = f" ({beside} beside the target on {self.device})" if beside else ""
-        out = [f"{calls} source calls{where}", f"{self.overhead():.1f}s source overhead"]
+        overhead = self.setup_seconds + sum(t.seconds for t in tallies)
+        out = [f"{calls} source calls{where}", f"{overhead:.1f}s source overhead"]
         if self.units:
             out.append(f"ControlNet on the adapted rows: {control_mod.describe(self.units)}")
         return out
-
-    def overhead(self) -> float:
-        return self.setup_seconds + sum(ps.source.seconds for ps in self.passes)
 
 
 def begin(p: Any) -> None:
@@ -395,7 +393,9 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     source = step_mod.SourceEval(variants, run.device, run.wrappers, image_cond_rows, run.lora, graphs,
                                  concurrent=source_mod.runs_beside(run.device), controls=run.controls or None)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
-    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max)
+    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max,
+                       native_px=native_side(run.source.latent.name,
+                                             getattr(run.source.model, "parameterization", "") == "v"))
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
     ps = step_mod.Pass(run.settings, sampler, target, source, space, label)
     ps.arm(on_failure=SLOT.close)

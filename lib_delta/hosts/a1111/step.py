@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ... import resolution
 from ...args import DeltaSettings
 from ...cuda_graph import GraphedCall
 from ...errors import DeltaError
@@ -181,6 +182,7 @@ class SourceEval:
         cond = conds_mod.move(conds_mod.cat_rows([c for _, _, c, _ in chunks]), self.device)
         if self.image_cond_rows:
             image_cond = _take(self.call.image_cond, [rows[i] for i in positions]).to(self.device)
+            image_cond = resolution.down(image_cond, tuple(xs.shape[-2:]))  # a source at its own area
         else:
             image_cond = torch.zeros((len(positions), 5, 1, 1), dtype=xs.dtype, device=self.device)
         cond = {**cond, "c_concat": [image_cond]} if isinstance(cond, dict) else \
@@ -270,6 +272,18 @@ def denoiser_for(entry: source_mod.PrivateModel, device: torch.device) -> Any:
 # --- the pass ----------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class PassTally:
+    """What a pass reports to the generation's log line and preview, kept when the pass is disarmed (a batch
+    count disarms each batch's pass when the next one arms)."""
+
+    seconds: float = 0.0  # in the source's calls
+    calls: int = 0
+    prefetched: int = 0
+    records: list = field(default_factory=list)  # the preview's
+    target_latent: str | None = None
+
+
 class Pass:
     """One sampling pass: its source evaluation, its guidance (built at the first call, once the sampler's
     schedule is known) and the per-call bookkeeping between the two callbacks."""
@@ -289,6 +303,16 @@ class Pass:
         self.call: CallState | None = None
         self.error: BaseException | None = None
         self.stopped = False
+        self.kept: PassTally | None = None  # set by disarm()
+
+    def tally(self) -> PassTally:
+        if self.kept is not None:
+            return self.kept
+        g = self.guidance
+        return PassTally(self.source.seconds if self.source is not None else 0.0,
+                         g.source_calls if g is not None else 0, g.prefetched if g is not None else 0,
+                         g.records if g is not None else [],
+                         g.bridge.target.latent.name if g is not None else None)
 
     # -- the guard --------------------------------------------------------------------------------------------------
 
@@ -303,6 +327,7 @@ class Pass:
         wrap = getattr(getattr(self.sampler, "model_wrap_cfg", None), "model_wrap", None)
         if wrap is not None:
             vars(wrap).pop(PASS_ATTR, None)
+        self.kept = self.tally()
         self.call = self.guidance = self.source = None
         self.stopped = True
 

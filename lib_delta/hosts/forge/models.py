@@ -94,6 +94,11 @@ def convention(engine: Any) -> str:
     return "flow" if engine.forge_objects.unet.model.predictor.prediction_type == "const" else "ve"
 
 
+def v_prediction(engine: Any) -> bool:
+    """Whether the engine predicts v (SD2.x at 768 px): its training size differs from the eps SD2 base's."""
+    return engine.forge_objects.unet.model.predictor.prediction_type == "v_prediction"
+
+
 def sigma_max(engine: Any) -> float | None:
     """A VE engine's largest trained noise level (its own predictor's: Forge rescales only the active model's for
     zero-terminal SNR), so that a target starting above it does not drive the source off its schedule."""
