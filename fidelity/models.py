@@ -133,10 +133,18 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     seconds: float | None = None  # a time budget: the step count is cut to what fits, measured after warm-up
     weighting: str = "none"  # per-sample loss weighting of the VE objectives (see WEIGHTINGS)
+    flow_t: str = "logit_normal"  # a flow model's training t: "logit_normal" (SD3's) or "uniform" (see FLOW_T)
+
+
+FLOW_T: dict[str, Callable[[int, torch.Generator, torch.device], Tensor]] = {
+    "logit_normal": lambda n, g, dev: torch.sigmoid(torch.randn(n, generator=g, device=dev)),
+    # every noise level equally often: logit-normal t rarely reaches t > 0.9, where a sample's shape is decided
+    "uniform": lambda n, g, dev: torch.rand(n, generator=g, device=dev),
+}
 
 
 def diffusion_loss(model: DiffusionModel, x0: Tensor, labels: Tensor, g: torch.Generator,
-                   weighting: str = "none") -> Tensor:
+                   weighting: str = "none", flow_t: str = "logit_normal") -> Tensor:
     """The model's native objective: ε for eps, v for v-prediction (both on the discrete VE schedule), and the
     velocity ``noise − x0`` at logit-normal t for flow. ``weighting`` reweights the VE objectives per sample:
     "none" (the plain MSE), "x0" or "min_snr" (see WEIGHTINGS)."""
@@ -144,7 +152,7 @@ def diffusion_loss(model: DiffusionModel, x0: Tensor, labels: Tensor, g: torch.G
     noise = torch.randn(x0.shape, generator=g, device=x0.device)
     context = model.encoder(labels)
     if model.is_flow:
-        t = torch.sigmoid(torch.randn(n, generator=g, device=x0.device))
+        t = FLOW_T[flow_t](n, g, x0.device)
         x = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
         out = model.net(x, t * 1000.0, context=context)
         return (out.float() - (noise - x0)).pow(2).mean()
@@ -204,7 +212,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with _autocast(device):
-            loss = diffusion_loss(model, x0, labels, g, cfg.weighting)
+            loss = diffusion_loss(model, x0, labels, g, cfg.weighting, cfg.flow_t)
             if extra_loss is not None:
                 loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -227,7 +235,7 @@ def train(
     head, tail = values[: max(len(values) // 20, 1)], values[-max(len(values) // 20, 1):]
     return {
         "steps": len(values), "planned_steps": cfg.steps, "seconds": round(seconds, 2), "batch": cfg.batch,
-        "lr": cfg.lr, "weighting": cfg.weighting,
+        "lr": cfg.lr, "weighting": cfg.weighting, "flow_t": cfg.flow_t,
         "first_loss": sum(head) / max(len(head), 1), "last_loss": sum(tail) / max(len(tail), 1),
         "cut_by_time_budget": len(values) < cfg.steps, "loss_curve": _downsample(values, 40),
     }
@@ -272,16 +280,24 @@ def x0_error_by_sigma(model: DiffusionModel, x0: Tensor, labels: Tensor, seed: i
 
 
 def train_model(model: DiffusionModel, cfg: TrainConfig, size: int = world.SIZE, style: str = "plain",
-                probe_images: int = 256) -> dict:
-    """Train a model from scratch on fresh draws of the world (never the same batch twice)."""
+                probe_images: int = 256, transform: Callable[[Tensor], Tensor] | None = None,
+                round_: int = 0) -> dict:
+    """Train a model (from scratch, or on from where it is) on fresh draws of the world, never the same batch
+    twice; ``transform`` maps every image batch first (a shifted world, another latent scale); ``round_`` > 0
+    draws other batches than an earlier round of training did."""
     device = next(model.net.parameters()).device
-    probe = world.batch(probe_images, style, world.generator(model.spec.seed + 202, device), device, size)
+    warp = transform or (lambda x: x)
+
+    def draw(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        x, labels = world.batch(n, style, g, device, size)
+        return warp(x), labels
+
+    probe = draw(probe_images, world.generator(model.spec.seed + 202, device))
     before = fixed_batch_loss(model, *probe, seed=model.spec.seed + 303, weighting=cfg.weighting)
     model.encoder.train().requires_grad_(True)
     model.net.train().requires_grad_(True)
     params = model.parameters()
-    report = train(model, params, lambda n, g: world.batch(n, style, g, device, size), cfg,
-                   seed=model.spec.seed + 101)
+    report = train(model, params, draw, cfg, seed=model.spec.seed + 101 + 7 * round_)
     model.encoder.eval().requires_grad_(False)
     model.net.eval().requires_grad_(False)
     after = fixed_batch_loss(model, *probe, seed=model.spec.seed + 303, weighting=cfg.weighting)

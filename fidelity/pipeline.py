@@ -150,20 +150,14 @@ def _train_models(st: Study) -> dict[str, models.DiffusionModel]:
         if (weights.exists() and saved.get("weighting", "none") == train_cfg.weighting
                 and saved.get("params") == model.n_params()):
             # trained by an earlier run into this folder (a long training split over several runs)
-            state = load_file(str(weights), device=str(st.device))
-            model.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-            model.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
-            model.net.eval().requires_grad_(False)
-            model.encoder.eval().requires_grad_(False)
+            load_model(model, weights)
             rep = json.loads(report.read_text()) | {"reused": True}
             model.train_report = rep
             verb = "reused"
         else:
             rep = models.train_model(model, train_cfg, st.cfg.size,
                                      probe_images=16 if st.cfg.toy else 256)
-            save_file({f"net.{k}": v.contiguous() for k, v in model.net.state_dict().items()}
-                      | {f"encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()},
-                      str(weights))
+            save_model(model, weights)
             report.write_text(json.dumps(rep, default=float))
             verb = "trained"
         zoo[name] = model
@@ -173,6 +167,20 @@ def _train_models(st: Study) -> dict[str, models.DiffusionModel]:
         st.checkpoint(f"train_{name}")
     zoo["self"] = zoo["source"]
     return zoo
+
+
+def save_model(model: models.DiffusionModel, path: Path) -> None:
+    save_file({f"net.{k}": v.contiguous() for k, v in model.net.state_dict().items()}
+              | {f"encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()}, str(path))
+
+
+def load_model(model: models.DiffusionModel, path: Path) -> None:
+    """Weights saved by ``save_model``, loaded in place; the model is left frozen in eval mode."""
+    state = load_file(str(path), device=str(next(model.net.parameters()).device))
+    model.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    model.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+    model.net.eval().requires_grad_(False)
+    model.encoder.eval().requires_grad_(False)
 
 
 def _train_adapters(st: Study, source: models.DiffusionModel) -> dict[str, DeltaPatch]:

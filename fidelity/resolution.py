@@ -322,7 +322,53 @@ def markdown(res: dict) -> str:
     lines.append(f"Checks at the source's own size: {json.dumps(res['checks'])}")
     if res.get("skipped"):
         lines.append(f"Skipped past the deadline: {len(res['skipped'])} runs.")
+    lines += ["", "## What the rules say", "", *(f"- {line}" for line in verdict(res))]
     return "\n".join(lines) + "\n"
+
+
+# A setting that loses no more than this against the one it would replace is as good: one evaluation of 120
+# images moves a rate by a few images either way.
+SAME_RECOVERED = 0.05
+SAME_FIDELITY = 0.02
+
+
+def verdict(res: dict) -> list[str]:
+    """The decisions this study informs, each with the rule it applies: ``native`` as the default, the resampling,
+    delta reuse as a user option. A rule that lacks a run (cut by the deadline) says so."""
+    runs = {(r["adaptation"], r["label"]): r for r in res["runs"]}
+
+    def compare(label: str, against: str) -> tuple[bool, str] | None:
+        worst_rec, worst_fid = 0.0, 0.0
+        for name in ADAPTATIONS:
+            got, ref = runs.get((name, label)), runs.get((name, against))
+            if got is None or ref is None:
+                return None
+            if got["recovered"] is not None and ref["recovered"] is not None:
+                worst_rec = min(worst_rec, got["recovered"] - ref["recovered"])
+            worst_fid = min(worst_fid, got["fidelity"] - ref["fidelity"])
+        ok = worst_rec >= -SAME_RECOVERED and worst_fid >= -SAME_FIDELITY
+        return ok, f"worst recovered {worst_rec:+.2f}, worst class fidelity {worst_fid:+.3f}"
+
+    out = []
+    native = f"λ=1 native {METHOD}"
+    found = compare(native, "λ=1 target")
+    out.append("native as the default: " + ("not measured" if found is None else
+               f"{'yes' if found[0] else 'no'} ({found[1]} against the source at the target's size; rule: "
+               f"≥ −{SAME_RECOVERED} recovered and ≥ −{SAME_FIDELITY} class fidelity on both adaptations)"))
+    scores = {}
+    for m in METHODS:
+        rows = [runs.get((name, f"λ=1 native {m}")) for name in ADAPTATIONS]
+        if all(r is not None and r["recovered"] is not None for r in rows):
+            scores[m] = (sum(r["recovered"] for r in rows) / len(rows), min(r["fidelity"] for r in rows))
+    if scores:
+        listed = ", ".join(f"{m} {rec:.2f} / {fid:.3f}" for m, (rec, fid) in scores.items())
+        out.append(f"resampling (mean recovered / lowest class fidelity): {listed}; the product uses {METHOD}")
+    for res_name in ("native", "target"):
+        base = native if res_name == "native" else "λ=1 target"
+        found = compare(f"{base} reuse k=2", base)
+        out.append(f"reuse k=2 at {res_name}: " + ("not measured" if found is None else
+                   f"{'as good as exact' if found[0] else 'worse than exact'} ({found[1]})"))
+    return out
 
 
 def _opt(row: dict, key: str) -> str:

@@ -4,6 +4,12 @@
     const tabs = ["txt2img", "img2img"];
     let tooltips = null; // [elem_id, text] of our components, read once from the gradio config
 
+    // A text in the WebUI's chosen language: its localization.js holds the map (localizations/*.json).
+    function t(text) {
+        const tl = typeof getTranslation === "function" ? getTranslation(text) : undefined;
+        return tl === undefined ? text : tl;
+    }
+
     function prefix(tab) {
         return "script_" + tab + "_delta_sampling_";
     }
@@ -26,14 +32,14 @@
 
     function summaryText(tab) {
         const p = prefix(tab);
-        const source = shortName(valueOf(p + "source", "input")) || "no source";
+        const source = shortName(valueOf(p + "source", "input")) || t("no source");
         const mode = valueOf(p + "mode", "input:checked") || "delta";
         if (mode === "base-first") {
-            return "base-first · " + source;
+            return t("base-first") + " · " + source;
         }
         const strength = valueOf(p + "strength", "input[type=number]") || "?";
         const second = byId(p + "group2_enabled");
-        const extra = second && second.querySelector("input:checked") ? " + group 2" : "";
+        const extra = second && second.querySelector("input:checked") ? " + " + t("group 2") : "";
         return "λ " + strength + " · " + source + extra;
     }
 
@@ -49,7 +55,8 @@
             if (!elem) continue;
             // On the accordion, only its header should show the text, not every gap between the controls.
             const target = elem.classList.contains("input-accordion") ? elem.querySelector(".label-wrap") : elem;
-            if (target && target.title !== text) target.title = text;
+            const shown = t(text);
+            if (target && target.title !== shown) target.title = shown;
             if (target !== elem && elem.title) elem.removeAttribute("title");
         }
     }

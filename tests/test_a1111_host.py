@@ -131,8 +131,24 @@ def test_lora_delta_at_unit_strength_is_the_webuis_own_lora(ui):
     assert rel(plain, own) > 1e-2
     assert rel(images(out), own) < 1e-5
     info = out.infotexts[0]
-    assert "Delta LoRAs: <lora:style:1>" in info and "Delta LoRA hashes: style: " in info
-    assert "Delta source hash: " in info
+    assert "Delta LoRAs: \"<lora:style:1>\"" in info
+    # the source and its LoRA are credited where image sites read resources (see test_credits.py)
+    style = networks.available_networks["style"]
+    assert f"Lora hashes: \"style: {style.shorthash}\"" in info, info
+    base = a1111_source.key_of(a1111_source.resolve("base"))[1]
+    assert f'Hashes: {{"model:base": "{base}", "lora:style": "{style.shorthash}"}}' in info, info
+
+
+def test_credits_merge_into_the_webuis_own_lora_hashes(ui):
+    """The target's own LoRA (in the prompt) keeps the WebUI's entry; the source's is added beside it, once per
+    name, on every pass (hires fix re-activates the prompt's LoRAs and rewrites the key)."""
+    out = ui.txt2img(delta(loras="<lora:style:1><lora:unet_only:0.5>"),
+                     **{**BASE, "prompt": PROMPT + " <lora:style:1>", "enable_hr": True, "hr_scale": 1.5,
+                        "hr_second_pass_steps": 2, "denoising_strength": 0.6})
+    info = out.infotexts[0]
+    style, unet_only = (networks.available_networks[n].shorthash for n in ("style", "unet_only"))
+    assert f"Lora hashes: \"style: {style}, unet_only: {unet_only}\"" in info, info
+    assert info.count("Lora hashes:") == 1 and info.count("Hashes: {") == 1, info
 
 
 def test_split_lora_weights_and_two_groups_add_up(ui):

@@ -404,7 +404,7 @@ def test_under_lowvram_the_lora_data_goes_back_with_its_model(ui, monkeypatch):
     moves = []
     monkeypatch.setattr(DeltaPatch, "to", lambda self, device=None, dtype=None: moves.append(str(device)) or self)
     monkeypatch.setattr(a1111_source, "target_uses_lowvram", lambda: True)
-    on_gpu = a1111_lora.Adapter(adapter._patches, adapter._group_model, {}, adapter._te, adapter._unet,
+    on_gpu = a1111_lora.Adapter(adapter._patches, adapter._group_model, adapter._te, adapter._unet,
                                 torch.device("cuda"))
     (entry,) = a1111_source.cached()
     terms = on_gpu.unet_terms(0)

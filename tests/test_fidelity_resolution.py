@@ -79,3 +79,23 @@ def test_at_the_source_size_native_is_target_bit_for_bit(tiny, monkeypatch):
     native, _, seen = _sample(tiny, resolution.Run("native"), 16, monkeypatch, target=source)
     at_target, _, _ = _sample(tiny, resolution.Run("target"), 16, monkeypatch, target=source)
     assert set(seen) == {(16, 16)} and torch.equal(native, at_target)
+
+
+def _row(name, label, recovered, fidelity):
+    return {"adaptation": name, "label": label, "recovered": recovered, "fidelity": fidelity}
+
+
+def test_the_verdict_applies_its_rules():
+    native = f"λ=1 native {METHOD}"
+    rows = []
+    for name in ("red_lora", "striped_loha"):
+        rows += [_row(name, "λ=1 target", 0.9, 0.98), _row(name, native, 0.88, 0.97),
+                 _row(name, "λ=1 target reuse k=2", 0.7, 0.98)]
+        rows += [_row(name, f"λ=1 native {m}", 0.5, 0.9) for m in METHODS if m != METHOD]
+    lines = resolution.verdict({"runs": rows})
+    assert lines[0].startswith("native as the default: yes (worst recovered -0.02")
+    assert f"the product uses {METHOD}" in lines[1] and f"{METHOD} 0.88 / 0.970" in lines[1]
+    assert lines[2] == "reuse k=2 at native: not measured"
+    assert lines[3].startswith("reuse k=2 at target: worse than exact (worst recovered -0.20")
+    rows[1] = _row("red_lora", native, 0.9, 0.90)  # loses class fidelity on one adaptation
+    assert resolution.verdict({"runs": rows})[0].startswith("native as the default: no")

@@ -145,6 +145,22 @@ def test_different_vaes_of_equal_channels_convert_with_a_warning(forge):
     assert p.extra_generation_params["Delta source"] == sd3
 
 
+def test_the_source_and_its_lora_are_credited_in_the_hash_keys(forge):
+    base = forge.checkpoint("base", family="sd1", seed=0)
+    lora = forge.lora("style", forge.load(base))
+    target = forge.load(base)
+    p = webui.Processing(target, PROMPT)
+    p.scripts = webui.ScriptRunner(forge.script, ({"enabled": True, "source": base, "loras": f"<lora:{lora}:1>"},))
+    webui.process_images(p)
+    params = p.extra_generation_params
+    entry = webui.available_networks[lora]
+    assert params["Lora hashes"] == f"{lora}: {entry.shorthash}" and len(entry.shorthash) == 12
+    info = webui.checkpoint_aliases[base]
+    hashes = [k for k in params if k.startswith("Hashes: ")]
+    assert hashes == [f'Hashes: {{"model:{info.model_name}": "{info.shorthash}", "lora:{lora}": "{entry.shorthash}"}}']
+    assert params[hashes[0]] == hashes[0]  # written verbatim: readers match it unquoted
+
+
 def test_a_flux_source_gets_the_distilled_guidance_of_the_pass(forge):
     from lib_delta.hosts.forge import models as forge_models
 
@@ -300,20 +316,6 @@ def test_a_near_miss_is_refused_with_the_closest_listed_names(forge, what, name)
     listed = "base.safetensors" if what == "source" else "style"
     assert status == 422 and f"'{name}'" in message and f"Closest: '{listed}'" in message
     assert forge_models.cached() == []
-
-
-def test_controlnet_units_are_refused_in_forge_for_now(forge):
-    """A unit Forge ignored would leave a delta of zero and a plain image: refused, and nothing loads."""
-    from lib_delta.hosts.forge import models as forge_models
-
-    base = forge.checkpoint("base", family="sd1", seed=0)
-    target = forge.load(base)
-    fresh = forge.generate(target)
-    unit = {"model": "control_sd15", "image": "iVBORw0KGgo="}
-    with pytest.raises(DeltaError, match=r"ControlNet units .* AUTOMATIC1111") as err:
-        forge.run(target, base, {"controlnets": [unit]})
-    assert err.value.status_code == 422 and forge_models.cached() == []
-    assert torch.equal(forge.generate(target), fresh)
 
 
 def test_a_native_source_runs_at_its_own_size_and_changes_the_image(forge, monkeypatch):

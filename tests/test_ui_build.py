@@ -179,3 +179,22 @@ def test_source_cfg_slider_sits_in_advanced(webui):
     order = [b.elem_id for b in Block.created]
     advanced = order.index("script_txt2img_delta_sampling_advanced")
     assert advanced < order.index(cfg.elem_id) < order.index("script_txt2img_delta_sampling_group2")
+
+
+def test_every_text_the_panel_shows_is_in_the_localization_template(webui):
+    """A text added to the panel without a declaration the template is made from fails here."""
+    from lib_delta.webui import strings
+
+    ui.build(script(), is_img2img=False)
+    shown = set()
+    for b in Block.created:
+        texts = [b.label, b.kwargs.get("placeholder"), getattr(b, "webui_tooltip", None)]
+        if type(b).__name__ == "Accordion":
+            texts.append(b.value)  # its label, given positionally
+        if type(b).__name__ in ("Radio", "Dropdown") and not (b.elem_id or "").endswith(("source", "checkpoint",
+                                                                                           "lora_picker")):
+            texts += b.kwargs.get("choices") or []  # fixed choices; checkpoint and LoRA names are the user's
+        shown |= {t for t in texts if isinstance(t, str) and t.strip()}
+    template = strings.template()
+    assert shown - set(template) == set(), sorted(shown - set(template))
+    assert {"Advanced", "Add LoRA", "Second adaptation group", "λ (strength)"} <= shown  # the walk sees them

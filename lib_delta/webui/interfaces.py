@@ -32,6 +32,32 @@ SETTING_DEFAULTS: dict[str, Any] = {SETTING_CACHE: _LIMITS.cache, SETTING_KEPT: 
                                     SETTING_MAX_CHECKPOINTS: _LIMITS.checkpoints, SETTING_MAX_LORAS: _LIMITS.loras,
                                     SETTING_DEVICE: "same", SETTING_CUDA_GRAPH: True, **PANEL_SETTING_DEFAULTS}
 
+# The settings page's label and explanation of each option (user-visible: the localization template lists them).
+SETTING_TEXTS: dict[str, tuple[str, str]] = {
+    SETTING_CACHE: ("Source models between generations",
+                   "gpu = keep them on the GPU (fastest, uses VRAM); ram = move them to system memory (default); "
+                   "free = unload them (least memory, reloads each time)"),
+    SETTING_KEPT: ("Source models kept between generations",
+                   "besides the active model; each SD1.5 source costs about 2 GB (fp16), SDXL about 5 GB. The source "
+                   "is kept first, then fine-tuned checkpoints; a model not used by the last generation is unloaded"),
+    SETTING_MAX_CHECKPOINTS: ("Checkpoints per generation",
+                   "the most different checkpoints (source and fine-tuned) one generation may load; a request over it "
+                   "is refused before anything loads"),
+    SETTING_MAX_LORAS: ("LoRAs per generation",
+                   "the most LoRA entries one generation may list, all groups together"),
+    SETTING_DEVICE: ("Device for the source model",
+                   "same = the GPU the WebUI uses; cpu = slow but frees VRAM; cuda:N = a second GPU, run beside the "
+                   "active model"),
+    SETTING_CUDA_GRAPH: ("Replay the source model as a CUDA graph",
+                   "much faster at 512-768 px, where each step waits on kernel launches; records at the start of each "
+                   "pass and holds its activations while the generation runs; never under --lowvram/--medvram "
+                   "(AUTOMATIC1111 only)"),
+    SETTING_DEFAULT_STRENGTH: ("Default λ (strength)",
+                   "the λ slider's starting value; applies after the UI is reloaded"),
+    SETTING_PREVIEW: ("Preview strip on by default",
+                   "show the source base, adapted source and result side by side; applies after the UI is reloaded"),
+}
+
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -59,44 +85,18 @@ def add_settings() -> None:
     import gradio as gr
     from modules import shared
 
-    options = {
-        SETTING_CACHE: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_CACHE], "Source models between generations", gr.Radio,
-            {"choices": list(CACHE_POLICIES)},
-        ).info("gpu = keep them on the GPU (fastest, uses VRAM); ram = move them to system memory (default); "
-               "free = unload them (least memory, reloads each time)"),
-        SETTING_KEPT: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_KEPT], "Source models kept between generations", gr.Slider,
-            {"minimum": 0, "maximum": 4, "step": 1},
-        ).info("besides the active model; each SD1.5 source costs about 2 GB (fp16), SDXL about 5 GB. The source "
-               "is kept first, then fine-tuned checkpoints; a model not used by the last generation is unloaded"),
-        SETTING_MAX_CHECKPOINTS: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_MAX_CHECKPOINTS], "Checkpoints per generation", gr.Slider,
-            {"minimum": 1, "maximum": 8, "step": 1},
-        ).info("the most different checkpoints (source and fine-tuned) one generation may load; a request over it "
-               "is refused before anything loads"),
-        SETTING_MAX_LORAS: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_MAX_LORAS], "LoRAs per generation", gr.Slider,
-            {"minimum": 1, "maximum": 64, "step": 1},
-        ).info("the most LoRA entries one generation may list, all groups together"),
-        SETTING_DEVICE: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_DEVICE], "Device for the source model", gr.Dropdown,
-            lambda: {"choices": device_choices()},
-        ).info("same = the GPU the WebUI uses; cpu = slow but frees VRAM; cuda:N = a second GPU, run beside the "
-               "active model"),
-        SETTING_CUDA_GRAPH: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_CUDA_GRAPH], "Replay the source model as a CUDA graph",
-        ).info("much faster at 512-768 px, where each step waits on kernel launches; records at the start of each "
-               "pass and holds its activations while the generation runs; never under --lowvram/--medvram "
-               "(AUTOMATIC1111 only)"),
-        SETTING_DEFAULT_STRENGTH: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_DEFAULT_STRENGTH], "Default λ (strength)", gr.Slider,
-            dict(zip(("minimum", "maximum", "step"), STRENGTH_SLIDER, strict=True)),
-        ).info("the λ slider's starting value; applies after the UI is reloaded"),
-        SETTING_PREVIEW: shared.OptionInfo(
-            SETTING_DEFAULTS[SETTING_PREVIEW], "Preview strip on by default",
-        ).info("show the source base, adapted source and result side by side; applies after the UI is reloaded"),
+    controls: dict[str, tuple[Any, ...]] = {
+        SETTING_CACHE: (gr.Radio, {"choices": list(CACHE_POLICIES)}),
+        SETTING_KEPT: (gr.Slider, {"minimum": 0, "maximum": 4, "step": 1}),
+        SETTING_MAX_CHECKPOINTS: (gr.Slider, {"minimum": 1, "maximum": 8, "step": 1}),
+        SETTING_MAX_LORAS: (gr.Slider, {"minimum": 1, "maximum": 64, "step": 1}),
+        SETTING_DEVICE: (gr.Dropdown, lambda: {"choices": device_choices()}),
+        SETTING_CUDA_GRAPH: (),
+        SETTING_DEFAULT_STRENGTH: (gr.Slider, dict(zip(("minimum", "maximum", "step"), STRENGTH_SLIDER, strict=True))),
+        SETTING_PREVIEW: (),
     }
+    options = {key: shared.OptionInfo(SETTING_DEFAULTS[key], label, *controls[key]).info(info)
+               for key, (label, info) in SETTING_TEXTS.items()}
     for key, info in shared.options_section(SECTION, options).items():
         shared.opts.add_option(key, info)
 

@@ -27,6 +27,11 @@ from ..errors import DeltaError
 from ..fields import ORDINALS, Control, Number, Slot, positional_slots, settings_of
 
 TITLE = "Delta Sampling"
+# The frame's own texts (the controls' come from their declarations); the localization template lists them all.
+ADVANCED = "Advanced"
+GROUP_ACCORDION = "{ordinal} adaptation group"
+PICKER_LABEL = "Add LoRA"
+PICKER_TOOLTIP = "Pick a LoRA to add its tag to the field beside, with the default extra networks multiplier as weight."
 # Settings that shape the panel (the others, for the generation path, live with the host adapters).
 SETTING_DEFAULT_STRENGTH = "delta_sampling_default_strength"
 SETTING_PREVIEW = "delta_sampling_preview"
@@ -168,10 +173,9 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     def lora_controls(slot: Slot, control: Control, **common: Any) -> None:
         prefix = slot.name[: len(slot.name) - len(slot.setting.name)]
         field = tip(slot, gr.Textbox(lines=1, scale=3, placeholder=control.placeholder, **common))
-        picker = gr.Dropdown(label="Add LoRA", choices=lora_names(), value=None, scale=1,
+        picker = gr.Dropdown(label=PICKER_LABEL, choices=lora_names(), value=None, scale=1,
                              elem_id=script.elem_id(f"{prefix}lora_picker"))
-        picker.webui_tooltip = "Pick a LoRA to add its tag to the field beside, with the default extra networks " \
-                               "multiplier as weight."
+        picker.webui_tooltip = PICKER_TOOLTIP
         create_refresh_button(picker, refresh_loras, lambda: {"choices": lora_names()},
                               script.elem_id(f"{prefix}lora_refresh"))
         picker.change(fn=add_picked_lora, inputs=[picker, field], outputs=[field, picker], show_progress="hidden")
@@ -214,10 +218,10 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             FormHTML(value='<span class="delta-sampling-summary-text"></span>', elem_id=script.elem_id("summary"))
         controls(_section("main"))
         controls(_group(0))
-        with gr.Accordion("Advanced", open=False, elem_id=script.elem_id("advanced")):
+        with gr.Accordion(ADVANCED, open=False, elem_id=script.elem_id("advanced")):
             controls(_section("advanced"))
             for g, switch in enumerate((slot for slot in SLOTS if slot.switch), 1):
-                with gr.Accordion(f"{ORDINALS[g + 1]} adaptation group", open=False,
+                with gr.Accordion(GROUP_ACCORDION.format(ordinal=ORDINALS[g + 1]), open=False,
                                   elem_id=script.elem_id(f"group{g + 1}")):
                     controls([switch])
                     controls(_group(g))

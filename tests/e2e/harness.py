@@ -442,6 +442,8 @@ class ServerConfig:
     # ControlNet fixture keys, linked into models/ControlNet of the data dir, where both sd-webui-controlnet and
     # Forge's built-in ControlNet look by default
     controlnets: tuple[str, ...] = ()
+    # ui-config.json entries (the WebUI's saved UI defaults, "<tab>/<label>/value" keys), written before start
+    ui_config: tuple[tuple[str, Any], ...] = ()
 
 
 class WebUIServer:
@@ -527,6 +529,9 @@ class WebUIServer:
             settings["sd_model_checkpoint"] = self.fixtures[self.config.models[0]].checkpoint.name
         settings.update(self.config.settings)
         (self.data_dir / "config.json").write_text(json.dumps(settings, indent=2))
+        if self.config.ui_config:
+            (self.data_dir / "ui-config.json").write_text(json.dumps(dict(self.config.ui_config), indent=2,
+                                                                     ensure_ascii=False), encoding="utf-8")
 
     def start(self) -> None:
         self._prepare_data_dir()

@@ -190,7 +190,7 @@ def test_unit_strength_equals_the_webuis_own_lora(sd15_client: WebUIClient, fixt
     assert db_own > IDENTICAL_ABOVE_DB, (db_own, db_plain)
     params = ours.params()
     assert params["Delta LoRAs"] == f"<lora:{sd15.lora()}:1>"
-    assert params["Delta source hash"] and params["Delta LoRA hashes"].startswith(sd15.lora())
+    assert params["Lora hashes"].startswith(f"{sd15.lora()}: ") and f'"model:{sd15.model_name}": ' in ours.infotext
 
 
 def test_batch_of_two(sd15_client: WebUIClient, fixtures: dict[str, ModelFixture], record_property) -> None:

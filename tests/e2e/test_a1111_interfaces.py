@@ -95,7 +95,8 @@ def test_dict_call_writes_the_infotext(sd15: ModelFixture, reference: Generation
     assert params["Delta source"].startswith(sd15.model_name), reference.infotext
     assert params["Delta LoRAs"] == f"<lora:{sd15.lora()}:1>"
     assert (params["Delta lambda"], params["Delta schedule"], params["Delta window"]) == ("0.75", "cosine", "0-0.8")
-    assert "Lora hashes" not in params  # the LoRA went to the source only, not into the prompt
+    assert "<lora:" not in reference.infotext.splitlines()[0]  # the LoRA went to the source only, not the prompt
+    assert params["Lora hashes"].startswith(f"{sd15.lora()}: ")  # credited where image sites read it
     record_property("seconds", round(reference.seconds, 1))
     db = psnr(plain.image, reference.image)
     record_property("psnr_db_vs_plain", round(db, 2))

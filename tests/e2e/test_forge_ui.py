@@ -119,6 +119,9 @@ def test_panel_in_the_browser(forge: WebUIClient, sd15: ModelFixture, chromium: 
         assert (params["Delta LoRAs"], params["Delta lambda"]) == (lora, "0.75"), text
         second = json.loads(params["Delta group 2"])
         assert second["loras"] == [{"name": sd15.lora(), "weight": 1.0}] and second["strength"] == 0.25, text
+        # the source and its LoRA credited where image sites read them (once, though both groups use the LoRA)
+        assert params["Lora hashes"].startswith(f"{sd15.lora()}: ") and "," not in params["Lora hashes"], text
+        assert f'Hashes: {{"model:{sd15.model_name}": ' in text, text
         src = page.locator("#txt2img_gallery img").first.get_attribute("src") or ""
         ui_image = forge.session.get(src if src.startswith("http") else forge.base_url + "/" + src.lstrip("/"),
                                      timeout=60)
@@ -131,6 +134,7 @@ def test_panel_in_the_browser(forge: WebUIClient, sd15: ModelFixture, chromium: 
         again = Generation([base64.b64decode(i) for i in data["images"]], json.loads(data["info"]), 0)
         assert again.param("Delta group 2") == Generation([], {"infotexts": [infotext]}, 0).param("Delta group 2")
         assert same_pixels(again.image, ui_image.content), (infotext, again.infotext)
+        assert again.infotext.splitlines()[0] == PROMPT  # pasting the credits added no LoRA to the prompt
 
         # pasting parameters without Delta keys switches it off
         phase[0] = "paste"
@@ -151,3 +155,63 @@ def test_panel_in_the_browser(forge: WebUIClient, sd15: ModelFixture, chromium: 
         assert not page.locator(f"#{p}enabled-visible-checkbox").is_checked()
         assert not errors, errors
         ctx.close()
+
+
+def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool: ForgeServerPool, sd15: ModelFixture,
+                                                                            chromium: str) -> None:
+    """Forge's Settings → Defaults → Apply keeps the panel's λ in ui-config.json under its label, and a Forge
+    started with that file and the zh_CN localization shows it, in Chinese (see test_a1111_ecosystem.py)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from lib_delta.webui.panel import TOOLTIPS
+
+    zh = json.loads((REPO_ROOT / "localizations" / "zh_CN.json").read_text(encoding="utf-8"))
+    key = "customscript/delta_sampling.py/txt2img/λ (strength)/value"
+    p = "script_txt2img_delta_sampling_"
+
+    def page_of(ctx, url):
+        page = ctx.new_page()
+        page.goto(url, wait_until="load", timeout=300_000)
+        page.wait_for_selector(f"#{p}enabled-visible-checkbox", timeout=300_000)
+        page.wait_for_timeout(2000)
+        return page
+
+    server = pool.get(ServerConfig(extension=True, models=MODELS))
+    assert server.client is not None and server.data_dir is not None
+    # metadata.ini read by Forge: no complaint at start, and the script runs after Forge's built-in ControlNet
+    names = server.client.get("/sdapi/v1/scripts")["txt2img"]
+    assert names.index("controlnet") < names.index("delta sampling"), names
+    complaints = [line for line in server.log_tail(1 << 20).splitlines()
+                  if "delta" in line.lower() and ("requires" in line.lower() or "error" in line.lower())]
+    assert not complaints, complaints
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium, headless=True,
+                                                    args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+        page = page_of(ctx, server.client.base_url)
+        page.locator(f"#{p}enabled .label-wrap").first.click()  # opens it: a closed accordion's controls are hidden
+        box = page.locator(f"#{p}strength input[type=number]")
+        box.fill("0.6")
+        box.press("Enter")
+        page.locator("#ui_defaults_apply").dispatch_event("click")
+        expect(page.locator("#ui_defaults_review")).to_contain_text("Wrote", timeout=60_000)
+        ctx.close()
+    saved = json.loads((server.data_dir / "ui-config.json").read_text(encoding="utf-8"))
+    assert saved[key] == 0.6
+
+    server = pool.get(ServerConfig(extension=True, models=MODELS, ui_config=tuple(saved.items()),
+                                   settings=(("localization", "zh_CN"),)))
+    assert server.client is not None
+    try:
+        with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+            ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium, headless=True,
+                                                        args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+            page = page_of(ctx, server.client.base_url)
+            expect(page.locator(f"#{p}strength input[type=number]")).to_have_value("0.6")
+            expect(page.locator(f"#{p}strength")).to_contain_text(zh["λ (strength)"])
+            page.wait_for_timeout(2500)  # our script re-applies tooltips every second: they must stay Chinese
+            assert page.locator(f"#{p}strength").get_attribute("title") == zh[TOOLTIPS["strength"]]
+            expect(page.locator(f"#{p}summary .delta-sampling-summary-text")).to_have_text(
+                f"λ 0.6 · {zh['no source']}")
+            ctx.close()
+    finally:
+        pool.close()

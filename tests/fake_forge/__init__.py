@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from types import ModuleType
 
-from . import backend, webui
+from . import backend, controlnet, webui
 from . import neo as neo_flavour
 
 
@@ -51,6 +51,7 @@ def _modules(neo: bool) -> dict[str, ModuleType]:
         "modules.scripts": _module("modules.scripts", Script=w.Script, AlwaysVisible=w.AlwaysVisible),
         "networks": w,
     }
+    mods.update(controlnet.modules(neo))
     if neo:
         mods.update(neo_flavour.modules())
     for name, m in mods.items():  # `from package import submodule` looks for an attribute first

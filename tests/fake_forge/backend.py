@@ -17,11 +17,18 @@
 - engines: the tiny devkit families behind Forge's engine interface, with Forge's ``Linear``, which is a plain
   ``nn.Module`` and not an ``nn.Linear`` subclass. A checkpoint file is a safetensors file holding the engine's spec
   (``write_checkpoint``), read by ``forge_loader`` through ``load_torch_file`` as Forge reads any checkpoint.
-Areas, masks, ControlNet and memory estimates beyond a rough figure are left out.
+- ControlNet: entries batch only with the same ``control`` object; the batch's ``transformer_options`` (with
+  ``cond_or_uncond``, ``sigmas`` and ``cond_mark``) go to every ControlNet of the chain before ``get_control``
+  (sampling_function.py:238-268), and the UNet adds ``control['middle']`` after its middle block and
+  ``control['output']`` (popped from the end) to each skip before the concatenation (backend/nn/unet.py:44-52,
+  730-736); ``sampling_prepare`` loads the chain's networks and calls ``pre_run``, ``sampling_cleanup`` ``cleanup``
+  (:366-408). The ControlNet objects themselves: ``controlnet``.
+Areas, masks and memory estimates beyond a rough figure are left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -114,6 +121,8 @@ def compile_weighted_conditions(cond, weights):
 
 def _concatenable(a: dict, b: dict) -> bool:
     ca, cb = a["model_conds"], b["model_conds"]
+    if a.get("control") is not b.get("control"):  # can_concat_cond: the same control object or none
+        return False
     return ca.keys() == cb.keys() and all(ca[k].can_concat(cb[k]) for k in ca)
 
 
@@ -130,8 +139,18 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
         c = {k: processed[0][k].concat([p[k] for p in processed[1:]]) for k in processed[0]}
         cond_or_uncond = [u for _, u in items]
         n = len(items)
-        c["transformer_options"] = {**model_options.get("transformer_options", {}), "cond_or_uncond": cond_or_uncond}
+        cond_mark = torch.Tensor([u for u in cond_or_uncond for _ in range(timestep.shape[0])]).to(timestep)
+        to = {**model_options.get("transformer_options", {}), "cond_or_uncond": cond_or_uncond, "sigmas": timestep,
+              "cond_mark": cond_mark}
+        c["transformer_options"] = to
         inputs, ts = torch.cat([x_in] * n), torch.cat([timestep] * n)
+        control = items[0][0].get("control")
+        if control is not None:
+            chained = control
+            while chained is not None:
+                chained.transformer_options = to
+                chained = chained.previous_controlnet
+            c["control"] = control.get_control(inputs, ts, c.copy(), n)
         if "model_function_wrapper" in model_options:
             args = {"input": inputs, "timestep": ts, "c": c, "cond_or_uncond": cond_or_uncond}
             output = model_options["model_function_wrapper"](model.apply_model, args).chunk(n)
@@ -160,8 +179,18 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
 
 def sampling_prepare(unet, x) -> None:
     b, c, h, w = x.shape
-    load_models_gpu([unet, *unet.extra_model_patchers_during_sampling], unet.memory_required([2 * b, c, h, w]),
+    extra = list(unet.extra_model_patchers_during_sampling)
+    if unet.controlnet_linked_list is not None:
+        extra += unet.controlnet_linked_list.get_models()
+    load_models_gpu([unet, *extra], unet.memory_required([2 * b, c, h, w]),
                     unet.extra_preserved_memory_during_sampling)
+    for cnet in unet.list_controlnets():
+        cnet.pre_run(unet.model, lambda p: unet.model.predictor.percent_to_sigma(p))
+
+
+def sampling_cleanup(unet) -> None:
+    for cnet in unet.list_controlnets():
+        cnet.cleanup()
 
 
 # --- backend.memory_management ------------------------------------------------------------------------------------
@@ -260,12 +289,25 @@ class UnetPatcher(ModelPatcher):
         super().__init__(*args, **kwargs)
         self.extra_preserved_memory_during_sampling = 0
         self.extra_model_patchers_during_sampling = []
+        self.controlnet_linked_list = None
 
     def clone(self):
         n = super().clone()
         n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
         n.extra_model_patchers_during_sampling = self.extra_model_patchers_during_sampling.copy()
+        n.controlnet_linked_list = self.controlnet_linked_list
         return n
+
+    def add_patched_controlnet(self, cnet):
+        cnet.set_previous_controlnet(self.controlnet_linked_list)
+        self.controlnet_linked_list = cnet
+
+    def list_controlnets(self):
+        out, pointer = [], self.controlnet_linked_list
+        while pointer is not None:
+            out.append(pointer)
+            pointer = pointer.previous_controlnet
+        return out
 
     def add_extra_preserved_memory_during_sampling(self, memory_in_bytes):
         self.extra_preserved_memory_during_sampling += memory_in_bytes
@@ -318,6 +360,24 @@ class Predictor:
     def noise_scaling(self, sigma, noise, latent, max_denoise=False):
         return sigma * noise + (1 - sigma) * latent if self.flow else latent + noise * sigma
 
+    def percent_to_sigma(self, percent):
+        """k_prediction.py:142-148 (and the flow predictors' 1 - percent)."""
+        if percent <= 0.0:
+            return 1.0 if self.flow else 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        if self.flow:
+            return 1.0 - percent
+        return float(self.denoiser.t_to_sigma(torch.tensor((1.0 - percent) * 999.0)))
+
+    def timestep(self, sigma):
+        return self.denoiser.sigma_to_t(sigma)
+
+    def calculate_input(self, sigma, noise):
+        if self.flow:
+            return noise
+        return noise * (1.0 / (sigma.reshape(-1, *[1] * (noise.ndim - 1)) ** 2 + 1.0) ** 0.5)
+
 
 class KModel(nn.Module):
     def __init__(self, family):
@@ -329,10 +389,39 @@ class KModel(nn.Module):
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
         y = kw.get("y")
-        return self.denoiser(x, t, c_crossattn if y is None else {"crossattn": c_crossattn, "vector": y})
+        with _control_added(self.diffusion_model, control):
+            return self.denoiser(x, t, c_crossattn if y is None else {"crossattn": c_crossattn, "vector": y})
 
     def memory_required(self, input_shape):
         return input_shape[0] * input_shape[2] * input_shape[3] * 4 * 1000
+
+
+@contextlib.contextmanager
+def _control_added(unet, control):
+    """backend/nn/unet.py's ``apply_control``: the middle residual after the middle block, each output residual
+    (from the end of the list) on the skip the next output block concatenates (the last channels of its input)."""
+    if not control:
+        yield
+        return
+
+    def middle(module, args, out):
+        ctrl = control["middle"].pop() if control.get("middle") else None
+        if ctrl is not None:
+            out += ctrl
+        return out
+
+    def skip(module, args):
+        ctrl = control["output"].pop() if control.get("output") else None
+        if ctrl is not None:
+            args[0][:, args[0].shape[1] - ctrl.shape[1]:] += ctrl
+
+    handles = [unet.middle_block.register_forward_hook(middle)]
+    handles += [block.register_forward_pre_hook(skip) for block in unet.output_blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class ForgeObjects:

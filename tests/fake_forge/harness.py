@@ -3,6 +3,7 @@ helpers that write checkpoints and LoRAs and run generations the way Forge's API
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import weakref
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 from tests import memory
 
-from . import backend, installed, webui
+from . import backend, controlnet, installed, webui
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT, ADAPTED = "a red cube on a table", "a watercolor painting of a red cube"
@@ -36,6 +37,7 @@ def neo(tmp_path, monkeypatch):
 def _session(tmp_path, monkeypatch, neo: bool):
     with installed(neo=neo):
         from lib_delta.hosts import forge as adapter
+        from lib_delta.hosts.forge import control as forge_control
         from lib_delta.hosts.forge import models as forge_models
 
         webui.checkpoints_list.clear()
@@ -55,6 +57,11 @@ def _session(tmp_path, monkeypatch, neo: bool):
         yield Forge(tmp_path, module.DeltaSamplingScript(), adapter, neo)
         adapter.begin(None)
         forge_models.forget_all()
+        forge_control.forget_all()
+        controlnet.forget_cached()  # Neo's cache of the user's ControlNets lives as long as the WebUI
+        # a finished generation's processing object and its sampler refer to each other (as in the WebUI) and keep
+        # the target until a cycle collection: it must happen while this flavour's loaded-model list is installed
+        gc.collect()
         backend.current_loaded_models.clear()
 
 

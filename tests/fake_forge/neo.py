@@ -330,6 +330,9 @@ class UnetPatcher(ModelPatcher):
     def add_conditioning_modifier(self, modifier, ensure_uniqueness=False):
         self.model_options.setdefault("conditioning_modifiers", []).append(modifier)
 
+    add_patched_controlnet = backend.UnetPatcher.add_patched_controlnet
+    list_controlnets = backend.UnetPatcher.list_controlnets
+
 
 # --- backend.sampling.sampling_function -------------------------------------------------------------------------------
 
@@ -355,8 +358,12 @@ def sampling_prepare(unet, x):
     b, c, h, w = x.shape
     memory = unet.memory_required([2 * b, c, h, w])
     extra = unet.extra_preserved_memory_during_sampling
-    load_models_gpu(models=[unet, *unet.extra_model_patchers_during_sampling], memory_required=memory + extra,
-                    minimum_memory_required=memory // 2 + extra)
+    models = [unet, *unet.extra_model_patchers_during_sampling]
+    if unet.controlnet_linked_list is not None:
+        models += unet.controlnet_linked_list.get_models()
+    load_models_gpu(models=models, memory_required=memory + extra, minimum_memory_required=memory // 2 + extra)
+    for cnet in unet.list_controlnets():
+        cnet.pre_run(unet.model, lambda p: unet.model.predictor.percent_to_sigma(p))
 
 
 # --- engines ----------------------------------------------------------------------------------------------------------

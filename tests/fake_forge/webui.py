@@ -13,6 +13,7 @@ the scripts' ``postprocess`` still runs. Prompts support AND with weights; no ed
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import traceback
@@ -64,11 +65,19 @@ def add_checkpoint(path: str) -> SimpleNamespace:
     name = os.path.basename(path)
     model_name = os.path.splitext(name)[0]
     info = SimpleNamespace(filename=path, name=name, name_for_extra=model_name, model_name=model_name, title=name,
-                           sha256=None)
+                           sha256=None, shorthash=None)
+    info.calculate_shorthash = lambda: _hash(info, 10)  # sets sha256, as Forge's CheckpointInfo does
     checkpoints_list[name] = info
     for alias in (model_name, name, model_name):
         checkpoint_aliases[alias] = info
     return info
+
+
+def _hash(item, digits: int) -> str:
+    with open(item.filename, "rb") as f:
+        item.sha256 = hashlib.sha256(f.read()).hexdigest()
+    item.shorthash = item.sha256[:digits]
+    return item.shorthash
 
 
 def get_closet_checkpoint_match(search_string):
@@ -93,7 +102,8 @@ def list_available_networks():
     for name in sorted(os.listdir(lora_dir)) if lora_dir else []:
         stem, ext = os.path.splitext(name)
         if ext in (".safetensors", ".pt", ".ckpt"):
-            entry = SimpleNamespace(name=stem, alias=stem, filename=os.path.join(lora_dir, name))
+            entry = SimpleNamespace(name=stem, alias=stem, filename=os.path.join(lora_dir, name), shorthash=None)
+            entry.read_hash = lambda entry=entry: _hash(entry, 12)
             available_networks[stem] = available_network_aliases[stem] = entry
 
 
@@ -210,6 +220,9 @@ class CFGDenoiser:
         unet = self.p.sd_model.forge_objects.unet
         model, options = unet.model, unet.model_options
         cond, uncond = backend.compile_weighted_conditions(cond, composition), backend.compile_conditions(uncond)
+        if unet.controlnet_linked_list is not None:  # the user's ControlNets (sampling_function.py:352-357)
+            for entry in [*cond, *(uncond or [])]:
+                entry["control"] = unet.controlnet_linked_list
         seed = 0
         for modifier in options.get("conditioning_modifiers", []):
             model, x, sigma, uncond, cond, cond_scale, options, seed = modifier(model, x, sigma, uncond, cond,
@@ -253,6 +266,8 @@ class KDiffusionSampler:
             return sampling.sample_euler(lambda xx, s: model(xx, s, c, uc, cfg), x, sigmas)
         except InterruptedException:
             return self.last_latent
+        finally:
+            backend.sampling_cleanup(unet)
 
     def sample(self, p, x, c, uc, image_conditioning=None):
         sigmas = self.get_sigmas(p, p.steps)
@@ -282,6 +297,7 @@ class Processing:
             denoising_strength
         self.hr_cfg = cfg_scale if hr_cfg is None else hr_cfg
         self.hr_upscale_to_x, self.hr_upscale_to_y = width, height
+        self.hr_scale, self.hr_resize_x, self.hr_resize_y = 1.0, 0, 0  # the hires pass runs at the same size
         self.distilled_cfg_scale = self.hr_distilled_cfg = distilled_cfg_scale
         self.sampler_name, self.hr_sampler_name = "Euler", None
         self.extra_generation_params: dict = {}

@@ -35,7 +35,14 @@ class NetworkOnDisk:
         available_network_hash_lookup[self.shorthash] = self
 
 
-def list_available_networks(directory):
+_directory: list = []
+
+
+def list_available_networks(directory=None):
+    """The real one takes no argument (it reads the WebUI's folder); the tests name theirs once."""
+    if directory is not None:
+        _directory[:] = [directory]
+    directory = _directory[0]
     available_networks.clear()
     available_network_aliases.clear()
     for f in sorted(os.listdir(directory)):
@@ -74,6 +81,8 @@ def activate(p, params_list):
     deactivate()
     for args in params_list:
         entry = available_network_aliases[args[0]]
+        if not entry.shorthash:  # the real list reads it from the WebUI's hash cache
+            entry.read_hash()
         te = float(args[1]) if len(args) > 1 else 1.0
         unet = float(args[2]) if len(args) > 2 else te
         _merge(shared.sd_model, entry.filename, te, unet)

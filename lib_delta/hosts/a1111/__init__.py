@@ -25,6 +25,7 @@ from ...cuda_graph import GraphedCall, storage_fingerprint
 from ...errors import DeltaError
 from ...resolution import native_side
 from ...spaces import SD1, SD2, SD3, SDXL, ModelSpace, check_latent_compatible
+from ..common import credits as credits_mod
 from ..common.files import checkpoint_family
 from ..common.http import as_failure
 from ..common.runs import RunSlot
@@ -109,6 +110,7 @@ class Run:
     units: list[control_mod.LoadedUnit] = field(default_factory=list)  # ControlNet units, in group order
     controls: dict[int, RowControl] = field(default_factory=dict)  # per model with units: its row hooks
     log: list[str] = field(default_factory=list)  # what the generation's log line reports, kept past close()
+    credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)  # the source's, for the hash keys
     records: list = field(default_factory=list)  # the preview's records, kept past close()
     target_latent: str | None = None
     closed: bool = False
@@ -172,6 +174,7 @@ class Plan:
     tuned: tuple[Any, ...]
     keys: tuple[tuple[str, str], ...]
     units: tuple[control_mod.UnitPlan, ...] = ()
+    credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)
 
 
 def start(p: Any, settings: DeltaSettings) -> None:
@@ -191,6 +194,7 @@ def start(p: Any, settings: DeltaSettings) -> None:
         source_mod.settle(list(plan.keys))
         raise
     run.setup_seconds = time.perf_counter() - t0
+    run.credits = plan.credits
     SLOT.open(p, run)
     _write_infotext(p, run)
     if source_mod.target_uses_lowvram() and run.device.type != "cpu":
@@ -205,12 +209,11 @@ def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
                   for g in settings.groups)
     files = {os.path.abspath(i.filename) for i in (source, *tuned) if i is not None}
     source_mod.limits().check_request(len(files), sum(len(g.loras) for g in settings.groups))
+    loras: dict[str, Any] = {}
     if any(g.loras for g in settings.groups):
         from . import lora as a1111_lora
 
-        for g in settings.groups:
-            for ref in g.loras:
-                a1111_lora.resolve(ref)
+        loras = {ref.name: a1111_lora.resolve(ref) for g in settings.groups for ref in g.loras}
     family = checkpoint_family(source.filename)
     if family in _FAMILY_FORMATS:
         check_latent_compatible(_FAMILY_FORMATS[family], source_mod.latent_format(target),
@@ -225,7 +228,8 @@ def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
     keys = tuple(dict.fromkeys(source_mod.key_of(i) for i in (source, *tuned) if i is not None))
     units = control_mod.plan_units(settings, p, family, _context_width(source.filename),
                                    source_mod.info_label(source))
-    return Plan(source, tuned, keys, units)
+    checkpoints = {credits_mod.checkpoint_name(i): i for i in (source, *tuned) if i is not None}
+    return Plan(source, tuned, keys, units, credits_mod.gather(checkpoints, loras))
 
 
 def _context_width(filename: str) -> int | None:
@@ -332,12 +336,12 @@ def _not_a_fine_tune(label: str, family: str, source_family: str, source_label: 
 
 def _write_infotext(p: Any, run: Run) -> None:
     # X/Y/Z cells are shallow copies of one p that share this dict: write into a copy of our own.
-    params = dict(p.extra_generation_params)
-    params.update(run.settings.to_infotext())
-    params["Delta source hash"] = run.source.shorthash
-    if run.lora is not None and run.lora.hashes():
-        params["Delta LoRA hashes"] = ", ".join(f"{n}: {h}" for n, h in run.lora.hashes().items())
-    p.extra_generation_params = params
+    p.extra_generation_params = run.credits.into({**p.extra_generation_params, **run.settings.to_infotext()})
+
+
+def _credit(p: Any, run: Run) -> None:
+    """Merge the credits again once the WebUI's LoRA support has written its "Lora hashes" for this pass."""
+    p.extra_generation_params = run.credits.into(p.extra_generation_params)
 
 
 def fail(p: Any, error: BaseException) -> None:
@@ -356,6 +360,7 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
     if sampler is None or (error is None and run is None):
         return
     if error is None:
+        _credit(p, run)
         try:
             _arm(p, run, sampler)
             return

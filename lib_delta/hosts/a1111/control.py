@@ -12,9 +12,6 @@ preprocessors for the run; :class:`LoadedUnit` gives each forward its hint and s
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,16 +24,14 @@ from ...args import ControlNetUnit, DeltaSettings
 from ...errors import DeltaError
 from ...fields import group_where, num
 from ..common import names as listed
-from ..common.files import safetensors_shapes
+from ..common.control import MAX_PIXELS, MAX_SIDE, control_family, decode_image  # noqa: F401 (this module's API)
+from ..common.control import check_family as _check_family
 
 EXTENSION = "sd-webui-controlnet"
 # Preprocessors that need no downloaded model and act only on the image (no sampling-time hooks of their own).
 SAFE_MODULES = ("none", "canny", "invert", "blur_gaussian", "scribble_xdog", "shuffle", "lineart_standard",
                 "threshold", "tile_resample")
-MAX_SIDE = 4096
-MAX_PIXELS = 16 * 1024 * 1024
 SOFT_IN_HIRES = ("canny", "mlsd")  # the extension weakens these in the hires pass (hook.py soft injection)
-_FAMILIES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SDXL", "sd3": "SD3", "flux": "Flux"}
 
 
 # --- reaching the extension ----------------------------------------------------------------------------------
@@ -119,57 +114,6 @@ def _resolve(ext: Extension, name: str) -> tuple[str, str]:
                          "ControlNet model list).")
 
 
-def control_family(path: str) -> tuple[str | None, int | None]:
-    """A ControlNet's family (``sd1``, ``sd2``, ``sdxl``) and cross-attention width, from its safetensors header
-    (the rules of the extension's ``build_model_by_guess``); ``(None, None)`` when no header tells (a pickle)."""
-    shapes = safetensors_shapes(path)
-    if not shapes:
-        return None, None
-    shapes = {k.removeprefix("control_model."): v for k, v in shapes.items()}
-    if "input_hint_block.0.weight" in shapes:  # ldm layout
-        xl, ctx_key = "label_emb.0.0.bias" in shapes, "input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"
-    elif "controlnet_cond_embedding.conv_in.weight" in shapes:  # diffusers layout
-        xl = "add_embedding.linear_1.weight" in shapes
-        ctx_key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
-    else:
-        return None, None
-    context = shapes.get(ctx_key, [None, None])[1]
-    if xl:
-        return "sdxl", context
-    return {768: "sd1", 1024: "sd2"}.get(context or 0), context
-
-
-def _not_a_controlnet(path: str) -> str | None:
-    """What a listed control model is when its header says it is no plain ControlNet (None: it is one, or a pickle
-    whose kind the builder tells)."""
-    shapes = safetensors_shapes(path)
-    if not shapes:
-        return None
-    keys = {k.removeprefix("control_model.") for k in shapes}
-    if "lora_controlnet" in keys:
-        return "a Control-LoRA"
-    if any(k.startswith("ip_adapter.") for k in keys):
-        return "an IP-Adapter"
-    if "input_hint_block.0.weight" not in keys and "controlnet_cond_embedding.conv_in.weight" not in keys:
-        return "not a ControlNet (a T2I-Adapter or another control model)"
-    return None
-
-
-def _check_family(path: str, name: str, source_family: str | None, source_context: int | None,
-                  source_label: str) -> None:
-    kind = _not_a_controlnet(path)
-    if kind:
-        raise DeltaError(f"'{name}' is {kind}: only ControlNets run on the Delta Sampling source.")
-    family, context = control_family(path)
-    mine = _FAMILIES.get(source_family or "")
-    theirs = _FAMILIES.get(family or "")
-    if (mine and theirs and mine != theirs) or (None not in (context, source_context) and context != source_context):
-        raise DeltaError(f"The ControlNet '{name}' ({theirs or f'{context}-wide context'}) is not made for the "
-                         f"source '{source_label}' ({mine or f'{source_context}-wide context'}): a ControlNet runs on "
-                         "the source, so choose one of the source's family (e.g. an SD1.5 ControlNet on an SD1.5 "
-                         "source, whatever the active model).")
-
-
 def _preprocessor(ext: Extension, module: str, where: str) -> Any:
     pre = ext.preprocessor.get_preprocessor(module)
     if pre is None:
@@ -181,27 +125,6 @@ def _preprocessor(ext: Extension, module: str, where: str) -> Any:
                          f"need no downloaded model and act on the image alone are ({', '.join(SAFE_MODULES)}). "
                          "Preprocess the image with the ControlNet tab and send it with module 'none'.")
     return pre
-
-
-def decode_image(text: str, where: str) -> np.ndarray:
-    """A base64 PNG/JPEG (or ``data:`` URL) as HWC uint8 RGB; its size is checked before its pixels are read."""
-    from PIL import Image, UnidentifiedImageError
-
-    data = "".join((text.split(",", 1)[1] if text.startswith("data:") else text).split())  # wrapped base64 too
-    try:
-        raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            w, h = im.size
-            if w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
-                raise DeltaError(f"The control image{where} is {w}×{h}; at most {MAX_SIDE} pixels a side and "
-                                 f"{MAX_PIXELS // 2**20} megapixels are allowed: send a smaller image (the control "
-                                 "map is resized to the generation anyway).")
-            return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    except DeltaError:
-        raise
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise DeltaError(f"The control image{where} is not a readable image ({type(e).__name__}): send a base64 PNG "
-                         "or JPEG.") from None
 
 
 def _init_image(p: Any, where: str) -> np.ndarray:

@@ -16,34 +16,13 @@ from typing import Any
 
 from ...args import DeltaSettings, LoraRef
 from ...errors import DeltaError
+from ..common import names
 from . import source as source_mod
-
-_HASH_NAME = str.maketrans("", "", ":,")  # what the WebUI strips from names in "Lora hashes"
-
-
-def networks_module() -> Any:
-    import sys
-
-    module = sys.modules.get("networks")
-    if module is None:
-        try:
-            import networks as module  # the built-in Lora extension, on sys.path once the WebUI loaded it
-        except ImportError:
-            raise DeltaError("Delta Sampling needs the WebUI's built-in Lora extension to find LoRA files; it is "
-                             "disabled or missing (Extensions tab).") from None
-    return module
 
 
 def resolve(ref: LoraRef) -> Any:
     """The WebUI's entry (``NetworkOnDisk``) for a LoRA name or alias."""
-    networks = networks_module()
-    entry = networks.available_network_aliases.get(ref.name)
-    if entry is None:
-        entry = networks.available_networks.get(ref.name)
-    if entry is None:
-        raise DeltaError(f"Delta Sampling LoRA '{ref.name}' is not among the WebUI's LoRAs: use a name from the Lora "
-                         "tab (or /sdapi/v1/loras); after adding a file, refresh the list.")
-    return entry
+    return names.lora(ref.name, "the WebUI's")
 
 
 def model_family(model: Any) -> str:
@@ -75,14 +54,13 @@ class Terms:
 class Adapter:
     """Every group's LoRA terms, on the model each group runs on."""
 
-    def __init__(self, patches: dict[int, Any], group_model: list[source_mod.PrivateModel], hashes: dict[str, str],
+    def __init__(self, patches: dict[int, Any], group_model: list[source_mod.PrivateModel],
                  te_groups: set[int], unet_groups: set[int], device: Any) -> None:
         self.device = device  # where the models run (their modules are there while a patch is attached)
         # under --lowvram/--medvram the models visit the GPU for each call: their LoRA data goes back with them
         self.offload = device.type != "cpu" and source_mod.target_uses_lowvram()
         self._patches = patches  # id(PrivateModel) -> DeltaPatch
         self._group_model = group_model
-        self._hashes = hashes
         self._te = te_groups
         self._unet = unet_groups
 
@@ -97,7 +75,6 @@ class Adapter:
 
         group_model = [g.checkpoint or source for g in groups]
         files: dict[str, Any] = {}
-        hashes: dict[str, str] = {}
         uses: list[list[Any]] = []
         for g in settings.groups:
             uses.append([])
@@ -106,7 +83,6 @@ class Adapter:
                 if entry.filename not in files:
                     files[entry.filename] = read_lora(entry.filename, safe_load)
                 uses[-1].append(LoraUse(files[entry.filename], te=ref.te, unet=ref.unet))
-                _note_hash(entry, ref, hashes)
         patches: dict[int, Any] = {}
         te_groups, unet_groups = set(), set()
         for model in {id(m): m for m in group_model}.values():
@@ -122,10 +98,7 @@ class Adapter:
                     te_groups.add(i)
                 if any(r.unet_modules and r.unet_multiplier for r in reports):
                     unet_groups.add(i)
-        return cls(patches, group_model, hashes, te_groups, unet_groups, device)
-
-    def hashes(self) -> dict[str, str]:
-        return dict(self._hashes)
+        return cls(patches, group_model, te_groups, unet_groups, device)
 
     def te_terms(self, group: int) -> Terms | None:
         return self._terms(group) if group in self._te else None
@@ -176,12 +149,3 @@ class Adapter:
     def close(self) -> None:
         for patch in self._patches.values():
             patch.release()  # the source models keep compact weights between generations
-
-
-def _note_hash(entry: Any, ref: LoraRef, hashes: dict[str, str]) -> None:
-    if not getattr(entry, "shorthash", None) and hasattr(entry, "read_hash"):
-        with contextlib.suppress(Exception):
-            entry.read_hash()
-    shorthash = getattr(entry, "shorthash", None)
-    if shorthash:
-        hashes[ref.name.translate(_HASH_NAME)] = shorthash

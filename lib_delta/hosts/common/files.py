@@ -1,16 +1,19 @@
 """What a checkpoint file is, read from its safetensors header alone: a request is checked before anything loads.
 
-Only the key names are read (the header, a few hundred kilobytes), never a tensor. Pickled files have no header to
-read; they are checked once loaded.
+Only the header is read, through the safetensors library's own reader (``safe_open`` maps the file and validates
+the header against the file's size; no tensor is read). Forge wraps ``safetensors.torch.load_file`` to rename a
+file it fails to read to ``.corrupted`` (modules_forge/patch_basic.py), never ``safe_open``, so checking a damaged
+file here leaves it where it is. Pickled files have no header to read; they are checked once loaded.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import struct
+from collections.abc import Iterator
+from typing import Any
 
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+from safetensors import safe_open
 
 # (family, a key only that family's full checkpoints have), most specific first
 _MARKERS = (
@@ -28,52 +31,41 @@ FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SD
 
 def safetensors_keys(path: str) -> set[str] | None:
     """The tensor names of a safetensors file; None when it is not one (or is damaged)."""
-    if os.path.splitext(path)[1].lower() != ".safetensors":
-        return None
-    try:
-        header, _ = _read_header(path)
-    except (OSError, ValueError, struct.error):
-        return None
-    return {k for k in header if k != "__metadata__"}
+    with _header(path) as f:
+        return None if f is None else set(f.keys())
 
 
 def safetensors_shapes(path: str) -> dict[str, list[int]] | None:
     """Each tensor's shape in a safetensors file, from its header; None when it is not one (or is damaged)."""
-    if os.path.splitext(path)[1].lower() != ".safetensors":
-        return None
-    try:
-        header, _ = _read_header(path)
-        return {k: [int(n) for n in v["shape"]] for k, v in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
+    with _header(path) as f:
+        return None if f is None else {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def safetensors_damage(path: str) -> str | None:
     """Why a safetensors file cannot be read whole (a header that does not parse, tensors past its end, bytes left
     over: a truncated or damaged download), or None when its layout is sound. Reads the header alone."""
     try:
-        header, data_start = _read_header(path)
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        size = os.path.getsize(path)
+        with safe_open(path, framework="pt", device="cpu"):
+            return None
     except OSError as e:
         return f"it cannot be opened ({e.strerror or e})"
-    except (ValueError, KeyError, TypeError, IndexError, struct.error):
-        return "its header is damaged"
-    if data_start + end != size:
-        return f"its header describes {data_start + end} bytes but the file has {size}"
-    return None
+    except Exception as e:  # SafetensorError: its message names what does not fit
+        return f"safetensors: {str(e).strip() or type(e).__name__}"
 
 
-def _read_header(path: str) -> tuple[dict, int]:
-    """The parsed header and where the tensor data starts."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        if not 0 < size <= _MAX_HEADER:
-            raise ValueError("header size")
-        header = json.loads(f.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("header")
-    return header, 8 + size
+@contextlib.contextmanager
+def _header(path: str) -> Iterator[Any]:
+    """The opened file (its header), or None for another extension or a file safetensors refuses."""
+    if os.path.splitext(path)[1].lower() != ".safetensors":
+        yield None
+        return
+    try:
+        f = safe_open(path, framework="pt", device="cpu")
+    except Exception:
+        yield None
+        return
+    with f:
+        yield f
 
 
 def checkpoint_family(path: str) -> str | None:

@@ -47,3 +47,33 @@ def checkpoint(name: str, what: str, webui: str) -> Any:
         raise unknown(f"Delta Sampling {what}", key, f"{webui} checkpoints", sd_models.checkpoints_list,
                       "Use a name exactly as the checkpoint list shows it (after adding a file, refresh the list).")
     return info
+
+
+def networks_module() -> Any:
+    """The WebUI's built-in LoRA extension's ``networks`` module (A1111's Lora, Forge's sd_forge_lora), whose list
+    the LoRA names resolve against."""
+    import sys
+
+    module = sys.modules.get("networks")
+    if module is None:
+        try:
+            import networks as module  # on sys.path once the WebUI loaded the extension
+        except ImportError:
+            raise DeltaError("Delta Sampling needs the WebUI's built-in LoRA extension (Lora / sd_forge_lora) to find "
+                             "LoRA files; it is disabled or missing: enable it in the Extensions tab.") from None
+    return module
+
+
+def lora(name: str, webui: str) -> Any:
+    """The WebUI's entry (``NetworkOnDisk``) listed under exactly this name or alias, the list refreshed once for a
+    file added since it was built; never a path from the request."""
+    networks = networks_module()
+    for attempt in range(2):
+        entry = networks.available_network_aliases.get(name) or networks.available_networks.get(name)
+        if entry is not None:
+            return entry
+        if attempt == 0:
+            networks.list_available_networks()
+    listed = {*networks.available_networks, *networks.available_network_aliases}
+    raise unknown("LoRA", name, f"{webui} LoRAs", listed, "Use a name exactly as the LoRA list (or /sdapi/v1/loras) "
+                  "shows it; after adding a file, refresh the list.")

@@ -34,8 +34,10 @@ from ...resolution import native_side
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
 from .. import is_neo
+from ..common import credits as credits_mod
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
+from . import control as forge_control
 from . import guard as guard_mod
 from . import memory as forge_memory
 from . import models as forge_models
@@ -59,6 +61,7 @@ def forget_all() -> None:
     """The scripts are being reloaded: close the run and release every engine."""
     SLOT.close()
     forge_models.forget_all()
+    forge_control.forget_all()
 
 
 def begin(p: Any) -> None:
@@ -69,16 +72,20 @@ def begin(p: Any) -> None:
 def start(p: Any, settings: DeltaSettings) -> None:
     """Check every name, limit and file, then load the source and adaptations and write the infotext. A start that
     fails releases whatever it loaded."""
-    request = forge_source.plan(settings, p.sd_model)
+    request = forge_source.plan(settings, p)
     forge_models.prepare(request.keys)
+    forge_control.prepare(request.control_keys)
     try:
-        run = ForgeRun(p, settings, forge_source.build(settings, request))
+        run = ForgeRun(p, settings, forge_source.build(settings, request, p))
     except BaseException:
         forge_models.discard_fresh()
+        forge_control.discard_fresh()
         forge_models.settle(request.keys)
+        forge_control.settle(request.control_keys)
         raise
+    run.credits = request.credits
     SLOT.open(p, run)
-    p.extra_generation_params.update(settings.to_infotext())
+    p.extra_generation_params = run.credits.into({**p.extra_generation_params, **settings.to_infotext()})
 
 
 def fail(p: Any, error: BaseException) -> None:
@@ -116,6 +123,8 @@ def before_sampling(p: Any, **kwargs: Any) -> None:
     run = SLOT.get(p)
     if run is None:
         return
+    # again now that Forge's LoRA support has written its "Lora hashes" for this pass
+    p.extra_generation_params = run.credits.into(p.extra_generation_params)
     try:
         run.arm(p, kwargs.get("x"))
     except Exception as e:
@@ -149,6 +158,7 @@ class ForgeRun:
     def __init__(self, p: Any, settings: DeltaSettings, source: ForgeSource) -> None:
         self.p = p
         self.settings = settings
+        self.credits = credits_mod.Credits()  # the source's resources, for the infotext's hash keys
         self.started = time.perf_counter()
         self.source = source
         try:
@@ -182,6 +192,7 @@ class ForgeRun:
             bridge = self._bridge(target)
             levels = sampling_levels(p)
             self.source.encode(p)
+            self.source.begin_pass(p)
             self.guidance = DeltaGuidance(self.settings, bridge, self.source,
                                           ProgressClock(levels, log_space=bridge.target.convention == "ve"),
                                           record=self.settings.preview)
@@ -321,9 +332,13 @@ class ForgeRun:
             if self.guidance is not None:
                 self.target_latent = self.guidance.bridge.target.latent.name
             keys = [s.entry.key for s in self.source.slots]
+            control_keys = forge_control.keys(u.plan for u in self.source.units())
+            units = forge_control.describe(self.source.units())
+            self.source.release_units()
             self.samplers, self.armed, self.clones = [], [], []
             self.guidance, self.layout, self.source.denoiser, self.p = None, None, None, None
             forge_models.settle(keys)
+            forge_control.settle(control_keys)
         seconds = time.perf_counter() - self.started
         loras = self.source.lora_summary()
         for slot in self.source.slots:  # detached: its terms would only hold memory until the run object goes
@@ -331,7 +346,7 @@ class ForgeRun:
         device = self.source.base.unet.load_device
         beside = f" ({self.calls_beside} beside the target on {device})" if self.calls_beside else ""
         print(f"{self.settings.summary()}; {self.source.calls} source calls{beside}; {seconds:.1f}s"
-              + (f"; LoRA {loras}" if loras else ""))
+              + (f"; LoRA {loras}" if loras else "") + (f"; ControlNet on the adapted rows: {units}" if units else ""))
 
     def append_preview(self, processed: Any) -> None:
         from ... import preview

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
-import sys
 from typing import Any
 
 from ...errors import DeltaError
@@ -22,18 +21,9 @@ from ...lora.files import PICKLE_EXTENSIONS
 from ..common import names
 
 
-def find(name: str) -> str:
-    """The file of the LoRA Forge lists under exactly this name or alias; never a path from the request."""
-    networks = _networks()
-    for attempt in range(2):
-        entry = networks.available_network_aliases.get(name) or networks.available_networks.get(name)
-        if entry is not None:
-            return entry.filename
-        if attempt == 0:
-            networks.list_available_networks()  # a file added since the list was built
-    listed = {*networks.available_networks, *networks.available_network_aliases}
-    raise names.unknown("LoRA", name, "Forge's LoRAs", listed, "Use a name exactly as the LoRA list (or "
-                        "/sdapi/v1/loras) shows it; after adding a file, refresh the list.")
+def find(name: str) -> Any:
+    """The entry (``NetworkOnDisk``) Forge lists under exactly this name or alias; never a path from the request."""
+    return names.lora(name, "Forge's")
 
 
 def read(path: str) -> LoraFile:
@@ -61,11 +51,3 @@ def _restricted_load(path: str) -> Any:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DeltaError(f"The LoRA file '{name}' cannot be read ({type(e).__name__}: {reason}); it may be truncated "
                          "or damaged: download it again, or convert it to .safetensors.") from e
-
-
-def _networks() -> Any:
-    module = sys.modules.get("networks")
-    if module is None:
-        raise DeltaError("Forge's built-in LoRA extension (sd_forge_lora) is not loaded; it lists the LoRA files "
-                         "Delta Sampling may use. Enable it in the Extensions tab.")
-    return module

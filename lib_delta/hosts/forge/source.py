@@ -7,6 +7,8 @@ prompts or the group's adapted prompt. Every variant that runs on one engine goe
 functional LoRA patch adds each group's terms to its own rows (Forge merges LoRA weights in place and shares them
 between clones, so its patcher cannot give base and adapted rows from one copy of the weights).
 
+A group's ControlNet units run on its adapted rows only, inside that same call (:mod:`.control`).
+
 Rows are handed back to the core as ``[cond_i | uncond_i]`` per image, where ``cond_i`` already is Forge's
 AND-weighted average; Forge's edit strength (the sum of AND weights) is folded into it so that the core's plain
 combine ``uncond + scale · (cond − uncond)`` equals Forge's own.
@@ -28,7 +30,9 @@ from torch import Tensor
 from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...lora import DeltaPatch, LoraUse, build_patch
+from ..common import credits as credits_mod
 from ..common.prompts import append_to_prompt
+from . import control as control_mod
 from . import isolation, loras
 from . import models as forge_models
 from .models import PrivateEngine
@@ -44,6 +48,8 @@ class Slot:
     entry: PrivateEngine
     lora_groups: list[tuple[LoraUse, ...]] = field(default_factory=list)
     patch: DeltaPatch | None = None
+    units: list[control_mod.LoadedUnit] = field(default_factory=list)  # ControlNet units of its variants
+    control: Any = None  # the head of their chain (Forge's previous_controlnet links)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class Variant:
     slot: int
     group: int | None  # the LoRA group in that slot's patch
     prompt: str  # the adapted prompt, '' for the generation's own
+    units: int | None = None  # the adaptation group whose ControlNet units run on its rows
 
 
 @dataclass
@@ -78,7 +85,24 @@ class ForgeSource:
         return self.slots[0].entry
 
     def patchers(self) -> list[Any]:
-        return [s.entry.unet for s in self.slots]
+        """What Forge's memory manager must load beside the target: the engines' UNets and the units' ControlNets."""
+        nets = list({id(u.cnet.control_model_wrapped): u.cnet.control_model_wrapped for u in self.units()}.values())
+        return [s.entry.unet for s in self.slots] + nets
+
+    def units(self) -> list[control_mod.LoadedUnit]:
+        return [u for s in self.slots for u in s.units]
+
+    def begin_pass(self, p: Any) -> None:
+        """Set the ControlNet units up for the pass about to run (hint size, hires weights, the source's sigmas)."""
+        for s in self.slots:
+            if s.units:
+                control_mod.begin_pass(s.units, s.control, s.entry.unet.model, p, s.entry.family == "sdxl")
+
+    def release_units(self) -> None:
+        for s in self.slots:
+            for u in s.units:
+                u.release()
+            s.units, s.control = [], None
 
     def lora_summary(self) -> str:
         """Per LoRA file, how many of its keys found a layer (a low count means the wrong family or format)."""
@@ -134,10 +158,15 @@ class ForgeSource:
         return int(max(self.activations(shape) - target, 0)) + self.patch_bytes()
 
     def activations(self, shape: Sequence[int]) -> int:
-        """Bytes of the largest source forward: all the variants on one engine, cond and uncond rows."""
+        """Bytes of the largest source forward: all the variants on one engine, cond and uncond rows, and its
+        ControlNet, the UNet's encoder half run on its variants' rows (Forge counts only its weights)."""
         b, c, h, w = shape
-        return int(max(s.entry.unet.memory_required([2 * b * sum(v.slot == i for v in self.variants), c, h, w])
-                       for i, s in enumerate(self.slots)))
+        activations = max(s.entry.unet.memory_required([2 * b * sum(v.slot == i for v in self.variants), c, h, w])
+                          for i, s in enumerate(self.slots))
+        control = max((s.entry.unet.memory_required([2 * b * sum(v.slot == i and v.units is not None
+                                                                 for v in self.variants), c, h, w]) // 2
+                       for i, s in enumerate(self.slots) if s.units), default=0)
+        return int(activations + control)
 
     def patch_bytes(self) -> int:
         return sum(s.patch.nbytes() for s in self.slots if s.patch is not None)
@@ -176,6 +205,13 @@ class ForgeSource:
             options["model_function_wrapper"] = _row_plan(slot.patch, groups, b)
         cond = _merge([compiled[k][0] for k in ks])
         uncond = _merge([compiled[k][1] for k in ks]) if run_uncond else None
+        owners = _control_owners(slot, [self.variants[k].units for k in ks])
+        if owners:  # one control object on every entry keeps the call one batch; the wrapper picks the rows
+            transformer_options = dict(options.get("transformer_options", {}))
+            transformer_options["controlnet_model_function_wrapper"] = control_mod.adapted_rows(owners, b)
+            options["transformer_options"] = transformer_options
+            cond = [{**e, "control": slot.control} for e in cond]
+            uncond = None if uncond is None else [{**e, "control": slot.control} for e in uncond]
         xin, sin = x.to(unet.load_device).repeat(n, 1, 1, 1), level.to(unet.load_device).repeat(n)
         c_all, u_all = calc_cond_uncond_batch(unet.model, cond, uncond, xin, sin, options)
         out = {}
@@ -200,32 +236,41 @@ class Plan:
     tuned: tuple[Any, ...]
     loras: tuple[tuple[LoraUse, ...], ...]
     keys: tuple[tuple[str, str], ...]
+    credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)
+    units: tuple[control_mod.UnitPlan, ...] = ()  # ControlNet units, checked, images decoded
+
+    @property
+    def control_keys(self) -> list[tuple[str, str]]:
+        return control_mod.keys(self.units)
 
 
-def plan(settings: DeltaSettings, target: Any) -> Plan:
+def plan(settings: DeltaSettings, p: Any) -> Plan:
     """Check every name, limit and file of a request, cheapest first; raises DeltaError. Nothing loads here but
     the LoRA files themselves, read whole, since only reading one proves it sound."""
-    if any(g.controlnets for g in settings.groups):  # a unit ignored here would leave a delta of zero, silently
-        raise DeltaError("ControlNet units on the Delta Sampling source run in AUTOMATIC1111 with sd-webui-controlnet "
-                         "for now; in Forge, remove the 'controlnets' of the request (or use a LoRA, a fine-tuned "
-                         "checkpoint or an adapted prompt as the adaptation).")
+    target = p.sd_model
     source = forge_models.resolve(settings.source)
     tuned = tuple(forge_models.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
                   for g in settings.groups)
     infos = {os.path.abspath(i.filename): i for i in (source, *tuned) if i is not None}
     forge_models.limits().check_request(len(infos), sum(len(g.loras) for g in settings.groups))
-    lora_paths = [[(loras.find(r.name), r) for r in g.loras] for g in settings.groups]
+    entries = {r.name: loras.find(r.name) for g in settings.groups for r in g.loras}
     for info in infos.values():
         forge_models.check_file(info, "source checkpoint" if info is source else "fine-tuned checkpoint")
     forge_models.check_pairing(source, [i for i in infos.values() if i is not source], target)
-    files = tuple(tuple(LoraUse(loras.read(path), r.te, r.unet) for path, r in group) for group in lora_paths)
+    units = control_mod.plan_units(settings, p, source, forge_models.info_label(source))
+    read = {e.filename: loras.read(e.filename) for e in {id(e): e for e in entries.values()}.values()}
+    files = tuple(tuple(LoraUse(read[entries[r.name].filename], r.te, r.unet) for r in g.loras)
+                  for g in settings.groups)
+    # hashed first (the WebUI's hash, cached by it): the pool keys a checkpoint by its hash once it is known
+    checkpoints = {credits_mod.checkpoint_name(i): i for i in (source, *tuned) if i is not None}
+    credits = credits_mod.gather(checkpoints, entries)
     keys = tuple(dict.fromkeys(forge_models.key_of(i) for i in (source, *tuned) if i is not None))
-    return Plan(source, tuned, files, keys)
+    return Plan(source, tuned, files, keys, credits, units)
 
 
-def build(settings: DeltaSettings, request: Plan) -> ForgeSource:
-    """Load (or take from the pool) the engines of a checked plan and lay out the LoRA patches; raises DeltaError.
-    The caller releases what a failed build loaded."""
+def build(settings: DeltaSettings, request: Plan, p: Any) -> ForgeSource:
+    """Load (or take from the pool) the engines and ControlNets of a checked plan, lay out the LoRA patches and
+    preprocess the control images; raises DeltaError. The caller releases what a failed build loaded."""
     base = forge_models.acquire(request.source)
     _check_source(base, "source checkpoint")
     slots = [Slot(base)]
@@ -243,14 +288,29 @@ def build(settings: DeltaSettings, request: Plan) -> ForgeSource:
         if uses:
             slots[index].lora_groups.append(uses)
             group = len(slots[index].lora_groups) - 1
-        variants.append(Variant(index, group, g.prompt))
+        has_units = any(u.group == len(variants) - 1 for u in request.units)
+        variants.append(Variant(index, group, g.prompt, len(variants) - 1 if has_units else None))
     for slot in slots:
         forge_models.place(slot.entry)
         if slot.lora_groups:
             # Forge's operations are not plain Linear/Conv2d and its memory manager moves weights: no folding
             slot.patch = build_patch(_roots(slot.entry), slot.entry.family, slot.lora_groups, fold=False)
     fold = settings.cfg_mode == "cfg" or settings.mode == "base-first"
-    return ForgeSource(slots, variants, fold)
+    source = ForgeSource(slots, variants, fold)
+    if request.units:
+        _load_units(source, request.units, p)
+    return source
+
+
+def _load_units(source: ForgeSource, plans: tuple[control_mod.UnitPlan, ...], p: Any) -> None:
+    """Each group's units onto the slot its adapted variant runs on, chained per slot."""
+    for i, slot in enumerate(source.slots):
+        mine = [u for u in plans if source.variants[u.group + 1].slot == i]
+        if not mine:
+            continue
+        control_mod.check_built(mine, slot.entry.family, slot.entry.unet.model.diffusion_model, slot.entry.title)
+        slot.units = control_mod.load_units(mine, p, slot.entry.unet.load_device)
+        slot.control = control_mod.chain(slot.units)
 
 
 def _check_source(entry: PrivateEngine, what: str) -> None:
@@ -350,6 +410,16 @@ def _merge(lists: list[list | None]) -> list | None:
             item["strength"] = first["strength"]
         merged.append(item)
     return merged
+
+
+def _control_owners(slot: Slot, groups: list[int | None]) -> dict[int, list[int]]:
+    """For each of the slot's ControlNets (by id), the positions of the call's variants whose rows it runs on."""
+    owners: dict[int, list[int]] = {}
+    for unit in slot.units:
+        positions = [j for j, g in enumerate(groups) if g == unit.plan.group]
+        if positions:
+            owners[id(unit.cnet)] = positions
+    return owners
 
 
 def _row_plan(patch: DeltaPatch, groups: list[int | None], batch: int):

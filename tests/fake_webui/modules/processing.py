@@ -6,6 +6,7 @@ they are, and is where a test makes the decode fail); an exception escapes ``pro
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,10 +209,18 @@ class Processed:
         self.seed = p.all_seeds[0]
 
 
+def quote(text):
+    """infotext_utils.quote: JSON-quoted when it holds a separator."""
+    if "," not in str(text) and "\n" not in str(text) and ":" not in str(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 def create_infotext(p, index):
     params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": p.all_seeds[index],
               **p.extra_generation_params}
-    line = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+    # the WebUI's rule (processing.py create_infotext): an entry whose key is its value is written alone
+    line = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
     return f"{p.all_prompts[index]}\nNegative prompt: {p.all_negative_prompts[index]}\n{line}"
 
 

@@ -1,0 +1,252 @@
+"""The comparison study (naive route, adaptive λ, gaps, two budgets) at toy size on the CPU, and its pieces.
+
+The real runs are two GPU commands (docs/fidelity.md); here the whole pipeline runs with tiny models, and the
+pieces whose behaviour holds at any size are checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fidelity import adaptive, compare, compare_tables, evaluation, gaps, metrics, models, naive, pipeline, world
+from fidelity.adapters import Adapter, AdapterSpec
+from fidelity.config import ADAPTATIONS
+from fidelity.study import Variant, delta_sample
+from lib_delta.lora import LoraUse, build_patch, read_lora
+from lib_delta.spaces import SpaceBridge
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add synchronisation (several times slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    first = compare.main(["--part", "1", "--toy", "--out", str(out), "--results", str(out / "r1")])
+    second = compare.main(["--part", "2", "--toy", "--out", str(out), "--results", str(out / "r2")])
+    return first, second, out
+
+
+def test_every_configuration_runs_on_both_seeds_with_a_spread(parts):
+    for res in parts[:2]:
+        assert res["eval"]["seeds"] == [41, 42] and not res["skipped"]
+        for row in res["runs"]:
+            assert len(row["seeds"]) == 2
+            for key in ("fidelity", "diversity", "red", "striped"):
+                values = [s[key] for s in row["seeds"]]
+                assert row[key] == pytest.approx(sum(values) / 2)
+                assert row["spread"][key] == pytest.approx(max(values) - min(values))
+            assert row["fidelity_vs_adapted"] is None or row["fidelity_vs_adapted"] >= 0
+
+
+def test_the_stages_of_each_part(parts):
+    first, second, _ = parts
+    assert {r["stage"] for r in first["runs"]} == {"lambda", "naive", "adaptive", "gap_steps"}
+    assert {r["stage"] for r in second["runs"]} == {"lambda", "naive", "adaptive", "gap_colour", "gap_scale"}
+    assert {r["rule"] for r in first["runs"] if r["stage"] == "adaptive"} == set(adaptive.RULES)
+    assert "uniform t" in first["dit"] and "40 steps" in first["dit"] and "uniform t" in second["dit"]
+    # the naive route loads on the same-family target only, at every weight, on the gapped copies too
+    naive_targets = {(r["target"], r["strength"]) for r in second["runs"] if r["method"] == "naive"}
+    assert {("same_family", w) for w in compare.TOY["naive_weights"]} <= naive_targets
+    assert any(t.startswith("colour_") for t, _ in naive_targets)
+    for t in ("v_unet", "flow_dit"):
+        for ad in ADAPTATIONS:
+            assert second["naive_unavailable"][f"{t}/{ad}"].startswith(naive.NOT_LOADED)
+    undeclared = [r for r in second["runs"] if r["stage"] == "gap_scale" and not r["declared"]]
+    assert undeclared and all(r["change_rms"] > 0 for r in undeclared)
+
+
+def test_part_two_trains_part_ones_models_on(parts):
+    first, second, out = parts
+    for name in ("source", "same_family", "v_unet", "flow_dit"):
+        rep = second["training"][name]
+        assert rep["first_round"]["steps"] == first["training"][name]["steps"] and rep["first_round"]["reused"]
+        assert (out / "budget2" / f"{name}.safetensors").exists()
+    assert second["budget"] == "2×" and first["budget"] == "1×"
+
+
+def test_adaptive_gains_stay_inside_their_clamp(parts):
+    for res in parts[:2]:
+        for row in (r for r in res["runs"] if r["stage"] == "adaptive"):
+            assert len(row["gains"]) == 1  # one sampling pass over both seeds
+            for g in row["gains"]:
+                assert 1 / adaptive.GAIN_LIMIT - 1e-6 <= g["min"] <= g["max"] <= adaptive.GAIN_LIMIT + 1e-6
+
+
+def test_markdown_covers_both_budgets_and_rewrites_only_the_marked_part(parts, tmp_path):
+    _, _, out = parts
+    text = (out / "r2" / "compare.md").read_text()
+    assert "#### 1× training" in text and "#### 2× training" in text
+    assert naive.NOT_LOADED in text and "best constant" in text and "| colour |" in text
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{compare_tables.BEGIN}\nthe text generated before\n{compare_tables.END}\noutro\n")
+    compare_tables.main([str(out / "r1" / "results.json"), str(out / "r2" / "results.json"), "--page", str(page),
+                         "--images", str(tmp_path / "img")])
+    doc = page.read_text()
+    assert doc.startswith("intro\n") and doc.endswith("outro\n") and "generated before" not in doc
+    assert "#### 2× training" in doc
+    assert (tmp_path / "img" / "compare_samples_1x.png").exists()
+    assert json.loads((out / "r1" / "results.json").read_text())["summary"]["adaptive"]
+
+
+# --- the pieces -------------------------------------------------------------------------------------------------
+
+
+def test_combine_takes_mean_and_spread_and_keeps_missing_values_missing():
+    row = evaluation.combine([{"fidelity": 0.9, "recovered": None, "stage": "x"},
+                              {"fidelity": 0.8, "recovered": 0.5, "stage": "x"}])
+    assert row["fidelity"] == pytest.approx(0.85) and row["spread"]["fidelity"] == pytest.approx(0.1)
+    assert row["recovered"] is None and "recovered" not in row["spread"] and row["stage"] == "x"
+
+
+def test_flat_fraction_holds_the_delta_at_the_running_mean_fraction():
+    state: dict = {}
+    target = torch.ones(2, 3, 4, 4)
+    k1 = adaptive.flat_fraction_gain(target, target, 0.2 * target, (target, target), state)
+    assert torch.allclose(k1, torch.ones(2))  # the first call sets the fraction
+    k2 = adaptive.flat_fraction_gain(target, target, 0.6 * target, (target, target), state)
+    # running mean of the fractions 0.2 and 0.6 is 0.4: the second delta is scaled from 0.6 to 0.4
+    assert torch.allclose(k2 * 0.6, torch.full((2,), 0.4))
+    ratio = adaptive.x0_ratio_gain(2 * target, target, target, (target, target), {})
+    assert torch.allclose(ratio, torch.full((2,), 2.0))
+    assert torch.allclose(adaptive.clamp_gain(torch.tensor([100.0, 1e-6])),
+                          torch.tensor([adaptive.GAIN_LIMIT, 1 / adaptive.GAIN_LIMIT]))
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory):
+    """Untrained toy models with their zero layers refilled (so they respond), and a trained-shape LoRA file whose
+    zero-initialised up factors are refilled so the adapter really moves the source."""
+    path = tmp_path_factory.mktemp("adapter") / "red.safetensors"
+    specs = models.specs(toy=True)
+    zoo = {name: models.build(spec) for name, spec in specs.items()}
+    for m in zoo.values():
+        m.net.eval().requires_grad_(False)
+    adapter = Adapter(zoo["source"].net, AdapterSpec("lora", 4, 4.0, seed=3))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for key, p in adapter.factors.items():
+            if key.endswith("__up"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    adapter.save(path, "red")
+    return zoo, path
+
+
+def test_the_adapter_merges_into_the_same_family_only(toy_models):
+    zoo, path = toy_models
+    assert isinstance(naive.naive_patch(zoo["same_family"], path, 1.0), type(
+        build_patch({"unet": zoo["same_family"].net}, "sd1", [[LoraUse(read_lora(path))]])))
+    for t in ("v_unet", "flow_dit"):
+        why = naive.naive_patch(zoo[t], path, 1.0)
+        assert isinstance(why, str) and why.startswith(naive.NOT_LOADED)
+
+
+def test_merged_adapter_on_the_source_is_the_adapted_source_and_its_weight_scales_the_change(toy_models):
+    zoo, path = toy_models
+    labels = torch.arange(4) % len(world.CLASSES)
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    alone = naive.sample(zoo["source"], labels, noise, 3, 3.0)
+    merged = {w: naive.naive_sample(zoo["source"], naive.naive_patch(zoo["source"], path, w), labels, noise, 3, 3.0)
+              for w in (0.5, 1.0)}
+    patch = build_patch({"unet": zoo["source"].net}, "sd1", [[LoraUse(read_lora(path))]])
+    ds, _ = delta_sample(zoo["source"], zoo["source"], patch, "red", Variant(), labels, noise, 3, 3.0)
+    assert torch.allclose(merged[1.0], ds, atol=1e-3)  # self target, λ = 1: the adapted source either way
+    moved = {w: (merged[w] - alone).abs().mean().item() for w in merged}
+    assert 0 < moved[0.5] < moved[1.0]
+
+
+def test_adaptive_x0_ratio_on_the_source_itself_is_plain_delta_sampling(toy_models):
+    """Target = source: the target's x0 is the source base's, the gain is 1, and the result is λ = 1's."""
+    zoo, path = toy_models
+    labels = torch.arange(4) % len(world.CLASSES)
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    patch = build_patch({"unet": zoo["source"].net}, "sd1", [[LoraUse(read_lora(path))]])
+    plain, _ = delta_sample(zoo["source"], zoo["source"], patch, "red", Variant(), labels, noise, 3, 3.0)
+    adapted, gains = adaptive.adaptive_sample(zoo["source"], zoo["source"], patch, "red", "x0_ratio", 1.0, False,
+                                              labels, noise, 3, 3.0)
+    assert gains["min"] == pytest.approx(1.0, abs=1e-4) and gains["max"] == pytest.approx(1.0, abs=1e-4)
+    assert torch.allclose(plain, adapted, atol=1e-4)
+    other, g2 = adaptive.adaptive_sample(zoo["v_unet"], zoo["source"], patch, "red", "guidance_ratio", 1.0, False,
+                                         labels, noise, 3, 3.0)
+    assert g2["max"] != pytest.approx(1.0) and torch.isfinite(other).all()
+
+
+def test_colour_shift_cools_the_world_and_zero_is_identity():
+    x, _ = world.batch(32, "red", world.generator(2), size=16)
+    assert torch.equal(gaps.shift_colour(x, 0.0), x)
+    cold = gaps.shift_colour(x, 1.0)
+    assert cold[:, 0].mean() < x[:, 0].mean() and cold[:, 2].mean() > x[:, 2].mean()
+    assert metrics.is_red(x).float().mean() > metrics.is_red(cold).float().mean()
+
+
+def test_a_declared_latent_scale_maps_the_delta_and_an_undeclared_one_does_not(toy_models):
+    zoo, _ = toy_models
+    m = zoo["same_family"]
+    scaled = gaps.ScaledModel(m.spec, m.encoder, m.net, m.denoiser, scale=0.5)
+    d = torch.ones(1, 3, 2, 2)
+    assert torch.allclose(SpaceBridge(zoo["source"].space, scaled.space).delta_to_target(d), 0.5 * d)
+    assert torch.equal(SpaceBridge(zoo["source"].space, scaled.declared_as(False).space).delta_to_target(d), d)
+    assert torch.equal(scaled.decode(d), 2 * d)
+
+
+def _row(rec: float, fid: float, spread: float = 0.0, **kw) -> dict:
+    return {"recovered": rec, "fidelity": fid, "diversity": 1.0, "fidelity_vs_adapted": fid,
+            "spread": {"recovered": spread, "fidelity": 0.0}, "target": "t", "reference": "alone:t", **kw}
+
+
+def test_matching_and_winning_read_the_seeds_noise():
+    res = {"references": {"alone:t": {"fidelity": 1.0, "diversity": 1.0}},
+           "eval": {"images_per_seed": 100, "seeds": [1, 2]}}
+    best = _row(1.0, 0.99)
+    assert compare_tables.matches(res, _row(0.97, 0.99), best)  # within the 0.05 floor
+    assert not compare_tables.matches(res, _row(0.80, 0.99), best)
+    assert compare_tables.matches(res, _row(0.80, 0.99, spread=0.3), best)  # a noisy rule: not told apart
+    assert not compare_tables.matches(res, _row(1.0, 0.90), best)  # outside the fidelity bound
+    assert compare_tables.winner(res, _row(1.0, 0.99), _row(0.5, 0.99), ("a", "b")) == "a"
+    assert compare_tables.winner(res, _row(1.0, 0.90), _row(0.5, 0.99), ("a", "b")) == "b"
+    assert compare_tables.winner(res, _row(1.0, 0.99), _row(0.98, 0.99), ("a", "b")) == "tie"
+
+
+def test_pipeline_saves_and_loads_a_model_exactly(tmp_path, toy_models):
+    zoo, _ = toy_models
+    pipeline.save_model(zoo["v_unet"], tmp_path / "v.safetensors")
+    fresh = models.build(models.specs(toy=True)["v_unet"])
+    with torch.no_grad():
+        for p in fresh.net.parameters():
+            p.add_(1.0)
+    pipeline.load_model(fresh, tmp_path / "v.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.net.state_dict().values(),
+                                                 zoo["v_unet"].net.state_dict().values(), strict=True))
+
+
+def test_each_part_is_planned_to_fit_one_nine_minute_gpu_call():
+    """The plan (training budgets plus the grid at the earlier run's measured GPU cost) of each full-size part,
+    without the DiT's uniform-t training that runs last and only if time is left, stays under nine minutes less
+    the imports and the figures; and the deadline that guards the rest leaves the same margin."""
+    for part in (1, 2):
+        cfg = compare.study_config(part, toy=False, images=None, deadline=None)
+        plan = compare.plan(cfg, part, len(compare.EVAL_SEEDS))
+        assert plan["total_s"] - cfg.model_train["flow_dit"].seconds <= 540 - 20, (part, plan)
+        assert cfg.deadline_s <= 540 - 40
+
+
+def test_a_run_cut_at_the_deadline_still_makes_its_page(parts):
+    """The GPU run may stop anywhere: the tables and the README's start-here table render from what ran."""
+    first, second, _ = parts
+    for res in (first, second):
+        for keep in ("lambda", "naive", None):
+            cut = dict(res, runs=[r for r in res["runs"] if r["stage"] == keep], skipped=[{"stage": "adaptive"}])
+            cut.pop("dit")
+            cut["summary"] = compare_tables.summarise(cut)
+            text = compare_tables.markdown([cut])
+            assert "Configurations skipped at the deadline: adaptive: 1." in text
+            assert compare_tables.start_here([cut]).count("\n") == 4  # header, rule, three targets
