@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from .errors import DeltaError
 from .fields import (
     MAX_TEXT,
+    NO_OBJECT,
     XYZ,
     Bool,
     Checkpoint,
@@ -28,6 +29,7 @@ from .fields import (
     Control,
     Groups,
     Infotext,
+    Listed,
     Number,
     Objects,
     Setting,
@@ -62,6 +64,8 @@ CONTROLNET_WEIGHT_RANGE = (0.0, 2.0)
 CONTROLNET_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # sd-webui-controlnet's ResizeMode
 MAX_CONTROLNETS = 2  # per group
 MAX_IMAGE_TEXT = 32 * 2**20  # characters of base64: an image of the largest allowed size, compressed
+MAX_IMAGE_SIDE = 4096  # pixels a side of a control image: far beyond a generation's control map
+MAX_IMAGE_PIXELS = 16 * 2**20
 
 _LORA_TAG = re.compile(r"<lora:([^<>]+)>")
 
@@ -151,33 +155,94 @@ def _every_weight(loras: tuple[LoraRef, ...], weight: float) -> tuple[LoraRef, .
 
 
 class ImageData(Text):
-    """A base64 PNG/JPEG (a ``data:`` URL prefix allowed): far longer than other text; decoded by the host."""
+    """A base64 PNG/JPEG (a ``data:`` URL prefix allowed): far longer than other text; decoded by the host. The
+    panel's image upload gives an array or a PIL image (or gradio's ``{"image": ...}``), kept as base64 PNG; its
+    control starts empty and is never filled back (infotext does not hold images)."""
 
     most: ClassVar[int] = MAX_IMAGE_TEXT
+    widget = "image"
+
+    def parse(self, value: Any, key: str, where: str) -> str:
+        if isinstance(value, Mapping) and "image" in value:  # gradio's sketch/mask form: the image alone
+            value = value["image"]
+        if value is not None and not isinstance(value, str):
+            value = png_base64(value, api_subject(key, where))
+        return super().parse(value, key, where)
+
+    def ui(self, value: str) -> str | None:
+        return value or None  # an empty upload, not an image named ""
+
+
+def png_base64(image: Any, subject: str) -> str:
+    """An uploaded image (HWC array or PIL image) as base64 PNG; its size is checked before it is encoded."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype == object or array.ndim not in (2, 3):
+            raise DeltaError(f"{subject} must be an image, not {typename(image)}.")
+        h, w = array.shape[:2]
+    else:
+        w, h = image.size
+    if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise DeltaError(f"{subject} is {w}×{h}; at most {MAX_IMAGE_SIDE} pixels a side and "
+                         f"{MAX_IMAGE_PIXELS // 2**20} megapixels are allowed: upload a smaller image (the control map "
+                         "is resized to the generation anyway).")
+    if not isinstance(image, Image.Image):
+        if array.dtype != np.uint8:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 @dataclass(frozen=True)
 class ControlNetUnit:
     """One ControlNet for a group's adapted pass, by the name the host's ControlNet list shows.
 
-    API and infotext only for now: no panel control (no positional slot). The image is never recorded (infotext
-    cannot hold it), so a pasted unit needs its image given again."""
+    The panel shows two units per group, each setting's slots numbered group 1 unit 1, unit 2, group 2 unit 1,
+    unit 2. The image is never recorded (infotext cannot hold it), so a pasted unit needs its image given again."""
 
-    model: str = setting(MISSING, Text(), tooltip="the ControlNet model as the host lists it, e.g. "
-                                                  "'control_v11p_sd15_canny [d14c016b]'")
-    image: str = setting("", ImageData(), recorded=False,
-                         tooltip="the control image, base64 PNG or JPEG (in img2img the init image when empty); "
-                                 "not kept in infotext: give it again when pasting")
-    module: str = setting("none", Text(), tooltip="the preprocessor run on the image first ('none': use it as is)")
-    weight: float = setting(1.0, Number(*CONTROLNET_WEIGHT_RANGE),
-                            xyz=XYZ("[Delta] ControlNet weight", at=8, key="controlnet_weight"),
-                            tooltip="how strongly its residuals are added")
-    guidance_start: float = setting(0.0, Number(0.0, 1.0), tooltip="the fraction of the steps where it starts")
-    guidance_end: float = setting(1.0, Number(0.0, 1.0),
-                                  xyz=XYZ("[Delta] ControlNet guidance end", at=9, key="controlnet_guidance_end"),
-                                  tooltip="the fraction of the steps where it stops")
-    resize_mode: str = setting("Crop and Resize", Choice(CONTROLNET_RESIZE_MODES),
-                               tooltip="how the image is fitted to the generation's size")
+    model: str = setting(
+        MISSING, Listed("controlnet", family=True), slot=(23, 24, 25, 26),
+        control=Control("ControlNet model", row="cn_model"),
+        tooltip="the ControlNet model as the host lists it, e.g. 'control_v11p_sd15_canny [d14c016b]'; it must be "
+                "made for the source's family (the list shows those whose name says so)")
+    image: str = setting(
+        "", ImageData(), recorded=False, slot=(27, 28, 29, 30), control=Control("Control image"),
+        tooltip="the control image, base64 PNG or JPEG (in img2img the init image when empty); not kept in "
+                "infotext: give it again when pasting")
+    use_init_image: bool = setting(
+        False, Bool(), slot=(31, 32, 33, 34), control=Control("Use the init image", img2img=True),
+        tooltip="in img2img, use the init image as the control image (any image given is ignored)")
+    module: str = setting(
+        "none", Listed("controlnet_module"), slot=(35, 36, 37, 38), control=Control("Preprocessor", row="cn_model"),
+        tooltip="the preprocessor run on the image first ('none': the image is already a control map)")
+    weight: float = setting(
+        1.0, Number(*CONTROLNET_WEIGHT_RANGE), slot=(39, 40, 41, 42),
+        control=Control("Control weight", row="cn_weights", step=0.05),
+        xyz=XYZ("[Delta] ControlNet weight", at=8, key="controlnet_weight"),
+        tooltip="how strongly its residuals are added")
+    guidance_start: float = setting(
+        0.0, Number(0.0, 1.0), slot=(43, 44, 45, 46), control=Control("Guidance start", row="cn_weights"),
+        tooltip="the fraction of the steps where it starts")
+    guidance_end: float = setting(
+        1.0, Number(0.0, 1.0), slot=(47, 48, 49, 50), control=Control("Guidance end", row="cn_weights"),
+        xyz=XYZ("[Delta] ControlNet guidance end", at=9, key="controlnet_guidance_end"),
+        tooltip="the fraction of the steps where it stops")
+    resize_mode: str = setting(
+        "Crop and Resize", Choice(CONTROLNET_RESIZE_MODES), slot=(51, 52, 53, 54),
+        control=Control("Resize mode", widget="radio"),
+        tooltip="how the image is fitted to the generation's size")
+
+    def __post_init__(self) -> None:
+        if self.use_init_image and self.image:  # the init image wins: no image is carried that is not used
+            object.__setattr__(self, "image", "")
 
 
 # Positional slots are append-only: a new group setting takes the next two free numbers (one per panel group), a
@@ -227,8 +292,9 @@ class AdaptationGroup:
                 "window the source model is not run.")
 
     controlnets: tuple[ControlNetUnit, ...] = setting(
-        # No slot, no control: the panel has no ControlNet controls yet; the API and infotext carry the units.
-        (), Objects(ControlNetUnit, "ControlNet unit", most=MAX_CONTROLNETS), infotext=Infotext("Delta ControlNets"),
+        # The panel shows each unit's controls (their slots are ControlNetUnit's).
+        (), Objects(ControlNetUnit, "ControlNet unit", most=MAX_CONTROLNETS, panel=MAX_CONTROLNETS,
+                    prefix="controlnet"), infotext=Infotext("Delta ControlNets"),
         tooltip="ControlNet units applied to the source's adapted pass only (the source base stays plain), so "
                 "the delta carries what the control changes. They must be made for the source's family.")
 
@@ -485,13 +551,19 @@ def from_positional(values: Sequence[Any], cls: type[DeltaSettings] = DeltaSetti
     top: dict[str, Any] = {}
     given: list[dict[str, Any]] = [{} for _ in range(len(groups.slot) + 1)]  # per panel group
     shown_groups = [True] + [False] * len(groups.slot)  # the first group has no switch
+    units: dict[tuple[int, Setting], list[dict[str, Any]]] = {}  # per panel group and object list: its units
     for slot, value in zip(slots, values, strict=False):
         if slot.switch:
             shown_groups[slot.group] = value is not None and Bool().parse(value, slot.name, "")
+        elif slot.owner is not None:
+            shown = units.setdefault((slot.group, slot.owner), [{} for _ in range(slot.owner.kind.panel)])
+            shown[slot.unit][slot.setting.api] = value
         elif slot.group is None:
             top[slot.setting.api] = value
         else:
             given[slot.group][slot.setting.api] = value
+    for (g, owner), shown in units.items():
+        given[g][owner.api] = [u for u in shown if _unit_chosen(owner.kind.cls, u)]
     settings = parse_fields(cls, top, "Delta Sampling settings", "")
     settings[groups.name] = tuple(
         parse_object(groups.kind.cls, given[g], groups.kind.item, "" if g == 0 else f" (group {g + 1})")
@@ -499,8 +571,14 @@ def from_positional(values: Sequence[Any], cls: type[DeltaSettings] = DeltaSetti
     return cls(**settings)
 
 
+def _unit_chosen(cls: type, values: Mapping[str, Any]) -> bool:
+    """Whether the panel's controls of one unit hold a unit: its first required setting (the model) is chosen."""
+    first = next(s for s in settings_of(cls) if s.required)
+    return values.get(first.api) not in (None, "", NO_OBJECT)
+
+
 def to_positional(s: DeltaSettings) -> list[Any]:
-    """The UI's positional values for settings with at most as many groups as the UI shows (two)."""
+    """The UI's positional values for settings with at most as many groups (two) and units as the UI shows."""
     groups = _groups_setting(type(s))
     if len(s.groups) > len(groups.slot) + 1:
         raise DeltaError("The UI holds two adaptation groups; use the API's 'groups' for more.")
@@ -513,7 +591,15 @@ def to_positional(s: DeltaSettings) -> list[Any]:
             out.append(slot.setting.kind.ui(getattr(s, slot.setting.name)))
         else:
             g = s.groups[slot.group] if slot.group < len(s.groups) else empty
-            out.append(slot.setting.kind.ui(getattr(g, slot.setting.name)))
+            if slot.owner is None:
+                out.append(slot.setting.kind.ui(getattr(g, slot.setting.name)))
+                continue
+            objects = getattr(g, slot.owner.name)
+            if len(objects) > slot.owner.kind.panel:
+                raise DeltaError(f"The UI holds {slot.owner.kind.panel} {slot.owner.kind.item}s per group; use the "
+                                 "API for more.")
+            out.append(slot.setting.kind.ui(getattr(objects[slot.unit], slot.setting.name))
+                       if slot.unit < len(objects) else slot.setting.blank)
     return out
 
 

@@ -8,11 +8,12 @@ infotext, positional values, overrides, the panel and the X/Y/Z axes read them t
 
 The level a setting lives on is the dataclass that declares it: ``DeltaSettings`` (the generation),
 ``AdaptationGroup`` (one adaptation group, reached through the :class:`Groups` field ``groups``) or an object of a
-list-of-objects field (:class:`Objects`), as ``LoraRef`` is in a group's ``loras``. ControlNet/IP-Adapter units
-will be the same: a ``Unit`` dataclass declaring its fields (the image with ``recorded=False``), and in
-``AdaptationGroup`` one more ``units: tuple[Unit, ...] = setting((), Objects(Unit, "unit"), ...)`` whose API form
-is a list of objects, whose infotext is the JSON of their recorded fields, and whose positional form is one slot
-per panel group holding that list.
+list-of-objects field (:class:`Objects`), as ``LoraRef`` is in a group's ``loras`` and ``ControlNetUnit`` in its
+``controlnets``. An object list's API form is a list of objects and its infotext the JSON of their recorded fields.
+Its positional form is either one slot per panel group holding that list, or, when the kind declares ``panel``
+units (ControlNet units), one control per setting of each unit the panel shows: the object's settings then declare
+their own controls and one slot per panel group and unit, and a unit whose first required setting is left blank
+is no unit.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 from .errors import DeltaError
 
 MAX_TEXT = 4096  # characters in one text value: far beyond any checkpoint name, prompt or LoRA list
+NO_OBJECT = "None"  # the panel's choice for "no unit" in a unit's first required control (a model dropdown)
 
 _KEY = "delta_setting"
 
@@ -52,9 +54,10 @@ class Infotext:
 class Control:
     """The setting's control in the panel.
 
-    ``widget`` defaults to the kind's (checkbox, textbox, checkpoint, dropdown, slider, loras); ``radio`` is the
-    other choice. Consecutive controls with the same ``row`` share a row. Generation settings sit in the panel's
-    ``main`` part or in its ``advanced`` accordion; a group's are in that group's block.
+    ``widget`` defaults to the kind's (checkbox, textbox, checkpoint, dropdown, slider, loras, image); ``radio`` is
+    the other choice. Consecutive controls with the same ``row`` share a row. Generation settings sit in the panel's
+    ``main`` part or in its ``advanced`` accordion; a group's are in that group's block. ``img2img`` shows the
+    control in the img2img tab only (its value is positional in both).
     """
 
     label: str
@@ -63,6 +66,7 @@ class Control:
     section: str = "main"
     step: float = 0.01
     placeholder: str = ""
+    img2img: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,11 @@ class Setting:
     @property
     def required(self) -> bool:
         return self.default is dataclasses.MISSING
+
+    @property
+    def blank(self) -> Any:
+        """The panel's value for this setting of a unit that is not there."""
+        return NO_OBJECT if self.required else self.kind.ui(self.default)
 
 
 def setting(default: Any, kind: Kind, *, api: str | None = None, slot: int | tuple[int, ...] | None = None,
@@ -214,6 +223,17 @@ class Checkpoint(Text):
 
 
 @dataclass(frozen=True)
+class Listed(Text):
+    """The name of something the host lists, from its list ``catalog`` ("controlnet": its ControlNet models,
+    "controlnet_module": its preprocessors): the panel offers that list in a dropdown with a refresh button, the
+    host resolves the name. With ``family`` the panel lists only the names made for the source's family."""
+
+    catalog: str = ""
+    family: bool = False
+    widget = "listed"
+
+
+@dataclass(frozen=True)
 class Choice(Text):
     options: tuple[str, ...] = ()
     widget = "dropdown"
@@ -281,13 +301,17 @@ class Number(Kind):
 
 @dataclass(frozen=True)
 class Objects(Kind):
-    """A list of objects of a declared dataclass (``item`` names one in messages). The API and the panel hold the
-    objects' API form; infotext holds it as compact JSON, without the settings that are not recorded."""
+    """A list of objects of a declared dataclass (``item`` names one in messages). The API holds the objects' API
+    form; infotext holds it as compact JSON, without the settings that are not recorded. The panel holds the API
+    form in one control, or, with ``panel`` > 0, shows that many units per group, their settings' controls named
+    ``{prefix}{k}_{name}`` (``controlnet1_model``)."""
 
     cls: type
     item: str
     least: int = 0
     most: int = 64
+    panel: int = 0
+    prefix: str = ""
 
     def parse(self, value: Any, key: str, where: str) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)) or len(value) < self.least:
@@ -465,7 +489,8 @@ def load_json(text: Any, key: str) -> Any:
 @dataclass(frozen=True)
 class Slot:
     """One positional value: a setting in the generation (``group`` None), a setting of panel group ``group``
-    (from 0), or the switch of panel group ``group`` (``switch``: the Groups setting itself)."""
+    (from 0), the switch of panel group ``group`` (``switch``: the Groups setting itself), or a setting of unit
+    ``unit`` (from 0) of the object list ``owner`` in panel group ``group``."""
 
     index: int
     name: str
@@ -474,6 +499,8 @@ class Slot:
     switch: bool = False
     paste: str | None = None  # the key "Send to img2img" and paste match; None: infotext does not carry it
     tooltip: str = ""
+    owner: Setting | None = None
+    unit: int | None = None
 
 
 ORDINALS = {2: "Second", 3: "Third", 4: "Fourth"}  # how the panel names its groups after the first
@@ -504,6 +531,9 @@ def _group_slots(groups: Setting) -> list[Slot]:
             slots.append(Slot(groups.slot[g - 1], f"{prefix}enabled", groups, g, switch=True, paste=label,
                               tooltip=groups.tooltip))
         for s in settings_of(groups.kind.cls):
+            if isinstance(s.kind, Objects) and s.kind.panel:
+                slots.extend(_unit_slots(s, g, len(groups.slot) + 1, prefix if g else "", label if g else "Delta"))
+                continue
             if s.slot is None and s.control is None:
                 continue  # API and infotext only: no panel control, no positional value
             assert isinstance(s.slot, tuple) and len(s.slot) == len(groups.slot) + 1, \
@@ -513,6 +543,25 @@ def _group_slots(groups: Setting) -> list[Slot]:
             else:
                 slots.append(Slot(s.slot[g], prefix + s.name, s, g, paste=f"{label} {s.name}" if s.recorded else None,
                                   tooltip=f"{ORDINALS[g + 1]} group: {s.tooltip}"))
+    return slots
+
+
+def _unit_slots(owner: Setting, g: int, groups: int, prefix: str, label: str) -> list[Slot]:
+    """Panel group ``g``'s units of an object list: unit k's settings as ``{prefix}{kind.prefix}{k}_{name}``, their
+    slots ``setting.slot[g * units + k - 1]``."""
+    kind = owner.kind
+    assert isinstance(kind, Objects) and kind.prefix and kind.panel <= kind.most
+    slots = []
+    for k in range(kind.panel):
+        for s in settings_of(kind.cls):
+            if s.control is None:
+                continue  # API and infotext only
+            assert isinstance(s.slot, tuple) and len(s.slot) == groups * kind.panel, \
+                f"{s.name}: a unit setting takes one slot per panel group and unit"
+            tooltip = f"{kind.item} {k + 1}: {s.tooltip}"
+            slots.append(Slot(s.slot[g * kind.panel + k], f"{prefix}{kind.prefix}{k + 1}_{s.name}", s, g,
+                              paste=f"{label} {kind.item} {k + 1} {s.name}" if s.recorded else None,
+                              tooltip=f"{ORDINALS[g + 1]} group, {tooltip}" if g else tooltip, owner=owner, unit=k))
     return slots
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import json
 import sys
 import weakref
 from pathlib import Path
@@ -486,3 +487,130 @@ def test_a_source_on_the_gpu_runs_its_units_there_eagerly(ui, monkeypatch, capsy
     assert "CUDA graph replay is off" in said, said[-2000:]
     assert devices and set(devices) == {("cuda", "cuda")}
     assert rel(out, reference) < 1e-4
+
+
+# --- the panel's form, the infotext's names, the preview strip ------------------------------------------------------
+
+
+def _from_panel(ui, values: list, img2img: bool = False, **kw):
+    """A generation whose Delta Sampling arguments are the panel's positional values (as the WebUI passes them)."""
+    from modules import processing
+
+    from lib_delta.args import POSITIONAL_FIELDS
+
+    ours, cn = ui.runner.alwayson_scripts[0], ui.cn_script
+    n = len(POSITIONAL_FIELDS)
+    ours.args_to, cn.args_from, cn.args_to = n, n, n + 1
+    try:
+        cls = processing.StableDiffusionProcessingImg2Img if img2img else processing.StableDiffusionProcessingTxt2Img
+        return processing.process_images(cls(scripts=ui.runner, script_args=(*values, []), **kw))
+    finally:
+        ours.args_to, cn.args_from, cn.args_to = 1, 1, 2
+
+
+def _panel(**controls) -> list:
+    from lib_delta.args import POSITIONAL_FIELDS, to_positional
+
+    values = to_positional(DeltaSettings())
+    for name, value in controls.items():
+        values[POSITIONAL_FIELDS.index(name)] = value
+    return values
+
+
+def test_a_unit_set_in_the_panel_gives_the_image_of_the_same_api_unit(ui):
+    api = images(ui.txt2img(delta(controlnets=[unit(module="canny", weight=0.7)]), **BASE))
+    panel = images(_from_panel(ui, _panel(enabled=True, source="base", controlnet1_model=listed(
+        "control_tiny_sd15_canny"), controlnet1_image=IMAGE, controlnet1_module="canny", controlnet1_weight=0.7),
+        **BASE))
+    assert torch.equal(panel, api) and rel(api, images(ui.txt2img(**BASE))) > 1e-3
+    # a unit left at "None" is none: with only a prompt delta the panel's other unit controls change nothing
+    untouched = _panel(enabled=True, source="base", prompt="in the snow", controlnet2_weight=0.2,
+                       controlnet2_image=IMAGE)
+    assert torch.equal(images(_from_panel(ui, untouched, **BASE)),
+                       images(ui.txt2img(delta(adapted_prompt="in the snow"), **BASE)))
+
+
+def test_the_init_image_box_uses_the_init_image_and_is_refused_in_txt2img(ui):
+    from PIL import Image
+
+    init = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(5))
+    i2i = dict(init_latent_input=init, init_images=[Image.fromarray(IMAGE)], denoising_strength=0.75)
+    by_default = images(ui.img2img(delta(controlnets=[{"model": listed("control_tiny_sd15_canny")}]), **BASE, **i2i))
+    other = shape_image()[::-1].copy()  # an upload the box overrides
+    ticked = _panel(enabled=True, source="base", controlnet1_model=listed("control_tiny_sd15_canny"),
+                    controlnet1_image=other, controlnet1_use_init_image=True)
+    assert torch.equal(images(_from_panel(ui, ticked, img2img=True, **BASE, **i2i)), by_default)
+    with pytest.raises(DeltaError, match=r"asks for the init image, which txt2img has none of") as e:
+        ui.txt2img(delta(controlnets=[unit(use_init_image=True)]), **BASE)
+    assert e.value.status_code == 422
+
+
+def test_infotext_and_log_line_name_the_listed_model_with_its_hash(ui, capsys):
+    name = listed("control_tiny_sd15_canny")
+    p = ui.txt2img(delta(controlnets=[unit(model="control_tiny_sd15_canny", module="canny", weight=0.5)]), **BASE)
+    [recorded] = json.loads(p.extra_generation_params["Delta ControlNets"])
+    assert recorded["model"] == name and name.startswith("control_tiny_sd15_canny [")  # the stem, given as is
+    assert (recorded["module"], recorded["weight"], recorded["guidance_start"], recorded["guidance_end"]) == (
+        "canny", 0.5, 0.0, 1.0)
+    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Delta Sampling: source=")]
+    assert f"ControlNet on the adapted rows: {name} (canny, 0.5, 0-1)" in log[-1]
+    assert f"controlnet={name} (canny, 0.5, 0-1)" in log[-1]
+
+
+def test_the_preview_strip_shows_each_units_control_map(ui):
+    from lib_delta import preview
+
+    def strip(units):
+        p = ui.txt2img(delta(controlnets=units, preview=True), **BASE)
+        return np.asarray(p.images[-1])
+
+    plain = np.asarray(ui.txt2img(delta(adapted_prompt="x", preview=True), **BASE).images[-1])
+    one = strip([unit(module="canny")])
+    two = strip([unit(module="canny"), unit(module="invert", model=listed("control_tiny_sd15_depth"))])
+    tile = one.shape[0] // 4
+    assert one.shape[0] == plain.shape[0] and one.shape[1] == plain.shape[1] + tile  # one more column: the maps
+    maps = one[:, plain.shape[1]:]
+    assert maps[:tile].std() > 10 and not maps[tile:].any()  # unit 1's map in the first row, then blank rows
+    both = two[:, plain.shape[1]:]
+    assert np.array_equal(both[:tile], maps[:tile]) and both[tile:2 * tile].any() and not both[2 * tile:].any()
+    # what is shown is the map the ControlNet was given: the canny edges of the image at the generation's size
+    script = ui.cn_script
+    detected = sys.modules["scripts.supported_preprocessor"].Preprocessor.get_preprocessor("canny")(
+        IMAGE, 512, slider_1=100, slider_2=200)
+    hint, _ = type(script).detectmap_proc(detected, "canny", "Crop and Resize", 64, 64)
+    expected = preview._shrink(preview.hint_image(hint), tile, tile)
+    assert np.array_equal(maps[:tile], expected)
+
+
+# --- what the panel's dropdowns list ------------------------------------------------------------------------------
+
+
+def test_the_panels_lists_are_the_extensions_and_follow_the_sources_header(ui, files):
+    from lib_delta import hosts
+    from lib_delta.args import ControlNetUnit
+    from lib_delta.fields import settings_of
+    from lib_delta.hosts.a1111 import catalog
+    from lib_delta.webui import lists
+
+    assert hosts.catalog() is catalog and catalog.missing("controlnet") is None
+    gs = sys.modules["scripts.global_state"]
+    assert catalog.names("controlnet") == [k for k, v in gs.cn_models.items() if v]  # "None" maps to no file
+    assert catalog.names("controlnet_module") == ["none", "canny", "invert", "shuffle"]  # not depth_midas, inpaint
+    model = next(s for s in settings_of(ControlNetUnit) if s.name == "model")
+    # the source's family from its file's header, whatever its name says: "base" is SD1.5, "xl" SDXL
+    assert lists.source_family("base") == "SD1" and lists.source_family("xl") == "SDXL"
+    assert lists.choices(model, "base") == ["None", listed("control_tiny_sd15_canny"),
+                                            listed("control_tiny_sd15_depth"), listed("t2iadapter_tiny")]
+    assert lists.choices(model, "xl") == ["None", listed("control_tiny_sdxl_canny"), listed("t2iadapter_tiny")]
+    # a file added later appears after a refresh
+    controlnet_ext.write_controlnet(files / "ControlNet" / "control_late_sd15_seg.safetensors", "sd1", seed=24)
+    try:
+        assert not any("late" in n for n in catalog.names("controlnet"))
+        lists.refresh(model)
+        assert any(n.startswith("control_late_sd15_seg [") for n in lists.choices(model, "base"))
+    finally:
+        (files / "ControlNet" / "control_late_sd15_seg.safetensors").unlink()
+        gs.update_cn_models()
+    controlnet_ext.uninstall()
+    assert "sd-webui-controlnet extension, which is not installed" in catalog.missing("controlnet")
+    assert catalog.names("controlnet") == [] and lists.choices(model, "base") == ["None"]

@@ -40,6 +40,10 @@ RELEASED = (
     "group2_enabled", "group2_loras", "group2_strength", "group2_schedule", "group2_start", "group2_end",
     "group2_checkpoint", "group2_prompt",
     "source_cfg", "source_resolution",
+    *(f"{group}controlnet{unit}_{name}"
+      for name in ("model", "image", "use_init_image", "module", "weight", "guidance_start", "guidance_end",
+                   "resize_mode")
+      for group in ("", "group2_") for unit in (1, 2)),
 )
 
 GENERATION = [s for s in settings_of(DeltaSettings) if not isinstance(s.kind, Groups)]
@@ -55,7 +59,9 @@ def test_the_derived_tables_cover_every_slot():
     slots = positional_slots(DeltaSettings)
     assert list(panel.TOOLTIPS) == list(POSITIONAL_FIELDS)
     assert set(panel.INFOTEXT_LABELS) | panel.NOT_IN_INFOTEXT == set(POSITIONAL_FIELDS)
-    assert panel.NOT_IN_INFOTEXT == {"preview"}  # a display choice, not how the image was made
+    # a display choice, and images (infotext cannot hold them): not how the image was made, or not what it keeps
+    assert panel.NOT_IN_INFOTEXT == {"preview", *(f for f in POSITIONAL_FIELDS if f.endswith("controlnet1_image")
+                                                  or f.endswith("controlnet2_image"))}
     assert {s.name for s in GENERATION + GROUP if s.xyz} <= {slot.setting.name for slot in slots}
     assert [a.label for a in interfaces.AXES] == [
         "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
@@ -92,7 +98,7 @@ def test_every_setting_reaches_each_form_it_declares(s):
     if s in GROUP:
         settings = replace(BASE, groups=(replace(BASE.groups[0], **{s.name: value}),))
         slots = [slot for slot in positional_slots(DeltaSettings) if slot.setting is s and slot.group == 0]
-        if s.slot is None:  # API and infotext only (no panel control)
+        if s.slot is None:  # API and infotext only, or shown unit by unit (test_every_unit_setting_...)
             assert not slots and s.control is None
             recorded = replace(settings.groups[0], **{s.name: s.kind.read(s.kind.text(value), s.api)})
             assert DeltaSettings.from_dict(settings.to_dict()) == settings
@@ -144,6 +150,47 @@ def test_every_group_setting_reaches_the_second_group(s):
     assert panel.INFOTEXT_LABELS[slot.name] == f"Delta group 2 {s.name}"
 
 
+UNIT = [u for u in settings_of(ControlNetUnit) if u.control is not None]
+
+
+@pytest.mark.parametrize("group", [0, 1])
+@pytest.mark.parametrize("u", UNIT, ids=lambda u: u.name)
+def test_every_unit_setting_reaches_its_panel_control_in_each_unit(u, group):
+    """A ControlNet unit's setting has one control per panel group and unit: changed in the second unit of a group,
+    it comes back from the panel's values, and its paste key and tooltip name the unit."""
+    value = {"model": "other [1234abcd]", "image": "iVBORw0KGgo=", "use_init_image": True}.get(u.name) or \
+        _other(u)
+    first, second = ControlNetUnit("cn [abc]"), replace(ControlNetUnit("cn2 [def]"), **{u.name: value})
+    groups = [replace(BASE.groups[0]), replace(BASE.groups[0], prompt="q")]
+    groups[group] = replace(groups[group], controlnets=(first, second))
+    settings = replace(BASE, groups=tuple(groups))
+    prefix = "group2_" if group else ""
+    [slot] = [slot for slot in positional_slots(DeltaSettings) if slot.setting is u and slot.group == group
+              and slot.unit == 1]
+    assert slot.name == f"{prefix}controlnet2_{u.name}" and slot.index == u.slot[group * 2 + 1]
+    values = to_positional(settings)
+    assert values[slot.index] == u.kind.ui(getattr(second, u.name))
+    assert from_positional(values) == settings
+    if u.recorded:
+        assert panel.INFOTEXT_LABELS[slot.name] == f"Delta {'group 2 ' if group else ''}ControlNet unit 2 {u.name}"
+        assert DeltaSettings.from_infotext(settings.to_infotext()).groups[group].controlnets[1] == second
+    else:
+        assert slot.name in panel.NOT_IN_INFOTEXT
+    assert panel.TOOLTIPS[slot.name].endswith(f"ControlNet unit 2: {u.tooltip}")
+    assert panel.TOOLTIPS[slot.name].startswith("Second group, ") == bool(group)
+
+
+def test_a_unit_the_panel_leaves_at_none_is_no_unit():
+    values = to_positional(replace(BASE, groups=(replace(BASE.groups[0], controlnets=(ControlNetUnit("a"),)),)))
+    assert values[POSITIONAL_FIELDS.index("controlnet2_model")] == "None"
+    values[POSITIONAL_FIELDS.index("controlnet2_weight")] = 0.3  # a control of an unchosen unit
+    assert from_positional(values).groups[0].controlnets == (ControlNetUnit("a"),)
+    values[POSITIONAL_FIELDS.index("controlnet1_model")] = ""
+    assert from_positional(values).groups[0].controlnets == ()
+    with pytest.raises(DeltaError, match="The UI holds 2 ControlNet units per group; use the API"):
+        to_positional(replace(BASE, groups=(replace(BASE.groups[0], controlnets=(ControlNetUnit("a"),) * 3),)))
+
+
 # --- a declaration grown by one setting on each level, and a list of sub-objects (the shape of control units) ------
 
 
@@ -157,10 +204,10 @@ class Unit:
 @dataclass(frozen=True)
 class WiderGroup(AdaptationGroup):
     units: tuple[Unit, ...] = setting(
-        (), Objects(Unit, "unit", most=3), slot=(24, 25), infotext=Infotext("Delta units"), control=Control("Units"),
+        (), Objects(Unit, "unit", most=3), slot=(56, 57), infotext=Infotext("Delta units"), control=Control("Units"),
         tooltip="Control units the adapted pass is guided by (a stand-in for ControlNet units).")
     boost: float = setting(
-        0.0, Number(0.0, 2.0), slot=(26, 27), infotext=Infotext("Delta boost"), control=Control("Boost"),
+        0.0, Number(0.0, 2.0), slot=(58, 59), infotext=Infotext("Delta boost"), control=Control("Boost"),
         xyz=XYZ("[Delta] Boost", at=12), tooltip="A made-up group setting, to prove the derivation.")
 
 
@@ -173,7 +220,7 @@ class Wider(DeltaSettings):
         (WiderGroup(),), replace(_GROUPS.kind, cls=WiderGroup), slot=_GROUPS.slot, infotext=_GROUPS.infotext,
         control=_GROUPS.control, tooltip=_GROUPS.tooltip)
     eta: float = setting(
-        0.0, Number(0.0, 1.0), slot=23, infotext=Infotext("Delta eta"), control=Control("Eta"),
+        0.0, Number(0.0, 1.0), slot=55, infotext=Infotext("Delta eta"), control=Control("Eta"),
         xyz=XYZ("[Delta] Eta", at=11), tooltip="A made-up generation setting, to prove the derivation.")
 
 

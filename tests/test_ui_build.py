@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import pytest
 
+from lib_delta import hosts
 from lib_delta.args import POSITIONAL_FIELDS, STRENGTH_RANGE, DeltaSettings, from_positional, to_positional
 from lib_delta.webui import panel as ui
 
@@ -34,7 +35,8 @@ class Block:
     def change(self, fn=None, inputs=None, outputs=None, **kwargs):
         self.events["change"] = dict(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
 
-    click = change
+    def click(self, fn=None, inputs=None, outputs=None, **kwargs):
+        self.events["click"] = dict(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
 
 
 class InputAccordion(Block):
@@ -52,7 +54,7 @@ def webui(monkeypatch):
     Block.created = []
     gr = types.ModuleType("gradio")
     for name in ("Row", "Column", "Accordion", "Group", "Dropdown", "Textbox", "Slider", "Checkbox", "Radio",
-                 "HTML", "Button"):
+                 "HTML", "Button", "Image"):
         setattr(gr, name, type(name, (Block,), {}))
     gr.update = lambda **kw: {"__type__": "update", **kw}
 
@@ -68,13 +70,36 @@ def webui(monkeypatch):
     ui_components = types.ModuleType("modules.ui_components")
     ui_components.InputAccordion = InputAccordion
     ui_components.FormHTML = type("FormHTML", (Block,), {})
+    ui_components.ToolButton = type("ToolButton", (Block,), {})
     modules.sd_models, modules.shared = sd_models, shared
     networks = SimpleNamespace(available_networks={"style": 1, "Detail": 2}, list_available_networks=lambda: None)
     for name, module in {"gradio": gr, "modules": modules, "modules.sd_models": sd_models, "modules.shared": shared,
                          "modules.ui_common": ui_common, "modules.ui_components": ui_components,
                          "networks": networks}.items():
         monkeypatch.setitem(sys.modules, name, module)
-    return SimpleNamespace(opts=shared.opts, refreshes=refreshes)
+    catalog = Catalog()
+    monkeypatch.setattr(hosts, "catalog", lambda: catalog)
+    return SimpleNamespace(opts=shared.opts, refreshes=refreshes, catalog=catalog)
+
+
+class Catalog:
+    """The host's lists (``lib_delta.hosts.catalog()``): ControlNet models of three families and preprocessors."""
+
+    def __init__(self):
+        self.lists = {"controlnet": ["control_v11p_sd15_canny [d14c016b]", "diffusers_xl_canny_mid [112a778d]",
+                                     "control_sd21_depth [aaaa0000]", "my_own_control [12345678]"],
+                      "controlnet_module": ["none", "canny", "invert"]}
+        self.refreshed: list[str] = []
+        self.why: str | None = None
+
+    def names(self, catalog):
+        return list(self.lists[catalog]) if self.why is None else []
+
+    def refresh(self, catalog):
+        self.refreshed.append(catalog)
+
+    def missing(self, catalog):
+        return self.why
 
 
 def script(tab: str = "txt2img"):
@@ -137,9 +162,11 @@ def test_picking_a_lora_appends_its_tag(webui):
 def test_infotext_fields_are_set_on_the_script(webui):
     s = script("img2img")
     controls = ui.build(s, is_img2img=True)
+    notes = [b for b in Block.created if (b.elem_id or "").endswith("_note")]
+    assert len(notes) == 4  # one per unit: two ControlNet units in each of two groups
     assert [c for c, _ in s.infotext_fields] == [c for f, c in zip(POSITIONAL_FIELDS, controls, strict=True)
-                                                 if f != "preview"]
-    assert s.paste_field_names == [key for _, key in s.infotext_fields]
+                                                 if f not in ui.NOT_IN_INFOTEXT] + notes
+    assert s.paste_field_names == [key for c, key in s.infotext_fields if c not in notes]
 
 
 def test_api_forms_fill_like_the_webui(webui):
@@ -181,6 +208,147 @@ def test_source_cfg_slider_sits_in_advanced(webui):
     assert advanced < order.index(cfg.elem_id) < order.index("script_txt2img_delta_sampling_group2")
 
 
+# --- ControlNet units ---------------------------------------------------------------------------------------------
+
+
+def _by_id(tab: str = "txt2img") -> dict[str, Block]:
+    return {b.elem_id.removeprefix(f"script_{tab}_delta_sampling_"): b for b in Block.created if b.elem_id}
+
+
+def test_each_group_shows_two_controlnet_units_with_every_control(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    blocks = _by_id()
+    for prefix in ("", "group2_"):
+        assert blocks[f"{prefix}controlnets"].value == "ControlNet units"
+        for k in (1, 2):
+            unit = {name: controls[f"{prefix}controlnet{k}_{name}"] for name in (
+                "model", "image", "use_init_image", "module", "weight", "guidance_start", "guidance_end",
+                "resize_mode")}
+            assert blocks[f"{prefix}controlnet{k}"].value == f"ControlNet unit {k}"
+            assert [type(c).__name__ for c in unit.values()] == [
+                "Dropdown", "Image", "Checkbox", "Dropdown", "Slider", "Slider", "Slider", "Radio"]
+            assert unit["model"].value == "None" and unit["model"].kwargs["allow_custom_value"]
+            assert unit["model"].kwargs["choices"] == ["None", *webui.catalog.lists["controlnet"]]  # no source yet
+            assert unit["module"].value == "none" and unit["module"].kwargs["choices"] == ["none", "canny", "invert"]
+            assert unit["image"].value is None and unit["image"].kwargs["type"] == "numpy"
+            assert unit["use_init_image"].kwargs["visible"] is False  # txt2img has no init image
+            assert (unit["weight"].kwargs["minimum"], unit["weight"].kwargs["maximum"]) == (0.0, 2.0)
+            assert unit["resize_mode"].kwargs["choices"] == ["Just Resize", "Crop and Resize", "Resize and Fill"]
+            assert all(len(c.webui_tooltip) > 20 for c in unit.values())
+            assert blocks[f"{prefix}controlnet{k}_model_refresh"].webui_tooltip
+    # the first group's units sit in the panel's main part, the second's in its own accordion
+    order = [b.elem_id for b in Block.created]
+    assert order.index(controls["controlnet1_model"].elem_id) < order.index("script_txt2img_delta_sampling_advanced")
+    second = order.index(controls["group2_controlnet1_model"].elem_id)
+    assert order.index("script_txt2img_delta_sampling_group2") < second
+
+
+def test_img2img_offers_the_init_image(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script("img2img"), is_img2img=True), strict=True))
+    assert "visible" not in controls["controlnet1_use_init_image"].kwargs
+    assert controls["controlnet1_use_init_image"].label == "Use the init image"
+
+
+def test_the_model_lists_follow_the_sources_family(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    event = controls["source"].events["change"]
+    models = [controls[f"{g}controlnet{k}_model"] for g in ("", "group2_") for k in (1, 2)]
+    assert event["inputs"] == [controls["source"]] and event["outputs"] == models
+    # by the names (the stand-in lists no checkpoint files): sd15 → SD1.5 ControlNets and those whose name says
+    # nothing; an SDXL source → SDXL ones; an unknown family → all
+    sd15 = event["fn"]("sd15.safetensors [cc6cb27103]")
+    assert len(sd15) == 4 and all(u["choices"] == ["None", "control_v11p_sd15_canny [d14c016b]",
+                                                  "my_own_control [12345678]"] for u in sd15)
+    assert event["fn"]("sdxl.safetensors [31e35c80fc]")[0]["choices"] == [
+        "None", "diffusers_xl_canny_mid [112a778d]", "my_own_control [12345678]"]
+    assert event["fn"]("merged.safetensors")[0]["choices"] == ["None", *webui.catalog.lists["controlnet"]]
+
+
+def test_the_refresh_buttons_read_the_hosts_lists_again(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    blocks = _by_id()
+    model = blocks["group2_controlnet2_model_refresh"].events["click"]
+    assert model["inputs"] == [controls["source"]] and model["outputs"] == [controls["group2_controlnet2_model"]]
+    webui.catalog.lists["controlnet"].append("control_new_sd15_depth [0000aaaa]")
+    update = model["fn"]("sd15.safetensors [cc6cb27103]")
+    assert webui.catalog.refreshed == ["controlnet"] and "control_new_sd15_depth [0000aaaa]" in update["choices"]
+    assert "diffusers_xl_canny_mid [112a778d]" not in update["choices"]
+    module = blocks["controlnet1_module_refresh"].events["click"]
+    assert module["inputs"] == [] and module["fn"]()["choices"] == ["none", "canny", "invert"]
+
+
+def test_without_the_controlnet_extension_the_units_say_so(webui):
+    webui.catalog.why = "ControlNet units need the sd-webui-controlnet extension, which is not installed."
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    blocks = _by_id()
+    for prefix in ("", "group2_"):
+        assert webui.catalog.why in blocks[f"{prefix}controlnets_missing"].value
+    hidden = [b for b in Block.created if type(b).__name__ == "Column" and b.kwargs.get("visible") is False]
+    assert len(hidden) == 2  # each group's units
+    assert controls["controlnet1_model"].kwargs["choices"] == ["None"]
+    assert from_positional([c.value for c in controls.values()]).groups[0].controlnets == ()
+
+
+def test_a_unit_set_in_the_panel_reaches_the_settings_with_its_image(webui):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script("img2img"), is_img2img=True), strict=True))
+    values = {f: c.value for f, c in controls.items()}
+    picture = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    values.update({"enabled": True, "source": "sd15", "controlnet1_model": "control_v11p_sd15_canny [d14c016b]",
+                   "controlnet1_image": picture, "controlnet1_module": "canny", "controlnet1_weight": 0.5,
+                   "controlnet1_guidance_end": 0.8, "group2_enabled": True, "group2_prompt": "x",
+                   "group2_controlnet2_model": "my_own_control [12345678]", "group2_controlnet2_image": picture,
+                   "group2_controlnet2_use_init_image": True})
+    s = from_positional([values[f] for f in POSITIONAL_FIELDS]).validated()
+    [unit] = s.groups[0].controlnets
+    assert (unit.model, unit.module, unit.weight, unit.guidance_end) == ("control_v11p_sd15_canny [d14c016b]",
+                                                                         "canny", 0.5, 0.8)
+    with Image.open(io.BytesIO(base64.b64decode(unit.image))) as im:
+        assert np.array_equal(np.asarray(im), picture)  # lossless
+    [second] = s.groups[1].controlnets
+    assert second.use_init_image and second.image == ""  # the init image: the upload is not carried
+    values["controlnet1_image"] = np.zeros((5000, 8, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"is 8×5000; at most 4096 pixels a side"):
+        from_positional([values[f] for f in POSITIONAL_FIELDS])
+
+
+def test_pasting_a_unit_says_that_its_image_must_be_given_again(webui):
+    s = script("img2img")
+    ui.build(s, is_img2img=True)
+    fields = {key: (c, key) for c, key in s.infotext_fields}
+    note = fields["Delta ControlNet unit 1 image note"]
+    assert note[0].elem_id == "script_img2img_delta_sampling_controlnet1_note"
+    params = {"Delta source": "sd15", "Delta ControlNets": '[{"model":"cn [abc]","weight":0.5},'
+                                                           '{"model":"d","use_init_image":true}]'}
+    text = note[1](params)
+    assert "ControlNet unit 1 was pasted without its image" in text and "Use the init image" in text
+    assert fields["Delta ControlNet unit 2 image note"][1](params) == ""  # it uses the init image
+    assert fields["Delta group 2 ControlNet unit 1 image note"][1](params) == ""  # no second group
+    assert note[1]({"Steps": "20"}) == ""  # a paste without Delta Sampling clears it
+    image = _by_id("img2img")["controlnet1_image"]
+    clear = image.events["change"]
+    assert clear["outputs"] == [note[0]] and clear["fn"](object()) == ""
+
+
+def test_txt2img_does_not_paste_the_init_image_box_it_hides(webui):
+    params = {"Delta source": "sd15", "Delta ControlNets": '[{"model":"d","use_init_image":true}]'}
+    fields = {}
+    for tab in ("txt2img", "img2img"):
+        s = script(tab)
+        ui.build(s, is_img2img=tab == "img2img")
+        fields[tab] = {key: key for _, key in s.infotext_fields}
+    box = "Delta ControlNet unit 1 use_init_image"
+    assert fields["img2img"][box](params) is True
+    assert fields["txt2img"][box](params) is False  # it could not be unticked there
+    assert fields["txt2img"]["Delta ControlNet unit 1 model"](params) == "d"
+    assert list(fields["txt2img"]) == list(fields["img2img"])  # "Send to img2img" pairs the tabs' fields by key
+
+
 def test_every_text_the_panel_shows_is_in_the_localization_template(webui):
     """A text added to the panel without a declaration the template is made from fails here."""
     from lib_delta.webui import strings
@@ -192,8 +360,10 @@ def test_every_text_the_panel_shows_is_in_the_localization_template(webui):
         if type(b).__name__ == "Accordion":
             texts.append(b.value)  # its label, given positionally
         if type(b).__name__ in ("Radio", "Dropdown") and not (b.elem_id or "").endswith(("source", "checkpoint",
-                                                                                           "lora_picker")):
-            texts += b.kwargs.get("choices") or []  # fixed choices; checkpoint and LoRA names are the user's
+                                                                                           "lora_picker", "_model",
+                                                                                           "_module")):
+            # fixed choices; checkpoint, LoRA, ControlNet and preprocessor names are the user's or the host's
+            texts += b.kwargs.get("choices") or []
         shown |= {t for t in texts if isinstance(t, str) and t.strip()}
     template = strings.template()
     assert shown - set(template) == set(), sorted(shown - set(template))

@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from lib_delta.args import (
     POSITIONAL_FIELDS,
     AdaptationGroup,
+    ControlNetUnit,
     DeltaSettings,
     LoraRef,
     from_positional,
@@ -31,6 +33,16 @@ TWO = DeltaSettings(
     cfg_mode="cond",
     trajectory="separate",
 )
+UNITS = DeltaSettings(
+    enabled=True,
+    source="sd15",
+    groups=(
+        AdaptationGroup(controlnets=(ControlNetUnit("control_v11p_sd15_canny [d14c016b]", module="canny", weight=0.8,
+                                                    guidance_start=0.1, guidance_end=0.7, resize_mode="Just Resize"),
+                                     ControlNetUnit("control_sd15_depth [0000aaaa]", use_init_image=True))),
+        AdaptationGroup(loras=(LoraRef("style", 1.0),), controlnets=(ControlNetUnit("depth, v2: b [1]"),)),
+    ),
+)
 BASE_FIRST = DeltaSettings(enabled=True, source="sd15", mode="base-first",
                            groups=(AdaptationGroup(start=0.0, end=0.25),))
 
@@ -50,9 +62,9 @@ def _infotext_params(extra: dict[str, str]) -> dict[str, str]:
 
 
 def _paste(params: dict[str, str]) -> dict[str, object]:
-    """What the paste fields give each control (None = left as it is)."""
+    """What the paste fields of img2img's panel give each control (None = left as it is)."""
     components = {f: SimpleNamespace(name=f) for f in POSITIONAL_FIELDS}
-    return {component.name: key(params) for component, key in ui.infotext_fields(components)}
+    return {component.name: key(params) for component, key in ui.infotext_fields(components, is_img2img=True)}
 
 
 def test_every_control_has_a_tooltip_and_every_pasted_one_a_unique_key():
@@ -66,18 +78,39 @@ def test_every_control_has_a_tooltip_and_every_pasted_one_a_unique_key():
     assert all(re.fullmatch(r"\w[\w \-/]+", n) for n in names)
 
 
-@pytest.mark.parametrize("settings", [ONE, TWO, BASE_FIRST], ids=["one", "two", "base-first"])
+@pytest.mark.parametrize("settings", [ONE, TWO, BASE_FIRST, UNITS], ids=["one", "two", "base-first", "units"])
 def test_paste_restores_every_control(settings):
     params = _infotext_params(settings.to_infotext())
     pasted = _paste(params)
     assert None not in pasted.values()
-    values = [pasted.get(f, False) for f in POSITIONAL_FIELDS]  # preview is not in infotext
+    # preview and the units' images are not in infotext: they keep what the panel holds (here: off, no image)
+    values = [pasted.get(f, False if f == "preview" else None) for f in POSITIONAL_FIELDS]
     assert from_positional(values) == settings
+
+
+def test_pasted_units_keep_their_model_name_and_hash_and_lose_only_the_image():
+    with_image = replace(UNITS, groups=(replace(UNITS.groups[0], controlnets=(
+        replace(UNITS.groups[0].controlnets[0], image="iVBORw0KGgo="), UNITS.groups[0].controlnets[1])),
+        UNITS.groups[1]))
+    text = with_image.to_infotext()
+    assert "iVBORw0KGgo" not in str(text)
+    assert json.loads(text["Delta ControlNets"]) == [
+        {"model": "control_v11p_sd15_canny [d14c016b]", "use_init_image": False, "module": "canny", "weight": 0.8,
+         "guidance_start": 0.1, "guidance_end": 0.7, "resize_mode": "Just Resize"},
+        {"model": "control_sd15_depth [0000aaaa]", "use_init_image": True, "module": "none", "weight": 1.0,
+         "guidance_start": 0.0, "guidance_end": 1.0, "resize_mode": "Crop and Resize"}]
+    pasted = _paste(_infotext_params(text))
+    assert pasted["controlnet1_model"] == "control_v11p_sd15_canny [d14c016b]"
+    assert (pasted["controlnet1_module"], pasted["controlnet1_weight"], pasted["controlnet1_guidance_start"],
+            pasted["controlnet1_guidance_end"]) == ("canny", 0.8, 0.1, 0.7)
+    assert pasted["controlnet2_use_init_image"] is True and pasted["group2_controlnet1_model"] == "depth, v2: b [1]"
+    assert pasted["group2_controlnet2_model"] == "None"  # a unit slot the infotext leaves empty is cleared
+    assert "controlnet1_image" not in pasted
 
 
 def test_paste_without_delta_keys_only_switches_it_off():
     assert _paste({"Steps": "20", "Sampler": "Euler"}) == {f: (False if f == "enabled" else None)
-                                                            for f in POSITIONAL_FIELDS if f != "preview"}
+                                                            for f in POSITIONAL_FIELDS if f not in ui.NOT_IN_INFOTEXT}
 
 
 def test_bad_delta_infotext_is_reported_once():

@@ -15,6 +15,8 @@ Each adapter module exposes the same functions, called by ``scripts/delta_sampli
 - ``after_sampling(p)``: the last batch is sampled, before the VAE decodes it: close the run early (its memory goes
   to the decode, and a decode that fails leaves nothing behind);
 - ``finish(p, processed=None)``: disarm, restore every patched object, add the preview, free per-generation state.
+
+Each adapter package also has a ``catalog`` module: the names its unit dropdowns list (:func:`catalog`).
 """
 
 from __future__ import annotations
@@ -52,3 +54,14 @@ def current() -> ModuleType:
 
 def register() -> None:
     current().register()
+
+
+def catalog() -> ModuleType:
+    """The host's lists for the panel's unit dropdowns (``names``, ``refresh``, ``missing`` by list name)."""
+    if is_forge():
+        from .forge import catalog as forge_catalog
+
+        return forge_catalog
+    from .a1111 import catalog as a1111_catalog
+
+    return a1111_catalog

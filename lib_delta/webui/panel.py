@@ -24,14 +24,19 @@ from ..args import (
     to_positional,
 )
 from ..errors import DeltaError
-from ..fields import ORDINALS, Control, Number, Slot, positional_slots, settings_of
+from ..fields import ORDINALS, Control, Listed, Number, Objects, Setting, Slot, positional_slots, settings_of
+from . import lists
 
 TITLE = "Delta Sampling"
+REFRESH_SYMBOL = "\U0001f504"  # the WebUI's refresh buttons' symbol (modules/ui_common.py)
 # The frame's own texts (the controls' come from their declarations); the localization template lists them all.
 ADVANCED = "Advanced"
 GROUP_ACCORDION = "{ordinal} adaptation group"
 PICKER_LABEL = "Add LoRA"
 PICKER_TOOLTIP = "Pick a LoRA to add its tag to the field beside, with the default extra networks multiplier as weight."
+UNITS_ACCORDION = "{item}s"  # a group's units of one kind ("ControlNet units")
+UNIT_ACCORDION = "{item} {k}"
+LIST_REFRESH_TOOLTIP = "Read the list again (after adding model files)."
 # Settings that shape the panel (the others, for the generation path, live with the host adapters).
 SETTING_DEFAULT_STRENGTH = "delta_sampling_default_strength"
 SETTING_PREVIEW = "delta_sampling_preview"
@@ -87,13 +92,64 @@ def read_from_infotext(field: str, params: Mapping[str, str]) -> Any:
     return values[POSITIONAL_FIELDS.index(field)]
 
 
-def infotext_fields(components: Mapping[str, Any]) -> list[tuple[Any, InfotextField]]:
-    """``Script.infotext_fields`` for the controls, keyed by positional field name."""
-    return [
+def infotext_fields(components: Mapping[str, Any], notes: Mapping[UnitKey, Any] | None = None,
+                    is_img2img: bool = False) -> list[tuple[Any, InfotextField]]:
+    """``Script.infotext_fields`` for the controls, keyed by positional field name, and for each unit's note
+    (keyed by :data:`UnitKey`), which says after a paste that the unit's image must be given again."""
+    fields = [
         (components[f], InfotextField(INFOTEXT_LABELS[f], lambda params, f=f: read_from_infotext(f, params)))
         for f in POSITIONAL_FIELDS
         if f not in NOT_IN_INFOTEXT
     ]
+    if not is_img2img:  # a control txt2img hides keeps its default, whatever an img2img infotext says
+        hidden = {slot.name for slot in SLOTS if slot.setting.control is not None and slot.setting.control.img2img}
+        fields = [(c, InfotextField(key, _kept_default)) if f in hidden else (c, key)
+                  for f, (c, key) in zip([f for f in POSITIONAL_FIELDS if f not in NOT_IN_INFOTEXT], fields,
+                                         strict=True)]
+    for key, note in (notes or {}).items():
+        label = f"{_unit_label(key)} image note"  # never in infotext: the note reads the units' own keys
+        fields.append((note, InfotextField(label, lambda params, key=key: pasted_unit_note(key, params, is_img2img))))
+    return fields
+
+
+UnitKey = tuple[int, str, int]  # panel group, object list (its setting's name), unit: all from 0
+
+
+def _kept_default(params: Mapping[str, str]) -> Any:
+    """A hidden control's value for pasted infotext: its default (False: "Use the init image" in txt2img); None
+    (left as it is) where the infotext has no Delta keys or bad ones, as for every other control."""
+    if infotext_marker() not in params:
+        return None
+    try:
+        DeltaSettings.from_infotext(params)
+    except DeltaError:
+        return None
+    return False
+
+
+def _unit_label(key: UnitKey) -> str:
+    g, name, k = key
+    owner = next(s for s in settings_of(AdaptationGroup) if s.name == name)
+    return f"{'Delta' if g == 0 else f'Delta group {g + 1}'} {owner.kind.item} {k + 1}"
+
+
+def pasted_unit_note(key: UnitKey, params: Mapping[str, str], is_img2img: bool) -> str:
+    """After a paste: the note of a unit whose image infotext could not carry, else an empty note."""
+    g, name, k = key
+    if infotext_marker() not in params:
+        return ""
+    try:
+        groups = DeltaSettings.from_infotext(params).groups
+    except DeltaError:
+        return ""  # the paste reports it (read_from_infotext)
+    units = getattr(groups[g], name) if g < len(groups) else ()
+    if k >= len(units) or getattr(units[k], "use_init_image", False):
+        return ""
+    owner = next(s for s in settings_of(AdaptationGroup) if s.name == name)
+    init = " (or tick “Use the init image”)" if is_img2img and any(
+        s.name == "use_init_image" for s in settings_of(owner.kind.cls)) else ""
+    return (f'<p class="delta-sampling-note">{owner.kind.item} {k + 1} was pasted without its image: infotext '
+            f"never holds images, so give the image again{init}.</p>")
 
 
 def paste_field_names() -> list[str]:
@@ -146,7 +202,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     import gradio as gr
     from modules import sd_models, shared
     from modules.ui_common import create_refresh_button
-    from modules.ui_components import FormHTML, InputAccordion
+    from modules.ui_components import FormHTML, InputAccordion, ToolButton
 
     opts = shared.opts
     start = to_positional(DeltaSettings())
@@ -154,6 +210,8 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         if slot.setting.name in STARTING_VALUE_OPTIONS:
             start[slot.index] = type(start[slot.index])(_opt(opts, STARTING_VALUE_OPTIONS[slot.setting.name]))
     c: dict[str, Any] = {}
+    notes: dict[UnitKey, Any] = {}
+    by_family: list[tuple[Setting, Any]] = []  # dropdowns whose list follows the source's family
 
     def tip(slot: Slot, component: Any) -> Any:
         # Shown as the element's title, by the WebUI's hints.js at load and by our script for late-built parts.
@@ -180,11 +238,30 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                               script.elem_id(f"{prefix}lora_refresh"))
         picker.change(fn=add_picked_lora, inputs=[picker, field], outputs=[field, picker], show_progress="hidden")
 
+    def listed_controls(slot: Slot, **common: Any) -> None:
+        s = slot.setting
+        dropdown = tip(slot, gr.Dropdown(choices=lists.choices(s), allow_custom_value=True, scale=3, **common))
+        button = ToolButton(value=REFRESH_SYMBOL, elem_id=script.elem_id(f"{slot.name}_refresh"))
+        button.webui_tooltip = LIST_REFRESH_TOOLTIP
+        if s.kind.family:
+            by_family.append((s, dropdown))
+            source = [c["source"]]
+        else:
+            source = []
+
+        def refreshed(source_title: str | None = None) -> Any:
+            lists.refresh(s)
+            return gr.update(choices=lists.choices(s, source_title))
+
+        button.click(fn=refreshed, inputs=source, outputs=[dropdown], show_progress="hidden")
+
     def control(slot: Slot) -> None:
         s, ctl = slot.setting, slot.setting.control
         assert ctl is not None, f"{slot.name} declares no control"
         widget = ctl.widget or s.kind.widget
         common = {"label": ctl.label, "value": start[slot.index], "elem_id": script.elem_id(slot.name)}
+        if ctl.img2img and not is_img2img:
+            common["visible"] = False  # hidden, not left out: both tabs pass the same positional values
         kind: Any = s.kind
         if widget == "checkpoint":
             dropdown = tip(slot, gr.Dropdown(choices=checkpoint_choices(), allow_custom_value=True, **common))
@@ -192,6 +269,10 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                                   script.elem_id(f"{slot.name}_refresh"))
         elif widget == "loras":
             lora_controls(slot, ctl, **common)
+        elif widget == "listed":
+            listed_controls(slot, **common)
+        elif widget == "image":
+            tip(slot, gr.Image(type="numpy", image_mode="RGB", **common))
         elif widget == "textbox":
             tip(slot, gr.Textbox(lines=1, placeholder=ctl.placeholder, **common))
         elif widget == "slider":
@@ -210,6 +291,34 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 for slot in members:
                     control(slot)
 
+    def unit_blocks(g: int) -> None:
+        # Each object list the panel shows (ControlNet units): one accordion, one block per unit.
+        for owner in _unit_lists():
+            kind: Any = owner.kind
+            first = next(s for s in settings_of(kind.cls) if isinstance(s.kind, Listed))
+            why = lists.missing(first)
+            prefix = "" if g == 0 else f"group{g + 1}_"
+            with gr.Accordion(UNITS_ACCORDION.format(item=kind.item), open=False,
+                              elem_id=script.elem_id(f"{prefix}{owner.name}")):
+                if why:  # the extension that lists and runs them is missing: say so instead of empty controls
+                    gr.HTML(f'<p class="delta-sampling-note">{why}</p>',
+                            elem_id=script.elem_id(f"{prefix}{owner.name}_missing"))
+                with gr.Column(visible=not why):
+                    for k in range(kind.panel):
+                        with gr.Accordion(UNIT_ACCORDION.format(item=kind.item, k=k + 1), open=k == 0,
+                                          elem_id=script.elem_id(f"{prefix}{kind.prefix}{k + 1}")):
+                            note = gr.HTML("", elem_id=script.elem_id(f"{prefix}{kind.prefix}{k + 1}_note"))
+                            notes[(g, owner.name, k)] = note
+                            unit = _unit(g, owner, k)
+                            controls(unit)
+                            for slot in unit:  # a new image answers the note
+                                if (slot.setting.control.widget or slot.setting.kind.widget) == "image":
+                                    c[slot.name].change(fn=_clear_note, inputs=[c[slot.name]], outputs=[note],
+                                                        show_progress="hidden")
+
+    def follow_source(source_title: str | None) -> list[Any]:
+        return [gr.update(choices=lists.choices(s, source_title)) for s, _ in by_family]
+
     with InputAccordion(start[0], label=TITLE, elem_id=script.elem_id("enabled")) as enabled:
         enabled.accordion.webui_tooltip = TOOLTIPS["enabled"]
         c["enabled"] = enabled
@@ -218,6 +327,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             FormHTML(value='<span class="delta-sampling-summary-text"></span>', elem_id=script.elem_id("summary"))
         controls(_section("main"))
         controls(_group(0))
+        unit_blocks(0)
         with gr.Accordion(ADVANCED, open=False, elem_id=script.elem_id("advanced")):
             controls(_section("advanced"))
             for g, switch in enumerate((slot for slot in SLOTS if slot.switch), 1):
@@ -225,8 +335,12 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                                   elem_id=script.elem_id(f"group{g + 1}")):
                     controls([switch])
                     controls(_group(g))
+                    unit_blocks(g)
+    if by_family:  # a model list shows what fits the chosen source
+        c["source"].change(fn=follow_source, inputs=[c["source"]], outputs=[d for _, d in by_family],
+                           show_progress="hidden")
 
-    script.infotext_fields = infotext_fields(c)
+    script.infotext_fields = infotext_fields(c, notes, is_img2img)
     script.paste_field_names = paste_field_names()
     # The WebUI passes the controls' values positionally: one control per field, in POSITIONAL_FIELDS order.
     assert set(c) == set(POSITIONAL_FIELDS), f"controls ≠ POSITIONAL_FIELDS: {sorted(set(c) ^ set(POSITIONAL_FIELDS))}"
@@ -242,9 +356,26 @@ def _section(section: str) -> list[Slot]:
 
 
 def _group(g: int) -> list[Slot]:
-    """Panel group ``g``'s controls, in declaration order."""
-    slots = {slot.setting.name: slot for slot in SLOTS if slot.group == g and not slot.switch}
+    """Panel group ``g``'s own controls (not its units'), in declaration order."""
+    slots = {slot.setting.name: slot for slot in SLOTS if slot.group == g and not slot.switch and slot.owner is None}
     return [slots[s.name] for s in settings_of(AdaptationGroup) if s.name in slots]
+
+
+def _unit_lists() -> list[Setting]:
+    """The group's object lists the panel shows unit by unit."""
+    return [s for s in settings_of(AdaptationGroup) if isinstance(s.kind, Objects) and s.kind.panel]
+
+
+def _unit(g: int, owner: Setting, k: int) -> list[Slot]:
+    """Unit ``k`` of list ``owner`` in panel group ``g``: its controls, in declaration order."""
+    slots = {slot.setting.name: slot for slot in SLOTS if slot.group == g and slot.owner is owner and slot.unit == k}
+    return [slots[s.name] for s in settings_of(owner.kind.cls) if s.name in slots]
+
+
+def _clear_note(image: Any) -> Any:
+    import gradio as gr
+
+    return "" if image is not None else gr.update()
 
 
 __all__ = [

@@ -31,6 +31,11 @@ def panel_strings() -> list[str]:
     out = [panel.TITLE, panel.ADVANCED, panel.PICKER_LABEL, panel.PICKER_TOOLTIP]
     out += [panel.GROUP_ACCORDION.format(ordinal=ORDINALS[g + 1]) for g in range(1, len(panel.SLOTS))
             if any(slot.switch and slot.group == g for slot in panel.SLOTS)]
+    for owner in {slot.owner.name: slot.owner for slot in panel.SLOTS if slot.owner is not None}.values():
+        kind = owner.kind
+        out.append(panel.UNITS_ACCORDION.format(item=kind.item))
+        out += [panel.UNIT_ACCORDION.format(item=kind.item, k=k + 1) for k in range(kind.panel)]
+        out.append(panel.LIST_REFRESH_TOOLTIP)
     for slot in panel.SLOTS:
         control = slot.setting.control
         if control is not None:

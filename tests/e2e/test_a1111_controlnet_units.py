@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 
 import pytest
 import requests
 from harness import (
+    Generation,
     ModelFixture,
     ServerConfig,
     ServerPool,
@@ -32,6 +34,7 @@ from harness import (
     controlnet_from_env,
     controlnet_units,
     psnr,
+    same_pixels,
 )
 
 SCRIPT = "Delta Sampling"
@@ -173,3 +176,189 @@ def test_bad_units_are_422s_and_leave_nothing_behind(env: Env, source: str, unit
     assert env.client.txt2img(PROMPT).image == first
     with pytest.raises(requests.HTTPError):
         env.client.post("/sdapi/v1/txt2img", payload)
+
+
+# --- the panel's form, X/Y/Z, the preview strip --------------------------------------------------------------------
+
+
+def _positional(**controls) -> list:
+    """The panel's positional values (what the WebUI's UI sends), from the defaults with these controls set."""
+    from lib_delta.args import POSITIONAL_FIELDS, DeltaSettings, to_positional
+
+    values = to_positional(DeltaSettings())
+    for name, value in controls.items():
+        values[POSITIONAL_FIELDS.index(name)] = value
+    return values
+
+
+def test_script_info_lists_the_unit_controls_and_the_panels_form_runs_them(env: Env) -> None:
+    from lib_delta.args import POSITIONAL_FIELDS, DeltaSettings, to_positional
+
+    env.use("sd15")
+    ours = [s for s in env.client.get("/sdapi/v1/script-info") if s["name"] == SCRIPT.lower()]
+    for s in ours:
+        args = s["args"]
+        assert len(args) == len(POSITIONAL_FIELDS) and [a["value"] for a in args] == to_positional(DeltaSettings())
+        model = args[POSITIONAL_FIELDS.index("controlnet1_model")]
+        assert model["choices"][0] == "None" and env.cn_model in model["choices"], model
+        module = args[POSITIONAL_FIELDS.index("controlnet1_module")]
+        assert module["value"] == "none" and {"none", "canny"} <= set(module["choices"]), module
+    # the positional form, as the panel sends it (the image as base64 here), gives the settings object's image
+    by_dict = env.client.txt2img(PROMPT, **env.ours("sd15", [env.unit("canny", weight=0.8)]))
+    values = _positional(enabled=True, source=env.fixtures["sd15"].model_name, controlnet1_model=env.cn_model,
+                         controlnet1_image=IMAGE, controlnet1_module="canny", controlnet1_weight=0.8)
+    by_position = env.client.txt2img(PROMPT, alwayson_scripts={SCRIPT: {"args": values}})
+    assert by_position.image == by_dict.image and by_position.infotext == by_dict.infotext
+
+
+def test_xyz_grid_over_the_controlnet_axes(env: Env, record_property) -> None:
+    env.use("sd15")
+    grid_script = next(s for s in env.client.get("/sdapi/v1/script-info")
+                       if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = grid_script["args"][0]["choices"]
+    weight, end = labels.index("[Delta] ControlNet weight"), labels.index("[Delta] ControlNet guidance end")
+    # x: weight 0, 1; y: guidance end 0.5, 1; no z; draw legend, include the cells' own images; csv mode off
+    script_args = [weight, "0, 1", [], end, "0.5, 1", [], 0, "", [], True, True, False, False, False, False, False, 0,
+                   False]
+    grid = env.client.txt2img(PROMPT, script_name="x/y/z plot", script_args=script_args,
+                              **env.ours("sd15", [env.unit("canny")]))
+    record_property("seconds", round(grid.seconds, 1))
+    assert len(grid.images) == 5  # the grid, then one image per cell (x fastest)
+    cells = grid.images[1:]
+    units = [json.loads(Generation([], {"infotexts": [t]}, 0).param("Delta ControlNets"))[0]
+             for t in grid.info["infotexts"][1:]]
+    assert [(u["weight"], u["guidance_end"]) for u in units] == [(0, 0.5), (1, 0.5), (0, 1), (1, 1)]
+    for cell, (w, e) in zip(cells, [(0.0, 0.5), (1.0, 0.5), (0.0, 1.0), (1.0, 1.0)], strict=True):
+        single = env.client.txt2img(PROMPT, **env.ours("sd15", [env.unit("canny", weight=w, guidance_end=e)]))
+        assert same_pixels(cell, single.image), (w, e)  # each cell is the single generation with its values
+    plain = env.plain.get("sd15") or env.client.txt2img(PROMPT).image
+    assert same_pixels(cells[0], plain) and psnr(cells[3], plain) < CHANGED_BELOW_DB  # weight 0: no delta at all
+
+
+def test_the_preview_strip_shows_the_control_map(env: Env) -> None:
+    from harness import decode_image
+
+    env.use("sd15")
+    out = env.client.txt2img(PROMPT, **env.ours("sd15", [env.unit("canny")], preview=True))
+    without = env.client.txt2img(PROMPT, **env.ours("sd15", [], adapted_prompt="in the snow", preview=True))
+    strip, plain_strip = decode_image(out.images[-1]), decode_image(without.images[-1])
+    tile = strip.shape[0] // 4
+    assert strip.shape[0] == plain_strip.shape[0] and strip.shape[1] == plain_strip.shape[1] + tile
+    edges = strip[:tile, plain_strip.shape[1]:]
+    assert edges.std() > 10 and not strip[tile:, plain_strip.shape[1]:].any()  # the canny map, then blank rows
+
+
+def test_units_in_the_panel_in_a_browser(env: Env, chromium: str, record_property, tmp_path) -> None:
+    """txt2img's panel in headless Chromium: a unit set from the UI (model from the list that follows the source,
+    an uploaded image, canny) makes the picture the API makes with the same unit; pasting the infotext back
+    restores the unit and says that its image must be given again; img2img offers "Use the init image"."""
+    import tempfile
+
+    from harness import CHROMIUM_FLAGS, REPO_ROOT
+    from playwright.sync_api import expect, sync_playwright
+
+    env.use("sd15")
+    api = env.client
+    source_title = next(m["title"] for m in api.get("/sdapi/v1/sd-models")
+                        if m["model_name"] == env.fixtures["sd15"].model_name)
+    picture = tmp_path / "control.png"
+    picture.write_bytes(control_image())
+    p = "script_txt2img_delta_sampling_"
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium, headless=True,
+                                                    args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1400})
+        page = ctx.new_page()
+        phase = ["load"]
+        errors: list[str] = []
+        webui_own_errors: list[str] = []
+        page.on("pageerror", lambda e: (webui_own_errors if phase[0] == "webui size boxes" else errors).append(
+            f"{phase[0]}: {e}\n{e.stack}"))
+        page.goto(api.base_url, wait_until="load", timeout=300_000)
+        page.wait_for_selector(f"#{p}enabled .label-wrap", timeout=300_000)
+        page.wait_for_timeout(2000)
+
+        def pick(elem_id: str, text: str) -> None:
+            page.locator(f"#{elem_id} input").first.click()
+            page.locator(f"#{elem_id} ul.options li").filter(has_text=text).first.click()
+
+        def pick_from(elem_id: str, text: str) -> list[str]:
+            """Open the dropdown, read what it offers, and pick ``text`` from that same open list (gradio 3 puts a
+            check mark, shown on the selected one only, before each option's text)."""
+            page.locator(f"#{elem_id} input").first.click()
+            items = page.locator(f"#{elem_id} ul.options li")
+            items.first.wait_for()
+            texts = [t.replace("✓", "").strip() for t in items.all_text_contents()]
+            page.locator(f"#{elem_id} ul.options li[data-value='{text}']").first.click()
+            return texts
+
+        phase[0] = "panel"
+        page.locator(f"#{p}enabled .label-wrap").first.click()
+        pick(f"{p}source", source_title)
+        page.locator(f"#{p}controlnets .label-wrap").first.click()
+        expect(page.locator(f"#{p}controlnet1_model")).to_be_visible()
+        assert page.locator(f"#{p}controlnets_missing").count() == 0  # the extension is there
+        page.wait_for_timeout(1000)  # the source's change event refills the model lists
+        listed = pick_from(f"{p}controlnet1_model", env.cn_model)
+        assert listed[0] == "None" and env.cn_model in listed, listed
+        page.locator(f"#{p}controlnet1_image input[type=file]").set_input_files(str(picture))
+        page.wait_for_timeout(1000)
+        pick(f"{p}controlnet1_module", "canny")
+        assert not page.locator(f"#{p}controlnet1_use_init_image").is_visible()  # txt2img has no init image
+        unit_fields = ["model", "image", "module", "weight", "guidance_start", "guidance_end", "resize_mode"]
+        untitled = [f for f in unit_fields if not page.locator(f"#{p}controlnet1_{f}").get_attribute("title")]
+        assert not untitled, untitled
+        shot = REPO_ROOT / "docs" / "images" / "controlnet-units.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.locator(f"#{p}enabled").screenshot(path=str(shot))
+
+        phase[0] = "webui size boxes"
+        for name, value in (("width", "64"), ("height", "64"), ("steps", "4")):
+            box = page.locator(f"#txt2img_{name} input[type=number]")
+            box.fill(value)
+            box.press("Enter")
+        page.locator("#txt2img_seed input").fill("1")
+        page.wait_for_timeout(2000)
+        phase[0] = "generate"
+        page.locator("#txt2img_prompt textarea").fill(PROMPT)
+        page.locator("#txt2img_generate").click()
+        info = page.locator("#html_info_txt2img").first
+        expect(info).to_contain_text("Delta ControlNets", timeout=600_000)
+        text = (info.text_content() or "").strip()
+        record_property("ui_infotext", text)
+        [unit] = json.loads(Generation([], {"infotexts": [text]}, 0).param("Delta ControlNets"))
+        assert (unit["model"], unit["module"], unit["weight"]) == (env.cn_model, "canny", 1), text
+        src = page.locator("#txt2img_gallery img").first.get_attribute("src") or ""
+        ui_image = api.session.get(src if src.startswith("http") else api.base_url + "/" + src.lstrip("/"),
+                                   timeout=60)
+        ui_image.raise_for_status()
+        from PIL import Image
+
+        infotext = Image.open(io.BytesIO(ui_image.content)).info["parameters"]
+        # the API, given that infotext and the same unit with its image, makes the same picture
+        data = api.post("/sdapi/v1/txt2img", {"infotext": infotext, **env.ours("sd15", [env.unit("canny")])})
+        again = base64.b64decode(data["images"][0])
+        assert same_pixels(again, ui_image.content), infotext
+
+        # pasting the infotext back restores the unit and says that its image must be given again (the note: an
+        # HTML block, whose content gradio 3 gives the same id, hence .first)
+        phase[0] = "paste"
+        pick(f"{p}controlnet1_module", "none")
+        page.locator("#txt2img_prompt textarea").fill(infotext)
+        page.locator("#txt2img_tools #paste").click()
+        expect(page.locator(f"#{p}controlnet1_note").first).to_contain_text("was pasted without its image")
+        expect(page.locator(f"#{p}controlnet1_module input").first).to_have_value("canny")
+        expect(page.locator(f"#{p}controlnet1_model input").first).to_have_value(env.cn_model)
+        other = tmp_path / "other.png"
+        other.write_bytes(control_image(border=8))
+        page.locator(f"#{p}controlnet1_image input[type=file]").set_input_files(str(other))
+        expect(page.locator(f"#{p}controlnet1_note").first).to_have_text("")  # a new image answers the note
+
+        phase[0] = "img2img"
+        page.locator("#tab_img2img-button").click()
+        q = "script_img2img_delta_sampling_"
+        page.locator(f"#{q}enabled .label-wrap").first.click()
+        page.locator(f"#{q}controlnets .label-wrap").first.click()
+        expect(page.locator(f"#{q}controlnet1_use_init_image")).to_be_visible()
+        record_property("webui_own_page_errors", len(webui_own_errors))
+        assert not errors, errors
+        ctx.close()

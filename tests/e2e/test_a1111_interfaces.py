@@ -21,7 +21,8 @@ PROMPT = "a photo of a cat sitting on a red chair"
 SCRIPT = "Delta Sampling"
 CHANGED_BELOW_DB = 35.0  # see test_baseline.py: a rank-4 LoRA moves these images to about 20 dB
 AXES = ["[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
-        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale"]
+        "[Delta] LoRA weight", "[Delta] Schedule", "[Delta] Enabled", "[Delta] Source CFG scale",
+        "[Delta] ControlNet weight", "[Delta] ControlNet guidance end"]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,9 @@ def test_bad_settings_are_http_errors_naming_the_problem(api: WebUIClient, sd15:
         (delta_dict(sd15, loras=[{"name": "no_such_lora", "weight": 1.0}]), "no_such_lora"),
         (delta_dict(sd15, source="no_such_model"), "no_such_model"),
         (delta_dict(sd15, schedule="wobbly"), "wobbly"),
+        # this server runs without sd-webui-controlnet: a unit is refused naming it
+        (delta_dict(sd15, controlnets=[{"model": "control_v11p_sd15_canny", "image": "iVBORw0KGgo="}]),
+         "sd-webui-controlnet extension, which is not installed"),
     ]
     for args, named in cases:
         r = post_error(api, "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 4, "width": 64, "height": 64,
@@ -218,6 +222,13 @@ def test_panel_in_the_browser(api: WebUIClient, sd15: ModelFixture, chromium: st
         # every control shows its tooltip on hover (title on its block or, for the switch, on the header)
         untitled = [f for f in POSITIONAL_FIELDS[1:] if not page.locator(f"#{p}{f}").get_attribute("title")]
         assert not untitled
+
+        # without sd-webui-controlnet the ControlNet units say so, and show no controls
+        page.locator(f"#{p}controlnets .label-wrap").first.click()
+        # (gradio 3 gives an HTML block and its content the same id: the first is the block)
+        expect(page.locator(f"#{p}controlnets_missing").first).to_contain_text("sd-webui-controlnet extension")
+        expect(page.locator(f"#{p}controlnet1_model")).to_be_hidden()
+        page.locator(f"#{p}controlnets .label-wrap").first.click()
 
         shot = REPO_ROOT / "docs" / "images" / "accordion.png"
         shot.parent.mkdir(parents=True, exist_ok=True)

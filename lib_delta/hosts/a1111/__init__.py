@@ -113,6 +113,7 @@ class Run:
     credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)  # the source's, for the hash keys
     records: list = field(default_factory=list)  # the preview's records, kept past close()
     target_latent: str | None = None
+    hints: list = field(default_factory=list)  # the units' control maps for the preview, kept past close()
     closed: bool = False
 
     @property
@@ -132,6 +133,8 @@ class Run:
             self.records = [r for t in tallies for r in t.records]
             self.target_latent = next((t.target_latent for t in reversed(tallies) if t.target_latent), None)
             self.log = self._summary(tallies)
+            if self.settings.preview:
+                self.hints = _hints(self)
             if self.graphs:
                 for graph in self.graphs.values():
                     graph.reset()  # their memory pool goes with the last reference
@@ -186,6 +189,7 @@ def start(p: Any, settings: DeltaSettings) -> None:
     target = shared.sd_model
     _check_target(target)
     plan = _plan(settings, target, p)
+    settings = control_mod.named_as_listed(settings, plan.units)
     source_mod.POOL.prepare(plan.keys)
     try:
         run = _load(settings, plan, target, p)
@@ -455,16 +459,25 @@ def finish(p: Any, processed: Any = None) -> None:
     run.close()  # a no-op when after_sampling closed it already
     if processed is not None and run.settings.preview:
         try:
-            _append_preview(run, run.records, run.target_latent, processed)
+            _append_preview(run, run.records, run.target_latent, processed, run.hints)
         except Exception as e:
             print(f"Delta Sampling: no preview ({type(e).__name__}: {e})")
     print(f"{run.settings.summary()}; source hash {run.source.shorthash}; {', '.join(run.log)}")
 
 
-def _append_preview(run: Run, records: list, target: str | None, processed: Any) -> None:
+def _hints(run: Run) -> list:
+    """The units' control maps for the preview, taken before the run closes (closing drops them)."""
+    try:
+        return [u.shown_hint() for u in run.units]
+    except Exception as e:
+        print(f"Delta Sampling: no control maps in the preview ({type(e).__name__}: {e})")
+        return []
+
+
+def _append_preview(run: Run, records: list, target: str | None, processed: Any, hints: list) -> None:
     from ... import preview
 
-    strip = preview.render(records, run.source.latent.name, target)
+    strip = preview.render(records, run.source.latent.name, target, hints)
     if strip is None:
         return
     preview.append_to(processed, strip)

@@ -94,9 +94,25 @@ def plan_units(settings: DeltaSettings, p: Any, source_family: str | None, sourc
             name, path = _resolve(ext, unit.model)
             _check_family(path, name, source_family, source_context, source_label)
             pre = _preprocessor(ext, unit.module, where)
-            image = decode_image(unit.image, where) if unit.image else _init_image(p, where)
+            image = decode_image(unit.image, where) if unit.image else _init_image(p, unit, where)
             plans.append(UnitPlan(i, unit, name, path, image, pre))
     return tuple(plans)
+
+
+def named_as_listed(settings: DeltaSettings, plans: Iterable[UnitPlan]) -> DeltaSettings:
+    """The settings with each unit's model under the name the extension lists (``"name [hash]"``), so that the
+    infotext and the log line carry the model's hash whatever name the request used."""
+    from dataclasses import replace
+
+    listed: dict[int, list[str]] = {}
+    for plan in plans:
+        listed.setdefault(plan.group, []).append(plan.listed)
+    if not listed:
+        return settings
+    groups = tuple(replace(g, controlnets=tuple(replace(u, model=name) for u, name in
+                                                zip(g.controlnets, listed[i], strict=True)))
+                   if i in listed else g for i, g in enumerate(settings.groups))
+    return replace(settings, groups=groups)
 
 
 def _resolve(ext: Extension, name: str) -> tuple[str, str]:
@@ -127,10 +143,13 @@ def _preprocessor(ext: Extension, module: str, where: str) -> Any:
     return pre
 
 
-def _init_image(p: Any, where: str) -> np.ndarray:
+def _init_image(p: Any, unit: ControlNetUnit, where: str) -> np.ndarray:
     images = getattr(p, "init_images", None)
     if images:  # img2img: the init image serves, as in the extension
         return np.ascontiguousarray(np.asarray(images[0].convert("RGB"), dtype=np.uint8))
+    if unit.use_init_image:
+        raise DeltaError(f"The ControlNet unit{where} asks for the init image, which txt2img has none of: give a "
+                         "control image instead (untick 'Use the init image', or send 'image').")
     raise DeltaError(f"No control image was given{where}: send it as base64 PNG/JPEG in 'image' (the image is "
                      "never kept in infotext: after pasting parameters, give it again).")
 
@@ -168,6 +187,13 @@ class LoadedUnit:
         if hires and any(s in self.plan.unit.module for s in SOFT_IN_HIRES):
             return [w * 0.825 ** float(12 - i) for i in range(13)]
         return [w] * 13
+
+    def shown_hint(self) -> np.ndarray:
+        """The map as the ControlNet was given it (at the first generation size it ran at), or the preprocessed
+        map when it never ran (a window the steps missed), as ``H×W×3`` uint8 for the preview strip."""
+        from ...preview import hint_image
+
+        return hint_image(next(iter(self.hints.values())) if self.hints else self.detected)
 
     def to(self, device: torch.device) -> None:
         self.net.to(device)
@@ -225,7 +251,8 @@ def _build(ext: Extension, plan: UnitPlan, state_dict: Any, unet: Any) -> torch.
 def describe(units: Iterable[LoadedUnit]) -> str:
     """For the log line: each unit's model, module, weight and window."""
     return "; ".join(f"{u.plan.listed} ({u.plan.unit.module}, {num(u.plan.unit.weight)}, "
-                     f"{num(u.plan.unit.guidance_start)}-{num(u.plan.unit.guidance_end)})" for u in units)
+                     f"{num(u.plan.unit.guidance_start)}-{num(u.plan.unit.guidance_end)}"
+                     f"{', the init image' if not u.plan.unit.image else ''})" for u in units)
 
 
 def check_built(plan: UnitPlan, model: Any, label: str) -> None:

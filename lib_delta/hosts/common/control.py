@@ -13,11 +13,12 @@ import io
 
 import numpy as np
 
+from ...args import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 from ...errors import DeltaError
 from .files import safetensors_shapes
 
-MAX_SIDE = 4096
-MAX_PIXELS = 16 * 1024 * 1024
+MAX_SIDE = MAX_IMAGE_SIDE  # the panel's uploads are checked against the same bounds
+MAX_PIXELS = MAX_IMAGE_PIXELS
 FAMILIES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SDXL", "sd3": "SD3", "flux": "Flux"}
 
 
