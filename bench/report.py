@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from .chart import Bar, bar_chart, write_png
@@ -64,7 +65,7 @@ def pair_table(pair: dict) -> str:
             speedup += "*"
         transient = sum(r["transient_mb"].values())
         mem = f"{_mb(r['weights_mb'])} + {_mb(r['lora_mb'])} + {_mb(transient)}"
-        if len(r["transient_mb"]) > 1 and r["key"].startswith("remote"):
+        if len(r["transient_mb"]) > 1 and r["key"].startswith(("remote", "forge-remote")):
             mem += " (2 GPUs)"
         t_ms = target["median"] if target else math.nan
         f_ms = floor["median"] if floor else math.nan
@@ -238,6 +239,7 @@ def goals(res: dict) -> list[tuple[str, str, str, str]]:
                             f"{q:.2f}", verdict(q <= 1.10 and bool(r.get("ok")))))
     if not remote_seen:
         out.append(("P4 source on a second GPU ÷ target", "≤ 1.10", "one GPU only", verdict(None)))
+    out += _forge_goals(res.get("forge_two_gpu"), verdict)
     for pair in pairs.values():
         rows = pair["schemes"]
         d, f = _find(rows, "default"), _find(rows, "floor", None)
@@ -340,6 +342,43 @@ def _compile(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _forge_goals(forge: dict | None, verdict: Callable[[bool | None], str]) -> list[tuple[str, str, str, str]]:
+    """P3 and P4 through the Forge host's order of a step (conditioning modifier, target, post-CFG function)."""
+    if not forge:
+        return []
+    out = []
+    gen = forge.get("generation")
+    if gen:
+        t, r = _find(gen["rows"], "target", None), _find(gen["rows"], "forge-cond-window-remote", None)
+        if t and r:
+            q = r["median"] / t["median"]
+            out.append(("P3 30 steps, cond-only on the first half ÷ target", "≤ 1.25",
+                        f"{gen['label']}, {r['label']}: {q:.2f}", verdict(q <= 1.25)))
+    for pair in forge.get("pairs", {}).values():
+        rows = pair["schemes"]
+        t = _find(rows, "target", None)
+        for k in ("forge-remote", "forge-remote-cond"):
+            r = _find(rows, k)
+            if r and t:
+                q = r["median"] / t["median"]
+                out.append(("P4 source on a second GPU ÷ target", "≤ 1.10", f"{pair['label']}, {r['label']}: "
+                            f"{q:.2f}", verdict(q <= 1.10 and bool(r.get("ok")))))
+    return out
+
+
+def _forge_section(forge: dict) -> list[str]:
+    parts = ["## The Forge host's step with the source on GPU 1", "",
+             "The Forge host's order of a step: its conditioning modifier starts the source's call on GPU 1 "
+             "(`DeltaGuidance.prefetch_combined`), the target's forward and CFG combine follow on GPU 0, and its "
+             "post-CFG function corrects the combined prediction; eager, the LoRA patch held attached.", ""]
+    for pair in forge.get("pairs", {}).values():
+        parts += [pair_table(pair), ""]
+    gen = forge.get("generation")
+    if gen:
+        parts += [f"Whole generation: {gen['steps']} Euler steps, {gen['label']}", "", _generation_table(gen), ""]
+    return parts
+
+
 def render(res: dict, chart_path: str) -> str:
     runs = res.get("runs") or [_run_entry(res, "all sections")]
     lines = []
@@ -392,6 +431,8 @@ def render(res: dict, chart_path: str) -> str:
     if res.get("generation"):
         g = res["generation"]
         parts += [f"## Whole generation: {g['steps']} Euler steps, {g['label']}", "", _generation_table(g), ""]
+    if res.get("forge_two_gpu"):
+        parts += _forge_section(res["forge_two_gpu"])
     if res.get("reuse"):
         g = res["reuse"]
         parts += [f"## Reusing a delta for k steps: {g['steps']} Euler steps, {g['label']}", "",
@@ -442,7 +483,7 @@ def write(res: dict, out: Path, docs: bool = False) -> None:
         page.write_text(text)
 
 
-MERGED = ("generation", "source_call", "lora_layers", "reuse", "compile", "flops")
+MERGED = ("generation", "forge_two_gpu", "source_call", "lora_layers", "reuse", "compile", "flops")
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -132,6 +132,40 @@ class Run:
         self.results["generation"] = {"pair": pair.key, "label": pair.label, "steps": steps,
                                       "rows": measure_generations(self.env, rig, make, steps, self.args.gen_runs)}
 
+    def forge_two_gpu(self) -> None:
+        """P4 and P3 through the Forge host's order of a step, the source on GPU 1: per step at 512 and 1024 px (cfg
+        and cond-only deltas) and a whole generation at 1024 px (cond-only on the first half). Needs two GPUs."""
+        if self.env.second is None:
+            self.results["skipped"]["forge-two-gpu"] = "needs two GPUs"
+            print("-- forge-two-gpu: skipped (needs two GPUs)", flush=True)
+            return
+        out: dict = {"pairs": {}}
+        self.results["forge_two_gpu"] = out
+        pairs = [p for p in self.pairs if p.target == "sdxl"] or list(self.pairs[:1])
+        for pair in pairs:
+            rig = self.rig(pair)
+            schemes = [rig.target_only(),
+                       rig.forge_remote("forge-remote", "Forge: DS, source on GPU 1 (concurrent)"),
+                       rig.forge_remote("forge-remote-cond", "Forge: DS cond-only, source on GPU 1 (concurrent)",
+                                        cfg_mode="cond")]
+            rows = measure_schemes(self.env, rig, schemes, self.args)
+            for s in schemes:
+                s.close()
+            out["pairs"][pair.key] = {"label": pair.label, "px": pair.px, "latent": pair.latent, "schemes": rows}
+            print(report.pair_table(out["pairs"][pair.key]), flush=True)
+            self.save()
+        big = next((p for p in pairs if p.px >= 1024), pairs[0])
+        rig = self.rig(big)
+        make: list[tuple[str, Callable[[], Scheme]]] = [
+            ("target", rig.target_only),
+            ("forge-cond-window-remote", lambda: rig.forge_remote(
+                "forge-cond-window-remote", "Forge: DS cond-only, first half, source on GPU 1", cfg_mode="cond",
+                end=0.5)),
+        ]
+        steps = self.args.gen_steps
+        out["generation"] = {"pair": big.key, "label": big.label, "steps": steps,
+                             "rows": measure_generations(self.env, rig, make, steps, self.args.gen_runs)}
+
     def reuse(self, pair: Pair) -> None:
         rig = self.rig(pair)
         make: list[tuple[str, Callable[[], Scheme]]] = [
@@ -219,6 +253,7 @@ class Run:
         small = pairs[0]
         sections: dict[str, tuple[Callable[[], None], float]] = {
             "generation": (lambda: self.generation(big), 40),
+            "forge-two-gpu": (self.forge_two_gpu, 60),
             "source-call": (self.source_call, 20),
             "lora-layers": (self.lora_layers, 15),
             "reuse": (lambda: self.reuse(small), 30),
@@ -236,7 +271,8 @@ class Run:
         print(f"-- done in {self.elapsed:.0f} s; {self.out / 'performance.md'}", flush=True)
 
 
-SECTIONS = ("steps", "generation", "source-call", "lora-layers", "reuse", "profiles", "compile", "flops")
+SECTIONS = ("steps", "generation", "forge-two-gpu", "source-call", "lora-layers", "reuse", "profiles", "compile",
+            "flops")
 
 
 # --- measuring helpers -------------------------------------------------------------------------------------------

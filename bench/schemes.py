@@ -13,7 +13,11 @@ added where the scheme computes one (λ = 1, CFG scale 7):
 - ``cond``: cond-only deltas (2 source rows);
 - ``graph``: the source call replayed from a CUDA graph; ``remote``: the source on the second GPU, started before
   the target's forward (:meth:`~lib_delta.guidance.DeltaGuidance.prefetch`); ``compile``: ``torch.compile`` of
-  the source.
+  the source;
+- ``forge-remote``: the Forge host's order of a step with the source on the second GPU: its conditioning modifier
+  starts the source's call (:meth:`~lib_delta.guidance.DeltaGuidance.prefetch_combined`), the target's forward and
+  CFG combine follow, and its post-CFG function corrects the combined prediction (``apply_combined``); eager, with
+  the LoRA patch held attached, as that host runs it.
 """
 
 from __future__ import annotations
@@ -192,6 +196,26 @@ class PairRig:
         if reuse > 1 or end < 1.0:
             check = "none"
         return Scheme(key, label, adapter, step, weights, self.models.patch(adapter).nbytes(), check,
+                      [src.close], [src])
+
+    def forge_remote(self, key: str, label: str, *, cfg_mode: str = "cfg", end: float = 1.0) -> Scheme:
+        """The Forge host's step with the source on the second GPU (see the module doc)."""
+        dev = self.env.second
+        unet = self.models.unet("sd1", "source", dev)
+        src = BatchedSource(self._remote_denoiser(dev, unet), self._remote_cond(dev), self.models.patch("lora", dev),
+                            hold=True)
+        group = AdaptationGroup(loras=(LoraRef("bench"),), strength=1.0, end=end)
+        settings = DeltaSettings(enabled=True, source="bench", groups=(group,), cfg_mode=cfg_mode)
+        guidance = DeltaGuidance(settings, self.bridge, OnDevice(src, dev), ProgressClock(self.sigmas.tolist()))
+
+        def step(x: Tensor, sigma: Tensor) -> Tensor:
+            guidance.prefetch_combined(x, sigma, self.layout)  # the conditioning modifier
+            denoised = cfg_combine(self.target(cat2(x), cat2(sigma), self.target_cond), self.layout)
+            guidance.apply_combined(x, sigma, denoised, self.layout)  # the post-CFG function
+            return denoised
+
+        check = "none" if end < 1.0 else "reference-cond" if cfg_mode == "cond" else "reference"
+        return Scheme(key, label, "lora", step, nbytes(self.target_unet), self.models.patch("lora").nbytes(), check,
                       [src.close], [src])
 
     def _remote_denoiser(self, dev: torch.device, unet: torch.nn.Module) -> torch.nn.Module:

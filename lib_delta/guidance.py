@@ -153,7 +153,7 @@ class DeltaGuidance:
         self.prefetched = 0  # calls whose source prediction was started before the target's forward
         self.trajectory = SeparateTrajectory(bridge) if settings.trajectory == "separate" else None
         self._pending: tuple[tuple, Tensor] | None = None  # (call key, prediction) from prefetch()
-        self._row_indices: dict[tuple[CfgLayout, torch.device], Tensor] = {}
+        self._row_indices: dict[tuple, Tensor] = {}
 
     def strengths(self, level: float) -> tuple[float, ...]:
         p = self.clock.progress(level)
@@ -165,6 +165,11 @@ class DeltaGuidance:
         ``x``/``level`` are the rows' noisy latent and noise level as the target's sampler passed them, ``out`` its
         per-row outputs (x0, or ε for timestep samplers), laid out as ``layout``.
         """
+        return self._apply(x, level, out, layout, (x, level))
+
+    def _apply(self, x: Tensor, level: Tensor, out: Tensor, layout: CfgLayout, call: tuple[Tensor, Tensor]
+               ) -> bool:
+        """:meth:`apply`; ``call``: the tensors the host passed for this model call, which name its prefetch."""
         pending, self._pending = self._pending, None
         progress, lam, active = self._strengths_at(level)
         target = self.bridge.target
@@ -175,7 +180,7 @@ class DeltaGuidance:
                 self.trajectory.source_point(x_ve, sigma, layout)
             return False
         base_first, cond_only, rows, variants = self._request(layout, active)
-        if pending is not None and pending[0] == _call_key(x, level, progress, rows, variants):
+        if pending is not None and pending[0] == _call_key(*call, progress, rows, variants):
             pred = pending[1]
             self.prefetched += 1
         else:
@@ -203,10 +208,20 @@ class DeltaGuidance:
         """Optionally start this model call's source evaluation before the target's forward.
 
         The next :meth:`apply` with the same ``x`` and ``level`` tensors uses the result instead of calling the
-        source again, so the outcome is unchanged. It pays where the source runs elsewhere
-        (the A1111 host with the source on a second GPU): both models then compute at the same time. Does nothing with a
+        source again, so the outcome is unchanged. It pays where the source runs elsewhere (a host with the source
+        on a second GPU): both models then compute at the same time. Does nothing with a
         separate trajectory, whose source point only exists once the target's previous prediction is known.
         """
+        self._prefetch(x, level, layout, (x, level))
+
+    def prefetch_combined(self, x: Tensor, level: Tensor, layout: CfgLayout) -> None:
+        """:meth:`prefetch` for a host that corrects the combined prediction (:meth:`apply_combined`): ``x`` and
+        ``level`` per image, the very tensors the following :meth:`apply_combined` receives."""
+        images = self._row_index(layout, x.device)
+        self._prefetch(x.index_select(0, images), level.reshape(-1).index_select(0, images.to(level.device)), layout,
+                       (x, level))
+
+    def _prefetch(self, x: Tensor, level: Tensor, layout: CfgLayout, call: tuple[Tensor, Tensor]) -> None:
         self._pending = None
         if self.trajectory is not None:
             return
@@ -223,7 +238,7 @@ class DeltaGuidance:
         else:
             xs, ls = self.bridge.to_source(_wide(x), _wide(level).reshape(-1))
         pred = self._call_source(xs, ls, rows, variants, layout)
-        self._pending = (_call_key(x, level, progress, rows, variants), pred)
+        self._pending = (_call_key(*call, progress, rows, variants), pred)
 
     def grid_for(self, x: Tensor) -> resolution.SourceGrid | None:
         """The resize to the source's own area for latents of ``x``'s size, or None: the source sees the target's
@@ -269,8 +284,8 @@ class DeltaGuidance:
         if layout.uncond_from_cond and len(rows) == layout.n_cond and not self._cond_only():
             # the target combines with its first cond rows as uncond: the source takes the same rows, not an
             # uncond prediction of its own that the target never made
-            firsts = [conds[0][0] for conds in layout.conds_list]
-            pred = torch.cat([pred, pred[:, firsts]], dim=1)
+            firsts = self._first_cond_rows(layout, pred.device)
+            pred = torch.cat([pred, pred.index_select(1, firsts)], dim=1)
         return pred
 
     def apply_combined(self, x: Tensor, level: Tensor, denoised: Tensor, layout: CfgLayout) -> bool:
@@ -280,9 +295,10 @@ class DeltaGuidance:
         image. Every row is taken to equal the combined prediction: the combine is affine with weights summing to
         one, so it gives that prediction back exactly, and combining the corrected rows is the corrected result.
         """
-        images = layout.row_images()
-        rows = denoised[images]
-        if not self.apply(x[images], level.reshape(-1)[images], rows, layout):
+        images = self._row_index(layout, denoised.device)
+        rows = denoised.index_select(0, images)
+        if not self._apply(x.index_select(0, images), level.reshape(-1).index_select(0, images.to(level.device)),
+                           rows, layout, (x, level)):
             return False
         denoised.copy_(cfg_combine(rows, layout))
         return True
@@ -347,6 +363,14 @@ class DeltaGuidance:
         key = (layout, device)
         if key not in self._row_indices:
             self._row_indices[key] = torch.tensor(layout.row_images(), device=device)
+        return self._row_indices[key]
+
+    def _first_cond_rows(self, layout: CfgLayout, device: torch.device) -> Tensor:
+        """Each image's first cond row, the row the host put in place of its skipped uncond, as an index tensor
+        made once (see :meth:`_row_index`)."""
+        key = (layout, device, "firsts")
+        if key not in self._row_indices:
+            self._row_indices[key] = torch.tensor([conds[0][0] for conds in layout.conds_list], device=device)
         return self._row_indices[key]
 
     def _target_x0(self, x_ve: Tensor, sigma: Tensor, out: Tensor, layout: CfgLayout) -> Tensor:

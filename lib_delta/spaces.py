@@ -12,6 +12,7 @@ Every model is evaluated through a wrapper that returns x0, so deltas are taken 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,20 +45,21 @@ FLUX = LatentFormat("Flux", 16, 0.3611, 0.1159)
 LATENT_FORMATS = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
 
 
-def check_latent_compatible(source: LatentFormat, target: LatentFormat, source_name: str, target_name: str) -> None:
-    """Refuse a pairing whose latents cannot be converted into each other."""
+def check_latent_compatible(source: LatentFormat, target: LatentFormat, source_name: str, target_name: str,
+                            examples: Sequence[str] | None = None) -> None:
+    """Refuse a pairing whose latents cannot be converted into each other. ``examples``: the model families the
+    running host loads that could steer this target, named in the refusal (by default the families of this module
+    with the target's channel count)."""
     if source.channels != target.channels:
+        if examples is None:
+            examples = [f.name for f in LATENT_FORMATS.values() if f.channels == target.channels]
+        such = ", ".join(examples) if examples else f"another {target.channels}-channel model"
         raise DeltaError(
             f"The source model '{source_name}' ({source.name}, {source.channels} latent channels) cannot steer the "
             f"target '{target_name}' ({target.name}, {target.channels} latent channels): Delta Sampling needs both "
             f"models to share a latent space. Choose a source of the target's family (a {target.channels}-channel "
-            f"model such as {_examples(target.channels)})."
+            f"model such as {such})."
         )
-
-
-def _examples(channels: int) -> str:
-    names = [f.name for f in LATENT_FORMATS.values() if f.channels == channels]
-    return ", ".join(names) if names else f"another {channels}-channel model"
 
 
 @dataclass(frozen=True)

@@ -384,6 +384,20 @@ def test_a_16_channel_source_is_refused_with_the_latent_message(ui):
         host._check_pair(sd3, shared.sd_model, "source")
 
 
+def test_a_refusal_suggests_only_families_automatic1111_loads(ui):
+    """An SD1 source for an SD3 target: the way out names SD3, not Flux, which this WebUI cannot load."""
+    from types import SimpleNamespace
+
+    from modules import shared
+
+    info = SimpleNamespace(name="sd3_medium.safetensors", name_for_extra="sd3_medium")
+    sd3 = SimpleNamespace(is_sd3=True, latent_channels=16, cond_stage_key="txt", depth_model=None,
+                          model=SimpleNamespace(conditioning_key="crossattn"), sd_checkpoint_info=info)
+    with pytest.raises(DeltaError) as e:
+        host._check_pair(shared.sd_model, sd3, "source")
+    assert "a 16-channel model such as SD3)" in str(e.value) and "Flux" not in str(e.value)
+
+
 def test_an_alternative_unet_is_refused(ui, monkeypatch):
     from types import SimpleNamespace
 

@@ -51,6 +51,35 @@ def test_each_scheme_gives_the_reference_output(run):
         assert call["err_vs_merged"] < 1e-4
 
 
+def test_the_forge_step_with_the_source_beside_gives_the_reference_output(run):
+    """The Forge host's order of a step (prefetch in the conditioning modifier, correction of the combined
+    prediction): the same output as the reference, per step at both sizes, and half the source calls over a
+    generation that stops its deltas halfway; its P3/P4 rows in the goals."""
+    results, out = run
+    forge = results["forge_two_gpu"]
+    assert set(forge["pairs"]) == {"sd15-sdxl-512", "sd15-sdxl-1024"}
+    for pair in forge["pairs"].values():
+        rows = {r["key"]: r for r in pair["schemes"]}
+        assert set(rows) == {"target", "forge-remote", "forge-remote-cond"}
+        for key in ("forge-remote", "forge-remote-cond"):
+            assert rows[key]["ok"] and rows[key]["delta_size"] > 1e-3, (pair["label"], rows[key])
+    gen = {r["key"]: r for r in forge["generation"]["rows"]}
+    assert gen["forge-cond-window-remote"]["source_calls"] == forge["generation"]["steps"] // 2
+    goals = [g for g in report.goals(results) if "Forge" in g[2]]
+    assert [g[0][:2] for g in goals] == ["P3"] + ["P4"] * 4
+    assert "## The Forge host's step with the source on GPU 1" in (out / "performance.md").read_text()
+
+
+def test_the_forge_section_skips_without_a_second_gpu(monkeypatch, tmp_path):
+    from bench import run as bench_run
+    from bench.rig import Env
+
+    detect = Env.detect
+    monkeypatch.setattr(Env, "detect", staticmethod(lambda toy: Env(**{**vars(detect(toy)), "second": None})))
+    results = bench_run.main(["--toy", "--out", str(tmp_path), "--sections", "forge-two-gpu"])
+    assert results["skipped"] == {"forge-two-gpu": "needs two GPUs"} and "forge_two_gpu" not in results
+
+
 def test_delta_reuse_counts_and_exactness(run):
     results, _ = run
     rows = {r["key"]: r for r in results["reuse"]["rows"]}

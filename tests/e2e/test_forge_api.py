@@ -319,6 +319,50 @@ def test_base_first_with_the_target_as_its_own_source_is_the_targets_image(forge
     assert forge.txt2img(PROMPT).image == plain["sd15"].image
 
 
+def test_skipped_cfg_steps_run_the_source_unguided_as_in_automatic1111(forge, sd15, plain, record_property):
+    # Forge runs some calls at scale 1 by its own choice: skip-early-CFG (an option) and NGMS (a request field: every
+    # odd step below its σ). There the source runs unguided too, as AUTOMATIC1111's host does, whatever its own
+    # scale: base-first with the target as its own source at the target's scale, over every step, is then Forge's
+    # own image with the same skips. A source guided on those steps lands elsewhere.
+    settings = dict(enabled=True, source=sd15.model_name, mode="base-first", source_cfg=7.0)
+    try:
+        forge.set_options(skip_early_cond=0.5)
+        own_early = forge.txt2img(PROMPT)
+        got_early = forge.txt2img(PROMPT, **delta(**settings))
+    finally:
+        forge.set_options(skip_early_cond=0.0)
+    own_ngms = forge.txt2img(PROMPT, s_min_uncond=100.0)
+    got_ngms = forge.txt2img(PROMPT, s_min_uncond=100.0, **delta(**settings))
+    db = {"skip_early_moves": psnr(own_early.image, plain["sd15"].image),
+          "skip_early_delta_vs_forge": psnr(got_early.image, own_early.image),
+          "ngms_moves": psnr(own_ngms.image, plain["sd15"].image),
+          "ngms_delta_vs_forge": psnr(got_ngms.image, own_ngms.image)}
+    for key, value in db.items():
+        record_property(f"psnr_{key}_db", round(value, 2))
+    print("skipped CFG: " + "; ".join(f"{k} = {v:.2f} dB" for k, v in db.items()))
+    assert own_early.param("Skip Early CFG") == "0.5" and own_ngms.param("NGMS") == "100.0", own_ngms.infotext
+    # the skips move Forge's own image (NGMS, on 2 of 4 steps, less), and the delta's lands on it far closer than
+    # that: a source guided on the skipped steps would be about as far from it as the skips move it
+    for skip in ("skip_early", "ngms"):
+        assert db[f"{skip}_moves"] < 60.0, f"{skip} must move the image for this to mean anything"
+        assert db[f"{skip}_delta_vs_forge"] > max(CLOSE_DB, db[f"{skip}_moves"] + 10.0)
+    assert forge.txt2img(PROMPT).image == plain["sd15"].image
+
+
+def test_a_source_device_that_does_not_exist_is_refused_by_name(pool, forge, sd15, plain):
+    settings = dict(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>")
+    try:
+        forge.set_options(delta_sampling_device="cuda:7")
+        with pytest.raises(requests.HTTPError) as err:
+            forge.txt2img(PROMPT, **delta(**settings))
+    finally:
+        forge.set_options(delta_sampling_device="same")
+    assert err.value.response.status_code == 422, err.value
+    detail = err.value.response.json()["detail"]
+    assert "Delta Sampling device 'cuda:7' does not exist on this machine; use 'same' or 'cpu'." in detail, detail
+    assert forge.txt2img(PROMPT).image == plain["sd15"].image
+
+
 def test_two_groups_at_half_strength_equal_one_group_at_full_strength(forge, sd15, plain, record_property):
     # Σ_g λ_g·(x0_adapted_g − x0_base) is linear in λ in cfg mode: two groups holding the same LoRA at λ = 0.5 add
     # two equal halves of one delta. The two paths differ only in float rounding (the adapted rows are evaluated
@@ -476,7 +520,7 @@ def test_sd15_source_on_an_sd3_target_is_refused_and_the_next_image_is_unchanged
     detail = response.json()["detail"]
     assert f"'{sd15.model_name}' (SD1, 4 latent channels)" in detail, detail
     assert f"'{sd3.model_name}' (SD3, 16 latent channels)" in detail, detail
-    assert "Choose a source of the target's family (a 16-channel model such as SD3, Flux)" in detail, detail
+    assert "Choose a source of the target's family (a 16-channel model such as SD3, Flux, Chroma)" in detail, detail
     # the whole PNG of the next plain image is the one from before, on the same keep-alive connection
     assert forge.txt2img(PROMPT, **SD3).image == plain.image
     log = server.log_path.read_text(errors="replace")[log_start:]

@@ -8,8 +8,9 @@
 - ``sampling_function_inner``: the CFG-1 optimisation, the edit strength and post-CFG functions;
 - patchers: ``clone`` deep-copies ``model_options`` and copies the extra-model list, as Forge's do; every module a
   patcher wraps gets a ``lora_loader`` that refers back to it (backend/patcher/base.py:63-66), a reference cycle;
-- memory management: a list of loaded models that ``load_models_gpu`` fills (loading one clone unloads the others
-  of the same module, memory_management.py:552-559) and ``model_unload`` leaves;
+- memory management: a list of loaded models that ``load_models_gpu`` fills, moving each module onto its patcher's
+  load device (loading one clone unloads the others of the same module, memory_management.py:552-559), and
+  ``model_unload`` leaves, back to the offload device;
 - files: ``load_torch_file`` as unsafe as Forge's (backend/utils.py:22-47), and ``build_loaded``, Forge's wrapper of
   ``torch.load`` and ``safetensors.torch.load_file`` (modules_forge/patch_basic.py:27-56, 91-92), which ``installed()``
   puts in place: it has no ``weights_only``, and it renames a file it fails to read to ``<file>.corrupted``;
@@ -227,6 +228,7 @@ def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
             current_loaded_models.insert(0, current_loaded_models.pop(current_loaded_models.index(entry)))
             continue
         unload_model_clones(m)
+        m.model.to(m.load_device)  # LoadedModel.model_load: onto the patcher's own load device
         current_loaded_models.insert(0, entry)
 
 

@@ -132,6 +132,7 @@ class LoadedModel:
 
     def model_load(self):
         real_model = self.model.model
+        real_model.to(self.device)  # onto the patcher's load device
         self.real_model = weakref.ref(real_model)
         self.model_finalizer = weakref.finalize(real_model, cleanup_models)
         self.model_finalizer.atexit = False
@@ -175,6 +176,8 @@ def cleanup_models_gc(*, target=()):
 def cleanup_models():
     loaded = backend.current_loaded_models
     for i in range(len(loaded) - 1, -1, -1):
+        if not isinstance(loaded[i], LoadedModel):  # a Forge 2 test's list, met by a late finalizer of a Neo test
+            continue
         if loaded[i].real_model is None or loaded[i].real_model() is None:
             loaded.pop(i)
 

@@ -29,7 +29,7 @@ from . import backend
 # --- modules.shared, devices, script_callbacks, sd_samplers, sd_samplers_common --------------------------------------
 
 opts = SimpleNamespace(CLIP_stop_at_last_layers=1, use_old_scheduling=False, delta_sampling_cache="ram",
-                       img2img_fix_steps=False)
+                       img2img_fix_steps=False, skip_early_cond=0.0, s_min_uncond_all=False)
 state = SimpleNamespace(textinfo=None, interrupted=False)
 unloaded_callbacks: list = []
 
@@ -205,8 +205,8 @@ class InterruptedException(BaseException):
 
 
 class CFGDenoiser:
-    def __init__(self, p):
-        self.p, self.step = p, 0
+    def __init__(self, sampler, p):
+        self.sampler, self.p, self.step, self.total_steps = sampler, p, 0, 0
 
     def __call__(self, x, sigma, cond, uncond, cond_scale):
         if state.interrupted:
@@ -215,6 +215,8 @@ class CFGDenoiser:
         uncond = reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
         if self.p.is_hr_pass:
             cond_scale = self.p.hr_cfg
+        if self._skips_cfg(sigma):
+            cond_scale = 1.0
         unet = self.p.sd_model.forge_objects.unet
         model, options = unet.model, unet.model_options
         cond, uncond = backend.compile_weighted_conditions(cond, composition), backend.compile_conditions(uncond)
@@ -230,10 +232,23 @@ class CFGDenoiser:
         self.p.sampler.last_latent = denoised
         return denoised
 
+    def _skips_cfg(self, sigma) -> bool:
+        """Skip-early-CFG and NGMS (sd_samplers_cfg_denoiser.py:190-197); Neo's checks are ``0 < step / total`` and
+        ``0 < sigma[0] < s_min_uncond`` (its sd_samplers_cfg_denoiser.py:141-144)."""
+        from lib_delta.hosts import is_neo
+
+        neo, s_min = is_neo(), self.sampler.sampler_extra_args["s_min_uncond"]
+        ratio = self.step / self.total_steps
+        if opts.skip_early_cond > 0 and ratio <= opts.skip_early_cond and (ratio > 0 or not neo):
+            return True
+        return bool((self.step % 2 or opts.s_min_uncond_all) and s_min > 0 and sigma[0] < s_min
+                    and (sigma[0] > 0 or not neo))
+
 
 class KDiffusionSampler:
     def __init__(self, p):
-        self.model_wrap_cfg = CFGDenoiser(p)
+        self.model_wrap_cfg = CFGDenoiser(self, p)
+        self.sampler_extra_args = {"s_min_uncond": p.s_min_uncond}
         self.last_latent = None
 
     def get_sigmas(self, p, steps):
@@ -246,6 +261,7 @@ class KDiffusionSampler:
         unet = p.sd_model.forge_objects.unet
         backend.sampling_prepare(unet, x)
         model = self.model_wrap_cfg
+        model.total_steps = len(sigmas) - 1
         try:
             return sampling.sample_euler(lambda xx, s: model(xx, s, c, uc, cfg), x, sigmas)
         except InterruptedException:
@@ -270,8 +286,9 @@ class Processing:
 
     def __init__(self, sd_model, prompt, negative_prompt="", batch_size=2, steps=4, cfg_scale=5.0, width=64,
                  height=64, seed=3, enable_hr=False, hr_second_pass_steps=0, denoising_strength=0.6, hr_cfg=None,
-                 distilled_cfg_scale=3.5):
+                 distilled_cfg_scale=3.5, s_min_uncond=0.0):
         self.sd_model = sd_model
+        self.s_min_uncond = s_min_uncond
         self.prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         self.negative_prompts = [negative_prompt] * len(self.prompts)
         self.hr_prompts, self.hr_negative_prompts = list(self.prompts), list(self.negative_prompts)

@@ -40,6 +40,7 @@ from .ip_rows import RowImagePrompt
 ERROR_ATTR = "delta_sampling_error"
 SLOT = RunSlot()  # the generation in progress (the WebUI runs one at a time)
 _FAMILY_FORMATS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL, "sd3": SD3}
+_LOADABLE = (SD1, SD2, SDXL, SD3)  # the model families AUTOMATIC1111 1.10 loads (no Flux)
 
 
 # --- registration ------------------------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def _plan(settings: DeltaSettings, target: Any, p: Any = None) -> Plan:
     family = checkpoint_family(source.filename)
     if family in _FAMILY_FORMATS:
         check_latent_compatible(_FAMILY_FORMATS[family], source_mod.latent_format(target),
-                                source_mod.info_label(source), source_mod.model_label(target))
+                                source_mod.info_label(source), source_mod.model_label(target),
+                                _sources_for(source_mod.latent_format(target)))
     for info in {id(i): i for i in tuned if i is not None}.values():
         theirs = checkpoint_family(info.filename)
         if family in _FAMILY_FORMATS and theirs in _FAMILY_FORMATS and \
@@ -339,13 +341,18 @@ def _check_target(target: Any) -> None:
                          f"{why}, whose extra image conditioning the delta does not carry.")
 
 
+def _sources_for(target: Any) -> list[str]:
+    """The families this WebUI loads that share the target's latent channels: what a refusal suggests."""
+    return [f.name for f in _LOADABLE if f.channels == target.channels]
+
+
 def _check_pair(model: Any, target: Any, role: str, against: str = "target") -> None:
     label = source_mod.model_label(model)
     why = source_mod.unsupported_kind(model)
     if why:
         raise DeltaError(f"The Delta Sampling {role} '{label}' is {why}; choose a plain text-to-image checkpoint.")
     check_latent_compatible(source_mod.latent_format(model), source_mod.latent_format(target), label,
-                            source_mod.model_label(target))
+                            source_mod.model_label(target), _sources_for(source_mod.latent_format(target)))
     if source_mod.is_inpainting(model) and not (
             source_mod.is_inpainting(target) and source_mod.latent_format(model) == source_mod.latent_format(target)):
         raise DeltaError(f"The Delta Sampling {role} '{label}' is an inpainting model, but the {against} "

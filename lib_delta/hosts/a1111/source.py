@@ -23,6 +23,7 @@ from ...errors import DeltaError
 from ...spaces import SD1, SD2, SD3, SDXL, LatentFormat
 from ...webui.interfaces import SETTING_CUDA_GRAPH
 from ..common import names as listed
+from ..common.devices import chosen_device
 from ..common.pool import Limits, ModelPool, free_weights
 
 _VAE_PREFIX = "first_stage_model."
@@ -273,17 +274,8 @@ def source_device() -> torch.device:
     """The device the ``delta_sampling_device`` option names: "same" (the WebUI's), "cpu" or "cuda:N"."""
     from modules import devices, shared
 
-    choice = str(getattr(shared.opts, "delta_sampling_device", "same") or "same").strip()
-    if choice == "same":
-        return torch.device(devices.device)
-    try:
-        device = torch.device(choice)
-    except (RuntimeError, ValueError):
-        raise DeltaError(f"Delta Sampling device '{choice}' is not a device name: use 'same', 'cpu' or 'cuda:N' "
-                         "(Settings > Delta Sampling).") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise DeltaError(f"Delta Sampling device '{choice}' does not exist on this machine; use 'same' or 'cpu'.")
-    return device
+    device = chosen_device(shared.opts)
+    return torch.device(devices.device) if device is None else device
 
 
 def runs_beside(device: torch.device) -> bool:

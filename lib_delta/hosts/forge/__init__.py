@@ -33,6 +33,7 @@ from ...guidance import CfgLayout, DeltaGuidance
 from ...resolution import native_side
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
+from .. import is_neo
 from ..common import credits as credits_mod
 from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
@@ -175,6 +176,9 @@ class ForgeRun:
         self.samplers: list[weakref.ref] = []
         self.records: list = []  # preview records of every pass
         self.target_latent: str | None = None  # the preview's target label, kept past close()
+        self.layout: CfgLayout | None = None  # the coming model call's, set just before the target's forward
+        self.beside = False  # the source computes on a GPU of its own, started before the target's forward
+        self.calls_beside = 0  # source calls of the finished passes that ran beside the target's forward
         self.closed = False
 
     # -- one sampling pass -------------------------------------------------------------------------------------
@@ -184,6 +188,7 @@ class ForgeRun:
         target = p.sd_model
         key = (getattr(p, "iteration", 0), bool(getattr(p, "is_hr_pass", False)), id(target))
         if key != self.pass_key:
+            self._count_beside()
             bridge = self._bridge(target)
             levels = sampling_levels(p)
             self.source.encode(p)
@@ -200,25 +205,34 @@ class ForgeRun:
             guard_mod.guard(p.sampler, on_failure=SLOT.close)
             self.samplers.append(weakref.ref(p.sampler))
         unet = target.forge_objects.unet
+        self.beside = forge_memory.runs_beside(self.source.base.unet.load_device, unet.load_device)
+        if self.beside and x is not None:  # on its own GPU, budgeted there: nothing of it on the target's
+            forge_memory.load_beside(self.source.patchers(),
+                                     self.source.activations(tuple(x.shape)) + self.source.patch_bytes())
         if _carries_hook(unet):
             return  # this UNet already carries the hook
         unet = unet.clone()
         self.clones.append(weakref.ref(unet))
-        for patcher in self.source.patchers():
-            unet.add_extra_model_patcher_during_sampling(patcher)
-        if x is not None:
-            unet.add_extra_preserved_memory_during_sampling(self.source.extra_memory(tuple(x.shape), unet))
-        unet.add_conditioning_modifier(self._scale_recorder())
+        if not self.beside:  # loaded beside the target, with the activations it adds to the target's budgeted
+            for patcher in self.source.patchers():
+                unet.add_extra_model_patcher_during_sampling(patcher)
+            if x is not None:
+                unet.add_extra_preserved_memory_during_sampling(self.source.extra_memory(tuple(x.shape), unet))
+        unet.add_conditioning_modifier(self._call_modifier())
         unet.set_model_sampler_post_cfg_function(self._post_cfg_function())
         target.forge_objects.unet = unet
         if target not in self.armed:
             self.armed.append(target)
 
+    def _count_beside(self) -> None:
+        if self.guidance is not None:
+            self.calls_beside += self.guidance.prefetched
+
     def _bridge(self, target: Any) -> SpaceBridge:
         source = self.source.base.engine
         src, tgt = self.source.base.latent, forge_models.latent_format(target)
         src_name, tgt_name = self.source.base.title, forge_models.model_label(target)
-        check_latent_compatible(src, tgt, src_name, tgt_name)
+        check_latent_compatible(src, tgt, src_name, tgt_name, forge_models.sources_for(target))
         forge_models.check_convertible(source, target, src_name, tgt_name)
         if not forge_models.same_latent_space(source, target):
             note = f"{src.name}->{tgt.name} via the unscaled latent (different VAEs: approximate)"
@@ -232,24 +246,39 @@ class ForgeRun:
                                       native_px=native_side(src.name, forge_models.v_prediction(source))),
                            ModelSpace(tgt, forge_models.convention(target)))
 
-    def _scale_recorder(self):
-        source = weakref.ref(self.source)  # the clone may outlive the run: it must not keep it alive
-        source_scale = self.settings.source_cfg_for
+    def _call_modifier(self):
+        run = weakref.ref(self)  # the clone may outlive the run: it must not keep it alive
 
-        def record(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-            # Forge decides the scale after the denoiser callback (hires CFG, skip-early-CFG, NGMS); see it here.
-            current = source()
+        def modify(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+            current = run()
             if current is not None:
-                current.cond_scale = float(cond_scale)
-                # At CFG 1 Forge encodes no negative prompt and skips the target's uncond; the source (which encodes
-                # its own) skips its uncond only if it too combines at 1: base-first guides a distilled target's
-                # source at its own scale.
-                cfg1 = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-                current.skip_uncond = (uncond is None or cfg1) and math.isclose(source_scale(cond_scale), 1.0)
+                current.before_call(x, timestep, uncond, float(cond_scale), model_options)
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
-        setattr(record, _MARK, True)
-        return record
+        setattr(modify, _MARK, True)
+        return modify
+
+    def before_call(self, x: Any, sigma: Any, uncond: Any, cond_scale: float, model_options: dict) -> None:
+        """A conditioning modifier, just before the target's forward: Forge has decided the call's scale by then
+        (hires CFG, skip-early-CFG, NGMS). Lays out the call, and starts the source's prediction on its own GPU."""
+        source = self.source
+        source.cond_scale = cond_scale
+        if skips_cfg(source.denoiser, sigma):
+            # Forge runs this call unguided by its own choice: so does the source, whatever its scale, as in
+            # AUTOMATIC1111, whose denoiser puts each image's cond row in place of the skipped uncond
+            source.skip_uncond = True
+            self.layout = CfgLayout.from_conds_list([[(i, 1.0)] for i in range(x.shape[0])], 1.0,
+                                                    uncond_from_cond=True)
+        else:
+            # At CFG 1 Forge encodes no negative prompt and skips the target's uncond; the source (which encodes its
+            # own) skips its uncond only if it too combines at 1: base-first guides a distilled target's source at
+            # its own scale.
+            cfg1 = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+            source.skip_uncond = (uncond is None or cfg1) and math.isclose(self.settings.source_cfg_for(cond_scale),
+                                                                           1.0)
+            self.layout = CfgLayout.simple(x.shape[0], cond_scale)
+        if self.beside and self.guidance is not None:
+            self.guidance.prefetch_combined(x, sigma, self.layout)
 
     def _post_cfg_function(self):
         # a plain function holding the run weakly: Forge deep-copies model_options on every clone (a function is
@@ -268,7 +297,9 @@ class ForgeRun:
         guidance = self.guidance
         if guidance is None:  # a clone that outlived its generation
             return denoised
-        layout = CfgLayout.simple(denoised.shape[0], self.source.cond_scale)
+        layout = self.layout
+        if layout is None or layout.batch != denoised.shape[0]:  # no modifier ran: another extension replaced ours
+            layout = CfgLayout.simple(denoised.shape[0], self.source.cond_scale)
         if guidance.apply_combined(x, sigma, denoised, layout) and guidance.record:
             from ... import preview
 
@@ -285,6 +316,7 @@ class ForgeRun:
             return
         self.closed = True
         ours = self.source.patchers()
+        self._count_beside()
         samplers, clones = _alive(self.samplers), _alive(self.clones)
         try:
             for sampler in samplers:
@@ -304,14 +336,16 @@ class ForgeRun:
             units = forge_control.describe(self.source.units())
             self.source.release_units()
             self.samplers, self.armed, self.clones = [], [], []
-            self.guidance, self.source.denoiser, self.p = None, None, None
+            self.guidance, self.layout, self.source.denoiser, self.p = None, None, None, None
             forge_models.settle(keys)
             forge_control.settle(control_keys)
         seconds = time.perf_counter() - self.started
         loras = self.source.lora_summary()
         for slot in self.source.slots:  # detached: its terms would only hold memory until the run object goes
             slot.patch = None
-        print(f"{self.settings.summary()}; {self.source.calls} source calls; {seconds:.1f}s"
+        device = self.source.base.unet.load_device
+        beside = f" ({self.calls_beside} beside the target on {device})" if self.calls_beside else ""
+        print(f"{self.settings.summary()}; {self.source.calls} source calls{beside}; {seconds:.1f}s"
               + (f"; LoRA {loras}" if loras else "") + (f"; ControlNet on the adapted rows: {units}" if units else ""))
 
     def append_preview(self, processed: Any) -> None:
@@ -348,6 +382,26 @@ def sampling_levels(p: Any) -> list[float]:
         return [*torch.flip(sigmas[timesteps.long()], (0,)).tolist(), 0.0]
     raise DeltaError(f"Delta Sampling does not know the sampler {type(sampler).__name__}; use a k-diffusion "
                      "sampler (Euler, DPM++ ...) or DDIM/PLMS/UniPC.")
+
+
+def skips_cfg(denoiser: Any, sigma: Any) -> bool:
+    """Whether Forge's CFG denoiser runs this call at scale 1 by its own choice: skip-early-CFG or NGMS
+    (modules/sd_samplers_cfg_denoiser.py:190-197 of Forge 2; Neo never skips the first step, and takes NGMS only
+    above σ = 0)."""
+    from modules import shared
+
+    opts = shared.opts
+    step, total = int(getattr(denoiser, "step", 0)), int(getattr(denoiser, "total_steps", 0) or 0)
+    first_too = not is_neo()
+    early = float(getattr(opts, "skip_early_cond", 0.0) or 0.0)
+    if early > 0 and total and (step > 0 or first_too) and step / total <= early:
+        return True
+    extra = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", None) or {}
+    s_min = float(extra.get("s_min_uncond") or 0.0)
+    if s_min <= 0 or not (step % 2 or getattr(opts, "s_min_uncond_all", False)):
+        return False
+    level = float(sigma.reshape(-1)[0])
+    return level < s_min and (level > 0 or first_too)
 
 
 def _alive(refs: list[weakref.ref]) -> list[Any]:

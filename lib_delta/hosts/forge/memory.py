@@ -55,3 +55,34 @@ def hand_over(entry: Any, own: Any) -> None:
     else:
         entry.model.forge_unpatch_model()  # its object patches, if any, as Forge restores them unloading a clone
         entry.model = own
+
+
+# --- a source on its own device -----------------------------------------------------------------------------------
+
+
+def runs_beside(source_device: Any, target_device: Any) -> bool:
+    """Whether the source computes on a GPU the target does not use (the ``cuda:N`` device setting). Its call of each
+    step is then started before the target's forward (``DeltaGuidance.prefetch_combined``), and the two GPUs compute
+    at the same time; on the target's device, or on the CPU, it runs after the target as before."""
+    import torch
+
+    source, target = torch.device(source_device), torch.device(target_device)
+    return source.type == "cuda" and _resolved(source) != _resolved(target)
+
+
+def _resolved(device: Any) -> Any:
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def load_beside(patchers: list[Any], activations: int) -> None:
+    """Load a source that runs on its own device through Forge's memory manager, by itself: its weights and the
+    memory its activations need are counted on that device alone (the manager frees memory per device, for the
+    devices of the models it loads), and nothing of it against the target's GPU, where a source loaded as one of the
+    target's extra models would reserve its activations too (sampling_function.py:366-386)."""
+    from backend import memory_management
+
+    memory_management.load_models_gpu(patchers, memory_required=activations)

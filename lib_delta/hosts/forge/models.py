@@ -31,6 +31,7 @@ from ...errors import DeltaError
 from ...spaces import FLUX, SD1, SD2, SD3, SDXL, LatentFormat, check_latent_compatible
 from .. import is_neo
 from ..common import names as listed
+from ..common.devices import chosen_device
 from ..common.files import checkpoint_family, safetensors_damage
 from ..common.pool import Limits, ModelPool, free_weights
 from . import isolation, memory
@@ -53,6 +54,10 @@ LATENT_SPACES = {"sd1": "sd", "sd2": "sd", "sdxl": "sd", "sd3": "sd3", "flux": "
 _SCALAR_SPACES = {"sd", "sd3", "flux"}
 # Header families Forge Neo cannot load at all (huggingface_guess dropped SD2.x and SD3/3.5).
 _NOT_IN_NEO = {"sd2": "SD2.x", "sd3": "SD3/3.5"}
+# The families Forge 2's loader builds (backend/diffusion_engine of dfdcbab); Neo builds all of FAMILY_LABELS but these.
+_IN_FORGE2 = ("sd1", "sd2", "sdxl", "sd3", "flux", "chroma")
+# Latent channels of the spaces that convert into one another through the unscaled latent.
+_SCALAR_CHANNELS = {"sd": 4, "sd3": 16, "flux": 16}
 # A checkpoint file's family (read from its header) -> its latent format, for the checks before loading.
 _FILE_FORMATS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL, "sd3": SD3, "flux": FLUX}
 _UNPICKLED = (".safetensors", ".gguf")  # the checkpoint formats Forge reads without unpickling
@@ -101,6 +106,17 @@ def sigma_max(engine: Any) -> float | None:
         return None
     sigmas = getattr(engine.forge_objects.unet.model.predictor, "sigmas", None)
     return None if sigmas is None or len(sigmas) == 0 else float(sigmas[-1])
+
+
+def sources_for(target: Any) -> list[str]:
+    """The families this Forge loads whose latents convert into the target's: what a refusal suggests."""
+    space = LATENT_SPACES[family_of(target)]
+    loadable = [f for f in FAMILY_LABELS if f not in _NOT_IN_NEO] if is_neo() else list(_IN_FORGE2)
+    return [FAMILY_LABELS[f] for f in loadable if _convertible(LATENT_SPACES[f], space)]
+
+
+def _convertible(a: str, b: str) -> bool:
+    return a == b or (a in _SCALAR_CHANNELS and _SCALAR_CHANNELS[a] == _SCALAR_CHANNELS.get(b))
 
 
 def same_latent_space(a: Any, b: Any) -> bool:
@@ -221,7 +237,8 @@ def check_pairing(source: Any, tuned: list[Any], target: Any) -> None:
     checkpoint of another family than the source. Files whose header cannot tell are checked once loaded."""
     theirs = file_format(source)
     if theirs is not None:
-        check_latent_compatible(theirs, latent_format(target), info_label(source), model_label(target))
+        check_latent_compatible(theirs, latent_format(target), info_label(source), model_label(target),
+                                sources_for(target))
     for info in tuned:
         fmt = file_format(info)
         if theirs is not None and fmt is not None and fmt != theirs:
@@ -357,18 +374,7 @@ def place(entry: PrivateEngine) -> None:
     Forge's memory manager loads each patcher onto its own load device, so that is all that changes."""
     from modules import shared
 
-    choice = str(getattr(shared.opts, "delta_sampling_device", "same") or "same").strip()
-    if choice == "same":
-        device = entry.home_device
-    else:
-        try:
-            device = torch.device(choice)
-        except (RuntimeError, ValueError):
-            raise DeltaError(f"Delta Sampling device '{choice}' is not a device name: use 'same', 'cpu' or 'cuda:N' "
-                             "(Settings > Delta Sampling).") from None
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.type == "cuda" and (device.index or 0) >= count:
-            raise DeltaError(f"Delta Sampling device '{choice}' does not exist on this machine; use 'same' or 'cpu'.")
+    device = chosen_device(shared.opts) or entry.home_device
     if device != entry.unet.load_device:
         unload(entry)
         entry.unet.load_device = device

@@ -155,14 +155,21 @@ class ForgeSource:
         """Bytes to reserve beyond the target's own activations: the source runs after the target, on more rows."""
         b, c, h, w = shape
         target = target_unet.memory_required([2 * b, c, h, w])
+        return int(max(self.activations(shape) - target, 0)) + self.patch_bytes()
+
+    def activations(self, shape: Sequence[int]) -> int:
+        """Bytes of the largest source forward: all the variants on one engine, cond and uncond rows, and its
+        ControlNet, the UNet's encoder half run on its variants' rows (Forge counts only its weights)."""
+        b, c, h, w = shape
         activations = max(s.entry.unet.memory_required([2 * b * sum(v.slot == i for v in self.variants), c, h, w])
                           for i, s in enumerate(self.slots))
-        patches = sum(s.patch.nbytes() for s in self.slots if s.patch is not None)
-        # a ControlNet is the UNet's encoder half, run on its variants' rows (Forge counts only its weights)
         control = max((s.entry.unet.memory_required([2 * b * sum(v.slot == i and v.units is not None
                                                                  for v in self.variants), c, h, w]) // 2
                        for i, s in enumerate(self.slots) if s.units), default=0)
-        return int(max(activations + control - target, 0)) + patches
+        return int(activations + control)
+
+    def patch_bytes(self) -> int:
+        return sum(s.patch.nbytes() for s in self.slots if s.patch is not None)
 
     # -- per model call -------------------------------------------------------------------------------------------
 
@@ -183,7 +190,8 @@ class ForgeSource:
                 preds.update(self._run(self.slots[slot_index], batch, compiled, x[:b], level[:b], run_uncond))
         self.calls += 1
         out = torch.stack([preds[k] for k in variants])
-        return out[:, list(rows)]
+        # a slice, not a list index: indexing a GPU tensor with a list copies the list there and waits for the GPU
+        return out[:, : len(rows)] if list(rows) == list(range(len(rows))) else out[:, list(rows)]
 
     def _run(self, slot: Slot, ks: list[int], compiled: dict, x: Tensor, level: Tensor,
              run_uncond: bool) -> dict[int, Tensor]:
@@ -204,12 +212,11 @@ class ForgeSource:
             options["transformer_options"] = transformer_options
             cond = [{**e, "control": slot.control} for e in cond]
             uncond = None if uncond is None else [{**e, "control": slot.control} for e in uncond]
-        device = x.device
         xin, sin = x.to(unet.load_device).repeat(n, 1, 1, 1), level.to(unet.load_device).repeat(n)
         c_all, u_all = calc_cond_uncond_batch(unet.model, cond, uncond, xin, sin, options)
         out = {}
-        for i, k in enumerate(ks):
-            c, u = c_all[i * b:(i + 1) * b].to(device), u_all[i * b:(i + 1) * b].to(device)
+        for i, k in enumerate(ks):  # left on the source's device: the guidance moves the delta once it is needed
+            c, u = c_all[i * b:(i + 1) * b], u_all[i * b:(i + 1) * b]
             strength = sum(e.get("strength", 1) for e in compiled[k][0])
             if self.fold_strength and not math.isclose(strength, 1.0):
                 c = u + (c - u) * strength
