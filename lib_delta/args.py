@@ -323,7 +323,7 @@ class AdaptationGroup:
                 "the delta carries what the control changes. They must be made for the source's family.")
     ipadapters: tuple[IPAdapterUnit, ...] = setting(
         # No slot, no control yet: the API and infotext carry the units, as for ControlNet.
-        (), Objects(IPAdapterUnit, "IP-Adapter unit", most=MAX_IPADAPTERS), infotext=Infotext("Delta IP-Adapters"),
+        (), Objects(IPAdapterUnit, "IP-Adapter unit", most=MAX_IPADAPTERS), infotext=Infotext("Delta IP Adapters"),
         tooltip="IP-Adapter units (image prompts) applied to the source's adapted pass only, so the delta carries "
                 "what the image prompt changes. They must be made for the source's family.")
 

@@ -231,8 +231,8 @@ def test_an_sd1_ipadapter_through_an_sd1_source_steers_other_families(ui, target
     p = ui.txt2img(delta(ipadapters=[unit(weight=0.6)]), **BASE)
     out = images(p)
     assert torch.isfinite(out).all() and rel(out, plain) > 1e-3
-    stored = p.extra_generation_params["Delta IP-Adapters"]
-    back = DeltaSettings.from_infotext({"Delta source": "base", "Delta IP-Adapters": stored})
+    stored = p.extra_generation_params["Delta IP Adapters"]
+    back = DeltaSettings.from_infotext({"Delta source": "base", "Delta IP Adapters": stored})
     [u] = back.groups[0].ipadapters
     assert (u.model, u.module, u.weight, u.image) == (listed("ip-adapter_tiny_sd15"), "ip-adapter_clip_h", 0.6, "")
     assert b64png(IMAGE)[:40] not in p.infotexts[0]
@@ -304,7 +304,7 @@ def test_the_xyz_weight_axis_sets_every_unit_of_the_first_group(ui):
 
     assert torch.equal(images(cell(0.0)), off)
     half = cell(0.5)
-    assert '"weight":0.5' in half.extra_generation_params["Delta IP-Adapters"]
+    assert '"weight":0.5' in half.extra_generation_params["Delta IP Adapters"]
     assert torch.equal(images(half), images(ui.txt2img(delta(ipadapters=[unit(weight=0.5)]), **BASE)))
 
 

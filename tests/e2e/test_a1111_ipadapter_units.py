@@ -115,7 +115,7 @@ def test_target_equal_to_source_equals_the_extensions_own_unit(env: Env, adapter
           f"{ours.seconds:.1f}s vs {own.seconds:.1f}s")
     assert db_plain <= MOVED_BELOW_DB
     assert db_own >= IDENTICAL_ABOVE_DB
-    recorded = ours.param("Delta IP-Adapters") or ""
+    recorded = ours.param("Delta IP Adapters") or ""
     assert model in recorded and IMAGE[:40] not in ours.infotext
 
 
@@ -149,7 +149,7 @@ def test_an_sd15_ipadapter_through_an_sd15_source_changes_other_families(env: En
     record_property(f"psnr_db_vs_plain_{target}", round(db, 2))
     print(f"{target} target: PSNR(delta with the SD1.5 IP-Adapter, plain) = {db:.2f} dB")
     assert db < CHANGED_BELOW_DB
-    assert env.ip_model in (ours.param("Delta IP-Adapters") or "") and IMAGE[:40] not in ours.infotext
+    assert env.ip_model in (ours.param("Delta IP Adapters") or "") and IMAGE[:40] not in ours.infotext
 
 
 @pytest.mark.parametrize(("source", "unit", "message"), [
