@@ -13,7 +13,7 @@ preprocessors for the run; :class:`LoadedUnit` gives each forward its hint and s
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,17 +117,24 @@ def named_as_listed(settings: DeltaSettings, plans: Iterable[UnitPlan]) -> Delta
 
 def _resolve(ext: Extension, name: str) -> tuple[str, str]:
     """The listed key and file of a ControlNet: the exact listed name, or the exact file stem (any case)."""
+    return resolve_listed(ext, name, "ControlNet model", lambda key: True,
+                          "after adding a file, refresh the ControlNet model list")
+
+
+def resolve_listed(ext: Extension, name: str, what: str, kind: Callable[[str], bool], after: str) -> tuple[str, str]:
+    """A model of the extension's list (ControlNets and IP-Adapters share it) by its exact listed name or file stem
+    (any case), the list read again once for a file added since; unknown names get the closest listed of ``kind``."""
     gs = ext.global_state
     for attempt in range(2):
         key = name if gs.cn_models.get(name) else gs.cn_models_names.get(name.strip().lower())
         if key is not None and gs.cn_models.get(key):
             return key, str(gs.cn_models[key])
         if attempt == 0:
-            gs.update_cn_models()  # a file added since the list was read
-    raise listed.unknown("Delta Sampling ControlNet model", name, f"{EXTENSION}'s models",
-                         [k for k, v in gs.cn_models.items() if v],
-                         "Use a name exactly as /controlnet/model_list shows it (after adding a file, refresh the "
-                         "ControlNet model list).")
+            gs.update_cn_models()
+    listed_now = [k for k, v in gs.cn_models.items() if v]
+    raise listed.unknown(f"Delta Sampling {what}", name, f"{EXTENSION}'s models",
+                         [k for k in listed_now if kind(k)] or listed_now,
+                         f"Use a name exactly as /controlnet/model_list shows it ({after}).")
 
 
 def _preprocessor(ext: Extension, module: str, where: str) -> Any:

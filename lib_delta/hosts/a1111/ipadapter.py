@@ -151,18 +151,10 @@ def _extension() -> control_mod.Extension:
 
 
 def _resolve(ext: control_mod.Extension, name: str) -> tuple[str, str]:
-    gs = ext.global_state
-    for attempt in range(2):
-        key = name if gs.cn_models.get(name) else gs.cn_models_names.get(name.strip().lower())
-        if key is not None and gs.cn_models.get(key):
-            return key, str(gs.cn_models[key])
-        if attempt == 0:
-            gs.update_cn_models()
-    raise listed.unknown("Delta Sampling IP-Adapter model", name, f"{EXTENSION}'s models",
-                         [k for k, v in gs.cn_models.items() if v and "ip-adapter" in k.lower().replace("_", "-")]
-                         or [k for k, v in gs.cn_models.items() if v],
-                         "Use a name exactly as /controlnet/model_list shows it (IP-Adapters sit in the ControlNet "
-                         "models folder; after adding a file, refresh the list).")
+    return control_mod.resolve_listed(ext, name, "IP-Adapter model",
+                                      lambda key: "ip-adapter" in key.lower().replace("_", "-"),
+                                      "IP-Adapters sit in the ControlNet models folder; after adding a file, "
+                                      "refresh the list")
 
 
 def _preprocessor(ext: control_mod.Extension, module: str, where: str) -> Any:
