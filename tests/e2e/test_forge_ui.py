@@ -167,6 +167,7 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool
 
     zh = json.loads((REPO_ROOT / "localizations" / "zh_CN.json").read_text(encoding="utf-8"))
     key = "customscript/delta_sampling.py/txt2img/λ (strength)/value"
+    group2_key = "customscript/delta_sampling.py/Second adaptation group/txt2img/λ (strength)/value"  # same label
     p = "script_txt2img_delta_sampling_"
 
     def page_of(ctx, url):
@@ -197,11 +198,16 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool
         ctx.close()
     saved = json.loads((server.data_dir / "ui-config.json").read_text(encoding="utf-8"))
     assert saved[key] == 0.6
+    assert saved[group2_key] == 1.0  # its own key, written at the first start, untouched by the Apply
 
     server = pool.get(ServerConfig(extension=True, models=MODELS, ui_config=tuple(saved.items()),
                                    settings=(("localization", "zh_CN"),)))
     assert server.client is not None
     try:
+        # what the page was built with: the first group's λ from the saved default, the second group's its own
+        props = {c["props"].get("elem_id"): c["props"] for c in server.client.get("/config")["components"]
+                 if "props" in c}
+        assert [props[f"{p}strength"]["value"], props[f"{p}group2_strength"]["value"]] == [0.6, 1.0]
         with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
             ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium, headless=True,
                                                         args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
