@@ -411,6 +411,8 @@ def test_each_control_keeps_its_saved_default_under_a_key_of_its_own(webui):
         assert saved_default_keys([by_field["group2_controlnet2_weight"]], tab) == [
             f"customscript/delta_sampling.py/Second adaptation group/ControlNet unit 2/{tab}/"
             f"{by_field['controlnet1_weight'].label}/value"]
+    ids = [b.elem_id for b in Block.created if b.elem_id and not isinstance(b, InputAccordion)]  # its box: -checkbox
+    assert len(set(ids)) == len(ids), [i for i in ids if ids.count(i) > 1][:6]  # what the page and our script find
     ui.scope_saved_defaults()  # a second call (a duplicate callback) changes nothing
     assert by_field["group2_strength"].custom_script_source == "delta_sampling.py/Second adaptation group"
 
