@@ -111,11 +111,11 @@ def gap_series(res: dict, axis: str, ad: str, label: str) -> list[dict]:
     control row at λ = 1, the merged file a run of the colour stage at k = 0), for steps the 20-step v-UNet."""
     rows = [r for r in res["runs"] if r.get("gap", {}).get("axis") == axis and r["adaptation"] == ad
             and r["label"] == label]
-    if axis in BASE_LEVEL and not label.startswith("merged"):
+    if rows and axis in BASE_LEVEL and not label.startswith("merged"):  # (only beside a gapped run)
         base = _find(res, stage="lambda", target="self", adaptation=ad, strength=1.0)
         if base is not None:  # at s = 1 declaring the scale changes nothing
             rows.append(base | {"gap": {"axis": axis, "level": BASE_LEVEL[axis]}})
-    if axis == "steps":
+    if rows and axis == "steps":
         base = _find(res, stage="lambda", target="v_unet", adaptation=ad, strength=1.0)
         if base is not None and label == "λ=1":
             rows.append(base | {"gap": {"axis": axis, "level": res["config"]["steps"]}})
