@@ -212,8 +212,7 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(
         strength = page.locator(f"#{P}strength input[type=number]")
         strength.fill("0.6")
         strength.press("Enter")
-        page.locator("#ui_defaults_apply").dispatch_event("click")  # the Defaults page's Apply, wherever it is
-        expect(page.locator("#ui_defaults_review")).to_contain_text("Wrote", timeout=60_000)
+        harness.apply_ui_defaults(page)
     saved = json.loads((server.data_dir / "ui-config.json").read_text(encoding="utf-8"))
     assert saved[STRENGTH_DEFAULT_KEY] == 0.6
     assert saved[GROUP2_STRENGTH_KEY] == 1.0  # its own key, written at the first start, untouched by the Apply

@@ -14,7 +14,16 @@ from collections.abc import Iterator
 
 import pytest
 from forge_harness import ForgeServerPool, open_pool
-from harness import CHROMIUM_FLAGS, REPO_ROOT, Generation, ModelFixture, ServerConfig, WebUIClient, same_pixels
+from harness import (
+    CHROMIUM_FLAGS,
+    REPO_ROOT,
+    Generation,
+    ModelFixture,
+    ServerConfig,
+    WebUIClient,
+    apply_ui_defaults,
+    same_pixels,
+)
 from PIL import Image
 
 from lib_delta.args import POSITIONAL_FIELDS
@@ -193,8 +202,7 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool
         box = page.locator(f"#{p}strength input[type=number]")
         box.fill("0.6")
         box.press("Enter")
-        page.locator("#ui_defaults_apply").dispatch_event("click")
-        expect(page.locator("#ui_defaults_review")).to_contain_text("Wrote", timeout=60_000)
+        apply_ui_defaults(page)
         ctx.close()
     saved = json.loads((server.data_dir / "ui-config.json").read_text(encoding="utf-8"))
     assert saved[key] == 0.6
