@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         t = time.monotonic()
         try:
-            if name != "sd15":
+            if name not in ("sd15", "forge-id"):  # the phases on SD1.5 alone run beside the build
                 wait_for_builder()
             phase_table[name](r, install, fx, a)
         except Exception:
