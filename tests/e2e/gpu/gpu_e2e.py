@@ -561,8 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     r.data["host"] = platform.node()
     r.data["environment"] = environment(install)
     print("environment:", json.dumps(r.data["environment"]), flush=True)
-    for name in ("a1111.commit", "forge.commit", "ext.commit"):
-        f = HERE.parent.parent.parent.parent / name  # the bundle made by pack.sh, when run from it
+    bundle = Path(os.environ.get("DELTA_GPU_BUNDLE") or HERE.parent.parent.parent.parent)  # pack.sh's folder
+    r.data["extension"] = str(HERE.parent.parent.parent)
+    snapshot = (bundle / "ext").is_dir() and HERE.is_relative_to((bundle / "ext").resolve())
+    for name in ("a1111.commit", "forge.commit") + (("ext.commit",) if snapshot else ()):
+        f = bundle / name
         if f.is_file():
             r.data[name] = f.read_text().strip()
 

@@ -7,7 +7,8 @@
 #             tests/e2e/gpu/run.sh --host forge .gpu-forge forge-id,forge-sdxl
 #
 # It installs the bundle's wheels into $DELTA_GPU_TMP/site (Forge: site-forge; default /tmp/delta-gpu), unpacks the
-# WebUI beside them, and runs gpu_e2e.py from the bundle's extension snapshot with a python that sees those wheels
+# WebUI beside them, and runs gpu_e2e.py from the bundle's extension snapshot (when it was carried; else from the
+# checkout this script is in) with a python that sees those wheels
 # first. Everything lives under $DELTA_GPU_TMP and is reused by a later call while it is still there (fixtures take
 # minutes to build; the two hosts share them); nothing is written into the bundle. Results go to $DELTA_GPU_OUT
 # (default: $tmp/out).
@@ -15,6 +16,7 @@
 # The phase `install` installs and unpacks whatever parts of the bundle are present, then stops: a bundle larger
 # than one call can carry goes over in parts (the wheels in one call, the rest in the next; README.md).
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
 host=a1111
 if [ "${1:-}" = "--host" ]; then host=${2:?--host a1111 or forge}; shift 2; fi
 bundle=$(cd "${1:?bundle folder}" && pwd)
@@ -67,13 +69,15 @@ for t in $tree $( [ "$host" = forge ] && echo a1111 ); do
     [ -f "$tmp/$t.ok" ] || { echo "$t is not unpacked in $tmp: carry $t.tar.xz" >&2; exit 2; }
 done
 [ -d "$tmp/hf-home" ] || { echo "no HF home in $tmp: carry the bundle's hf-home" >&2; exit 2; }
-[ -d "$bundle/ext" ] || { echo "no extension snapshot in $bundle/ext: carry it" >&2; exit 2; }
+# the extension under test: the bundle's snapshot when it was carried, else the checkout this script is in
+if [ -d "$bundle/ext" ]; then ext=$bundle/ext; else ext=$(cd "$here/../../.." && pwd); fi
+echo "extension under test: $ext"
 
 export DELTA_E2E_A1111="$tmp/a1111" DELTA_E2E_PYTHON="$python" DELTA_E2E_CACHE="${DELTA_E2E_CACHE:-$tmp/cache}" \
     DELTA_E2E_HF_HOME="$tmp/hf-home" PYTHONUNBUFFERED=1
 if [ "$host" = forge ]; then
     export DELTA_E2E_FORGE="$tmp/forge" DELTA_E2E_FORGE_PYTHON="$python"
 fi
-export DELTA_GPU_OUT=${DELTA_GPU_OUT:-$tmp/out}
+export DELTA_GPU_OUT=${DELTA_GPU_OUT:-$tmp/out} DELTA_GPU_BUNDLE=$bundle
 mkdir -p "$DELTA_GPU_OUT"
-exec "$python" "$bundle/ext/tests/e2e/gpu/gpu_e2e.py" --host "$host" --phases "$@"
+exec "$python" "$ext/tests/e2e/gpu/gpu_e2e.py" --host "$host" --phases "$@"
