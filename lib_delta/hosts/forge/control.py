@@ -407,7 +407,12 @@ def forget_all() -> None:
 
 
 def _emptying_cache(change: Any) -> None:
-    had = set(POOL.keys())
+    _emptying_cache_of(POOL, change)
+
+
+def _emptying_cache_of(pool: ModelPool, change: Any) -> None:
+    """``change`` the pool, then give the freed memory back to the device if it held anything."""
+    had = set(pool.keys())
     change()
     if had:
         from backend import memory_management
