@@ -324,10 +324,14 @@ def build(settings: DeltaSettings, request: Plan, p: Any) -> ForgeSource:
             slot.patch = build_patch(_roots(slot.entry), slot.entry.family, slot.lora_groups, fold=False)
     fold = settings.cfg_mode == "cfg" or settings.mode == "base-first"
     source = ForgeSource(slots, variants, fold)
-    if request.units:
-        _load_units(source, request.units, p)
-    if request.images:
-        _load_images(source, request.images)
+    try:
+        if request.units:
+            _load_units(source, request.units, p)
+        if request.images:
+            _load_images(source, request.images)
+    except BaseException:
+        source.release_units()  # now: the traceback keeps this frame, and with it the source, alive
+        raise
     return source
 
 
