@@ -372,3 +372,9 @@ def test_the_fixture_adapter_and_encoder_are_not_degenerate(world):
         a = encoder.encode_image(controlnet.numpy_to_pytorch(IMAGE)).image_embeds
         b = encoder.encode_image(controlnet.numpy_to_pytorch(255 - IMAGE)).image_embeds
     assert rel(a, b) > 1e-2
+
+
+def test_in_neo_an_unknown_encoder_is_a_422_too(neo_world):
+    """Neo's ``get_preprocessor`` raises a KeyError for a name it does not list: still a 422 naming it."""
+    status, text, _ = harness.failure(lambda: neo_world.ours([neo_world.unit(module="CLIP-ViT-L")]))
+    assert status == 422 and "IP-Adapter encoder (IP-Adapter unit 1) 'CLIP-ViT-L' is not among" in text

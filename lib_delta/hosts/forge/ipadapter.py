@@ -214,8 +214,8 @@ def check_family(shape: AdapterShape, name: str, source_family: str | None, sour
 def _preprocessor(fg: control_mod.Forge, module: str, where: str) -> Any:
     wanted = ALIASES.get(module.strip().casefold(), module.strip())
     names = {n.casefold(): n for n in ENCODERS}
-    pre = fg.global_state.get_preprocessor(names.get(wanted.casefold(), wanted))
-    usable = [n for n in ENCODERS if fg.global_state.get_preprocessor(n) is not None]
+    pre = control_mod.preprocessor_named(fg, names.get(wanted.casefold(), wanted))
+    usable = [n for n in ENCODERS if control_mod.preprocessor_named(fg, n) is not None]
     if pre is None:
         raise listed.unknown(f"Delta Sampling IP-Adapter encoder{where}", module, f"{EXTENSION}'s preprocessors",
                              usable, "Use 'CLIP-ViT-H (IPAdapter)' for the usual SD1.5 adapters.")
