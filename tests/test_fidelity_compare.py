@@ -250,3 +250,16 @@ def test_a_run_cut_at_the_deadline_still_makes_its_page(parts):
             text = compare_tables.markdown([cut])
             assert "Configurations skipped at the deadline: adaptive: 1." in text
             assert compare_tables.start_here([cut]).count("\n") == 4  # header, rule, three targets
+
+
+def test_a_gap_is_read_net_of_what_the_adaptation_costs_the_source():
+    refs = {"alone:source": {"fidelity": 0.95, "diversity": 0.5}, "adapted:red_lora": {"fidelity": 0.76},
+            "alone:v_unet": {"fidelity": 0.95, "diversity": 0.4}}
+    res = {"references": refs}
+    run = {"target": "v_unet", "adaptation": "red_lora", "fidelity": 0.80, "diversity": 0.4}
+    assert not compare_tables.acceptable(run, refs["alone:v_unet"], "relative")  # 0.80 < 0.95 · 0.95
+    assert compare_tables.holds_on_gap(res, run)  # the adapter itself keeps 80 %: 0.80 ≥ 0.95 · 0.95 · 0.8
+    assert not compare_tables.holds_on_gap(res, {**run, "fidelity": 0.70})
+    assert not compare_tables.holds_on_gap(res, {**run, "diversity": 0.3})
+    refs["adapted:red_lora"]["fidelity"] = 0.99  # an adapter that helps shapes does not lower the floor
+    assert not compare_tables.holds_on_gap(res, {**run, "fidelity": 0.88})
