@@ -98,6 +98,25 @@ def _write_header_files(data_dir: Path) -> dict[str, Path]:
     return files
 
 
+# Forge Neo 5692d2d cannot build any CLIP-vision encoder with its transformers 4.56: its ModelPatcher assigns
+# `model.device` (backend/patcher/base.py:173), a read-only property of transformers' models, so its own IP-Adapter
+# units fail in `process` (the unit is skipped, the image stays plain) and Delta Sampling's get this 422.
+NEO_ENCODER_BROKEN = "property 'device' of 'CLIPVisionModelWithProjection' object has no setter"
+
+
+def _ours(host: Host, payload: dict, own: bytes | None = None, plain: bytes | None = None):
+    """Our generation; on Neo, the host's known encoder failure is an expected failure (the host's own unit, when
+    given, must have failed too: its image is the plain one)."""
+    try:
+        return host.client.txt2img(PROMPT, **payload)
+    except requests.HTTPError as e:
+        if host.name == "neo" and NEO_ENCODER_BROKEN in str(e) and "422" in str(e):
+            assert own is None or own == plain, "Neo's own IP-Adapter unit worked: the encoder is not broken"
+            pytest.xfail(f"Forge Neo cannot load a CLIP-vision encoder here ({NEO_ENCODER_BROKEN}); Delta "
+                         "Sampling refuses with a 422 naming it, Neo's own unit leaves the image plain")
+        raise
+
+
 def _model_hash(path: Path) -> str:
     """Forge 2's ControlNet names carry the WebUI's old short model hash (sd_models.model_hash)."""
     with open(path, "rb") as f:
@@ -142,7 +161,7 @@ def test_target_equal_to_source_equals_the_hosts_own_unit(host: Host, adapter: s
     plain = host.client.txt2img(PROMPT)
     host.plain.setdefault("sd15", plain.image)
     own = host.client.txt2img(PROMPT, **host.own(adapter))
-    ours = host.client.txt2img(PROMPT, **host.ours("sd15", [host.unit(adapter)]))
+    ours = _ours(host, host.ours("sd15", [host.unit(adapter)]), own.image, plain.image)
     db_own, db_plain = psnr(ours.image, own.image), psnr(own.image, plain.image)
     _record(record_property, host, **{f"{adapter}_psnr_db_vs_own_unit": db_own,
                                       f"{adapter}_psnr_db_own_unit_vs_plain": db_plain,
@@ -161,7 +180,7 @@ def test_an_sd15_ipadapter_through_an_sd15_source_changes_an_sdxl_image(host: Ho
 
     host.use("sdxl")
     plain = host.client.txt2img(PROMPT)
-    ours = host.client.txt2img(PROMPT, **host.ours("sd15", [host.unit(weight=0.8)]))
+    ours = _ours(host, host.ours("sd15", [host.unit(weight=0.8)]))
     db = psnr(ours.image, plain.image)
     _record(record_property, host, psnr_db_vs_plain_sdxl=db)
     print(f"{host.name} SDXL target: PSNR(delta with the SD1.5 IP-Adapter, plain) = {db:.2f} dB")

@@ -355,8 +355,12 @@ def _load_encoder(plan: IPPlan) -> Pooled:
     try:
         encoder = clipvision.load(plan.encoder_path)
     except Exception as e:
+        known = isinstance(e, AttributeError) and "'device'" in str(e) and "no setter" in str(e)
+        hint = (" This Forge's model patcher sets 'device' on the transformers model, which transformers does not "
+                "allow: Forge's own IP-Adapter units fail the same way. Update Forge (or its transformers).") \
+            if known else ""
         raise DeltaError(f"Forge cannot load the image encoder '{plan.preprocessor.name}' ({type(e).__name__}: "
-                         f"{e}).") from e
+                         f"{e}).{hint}") from e
     if encoder is None:
         raise DeltaError(f"Forge does not recognise the image encoder file of '{plan.preprocessor.name}' as a "
                          "CLIP-vision model (ViT-H, ViT-bigG or ViT-L): download it again.")
