@@ -378,3 +378,20 @@ def test_in_neo_an_unknown_encoder_is_a_422_too(neo_world):
     """Neo's ``get_preprocessor`` raises a KeyError for a name it does not list: still a 422 naming it."""
     status, text, _ = harness.failure(lambda: neo_world.ours([neo_world.unit(module="CLIP-ViT-L")]))
     assert status == 422 and "IP-Adapter encoder (IP-Adapter unit 1) 'CLIP-ViT-L' is not among" in text
+
+
+def test_an_encoder_forge_cannot_build_is_a_422_that_says_why(neo_world, monkeypatch, no_cycle_collection):
+    """Neo 5692d2d's model patcher sets ``device`` on the transformers model, which transformers refuses: its
+    loader raises for every CLIP-vision file. The unit is refused naming it; nothing stays loaded."""
+    from lib_delta.hosts.forge import ipadapter as ip_mod
+
+    def load(path):
+        raise AttributeError("property 'device' of 'CLIPVisionModelWithProjection' object has no setter")
+
+    fresh = neo_world.f.generate(neo_world.target)
+    monkeypatch.setattr(sys.modules["backend.patcher.clipvision"], "load", load)
+    status, text, _ = harness.failure(lambda: neo_world.ours([neo_world.unit()]))
+    assert status == 422 and "Forge cannot load the image encoder 'CLIP-ViT-H (IPAdapter)'" in text
+    assert "Forge's own IP-Adapter units fail the same way" in text
+    assert ip_mod.POOL.keys() == [] and neo_world.f.adapter.SLOT.get() is None
+    assert torch.equal(neo_world.f.generate(neo_world.target), fresh)
