@@ -30,7 +30,7 @@ import pytest
 import requests
 from forge_harness import ForgeServerPool
 from forge_harness import open_pool as open_forge
-from harness import ModelFixture, ServerConfig, WebUIClient, controlnet_units, psnr
+from harness import ModelFixture, ServerConfig, WebUIClient, controlnet_units, psnr, same_pixels
 from neo_harness import open_pool as open_neo
 from test_a1111_ipadapter_units import reference_png
 
@@ -111,7 +111,8 @@ def _ours(host: Host, payload: dict, own: bytes | None = None, plain: bytes | No
         return host.client.txt2img(PROMPT, **payload)
     except requests.HTTPError as e:
         if host.name == "neo" and NEO_ENCODER_BROKEN in str(e) and "422" in str(e):
-            assert own is None or own == plain, "Neo's own IP-Adapter unit worked: the encoder is not broken"
+            # the PNGs differ in their infotext (Neo records the unit it skipped), not in the pixels
+            assert own is None or same_pixels(own, plain), "Neo's own IP-Adapter unit worked: its encoder loads"
             pytest.xfail(f"Forge Neo cannot load a CLIP-vision encoder here ({NEO_ENCODER_BROKEN}); Delta "
                          "Sampling refuses with a 422 naming it, Neo's own unit leaves the image plain")
         raise
