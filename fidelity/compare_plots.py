@@ -17,6 +17,7 @@ from . import png, report
 from .compare_tables import TARGET_NAMES, _find, alone_of, best_constant, gap_series, holds_on_gap
 from .config import ADAPTATIONS
 from .evaluation import acceptable
+from .gaps import COLOUR_LEVELS
 from .plots import _pyplot
 
 
@@ -129,9 +130,10 @@ def samples(res: dict, images: dict[str, Tensor], outdir: Path, plt) -> Path | N
     for key in ("alone:source", *(f"adapted:{a}" for a in ADAPTATIONS), "alone:same_family"):
         if key in images:
             rows.append(images[key])
+    tuned = f"colour_{COLOUR_LEVELS[0]:g}"  # the first fine-tune of the source: both routes exist there
     for ad in ADAPTATIONS:
         for key in (f"ds:same_family:{ad}:1", f"naive:same_family:{ad}:1", f"ds:v_unet:{ad}:1",
-                    f"ds:flow_dit:{ad}:1"):
+                    f"ds:flow_dit:{ad}:1", f"ds:{tuned}:{ad}:1", f"naive:{tuned}:{ad}:1"):
             if key in images:
                 rows.append(images[key])
     if not rows:
