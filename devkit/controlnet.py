@@ -23,7 +23,8 @@ from .ldm_unet import (
     zero_module,
 )
 
-TINY_HINT_WIDTHS = (8, 8, 16, 16, 16, 16, 32)  # the real ones: 16, 16, 32, 32, 96, 96, 256
+TINY_HINT_WIDTHS = (8, 8, 16, 16, 16, 16, 32)
+REAL_HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
 
 
 class ControlNet(nn.Module):
@@ -98,8 +99,8 @@ class ControlNet(nn.Module):
 
 
 def build_controlnet(family: str, size: str = "tiny") -> ControlNet:
-    """A ControlNet for ``PRESETS[family][size]``'s UNet."""
-    return ControlNet(PRESETS[family][size])
+    """A ControlNet for ``PRESETS[family][size]``'s UNet; the full size has the real hint convs too."""
+    return ControlNet(PRESETS[family][size], hint_widths=REAL_HINT_WIDTHS if size == "full" else TINY_HINT_WIDTHS)
 
 
 def fill_zero_convs(net: ControlNet, generator: torch.Generator, scale: float = 1.0) -> ControlNet:
