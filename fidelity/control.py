@@ -76,7 +76,7 @@ def full(train_scale: float = 1.0, deadline_s: float = 220.0) -> ControlConfig:
         toy=False, size=world.SIZE, images=160, steps=20, cfg_scale=3.0,
         model_train={"source": budget(45), "same_family": budget(28), "v_unet": budget(22),
                      "flow_dit": budget(30, lr=5e-4)},
-        control_train=budget(45, batch=128, ema=0.98),
+        control_train=budget(50, batch=128, ema=0.98),
         classifier_steps=max(int(400 * train_scale), 20), classifier_batch=512, deadline_s=deadline_s)
 
 
