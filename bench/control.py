@@ -14,7 +14,6 @@ the graph); the graphed rows say what a graph would gain.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from devkit.controlnet import build_controlnet, fill_zero_convs
-from lib_delta.cuda_graph import GraphedCall
+from lib_delta.cuda_graph import GraphBackend, GraphedCall
 from lib_delta.hosts.a1111.control_rows import RowControl
 
 from .measure import PeakMemory, rel_err, summary, time_calls
@@ -69,11 +68,12 @@ def hint_image(px: int, device: torch.device) -> Tensor:
     return ring.float().expand(1, 3, px, px).contiguous()
 
 
-def measure_control(env: Env, models: Models, args: argparse.Namespace) -> dict:
-    """Per image size: every call eager and graphed, in interleaved rounds; how far they are apart."""
+def measure_control(env: Env, models: Models, args: argparse.Namespace, backend: GraphBackend | None = None) -> dict:
+    """Per image size: every call eager and graphed, in interleaved rounds; how far they are apart. ``backend``:
+    :class:`~lib_delta.cuda_graph.GraphedCall`'s (the default records CUDA graphs; tests pass a stand-in)."""
     unet = models.unet("sd1", "source")
     den = models.denoiser(unet)
-    copy_unet = copy.deepcopy(unet)  # the reference's second source; copied before any hook is on the source
+    copy_unet = models._copy(unet)  # the reference's second source; copied before any hook is on the source
     copy_den = models.denoiser(copy_unet)
     net = build_control(env)
     ours, theirs = RowControl(unet), RowControl(copy_unet)
@@ -84,7 +84,7 @@ def measure_control(env: Env, models: Models, args: argparse.Namespace) -> dict:
             g = torch.Generator(env.device).manual_seed(5)
             x = torch.randn(1, 4, side, side, generator=g, device=env.device) * SIGMA
             unit = BenchUnit(net, hint_image(side * 8, env.device).to(env.dtype))
-            sizes.append(_measure_size(env, args, den, copy_den, ours, theirs, unit, x, cond, px))
+            sizes.append(_measure_size(env, args, den, copy_den, ours, theirs, unit, x, cond, px, backend))
     finally:
         ours.remove()
         theirs.remove()
@@ -92,9 +92,11 @@ def measure_control(env: Env, models: Models, args: argparse.Namespace) -> dict:
             "layout": "SD1.5 cldm.ControlNet" + (" (tiny preset)" if env.toy else ""), "sizes": sizes}
 
 
-def _calls(den: nn.Module, copy_den: nn.Module, ours: RowControl, theirs: RowControl,
-           unit: BenchUnit) -> dict[str, Callable[[Tensor, Tensor, object], Tensor]]:
-    """The three calls on the 4 rows ``(x, sigma, cond)``, each returning all 4 rows' predictions."""
+def _calls(den: nn.Module, copy_den: nn.Module, ours: RowControl, theirs: RowControl, unit: BenchUnit,
+           cond: object) -> dict[str, Callable[[Tensor, Tensor, object], Tensor]]:
+    """The three calls on the 4 rows ``(x, sigma, cond)``, each returning all 4 rows' predictions. The reference's
+    halves of ``cond`` are taken here, once: a host-to-device copy (the row index) cannot be captured in a graph."""
+    cond_base, cond_adapted = take(cond, [0, 1]), take(cond, [2, 3])
 
     def plain(x: Tensor, s: Tensor, c: object) -> Tensor:
         return den(x, s, c)
@@ -104,19 +106,20 @@ def _calls(den: nn.Module, copy_den: nn.Module, ours: RowControl, theirs: RowCon
             return den(x, s, c)
 
     def reference(x: Tensor, s: Tensor, c: object) -> Tensor:
-        base = den(x[BASE], s[BASE], take(c, [0, 1]))
+        base = den(x[BASE], s[BASE], cond_base)
         with theirs.rows([(slice(0, 2), [unit])]):
-            adapted = copy_den(x[ADAPTED], s[ADAPTED], take(c, [2, 3]))
+            adapted = copy_den(x[ADAPTED], s[ADAPTED], cond_adapted)
         return torch.cat([base, adapted])
 
     return {"plain": plain, "rows": rows, "reference": reference}
 
 
 def _measure_size(env: Env, args: argparse.Namespace, den: nn.Module, copy_den: nn.Module, ours: RowControl,
-                  theirs: RowControl, unit: BenchUnit, x: Tensor, cond: object, px: int) -> dict:
+                  theirs: RowControl, unit: BenchUnit, x: Tensor, cond: object, px: int,
+                  backend: GraphBackend | None) -> dict:
     x4, s4 = torch.cat([x] * 4), torch.full((4,), SIGMA, device=env.device)
-    eager = _calls(den, copy_den, ours, theirs, unit)
-    graphs = {k: GraphedCall(fn) for k, fn in eager.items()}
+    eager = _calls(den, copy_den, ours, theirs, unit, cond)
+    graphs = {k: GraphedCall(fn, backend=backend) for k, fn in eager.items()}
     calls: dict[str, Callable[[], Tensor]] = {k: (lambda f=fn: f(x4, s4, cond)) for k, fn in eager.items()}
     calls |= {f"graph_{k}": (lambda g=g: g(x4, s4, cond)) for k, g in graphs.items()}
     samples: dict[str, list[float]] = {k: [] for k in calls}

@@ -124,3 +124,20 @@ def test_the_controlnet_section_puts_the_unit_on_the_adapted_rows_only(run, tmp_
     assert merged["controlnet"] == cn and "controlnet" in merged["runs"][-1]["sections"]
     report.write(merged, tmp_path)
     assert "| 1024 px |" in (tmp_path / "performance.md").read_text()
+
+
+def test_the_controlnet_calls_replayed_from_static_inputs_give_the_eager_results():
+    """The graphed calls as a recorded graph runs them (the inputs copied into static buffers, the recorded call
+    run on those): the same rows as the eager calls, so the graph columns time the same computation."""
+    import argparse
+
+    from bench.control import measure_control
+    from bench.rig import Env, Models
+    from tests.test_cuda_graph import FakeGraphs
+
+    env = Env.detect(True)
+    args = argparse.Namespace(rounds=1, iters=1, warmup=0)
+    with env.sampling():
+        res = measure_control(env, Models(env), args, backend=FakeGraphs())
+    for size in res["sizes"]:
+        assert size["graphed"] and size["graph_vs_eager"] < 1e-6 and size["control_size"] > 1e-2, size
