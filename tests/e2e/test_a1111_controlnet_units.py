@@ -404,7 +404,8 @@ def test_units_in_the_panel_in_a_browser(env: Env, chromium: str, record_propert
         expect(page.locator(f"#{p}controlnet1_note").first).to_have_text("")  # a new image answers the note
 
         phase[0] = "img2img"
-        page.locator("#tab_img2img-button").click()
+        # gradio 3's tab buttons have no ids (gradio 4's do): the button of the WebUI's tab row named img2img
+        page.locator("#tabs > .tab-nav > button").filter(has_text="img2img").first.click()
         q = "script_img2img_delta_sampling_"
         page.locator(f"#{q}enabled .label-wrap").first.click()
         page.locator(f"#{q}controlnets .label-wrap").first.click()
