@@ -5,10 +5,11 @@
 
 The control is a mask of where the shape goes (the silhouette the world drew it with). The adapter is ControlNet's
 recipe at the study's size: a trainable copy of the source UNet's encoder (``devkit.controlnet.ControlNet``, started
-from the source's weights) fed the mask through a hint block at the image's own resolution, its zero-initialised
-1×1 convs adding a residual to each skip and to the middle block. It is trained on the frozen source with the
-diffusion loss on fresh world images and their masks. It runs through the AUTOMATIC1111 host's own row hooks
-(:class:`~lib_delta.hosts.a1111.control_rows.RowControl`): in Delta Sampling on the source's adapted rows only.
+from the source's weights) fed the mask through a hint block at the image's own resolution (its last conv random, see
+:func:`build_control`), its zero-initialised 1×1 convs adding a residual to each skip and to the middle block.
+It is trained on the frozen source with the diffusion loss on fresh world images and their masks. It runs through
+the AUTOMATIC1111 host's own row hooks (:class:`~lib_delta.hosts.a1111.control_rows.RowControl`): in Delta Sampling
+on the source's adapted rows only.
 
 Per target (the main study's same-family ε-UNet, v-UNet and flow DiT, trained here from scratch on the same world):
 the target alone, and Delta Sampling from the source with its control at λ = 1 and 2; beside them the source base
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from devkit.controlnet import ControlNet
+from devkit.families import fill_zero_tensors
 from lib_delta.guidance import DeltaGuidance
 from lib_delta.hosts.a1111.control_rows import RowControl
 from lib_delta.schedule import ProgressClock
@@ -109,11 +111,15 @@ class MaskUnit:
 
 
 def build_control(source: DiffusionModel) -> ControlNet:
-    """ControlNet's start: the encoder copied from the source, zero convs at zero, a hint block at pixel scale."""
+    """ControlNet's start: the encoder copied from the source, zero convs at zero (the source unchanged until it
+    learns), a hint block at pixel scale. Unlike ControlNet, the hint block's last conv starts random rather than at
+    zero: the mask reaches the encoder from the first step, which a training of a few hundred steps needs (with both
+    at zero the mask's path opens only once the zero convs have grown)."""
     device = next(source.net.parameters()).device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(CONTROL_SEEDS["control_init"])
         net = ControlNet(source.spec.unet, hint_channels=1, hint_widths=HINT_WIDTHS, hint_halvings=0)
+        fill_zero_tensors(net.input_hint_block, torch.Generator().manual_seed(CONTROL_SEEDS["control_init"]))
     missing, _ = net.load_state_dict(source.net.state_dict(), strict=False)
     assert all(k.startswith(("zero_convs", "middle_block_out", "input_hint_block")) for k in missing), missing
     return net.to(device)
