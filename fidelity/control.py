@@ -47,6 +47,7 @@ HINT_WIDTHS = (16, 16, 32, 32, 32, 32, 64)
 LABEL = "mask_control"  # the group's name in the settings; the guidance reads only its strength and window
 CONTROL_SEEDS = {"control_init": 51, "control_data": 52, "eval_masks": 53}
 CLAMPED = ("flow_dit",)  # targets whose schedule reaches above the source's σ_max (as in the main study)
+MIN_EFFECT = 0.05  # IoU the control must add to the source for "recovered" to be a ratio worth printing
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,8 @@ def _evaluate(cfg: ControlConfig, res: dict, trained: dict[str, DiffusionModel],
             row = {"target": name, "strength": strength, "source_calls": calls, "seconds": round(secs, 2),
                    **measured(imgs)}
             alone = next((r for r in res["runs"] if r["target"] == name and r["strength"] == 0.0), None)
-            row["recovered"] = (row["iou"] - alone["iou"]) / effect if alone is not None and effect > 0 else None
+            row["recovered"] = (row["iou"] - alone["iou"]) / effect if alone is not None and effect > MIN_EFFECT \
+                else None
             res["runs"].append(row)
             log(f"{name:12s} λ={strength:g} {_fmt(row)} calls={calls} {secs:.2f}s")
         save("runs")
