@@ -17,6 +17,7 @@ each image; :class:`LoadedIPUnit` gives each attention layer its image-prompt ke
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -150,9 +151,15 @@ def _extension() -> control_mod.Extension:
                          "request.") from None
 
 
+def is_ipadapter(name: str) -> bool:
+    """Whether a name of the extension's model list (ControlNets and IP-Adapters share it) names an IP-Adapter, as
+    every published one's does (``ip-adapter_sd15``, ``ip-adapter-plus_sdxl_vit-h``, ``ip_adapter_faceid``): the
+    panel's lists are split by name; the file's tensors decide when a unit runs (:func:`adapter_shape`)."""
+    return "ipadapter" in re.sub(r"[\s_-]", "", name.lower())
+
+
 def _resolve(ext: control_mod.Extension, name: str) -> tuple[str, str]:
-    return control_mod.resolve_listed(ext, name, "IP-Adapter model",
-                                      lambda key: "ip-adapter" in key.lower().replace("_", "-"),
+    return control_mod.resolve_listed(ext, name, "IP-Adapter model", is_ipadapter,
                                       "IP-Adapters sit in the ControlNet models folder; after adding a file, "
                                       "refresh the list")
 
