@@ -107,13 +107,14 @@ class Run:
 
 
 def runs(cfg: ResolutionConfig) -> list[Run]:
-    """In priority order (a run cut short by the deadline keeps the first): the two settings at λ = 1, the plain
-    area average, reuse every second step, the other resamplings, reuse every third, λ = 2, then the delta
-    upsampled bicubically."""
+    """In priority order (a run cut short by the deadline keeps the first): the two settings at λ = 1, the other
+    of the two leading resamplings (``area``, ``shift``), reuse every second step, the other resamplings, reuse
+    every third, λ = 2, then the delta upsampled bicubically."""
     first, *later = cfg.reuse
-    out = [Run("target"), Run("native"), Run("native", "area")]
+    pair = tuple(dict.fromkeys((METHOD, "area", "shift")))  # the product's first
+    out = [Run("target")] + [Run("native", m) for m in pair]
     out += [Run(res, reuse=first) for res in ("native", "target")]
-    out += [Run("native", m) for m in METHODS if m not in (METHOD, "area")]
+    out += [Run("native", m) for m in METHODS if m not in pair]
     out += [Run(res, reuse=k) for k in later for res in ("native", "target")]
     out += [Run(res, strength=lam) for lam in cfg.strengths if lam != 1.0 for res in ("target", "native")]
     out += [Run("native", upsample="bicubic")]
