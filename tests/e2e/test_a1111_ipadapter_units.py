@@ -397,7 +397,9 @@ def test_ipadapter_units_in_the_panel_in_a_browser(env: Env, chromium: str, reco
         expect(page.locator(f"#{p}ipadapter1_module input").first).to_have_value("ip-adapter_clip_h")
         expect(page.locator(f"#{p}ipadapter1_model input").first).to_have_value(env.ip_model)
         expect(page.locator(f"#{p}ipadapter2_note").first).to_have_text("")  # no second unit was pasted
-        page.locator(f"#{p}ipadapter1_image input[type=file]").set_input_files(str(picture))
+        other = tmp_path / "other.png"  # another image: the control still holds the first, whose upload changes nothing
+        other.write_bytes(reference_png(80))
+        page.locator(f"#{p}ipadapter1_image input[type=file]").set_input_files(str(other))
         expect(page.locator(f"#{p}ipadapter1_note").first).to_have_text("")  # a new image answers the note
 
         phase[0] = "img2img"
