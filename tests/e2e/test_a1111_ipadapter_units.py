@@ -296,6 +296,31 @@ def test_script_info_lists_the_ipadapter_controls_and_the_panels_form_runs_them(
     assert by_position.image == by_dict.image and by_position.infotext == by_dict.infotext
 
 
+def test_xyz_grid_over_the_ipadapter_weight(env: Env, record_property) -> None:
+    """The `[Delta] IP-Adapter weight` axis: each cell is the single generation with that weight, weight 0 none."""
+    env.use("sd15")
+    grid_script = next(s for s in env.client.get("/sdapi/v1/script-info")
+                       if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    weight = grid_script["args"][0]["choices"].index("[Delta] IP-Adapter weight")
+    # x: weight 0, 1; no y, no z; draw legend, include the cells' own images; csv mode off
+    script_args = [weight, "0, 1", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    grid = env.client.txt2img(PROMPT, script_name="x/y/z plot", script_args=script_args,
+                              **env.ours("sd15", [env.unit(weight=0.5)]))
+    record_property("seconds", round(grid.seconds, 1))
+    assert len(grid.images) == 3  # the grid, then one image per cell
+    cells = grid.images[1:]
+    units = [json.loads(Generation([], {"infotexts": [t]}, 0).param("Delta IP Adapters"))[0]
+             for t in grid.info["infotexts"][1:]]
+    assert [u["weight"] for u in units] == [0, 1]
+    for cell, w in zip(cells, (0.0, 1.0), strict=True):
+        single = env.client.txt2img(PROMPT, **env.ours("sd15", [env.unit(weight=w)]))
+        assert same_pixels(cell, single.image), w  # each cell is the single generation with its weight
+    plain = env.plain.get("sd15") or env.client.txt2img(PROMPT).image
+    db = psnr(cells[1], plain)
+    record_property("psnr_db_weight1_cell_vs_plain", round(db, 2))
+    assert same_pixels(cells[0], plain) and db < CHANGED_BELOW_DB  # weight 0: no delta at all
+
+
 def test_ipadapter_units_in_the_panel_in_a_browser(env: Env, chromium: str, record_property, tmp_path) -> None:
     """txt2img's panel in headless Chromium: a unit set from the UI (model from the list that follows the source, an
     uploaded reference image, the encoder left at its default) makes the picture the API makes with the same unit;
