@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -428,7 +429,8 @@ def test_ipadapter_units_in_the_panel_in_a_browser(env: Env, chromium: str, reco
         expect(page.locator(f"#{p}ipadapter1_note").first).to_have_text("")  # a new image answers the note
 
         phase[0] = "img2img"
-        page.locator("#tab_img2img-button").click()
+        # gradio 3 gives the tab's content the id, not its button: the button by its text
+        page.locator("#tabs > .tab-nav button").filter(has_text=re.compile(r"^\s*img2img\s*$")).first.click()
         q = "script_img2img_delta_sampling_"
         page.locator(f"#{q}enabled .label-wrap").first.click()
         page.locator(f"#{q}ipadapters .label-wrap").first.click()
