@@ -17,7 +17,8 @@ fixture checkpoint, 64x64, 4 Euler steps, cfg mode:
   byte-identical to the first;
 - the panel: /sdapi/v1/script-info lists the unit controls with the IP-Adapters (not the ControlNets) and the
   encoders, the positional form the panel sends makes the settings object's image, and in a browser a unit set in
-  txt2img's panel makes the API's image, is pasted back from its infotext and says that its image must be given again.
+  txt2img's panel makes the API's image, is pasted back from its infotext and says that its image must be given again;
+  the X/Y/Z grid's `[Delta] IP-Adapter weight` axis gives each cell the single generation's pixels.
 
 Needs DELTA_E2E_A1111 and DELTA_E2E_CONTROLNET (see harness.py). PSNRs go to the JUnit properties.
 """
