@@ -37,6 +37,7 @@ class EvalSet:
     noise: dict[int, Tensor] = field(init=False)
     refs: dict[str, dict] = field(default_factory=dict)  # "alone:<model>" / "adapted:<adaptation>" -> row
     ref_images: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+    last_images: dict[int, Tensor] = field(default_factory=dict)  # the last run's, per seed (for the figures)
 
     def __post_init__(self) -> None:
         self.labels = (torch.arange(self.images) % len(world.CLASSES)).to(self.device)
@@ -60,7 +61,8 @@ class EvalSet:
         """Run a configuration on every seed; ``target_ref`` is the reference it moves from ("alone:<model>")
         and ``adaptation`` the effect it should carry (None for none)."""
         per_seed = []
-        for s, imgs in self.sample_seeds(sampler).items():
+        self.last_images = self.sample_seeds(sampler)
+        for s, imgs in self.last_images.items():
             m = measure(imgs, self.labels, self.detectors, self.classifier, self.ref_images[target_ref][s])
             if adaptation is not None:
                 m["recovered"] = recovered(m, self._seed(target_ref, s), self._seed("alone:source", s),

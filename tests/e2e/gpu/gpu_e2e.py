@@ -103,29 +103,35 @@ class Report:
         (self.out / "results.json").write_text(json.dumps(self.data, indent=1, default=str))
 
 
-class ProbedServer(WebUIServer):
-    """A harness server with the probe extension linked in beside this checkout; keeps its log in the output."""
+class Probed:
+    """A harness server (AUTOMATIC1111's or Forge's) with the probe extension linked in beside this checkout; keeps
+    its log in the output."""
 
     log_out: Path | None = None
+    data_dir: Path | None
+    log_path: Path
 
     def _prepare_data_dir(self) -> None:
-        super()._prepare_data_dir()
+        super()._prepare_data_dir()  # type: ignore[misc]
         assert self.data_dir is not None
         (self.data_dir / "extensions" / "delta-gpu-probe").symlink_to(PROBE, target_is_directory=True)
 
     def _keep_log(self) -> None:
-        super()._keep_log()
+        super()._keep_log()  # type: ignore[misc]
         if self.log_out is not None:
             with contextlib.suppress(OSError):
                 self.log_out.write_text(self.log_path.read_text(errors="replace"))
 
 
+class ProbedServer(Probed, WebUIServer):
+    pass
+
+
 @contextlib.contextmanager
-def server(install: A1111Install, fixtures: dict[str, ModelFixture], models: tuple[str, ...], log_out: Path,
-           extra_args: tuple[str, ...] = (), twins: tuple = ()):
+def server(install: Any, fixtures: dict[str, ModelFixture], models: tuple[str, ...], log_out: Path,
+           extra_args: tuple[str, ...] = (), twins: tuple = (), kind: type = ProbedServer):
     started = time.monotonic()
-    s = ProbedServer(install, ServerConfig(models=models, extra_args=extra_args, twins=twins),
-                     fixtures, startup_timeout=900)
+    s = kind(install, ServerConfig(models=models, extra_args=extra_args, twins=twins), fixtures, startup_timeout=900)
     s.log_out = log_out
     with s:
         assert s.client is not None
@@ -351,24 +357,7 @@ def phase_sdxl(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
         soak = {**base, "steps": a.soak_steps}
         if "soak" not in a.skip and not time_for(r, "soak", 60 if a.device == "gpu" else 600):
             return
-        samples = []
-        plain_images = []
-        for i in range(0 if "soak" in a.skip else a.soak_pairs):
-            c.txt2img(PROMPT, **soak, **scripts(delta(sd15)))
-            g = c.txt2img(PROMPT, **soak)
-            plain_images.append(g.image)
-            m = mem(c)
-            samples.append({"pair": i + 1, "rss": m["rss"], "allocated": m.get("allocated"),
-                            "reserved": m.get("reserved"), "device_used": m.get("device_used")})
-        r.put("soak", samples)
-        first, last = (samples[0], samples[-1]) if samples else ({}, {})
-        for k in ("rss", "allocated", "reserved", "device_used"):
-            if first.get(k):
-                growth = (last[k] - first[k]) / first[k]
-                r.check(f"soak: {k} growth from pair 1 to pair {a.soak_pairs} <= 1 %", growth <= 0.01,
-                        f"{first[k] / MIB:.0f} -> {last[k] / MIB:.0f} MiB ({100 * growth:+.2f} %)")
-        if plain_images:
-            r.check("soak: every plain image identical", all(p == plain_images[0] for p in plain_images))
+        alternate(r, c, sd15, soak, 0 if "soak" in a.skip else a.soak_pairs)
 
         # two SD1.5 sources, alternating
         if "two-sources" not in a.skip and not time_for(r, "two sources", 45 if a.device == "gpu" else 600):
@@ -394,6 +383,29 @@ def phase_sdxl(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
         if a.device == "gpu" and "oom" not in a.skip and time_for(r, "oom", 40):
             phase_oom(r, c, s, fx, target, base, table, fresh.image)
         r.put("log_delta_lines", log_lines(s, "Delta Sampling", 40) + log_lines(s, "source calls", 40))
+
+
+def alternate(r: Report, c: WebUIClient, source: ModelFixture, soak: dict, pairs: int) -> None:
+    """DS and plain generations in turn: RSS and VRAM may not grow by more than 1 % from the first pair to the last,
+    and every plain image must be the same."""
+    samples = []
+    plain_images = []
+    for i in range(pairs):
+        c.txt2img(PROMPT, **soak, **scripts(delta(source)))
+        g = c.txt2img(PROMPT, **soak)
+        plain_images.append(g.image)
+        m = mem(c)
+        samples.append({"pair": i + 1, "rss": m["rss"], "allocated": m.get("allocated"),
+                        "reserved": m.get("reserved"), "device_used": m.get("device_used")})
+    r.put("soak", samples)
+    first, last = (samples[0], samples[-1]) if samples else ({}, {})
+    for k in ("rss", "allocated", "reserved", "device_used"):
+        if first.get(k):
+            growth = (last[k] - first[k]) / first[k]
+            r.check(f"soak: {k} growth from pair 1 to pair {pairs} <= 1 %", growth <= 0.01,
+                    f"{first[k] / MIB:.0f} -> {last[k] / MIB:.0f} MiB ({100 * growth:+.2f} %)")
+    if plain_images:
+        r.check("soak: every plain image identical", all(p == plain_images[0] for p in plain_images))
 
 
 def phase_oom(r: Report, c: WebUIClient, s: WebUIServer, fx: dict[str, ModelFixture], target: str, base: dict,
@@ -493,6 +505,8 @@ def environment(install: A1111Install) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phases", default="sd15,sdxl,medvram")
+    p.add_argument("--host", choices=("a1111", "forge"), default="a1111",
+                   help="forge: Forge 2 (DELTA_E2E_FORGE, DELTA_E2E_FORGE_PYTHON), phases forge-id, forge-sdxl")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("DELTA_GPU_OUT", "gpu-e2e-out")))
     p.add_argument("--sizes", default=None, help="sd15 identity sizes, px (gpu: 512,1024; cpu: 64)")
@@ -526,28 +540,43 @@ def main(argv: list[str] | None = None) -> int:
     harness.BASE_ARGS = (GPU_ARGS + (("--opt-sdp-attention",) if a.attention == "sdp" else ())) if gpu else CPU_ARGS
     a.skip = set(a.skip.split(","))
 
-    install = A1111Install.from_env()
-    if install is None or install.problems():
-        print("DELTA_E2E_A1111 is unset or unusable:", install and install.problems())
+    builder_install = A1111Install.from_env()  # the fixtures are built from its classes, whichever host runs
+    if builder_install is None or builder_install.problems():
+        print("DELTA_E2E_A1111 is unset or unusable:", builder_install and builder_install.problems())
         return 2
+    install: Any = builder_install
+    build = ensure_fixtures
+    phase_table: dict = PHASES
+    if a.host == "forge":
+        import forge_gpu
+
+        install = forge_gpu.forge_install(a.device)
+        if install is None or install.problems():
+            print("DELTA_E2E_FORGE is unset or unusable:", install and install.problems())
+            return 2
+        build, phase_table = forge_gpu.fixtures, forge_gpu.PHASES
     r = Report(a.out, a.device)
     phases = [x for x in a.phases.split(",") if x]
     r.data["args"] = {k: str(v) for k, v in vars(a).items()}
     r.data["host"] = platform.node()
     r.data["environment"] = environment(install)
     print("environment:", json.dumps(r.data["environment"]), flush=True)
-    for name in ("a1111.commit", "ext.commit"):
-        f = HERE.parent.parent.parent.parent / name  # the bundle made by pack.sh, when run from it
+    bundle = Path(os.environ.get("DELTA_GPU_BUNDLE") or HERE.parent.parent.parent.parent)  # pack.sh's folder
+    r.data["extension"] = str(HERE.parent.parent.parent)
+    snapshot = (bundle / "ext").is_dir() and HERE.is_relative_to((bundle / "ext").resolve())
+    for name in ("a1111.commit", "forge.commit") + (("ext.commit",) if snapshot else ()):
+        f = bundle / name
         if f.is_file():
             r.data[name] = f.read_text().strip()
 
     t0 = time.monotonic()
     DEADLINE[0] = t0 + a.budget if a.budget else math.inf
     # SD1.5 first (the first phase needs it); the SDXL fixture builds on the CPU while the SD1.5 phase uses the GPU
-    fx = ensure_fixtures(install, ("sd15",), timeout=1800)
+    fx = build(install, ("sd15",))
     r.data["fixtures_seconds"] = time.monotonic() - t0
     print(f"fixtures ready in {r.data['fixtures_seconds']:.0f}s: sd15", flush=True)
-    ahead = [m for m in ([a.sdxl] if {"sdxl", "medvram"} & set(phases) else []) + a.fixtures.split(",") if m]
+    ahead = [m for m in ([a.sdxl] if {"sdxl", "medvram", "forge-sdxl"} & set(phases) else []) + a.fixtures.split(",")
+             if m]
     ahead = list(dict.fromkeys(m for m in ahead if m != "sd15"))
     builder = None
     if ahead:
@@ -569,18 +598,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fixtures built beside the first phase: {r.data['fixtures_ahead']}", flush=True)
         builder = None
         if code == 0:
-            fx.update(ensure_fixtures(install, tuple(ahead), timeout=1800))  # reads what the builder wrote
+            fx.update(build(install, tuple(ahead)))  # reads what the builder wrote
 
     failed_phases = []
     for name in phases:
+        if name not in phase_table:
+            r.check(f"phase {name}: exists for --host {a.host}", False, f"phases: {', '.join(phase_table)}")
+            continue
         if not time_for(r, f"phase {name}", 120):
             continue
         print(f"== {name}", flush=True)
         t = time.monotonic()
         try:
-            if name != "sd15":
+            if name not in ("sd15", "forge-id"):  # the phases on SD1.5 alone run beside the build
                 wait_for_builder()
-            PHASES[name](r, install, fx, a)
+            phase_table[name](r, install, fx, a)
         except Exception:
             failed_phases.append(name)
             r.data["phases"].setdefault(name, {})["error"] = traceback.format_exc()

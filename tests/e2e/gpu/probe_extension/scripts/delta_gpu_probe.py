@@ -14,11 +14,16 @@ Routes (added to the WebUI's app; the harness links this folder into a throwaway
 - ``GET /delta-gpu/paths``: since the last read, how often the source's forward was recorded and replayed as a
   CUDA graph, and how many LoRA layers ran folded (the most in one generation), so that a comparison of the
   default against graph/fold off shows the defaults were really in use. Read from the extension's own objects.
+  (Forge runs neither: the counters stay at zero there.)
+- ``POST /delta-gpu/resident?on=1`` and ``GET /delta-gpu/resident``: Forge only: at every sampling step, the models
+  Forge's memory manager holds (``current_loaded_models``) and how many of their parameter bytes sit on the entry's
+  load device; the step with the most models fully there is kept. Shows the target and the source resident together.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 
 import torch
@@ -27,6 +32,8 @@ from modules import script_callbacks
 _nan = {"on": False, "steps": 0, "bad_steps": 0}
 _fold = {"original": None}
 _paths = {"captures": 0, "replays": 0, "graph_failures": 0, "folded_layers": 0, "hooked": False}
+_resident: dict = {"on": False, "steps": 0, "most": []}
+FORGE = importlib.util.find_spec("modules_forge") is not None
 
 
 def _rss_bytes() -> int:
@@ -49,7 +56,33 @@ def _mem() -> dict:
     return out
 
 
+def _forge_loaded() -> list[dict]:
+    """Forge's loaded models now: each entry's class, parameter bytes, and the bytes on its load device."""
+    from backend import memory_management
+
+    out = []
+    for entry in memory_management.current_loaded_models:
+        patcher = entry.model
+        module = getattr(patcher, "model", None) if patcher is not None else None
+        if module is None:
+            continue
+        device = torch.device(entry.device)
+        total = there = 0
+        for t in module.parameters():
+            n = t.numel() * t.element_size()
+            total += n
+            there += n if t.device.type == device.type else 0
+        out.append({"model": type(module).__name__, "device": str(device), "bytes": total, "bytes_there": there})
+    return out
+
+
 def _after_cfg(params) -> None:
+    if _resident["on"]:
+        _resident["steps"] += 1
+        loaded = _forge_loaded()
+        full = [m for m in loaded if m["bytes"] and m["bytes_there"] == m["bytes"]]
+        if len(full) > sum(1 for m in _resident["most"] if m["bytes_there"] == m["bytes"]):
+            _resident["most"] = loaded
     if _nan["on"]:
         _nan["steps"] += 1
         if not bool(torch.isfinite(params.x).all()):
@@ -61,9 +94,8 @@ def _hook_paths() -> None:
     if _paths["hooked"]:
         return
     from lib_delta import cuda_graph
-    from lib_delta.hosts.a1111 import lora as a1111_lora
 
-    reset, lay_out = cuda_graph.GraphedCall.reset, a1111_lora.Adapter.lay_out
+    reset = cuda_graph.GraphedCall.reset
 
     def counting_reset(self):
         _paths["captures"] += self.captures
@@ -73,14 +105,19 @@ def _hook_paths() -> None:
         self.failures = []
         return reset(self)
 
-    def counting_lay_out(self):
-        result = lay_out(self)
-        folded = sum(p.folded_layers for p in self._patches.values())
-        _paths["folded_layers"] = max(_paths["folded_layers"], folded)
-        return result
-
     cuda_graph.GraphedCall.reset = counting_reset
-    a1111_lora.Adapter.lay_out = counting_lay_out
+    if not FORGE:  # Forge's host folds nothing (its layers are its own operations, moved by its memory manager)
+        from lib_delta.hosts.a1111 import lora as a1111_lora
+
+        lay_out = a1111_lora.Adapter.lay_out
+
+        def counting_lay_out(self):
+            result = lay_out(self)
+            folded = sum(p.folded_layers for p in self._patches.values())
+            _paths["folded_layers"] = max(_paths["folded_layers"], folded)
+            return result
+
+        a1111_lora.Adapter.lay_out = counting_lay_out
     _paths["hooked"] = True
 
 
@@ -137,6 +174,18 @@ def _routes(_demo, app) -> None:
     @app.get("/delta-gpu/nan")
     def nan_read():
         return dict(_nan)
+
+    @app.post("/delta-gpu/resident")
+    def resident_on(on: int):
+        if on and not FORGE:
+            return {"error": "Forge only"}
+        _resident.update(on=bool(on), steps=0, most=[])
+        return {"on": bool(on)}
+
+    @app.get("/delta-gpu/resident")
+    def resident_read():
+        now = _forge_loaded() if FORGE else []
+        return {**_resident, "now": now}
 
 
 script_callbacks.on_app_started(_routes)

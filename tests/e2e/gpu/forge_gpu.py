@@ -1,0 +1,171 @@
+"""The Forge 2 phases of the GPU end-to-end run (``gpu_e2e.py --host forge``): Forge on CUDA as its users run it, fp16
+weights and PyTorch's SDP attention, its memory manager deciding what stays on the GPU. Forge's host neither records
+the source as a CUDA graph nor folds LoRA layers (its layers are its own operations, moved by that manager), so there
+is no graph/fold variant here; the probe's path counters must stay at zero.
+
+- ``forge-id``: SD1.5 as its own source with its LoRA at λ = 1 against Forge's own ``<lora:L:1>``, at 512 and 1024 px,
+  20 Euler steps; no non-finite step, PSNR recorded; the DS request twice (repeatable), then plain again (Forge's
+  own image: nothing of the delta outlives its generation).
+- ``forge-sdxl``: the full-size SDXL fixture as the target, the SD1.5 fixture and its LoRA as the source, 1024 px,
+  30 steps: wall time and peak VRAM for plain, Forge's own LoRA on the target, DS default, DS cond-only, DS window
+  0-0.5 and base-first 0-0.25, interleaved; the target and the source both held on the GPU by Forge's memory manager
+  during the DS steps; then 20 alternating DS/plain generations (RSS and VRAM growth <= 1 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from forge_harness import FORGE_ARGS, ForgeInstall, ForgeServer, forge_fixtures
+from gpu_e2e import (
+    IDENTICAL_ABOVE_DB,
+    MIB,
+    PROMPT,
+    SDXL_REQUESTS,
+    Probed,
+    Report,
+    alternate,
+    db,
+    delta,
+    flat,
+    measured,
+    scripts,
+    server,
+    time_for,
+    timing_rounds,
+)
+from harness import Generation, ModelFixture, WebUIClient, psnr
+
+# GPU: Forge's defaults (fp16, its own choice of what stays on the GPU) with PyTorch's SDP attention named; nothing
+# downloaded, loopback only
+FORGE_GPU_ARGS = ("--skip-prepare-environment", "--skip-install", "--skip-version-check",
+                  "--skip-python-version-check", "--api", "--no-download-sd-model", "--disable-console-progressbars",
+                  "--attention-pytorch")
+FORGE_CPU_ARGS = (*FORGE_ARGS, "--skip-python-version-check")
+
+
+class ProbedForgeServer(Probed, ForgeServer):
+    pass
+
+
+def forge_install(device: str) -> ForgeInstall | None:
+    """DELTA_E2E_FORGE with the flags of the device."""
+    install = ForgeInstall.from_env()
+    if install is None:
+        return None
+    return dataclasses.replace(install, launch_args=FORGE_GPU_ARGS if device == "gpu" else FORGE_CPU_ARGS)
+
+
+def fixtures(install: ForgeInstall, models: tuple[str, ...]) -> dict[str, ModelFixture]:
+    """The fixtures as Forge reads them (built with DELTA_E2E_A1111 when missing)."""
+    return forge_fixtures(install, models)
+
+
+def resident_during(c: WebUIClient, prompt: str, **params: Any) -> tuple[Generation, dict]:
+    """One generation with the probe's watch of Forge's loaded models on: the step with the most models fully on
+    their load device, and the list after the generation."""
+    c.post("/delta-gpu/resident?on=1")
+    g = c.txt2img(prompt, **params)
+    seen = c.get("/delta-gpu/resident")
+    c.post("/delta-gpu/resident?on=0")
+    return g, seen
+
+
+def unets(loaded: list[dict]) -> list[dict]:
+    """Forge's diffusion models among its loaded ones (KModel wraps each checkpoint's UNet)."""
+    return [m for m in loaded if m["model"] == "KModel"]
+
+
+def phase_forge_id(r: Report, install: ForgeInstall, fx: dict[str, ModelFixture], a: argparse.Namespace) -> None:
+    r.begin("forge-id")
+    sd15 = fx["sd15"]
+    with server(install, fx, ("sd15",), r.out / "server-forge-id.log", kind=ProbedForgeServer) as s:
+        c = s.client
+        assert c is not None
+        c.set_model(sd15.model_name)
+        r.put("attention", [line for line in s.log_tail(1 << 22).splitlines() if "attention" in line.lower()][-3:])
+        for px in a.sizes:
+            base = {"width": px, "height": px, "steps": a.steps, "sampler_name": "Euler", "cfg_scale": 7.0}
+            key = f"{px}px"
+            c.post("/delta-gpu/nan?on=1")
+            plain, plain_mem = measured(c, PROMPT, **base)
+            own, own_mem = measured(c, f"{PROMPT} <lora:{sd15.lora()}:1>", **base)
+            c.get("/delta-gpu/paths")
+            ds, ds_mem = measured(c, PROMPT, **base, **scripts(delta(sd15)))
+            again = c.txt2img(PROMPT, **base, **scripts(delta(sd15)))
+            paths = c.get("/delta-gpu/paths")
+            after = c.txt2img(PROMPT, **base)
+            nan = c.get("/delta-gpu/nan")
+            c.post("/delta-gpu/nan?on=0")
+            row = {
+                "psnr_own_vs_plain": psnr(own.image, plain.image),
+                "psnr_ds_vs_own": psnr(ds.image, own.image),
+                "psnr_ds_again_vs_ds": psnr(again.image, ds.image),
+                "seconds": {"plain": plain.seconds, "own": own.seconds, "ds": ds.seconds, "ds again": again.seconds},
+                "peak_allocated": {"plain": plain_mem.get("max_allocated"), "own": own_mem.get("max_allocated"),
+                                   "ds": ds_mem.get("max_allocated")},
+                "paths": paths, "nan": nan, "infotext": ds.infotext.splitlines()[-1],
+            }
+            r.put(key, row)
+            r.check(f"{key}: no non-finite step (plain, own LoRA, 2 DS, plain)",
+                    nan["bad_steps"] == 0 and nan["steps"] > 0, f"{nan['bad_steps']} of {nan['steps']} steps")
+            r.check(f"{key}: no flat image", not any(flat(g.image) for g in (plain, own, ds, again, after)))
+            r.check(f"{key}: the LoRA moves the image (own vs plain < {IDENTICAL_ABOVE_DB} dB)",
+                    row["psnr_own_vs_plain"] < IDENTICAL_ABOVE_DB, f"{db(row['psnr_own_vs_plain'])} dB")
+            r.check(f"{key}: DS equals Forge's own <lora:L:1> (> {IDENTICAL_ABOVE_DB} dB)",
+                    row["psnr_ds_vs_own"] > IDENTICAL_ABOVE_DB, f"{db(row['psnr_ds_vs_own'])} dB")
+            r.check(f"{key}: DS twice gives the same image (> {IDENTICAL_ABOVE_DB} dB)",
+                    row["psnr_ds_again_vs_ds"] > IDENTICAL_ABOVE_DB, f"{db(row['psnr_ds_again_vs_ds'])} dB")
+            r.check(f"{key}: plain after DS is Forge's own image (same pixels)", psnr(after.image, plain.image)
+                    == float("inf"), f"{db(psnr(after.image, plain.image))} dB")
+            r.check(f"{key}: Forge's host used no CUDA graph and folded no layer",
+                    paths["replays"] == 0 and paths["captures"] == 0 and paths["folded_layers"] == 0,
+                    json.dumps(paths))
+            print(f"  {key}: own vs plain {db(row['psnr_own_vs_plain'])}, DS vs own {db(row['psnr_ds_vs_own'])}, "
+                  f"DS again {db(row['psnr_ds_again_vs_ds'])} dB", flush=True)
+
+
+def phase_forge_sdxl(r: Report, install: ForgeInstall, fx: dict[str, ModelFixture], a: argparse.Namespace) -> None:
+    r.begin("forge-sdxl")
+    target = a.sdxl
+    sd15 = fx["sd15"]
+    base = {"width": a.big, "height": a.big, "steps": a.sdxl_steps, "sampler_name": "Euler", "cfg_scale": 7.0}
+    with server(install, fx, (target, "sd15"), r.out / "server-forge-sdxl.log", kind=ProbedForgeServer) as s:
+        c = s.client
+        assert c is not None
+        c.set_model(fx[target].model_name)
+        fresh, fresh_mem = measured(c, PROMPT, **base)  # this server's first image: the fresh server's
+        r.put("fresh_plain_mem", fresh_mem)
+
+        # two models resident: the target and the source, both on the GPU during the DS steps
+        _, seen = resident_during(c, PROMPT, **base, **scripts(delta(sd15)))
+        r.put("resident", seen)
+        most = unets(seen["most"])
+        full = [m for m in most if m["bytes"] and m["bytes_there"] == m["bytes"]]
+        r.check("two models resident: the target's and the source's UNet both wholly on the load device during a DS "
+                "step", len(full) >= 2 and len({m["bytes"] for m in full}) >= 2,
+                "; ".join(f"{m['model']} {m['bytes'] / MIB:.0f} MiB, {m['bytes_there'] / MIB:.0f} there "
+                          f"({m['device']})" for m in most) + f" over {seen['steps']} steps")
+
+        # the reduced SDXL of a CPU run is re-laid for Forge and has no LoRA of its own (forge_harness.forge_sdxl)
+        names = tuple(n for n in SDXL_REQUESTS if n != "own LoRA" or fx[target].manifest.get("loras"))
+        r.put("requests", names)
+        print(f"  timings: {a.big} px, {a.sdxl_steps} steps, {a.rounds} measured rounds: {', '.join(names)}",
+              flush=True)
+        table = timing_rounds(r, c, fx, target, names, base, a.rounds)
+        r.put("timings", table)
+        r.put("paths", c.get("/delta-gpu/paths"))
+        plain_again = c.txt2img(PROMPT, **base)
+        r.check("plain after the timed DS requests is the fresh server's image (same pixels)",
+                psnr(plain_again.image, fresh.image) == float("inf"), f"{db(psnr(plain_again.image, fresh.image))} dB")
+
+        if "soak" in a.skip or not time_for(r, "soak", 60 if a.device == "gpu" else 600):
+            return
+        alternate(r, c, sd15, {**base, "steps": a.soak_steps}, a.soak_pairs)
+        r.put("loaded_after_soak", c.get("/delta-gpu/resident")["now"])
+
+
+PHASES = {"forge-id": phase_forge_id, "forge-sdxl": phase_forge_sdxl}
