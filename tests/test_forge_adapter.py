@@ -347,17 +347,3 @@ def test_a_native_source_runs_at_its_own_size_and_changes_the_image(forge, monke
     assert p.extra_generation_params["Delta source resolution"] == "native"
     assert torch.equal(forge.run(target, source, {**group, "source_resolution": "native"}),
                        forge.run(target, source, group))
-
-
-def test_ipadapter_units_are_refused_in_forge_for_now(forge):
-    """The same for IP-Adapter units: a 422 naming them, nothing loads, the next image is as before."""
-    from lib_delta.hosts.forge import models as forge_models
-
-    base = forge.checkpoint("base", family="sd1", seed=0)
-    target = forge.load(base)
-    fresh = forge.generate(target)
-    unit = {"model": "ip-adapter_sd15", "image": "iVBORw0KGgo="}
-    with pytest.raises(DeltaError, match=r"IP-Adapter units .* AUTOMATIC1111.*remove the 'ipadapters'") as err:
-        forge.run(target, base, {"ipadapters": [unit]})
-    assert err.value.status_code == 422 and forge_models.cached() == []
-    assert torch.equal(forge.generate(target), fresh)

@@ -144,6 +144,30 @@ def forge_sdxl(fixture: ModelFixture, directory: Path) -> ModelFixture:
     return ModelFixture(fixture.key, directory, manifest)
 
 
+# The file Forge's IP-Adapter preprocessor loads for each CLIP-vision fixture (forge_ipadapter.py: "CLIP-ViT-H
+# (IPAdapter)" reads models/ControlNetPreprocessor/CLIP-ViT-H-14.safetensors, and downloads it when it is missing).
+CLIP_VISION_FILES = {"clip_h": "CLIP-ViT-H-14.safetensors"}
+
+
+def forge_clip_vision(fixture: ModelFixture, directory: Path) -> Path:
+    """The CLIP-vision fixture (a torch.save state dict, as sd-webui-controlnet reads it) as the safetensors file
+    Forge's preprocessor reads, with the same tensors (built once, beside the other fixtures)."""
+    dest = directory / CLIP_VISION_FILES[fixture.key]
+    source = fixture.clip_vision
+    stamp, made = f"{source.stat().st_size}-{source.stat().st_mtime_ns}", directory / "derived_from"
+    if dest.is_file() and made.is_file() and made.read_text() == stamp:
+        return dest
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(str(source), map_location="cpu", weights_only=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, str(dest),
+              metadata={"delta_e2e_model": fixture.key})
+    made.write_text(stamp)
+    return dest
+
+
 class ForgeServer(WebUIServer):
     """A running Forge on 127.0.0.1 with its own data dir; see :class:`harness.WebUIServer`."""
 
@@ -153,6 +177,13 @@ class ForgeServer(WebUIServer):
                              "AUTOMATIC1111 (ServerConfig.controlnets puts the ControlNet fixtures in place)")
         self._prepare_data_dir()
         assert self.data_dir is not None
+        if self.config.clip_vision:  # where Forge's IP-Adapter preprocessors look, so that nothing downloads
+            folder = self.data_dir / "models" / "ControlNetPreprocessor"
+            folder.mkdir(parents=True, exist_ok=True)
+            for key in self.config.clip_vision:
+                made = forge_clip_vision(self.fixtures[key], self.install.cache / f"fixtures-v{fixture_version()}"
+                                         / f"forge-{key}")
+                (folder / made.name).symlink_to(made)
         required = self.install.config_settings()  # type: ignore[attr-defined]
         if required:
             config = self.data_dir / "config.json"
@@ -218,7 +249,7 @@ class ForgeServerPool(ServerPool):
                 return self.current
             self.close()
         server = ForgeServer(self.install, config,  # type: ignore[arg-type]
-                             self.fixtures(config.models + config.controlnets))
+                             self.fixtures(config.models + config.controlnets + config.clip_vision))
         server.__enter__()
         self.current = server
         return server

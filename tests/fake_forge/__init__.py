@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from types import ModuleType
 
-from . import backend, controlnet, webui
+from . import backend, controlnet, ipadapter, webui
 from . import neo as neo_flavour
 
 
@@ -52,6 +52,8 @@ def _modules(neo: bool) -> dict[str, ModuleType]:
         "networks": w,
     }
     mods.update(controlnet.modules(neo))
+    mods.update(ipadapter.modules(neo))
+    ipadapter.extend(mods)
     if neo:
         mods.update(neo_flavour.modules())
     for name, m in mods.items():  # `from package import submodule` looks for an attribute first

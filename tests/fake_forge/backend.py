@@ -389,7 +389,8 @@ class KModel(nn.Module):
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
         y = kw.get("y")
-        with _control_added(self.diffusion_model, control):
+        with _control_added(self.diffusion_model, control), \
+                _attn2_replaced(self.diffusion_model, transformer_options or {}, list(x.shape)):
             return self.denoiser(x, t, c_crossattn if y is None else {"crossattn": c_crossattn, "vector": y})
 
     def memory_required(self, input_shape):
@@ -422,6 +423,43 @@ def _control_added(unet, control):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _attn2_replaced(unet, transformer_options, original_shape):
+    """backend/nn/unet.py:183-265: a cross-attention whose block key (``(block, id, index)``, else ``(block, id)``) is
+    in ``patches_replace["attn2"]`` runs ``to_q``/``to_k``/``to_v``, the replacement with ``extra_options`` (the
+    transformer options but the patches, ``n_heads``, ``dim_head``, ``block``, ``block_index``,
+    ``original_shape``), then ``to_out``."""
+    replace = transformer_options.get("patches_replace", {}).get("attn2", {})
+    if not replace:
+        yield
+        return
+    extra = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
+    extra["original_shape"] = original_shape
+    patched = []
+    for part, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
+        for i, block in enumerate(blocks):
+            inner = [b for m in block if hasattr(m, "transformer_blocks") for b in m.transformer_blocks]
+            for j, tb in enumerate(inner):
+                key = (part, i, j) if (part, i, j) in replace else (part, i)
+                if key not in replace:
+                    continue
+                attn = tb.attn2
+                options = {**extra, "block": (part, i), "block_index": j, "n_heads": attn.heads,
+                           "dim_head": attn.to_q.out_features // attn.heads}
+
+                def forward(x, context=None, attn=attn, patch=replace[key], options=options):
+                    n = patch(attn.to_q(x), attn.to_k(context), attn.to_v(context), options)
+                    return attn.to_out(n)
+
+                attn.forward = forward
+                patched.append(attn)
+    try:
+        yield
+    finally:
+        for attn in patched:
+            del attn.forward
 
 
 class ForgeObjects:

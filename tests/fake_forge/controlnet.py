@@ -428,7 +428,8 @@ def get_controlnet_filename(name):
 
 
 def get_preprocessor(name):
-    return supported_preprocessors.get(name)
+    """Forge 2 answers None for an unknown name, Neo raises a KeyError (its global_state.py:83-84)."""
+    return supported_preprocessors[name] if NEO else supported_preprocessors.get(name)
 
 
 def listed(stem: str) -> str:

@@ -38,6 +38,7 @@ def _session(tmp_path, monkeypatch, neo: bool):
     with installed(neo=neo):
         from lib_delta.hosts import forge as adapter
         from lib_delta.hosts.forge import control as forge_control
+        from lib_delta.hosts.forge import ipadapter as forge_ip
         from lib_delta.hosts.forge import models as forge_models
 
         webui.checkpoints_list.clear()
@@ -58,6 +59,7 @@ def _session(tmp_path, monkeypatch, neo: bool):
         adapter.begin(None)
         forge_models.forget_all()
         forge_control.forget_all()
+        forge_ip.forget_all()
         controlnet.forget_cached()  # Neo's cache of the user's ControlNets lives as long as the WebUI
         # a finished generation's processing object and its sampler refer to each other (as in the WebUI) and keep
         # the target until a cycle collection: it must happen while this flavour's loaded-model list is installed

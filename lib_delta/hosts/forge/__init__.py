@@ -39,6 +39,7 @@ from ..common.http import as_failure, as_http_exception
 from ..common.runs import RunSlot
 from . import control as forge_control
 from . import guard as guard_mod
+from . import ipadapter as forge_ip
 from . import memory as forge_memory
 from . import models as forge_models
 from . import source as forge_source
@@ -62,6 +63,7 @@ def forget_all() -> None:
     SLOT.close()
     forge_models.forget_all()
     forge_control.forget_all()
+    forge_ip.forget_all()
 
 
 def begin(p: Any) -> None:
@@ -75,13 +77,16 @@ def start(p: Any, settings: DeltaSettings) -> None:
     request = forge_source.plan(settings, p)
     forge_models.prepare(request.keys)
     forge_control.prepare(request.control_keys)
+    forge_ip.prepare(request.image_keys)
     try:
         run = ForgeRun(p, settings, forge_source.build(settings, request, p))
     except BaseException:
         forge_models.discard_fresh()
         forge_control.discard_fresh()
+        forge_ip.discard_fresh()
         forge_models.settle(request.keys)
         forge_control.settle(request.control_keys)
+        forge_ip.settle(request.image_keys)
         raise
     run.credits = request.credits
     SLOT.open(p, run)
@@ -334,11 +339,14 @@ class ForgeRun:
             keys = [s.entry.key for s in self.source.slots]
             control_keys = forge_control.keys(u.plan for u in self.source.units())
             units = forge_control.describe(self.source.units())
+            image_keys = forge_ip.keys(p for g in self.source.image_prompts() for p in g.plans)
+            images = forge_ip.describe(self.source.image_prompts())
             self.source.release_units()
             self.samplers, self.armed, self.clones = [], [], []
             self.guidance, self.layout, self.source.denoiser, self.p = None, None, None, None
             forge_models.settle(keys)
             forge_control.settle(control_keys)
+            forge_ip.settle(image_keys)
         seconds = time.perf_counter() - self.started
         loras = self.source.lora_summary()
         for slot in self.source.slots:  # detached: its terms would only hold memory until the run object goes
@@ -346,7 +354,8 @@ class ForgeRun:
         device = self.source.base.unet.load_device
         beside = f" ({self.calls_beside} beside the target on {device})" if self.calls_beside else ""
         print(f"{self.settings.summary()}; {self.source.calls} source calls{beside}; {seconds:.1f}s"
-              + (f"; LoRA {loras}" if loras else "") + (f"; ControlNet on the adapted rows: {units}" if units else ""))
+              + (f"; LoRA {loras}" if loras else "") + (f"; ControlNet on the adapted rows: {units}" if units else "")
+              + (f"; IP-Adapter on the adapted rows: {images}" if images else ""))
 
     def append_preview(self, processed: Any) -> None:
         from ... import preview

@@ -40,7 +40,14 @@ def _preprocessors() -> list[str]:
     gs = _global_state()
     if gs is None:
         return []
-    return ["none" if m == "None" else m for m in SAFE_MODULES if gs.get_preprocessor(m) is not None]
+    return ["none" if m == "None" else m for m in SAFE_MODULES if _listed_preprocessor(gs, m)]
+
+
+def _listed_preprocessor(gs: Any, name: str) -> bool:
+    try:  # Neo's get_preprocessor raises a KeyError for a name it does not list
+        return gs.get_preprocessor(name) is not None
+    except KeyError:
+        return False
 
 
 LISTS = {"controlnet": (_controlnets, _refresh_controlnets), "controlnet_module": (_preprocessors, lambda: None)}

@@ -145,12 +145,20 @@ def _key(path: str) -> tuple[str, str]:
     return os.path.abspath(path), f"{st.st_size:x}-{int(st.st_mtime_ns):x}"
 
 
+def preprocessor_named(fg: Forge, name: str) -> Any:
+    """Forge's preprocessor of that name, or None (Neo's ``get_preprocessor`` raises a KeyError for an unknown one)."""
+    try:
+        return fg.global_state.get_preprocessor(name)
+    except KeyError:
+        return None
+
+
 def _preprocessor(fg: Forge, module: str, where: str) -> Any:
     names = {n.casefold(): n for n in SAFE_MODULES}
-    pre = fg.global_state.get_preprocessor(names.get(module.strip().casefold(), module))
+    pre = preprocessor_named(fg, names.get(module.strip().casefold(), module))
     if pre is None:
         raise listed.unknown(f"Delta Sampling preprocessor{where}", module, "Forge's preprocessors",
-                             [m for m in SAFE_MODULES if fg.global_state.get_preprocessor(m) is not None],
+                             [m for m in SAFE_MODULES if preprocessor_named(fg, m) is not None],
                              "Use 'none' for an image that is already a control map.")
     from modules_forge.supported_preprocessor import Preprocessor
 
@@ -407,7 +415,12 @@ def forget_all() -> None:
 
 
 def _emptying_cache(change: Any) -> None:
-    had = set(POOL.keys())
+    _emptying_cache_of(POOL, change)
+
+
+def _emptying_cache_of(pool: ModelPool, change: Any) -> None:
+    """``change`` the pool, then give the freed memory back to the device if it held anything."""
+    had = set(pool.keys())
     change()
     if had:
         from backend import memory_management

@@ -7,7 +7,8 @@ prompts or the group's adapted prompt. Every variant that runs on one engine goe
 functional LoRA patch adds each group's terms to its own rows (Forge merges LoRA weights in place and shares them
 between clones, so its patcher cannot give base and adapted rows from one copy of the weights).
 
-A group's ControlNet units run on its adapted rows only, inside that same call (:mod:`.control`).
+A group's ControlNet units (:mod:`.control`) and IP-Adapter units (:mod:`.ipadapter`, :mod:`.ip_rows`) run on its
+adapted rows only, inside that same call.
 
 Rows are handed back to the core as ``[cond_i | uncond_i]`` per image, where ``cond_i`` already is Forge's
 AND-weighted average; Forge's edit strength (the sum of AND weights) is folded into it so that the core's plain
@@ -33,7 +34,8 @@ from ...lora import DeltaPatch, LoraUse, build_patch
 from ..common import credits as credits_mod
 from ..common.prompts import append_to_prompt
 from . import control as control_mod
-from . import isolation, loras
+from . import ip_rows, isolation, loras
+from . import ipadapter as ip_mod
 from . import models as forge_models
 from .models import PrivateEngine
 
@@ -50,6 +52,7 @@ class Slot:
     patch: DeltaPatch | None = None
     units: list[control_mod.LoadedUnit] = field(default_factory=list)  # ControlNet units of its variants
     control: Any = None  # the head of their chain (Forge's previous_controlnet links)
+    images: list[ip_mod.GroupPatches] = field(default_factory=list)  # IP-Adapter patches of its variants' groups
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Variant:
     group: int | None  # the LoRA group in that slot's patch
     prompt: str  # the adapted prompt, '' for the generation's own
     units: int | None = None  # the adaptation group whose ControlNet units run on its rows
+    images: int | None = None  # the adaptation group whose IP-Adapter units run on its rows
 
 
 @dataclass
@@ -102,7 +106,12 @@ class ForgeSource:
         for s in self.slots:
             for u in s.units:
                 u.release()
-            s.units, s.control = [], None
+            for g in s.images:
+                g.release()
+            s.units, s.control, s.images = [], None, []
+
+    def image_prompts(self) -> list[ip_mod.GroupPatches]:
+        return [g for s in self.slots for g in s.images]
 
     def lora_summary(self) -> str:
         """Per LoRA file, how many of its keys found a layer (a low count means the wrong family or format)."""
@@ -169,7 +178,10 @@ class ForgeSource:
         return int(activations + control)
 
     def patch_bytes(self) -> int:
-        return sum(s.patch.nbytes() for s in self.slots if s.patch is not None)
+        """Tensors of ours on the source's device that Forge's memory manager does not know: the LoRA terms and
+        the IP-Adapter modules and embeddings."""
+        return sum(s.patch.nbytes() for s in self.slots if s.patch is not None) + \
+            sum(g.nbytes() for g in self.image_prompts())
 
     # -- per model call -------------------------------------------------------------------------------------------
 
@@ -206,6 +218,13 @@ class ForgeSource:
         cond = _merge([compiled[k][0] for k in ks])
         uncond = _merge([compiled[k][1] for k in ks]) if run_uncond else None
         owners = _control_owners(slot, [self.variants[k].units for k in ks])
+        images = _image_owners(slot, [self.variants[k].images for k in ks])
+        if images:  # every attn2 replaced by a gate that gives each group's patch its own rows
+            transformer_options = dict(options.get("transformer_options", {}))
+            replace = dict(transformer_options.get("patches_replace", {}))
+            replace["attn2"] = ip_rows.gated(images, b)
+            transformer_options["patches_replace"] = replace
+            options["transformer_options"] = transformer_options
         if owners:  # one control object on every entry keeps the call one batch; the wrapper picks the rows
             transformer_options = dict(options.get("transformer_options", {}))
             transformer_options["controlnet_model_function_wrapper"] = control_mod.adapted_rows(owners, b)
@@ -238,19 +257,20 @@ class Plan:
     keys: tuple[tuple[str, str], ...]
     credits: credits_mod.Credits = field(default_factory=credits_mod.Credits)
     units: tuple[control_mod.UnitPlan, ...] = ()  # ControlNet units, checked, images decoded
+    images: tuple[ip_mod.IPPlan, ...] = ()  # IP-Adapter units, checked, images decoded
 
     @property
     def control_keys(self) -> list[tuple[str, str]]:
         return control_mod.keys(self.units)
 
+    @property
+    def image_keys(self) -> list:
+        return ip_mod.keys(self.images)
+
 
 def plan(settings: DeltaSettings, p: Any) -> Plan:
     """Check every name, limit and file of a request, cheapest first; raises DeltaError. Nothing loads here but
     the LoRA files themselves, read whole, since only reading one proves it sound."""
-    if any(g.ipadapters for g in settings.groups):
-        raise DeltaError("IP-Adapter units on the Delta Sampling source run in AUTOMATIC1111 with sd-webui-controlnet "
-                         "for now; in Forge, remove the 'ipadapters' of the request (or use a LoRA, a fine-tuned "
-                         "checkpoint or an adapted prompt as the adaptation).")
     target = p.sd_model
     source = forge_models.resolve(settings.source)
     tuned = tuple(forge_models.resolve(g.checkpoint, "fine-tuned checkpoint") if g.checkpoint else None
@@ -262,6 +282,7 @@ def plan(settings: DeltaSettings, p: Any) -> Plan:
         forge_models.check_file(info, "source checkpoint" if info is source else "fine-tuned checkpoint")
     forge_models.check_pairing(source, [i for i in infos.values() if i is not source], target)
     units = control_mod.plan_units(settings, p, source, forge_models.info_label(source))
+    images = ip_mod.plan_units(settings, p, source, forge_models.info_label(source))
     read = {e.filename: loras.read(e.filename) for e in {id(e): e for e in entries.values()}.values()}
     files = tuple(tuple(LoraUse(read[entries[r.name].filename], r.te, r.unet) for r in g.loras)
                   for g in settings.groups)
@@ -269,7 +290,7 @@ def plan(settings: DeltaSettings, p: Any) -> Plan:
     checkpoints = {credits_mod.checkpoint_name(i): i for i in (source, *tuned) if i is not None}
     credits = credits_mod.gather(checkpoints, entries)
     keys = tuple(dict.fromkeys(forge_models.key_of(i) for i in (source, *tuned) if i is not None))
-    return Plan(source, tuned, files, keys, credits, units)
+    return Plan(source, tuned, files, keys, credits, units, images)
 
 
 def build(settings: DeltaSettings, request: Plan, p: Any) -> ForgeSource:
@@ -292,8 +313,10 @@ def build(settings: DeltaSettings, request: Plan, p: Any) -> ForgeSource:
         if uses:
             slots[index].lora_groups.append(uses)
             group = len(slots[index].lora_groups) - 1
-        has_units = any(u.group == len(variants) - 1 for u in request.units)
-        variants.append(Variant(index, group, g.prompt, len(variants) - 1 if has_units else None))
+        this = len(variants) - 1
+        has_units = any(u.group == this for u in request.units)
+        has_images = any(u.group == this for u in request.images)
+        variants.append(Variant(index, group, g.prompt, this if has_units else None, this if has_images else None))
     for slot in slots:
         forge_models.place(slot.entry)
         if slot.lora_groups:
@@ -301,8 +324,14 @@ def build(settings: DeltaSettings, request: Plan, p: Any) -> ForgeSource:
             slot.patch = build_patch(_roots(slot.entry), slot.entry.family, slot.lora_groups, fold=False)
     fold = settings.cfg_mode == "cfg" or settings.mode == "base-first"
     source = ForgeSource(slots, variants, fold)
-    if request.units:
-        _load_units(source, request.units, p)
+    try:
+        if request.units:
+            _load_units(source, request.units, p)
+        if request.images:
+            _load_images(source, request.images)
+    except BaseException:
+        source.release_units()  # now: the traceback keeps this frame, and with it the source, alive
+        raise
     return source
 
 
@@ -315,6 +344,17 @@ def _load_units(source: ForgeSource, plans: tuple[control_mod.UnitPlan, ...], p:
         control_mod.check_built(mine, slot.entry.family, slot.entry.unet.model.diffusion_model, slot.entry.title)
         slot.units = control_mod.load_units(mine, p, slot.entry.unet.load_device)
         slot.control = control_mod.chain(slot.units)
+
+
+def _load_images(source: ForgeSource, plans: tuple[ip_mod.IPPlan, ...]) -> None:
+    """Each group's IP-Adapter units applied to the private UNet of the slot its adapted variant runs on."""
+    for i, slot in enumerate(source.slots):
+        mine = [u for u in plans if source.variants[u.group + 1].slot == i]
+        if not mine:
+            continue
+        ip_mod.check_built(mine, slot.entry.unet.model.diffusion_model, slot.entry.title)
+        for group in dict.fromkeys(u.group for u in mine):
+            slot.images.append(ip_mod.load_group([u for u in mine if u.group == group], slot.entry.unet))
 
 
 def _check_source(entry: PrivateEngine, what: str) -> None:
@@ -423,6 +463,16 @@ def _control_owners(slot: Slot, groups: list[int | None]) -> dict[int, list[int]
         positions = [j for j, g in enumerate(groups) if g == unit.plan.group]
         if positions:
             owners[id(unit.cnet)] = positions
+    return owners
+
+
+def _image_owners(slot: Slot, groups: list[int | None]) -> list[tuple[dict, list[int]]]:
+    """For each of the slot's image-prompt groups in the call, its ``attn2`` patches and its variants' positions."""
+    owners = []
+    for patches in slot.images:
+        positions = [j for j, g in enumerate(groups) if g == patches.group]
+        if positions:
+            owners.append((patches.attn2, positions))
     return owners
 
 
