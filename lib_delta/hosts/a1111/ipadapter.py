@@ -17,7 +17,6 @@ each image; :class:`LoadedIPUnit` gives each attention layer its image-prompt ke
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from ...args import DeltaSettings, IPAdapterUnit
 from ...errors import DeltaError
 from ...fields import group_where, num
 from ..common import names as listed
-from ..common.control import FAMILIES
+from ..common.control import FAMILIES, is_ipadapter
 from ..common.files import safetensors_shapes
 from ..common.pool import Limits, ModelPool, free_weights
 from . import control as control_mod
@@ -149,13 +148,6 @@ def _extension() -> control_mod.Extension:
         raise DeltaError(f"Delta Sampling IP-Adapter units need the {EXTENSION} extension, which is not installed or "
                          "not enabled: install it (Extensions tab) and restart, or remove 'ipadapters' from the "
                          "request.") from None
-
-
-def is_ipadapter(name: str) -> bool:
-    """Whether a name of the extension's model list (ControlNets and IP-Adapters share it) names an IP-Adapter, as
-    every published one's does (``ip-adapter_sd15``, ``ip-adapter-plus_sdxl_vit-h``, ``ip_adapter_faceid``): the
-    panel's lists are split by name; the file's tensors decide when a unit runs (:func:`adapter_shape`)."""
-    return "ipadapter" in re.sub(r"[\s_-]", "", name.lower())
 
 
 def _resolve(ext: control_mod.Extension, name: str) -> tuple[str, str]:
