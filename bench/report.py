@@ -130,6 +130,30 @@ def _source_call_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def controlnet_table(res: dict) -> str:
+    """The source call with a ControlNet unit on its adapted rows: times against the plain call, per size."""
+
+    def rel(r: dict, key: str, base: str) -> str:
+        return f"{_ms(r[key]['median'])} ms ({r[key]['median'] / r[base]['median'] - 1:+.1%})"
+
+    head = ["size", "plain 4 rows", "unit on the adapted rows", "reference: base + source copy with the unit",
+            "CUDA graph: plain", "CUDA graph: unit on the adapted rows", "CUDA graph: reference",
+            "control moves adapted rows", "adapted rows vs reference", "base rows vs plain"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in res["sizes"]:
+        graphed = r.get("graphed")
+        cells = [f"{r['px']} px", f"{_ms(r['plain']['median'])} ms", rel(r, "rows", "plain"),
+                 rel(r, "reference", "plain"),
+                 *([f"{_ms(r['graph_plain']['median'])} ms", rel(r, "graph_rows", "graph_plain"),
+                    rel(r, "graph_reference", "graph_plain")] if graphed else ["–"] * 3),
+                 f"{r['control_size']:.1e}", f"{r['adapted_rows_vs_reference']:.1e}",
+                 f"{r['base_rows_vs_plain']:.1e}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    weights = (f"Resident weights: the ControlNet {_mb(res['controlnet_mb'])} in both schemes; the reference also "
+               f"holds a second source copy, {_mb(res['source_mb'])}.")
+    return "\n".join(lines) + "\n\n" + weights
+
+
 def _source_ops(rows: list[dict], top: int = 8) -> str:
     """The operators whose GPU time the functional LoRA changes most, per call, against merged weights."""
     return "\n\n".join(_op_table(r, top) for r in rows if r.get("ops"))
@@ -438,6 +462,15 @@ def render(res: dict, chart_path: str) -> str:
         parts += [f"## Reusing a delta for k steps: {g['steps']} Euler steps, {g['label']}", "",
                   "PSNR of the final latent against exact Delta Sampling on the same seed; the target alone shows "
                   "how far the delta moves the image.", "", _generation_table(g, psnr=True), ""]
+    if res.get("controlnet"):
+        c = res["controlnet"]
+        parts += ["## A ControlNet unit on the source call (4 rows: base cond/uncond, adapted cond/uncond)", "",
+                  f"{c['layout']}, random weights with its zero convs refilled; the unit's residuals go to the "
+                  "adapted rows only (the AUTOMATIC1111 host's `RowControl`). The reference runs the ControlNet on "
+                  "a second copy of the source for the adapted rows. Relative errors: the adapted rows against the "
+                  "reference's and the plain call's (how far the control moves them), the base rows against the "
+                  "plain call's. The host runs generations with units eagerly; the graph columns say what a graph "
+                  "would gain.", "", controlnet_table(c), ""]
     parts += ["## torch.compile of the source", "", _compile(res), "",
               "## Memory (P5)", "", _memory_terms(res), "",
               "## Profiles", "", _profiles(res), "",
@@ -483,7 +516,7 @@ def write(res: dict, out: Path, docs: bool = False) -> None:
         page.write_text(text)
 
 
-MERGED = ("generation", "forge_two_gpu", "source_call", "lora_layers", "reuse", "compile", "flops")
+MERGED = ("generation", "forge_two_gpu", "source_call", "lora_layers", "reuse", "compile", "flops", "controlnet")
 
 
 def merge(base: dict, update: dict) -> dict:

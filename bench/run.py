@@ -2,6 +2,7 @@
 
     python -m bench.run --out bench/out            # on a CUDA machine (two GPUs add the second-GPU schemes)
     python -m bench.run --toy --out bench/out      # tiny models on the CPU, in seconds: checks the machinery
+    python -m bench.run --sections controlnet --out bench/out-cn --budget 200   # the ControlNet call alone
     python -m bench.report bench/out/results.json --flops --docs   # docs/performance.md and its chart
 
 Sections run in order of importance and the JSON is rewritten after each, so a run cut short keeps what it
@@ -27,6 +28,7 @@ from devkit.sampling import sample_euler
 from lib_delta.cuda_graph import GraphedCall
 
 from . import report
+from .control import measure_control
 from .layers import measure_lora_layers
 from .measure import PeakMemory, psnr, rel_err, summary, time_calls
 from .profiling import gpu_time_by_op, profile_steps
@@ -233,6 +235,10 @@ class Run:
                                                   "rows": gen}}
         made["scheme"].close()
 
+    def controlnet(self) -> None:
+        self.results["controlnet"] = measure_control(self.env, self.models, self.args)
+        print(report.controlnet_table(self.results["controlnet"]), flush=True)
+
     def flops(self) -> None:
         self.results["flops"] = count_flops(self.env, self.pairs[:1] if self.env.toy else self.pairs)
 
@@ -260,6 +266,7 @@ class Run:
             "profiles": (self.profiles, 20),
             "compile": (lambda: self.compiled(small), 100),
             "flops": (self.flops, 0 if self.env.toy else 30),
+            "controlnet": (self.controlnet, 45),
         }
         for name, (fn, needs) in sections.items():
             # compiling the toy models takes minutes on the CPU: there, only when named
@@ -272,7 +279,7 @@ class Run:
 
 
 SECTIONS = ("steps", "generation", "forge-two-gpu", "source-call", "lora-layers", "reuse", "profiles", "compile",
-            "flops")
+            "flops", "controlnet")
 
 
 # --- measuring helpers -------------------------------------------------------------------------------------------

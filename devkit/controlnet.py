@@ -23,11 +23,15 @@ from .ldm_unet import (
     zero_module,
 )
 
-TINY_HINT_WIDTHS = (8, 8, 16, 16, 16, 16, 32)  # the real ones: 16, 16, 32, 32, 96, 96, 256
+TINY_HINT_WIDTHS = (8, 8, 16, 16, 16, 16, 32)
+REAL_HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
 
 
 class ControlNet(nn.Module):
-    def __init__(self, config: UNetConfig, hint_channels: int = 3, hint_widths: tuple[int, ...] = TINY_HINT_WIDTHS):
+    def __init__(self, config: UNetConfig, hint_channels: int = 3, hint_widths: tuple[int, ...] = TINY_HINT_WIDTHS,
+                 hint_halvings: int = 3):
+        """``hint_halvings``: 3 for a latent-space UNet (the hint is the image, 8 pixels a latent cell), 0 for a
+        pixel-space one (the hint at the UNet's own resolution)."""
         super().__init__()
         cfg = self.config = config
         mc = cfg.model_channels
@@ -41,7 +45,7 @@ class ControlNet(nn.Module):
         hint: list[nn.Module] = []
         widths = (hint_channels, *hint_widths)
         for i in range(len(hint_widths)):
-            stride = 2 if i in (2, 4, 6) else 1  # three halvings: pixels to latent
+            stride = 2 if i in (2, 4, 6)[:hint_halvings] else 1  # three halvings: pixels to latent
             hint += [nn.Conv2d(widths[i], widths[i + 1], 3, padding=1, stride=stride), nn.SiLU()]
         hint.append(zero_module(nn.Conv2d(widths[-1], mc, 3, padding=1)))
         self.input_hint_block = TimestepEmbedSequential(*hint)
@@ -98,8 +102,8 @@ class ControlNet(nn.Module):
 
 
 def build_controlnet(family: str, size: str = "tiny") -> ControlNet:
-    """A ControlNet for ``PRESETS[family][size]``'s UNet."""
-    return ControlNet(PRESETS[family][size])
+    """A ControlNet for ``PRESETS[family][size]``'s UNet; the full size has the real hint convs too."""
+    return ControlNet(PRESETS[family][size], hint_widths=REAL_HINT_WIDTHS if size == "full" else TINY_HINT_WIDTHS)
 
 
 def fill_zero_convs(net: ControlNet, generator: torch.Generator, scale: float = 1.0) -> ControlNet:

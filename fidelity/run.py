@@ -3,6 +3,7 @@
     python -m fidelity.run --out fidelity/out --device cuda          # the full study (a few minutes on one GPU)
     python -m fidelity.run --out fidelity/out --toy                  # the whole pipeline at toy size on the CPU
     python -m fidelity.run --stages resolution --out fidelity/out-resolution --device cuda   # fidelity/resolution.py
+    python -m fidelity.run --stages control --out fidelity/out-control --device cuda         # fidelity/control.py
 
 Trained models and adapter files go to ``--out``; results.json, log.txt and the figures to ``--results``
 (default: the same folder).
@@ -37,7 +38,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="evaluation images per configuration")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
     p.add_argument("--stages", default=None, help="comma-separated subset of the grid's stages; 'resolution' runs "
-                   "the source-resolution study (fidelity/resolution.py) on its own")
+                   "the source-resolution study (fidelity/resolution.py) on its own, 'control' the ControlNet study "
+                   "(fidelity/control.py)")
     p.add_argument("--reuse-models", action="store_true",
                    help="load models an earlier run trained into the same --out instead of training them again")
     p.add_argument("--models-only", default=None,
@@ -61,6 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(cfg, **{k: v for k, v in (("deadline_s", args.deadline), ("images", args.images),
                                                  ("steps", args.steps)) if v is not None})
         return resolution.run_stage(cfg, torch.device(args.device), args.out, args.results or args.out)
+    if args.stages == "control":  # its own models, adapter and measures
+        from . import control
+
+        ccfg = control.toy() if args.toy else control.full(args.train_scale)
+        ccfg = replace(ccfg, **{k: v for k, v in (("deadline_s", args.deadline), ("images", args.images),
+                                                   ("steps", args.steps)) if v is not None})
+        return control.run_stage(ccfg, torch.device(args.device), args.out, args.results or args.out)
     cfg = (config.toy(args.eps_weighting) if args.toy
            else config.full(args.train_scale, batch_scale=args.batch_scale, eps_weighting=args.eps_weighting))
     cfg = config.with_overrides(cfg, images=args.images, steps=args.steps, deadline_s=args.deadline,

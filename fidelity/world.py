@@ -56,6 +56,15 @@ def render(
 ) -> Tensor:
     """Images [n, 3, size, size] in [-1, 1] of the classes ``labels`` in ``style`` (a name, or per-image
     indices). ``stripe_period`` in pixels (the resolution study scales it with the image)."""
+    return render_with_masks(labels, style, g, device, size, stripe_period)[0]
+
+
+def render_with_masks(
+    labels: Tensor, style: str | Tensor, g: torch.Generator, device: torch.device | str = "cpu", size: int = SIZE,
+    stripe_period: int = STRIPE_PERIOD,
+) -> tuple[Tensor, Tensor]:
+    """:func:`render`'s images (the same draws) and each shape's coverage [n, 1, size, size] in [0, 1]: where the
+    shape is, what a mask control gives."""
     device = torch.device(device)
     k = size / SIZE  # lengths below are for 32 px
     labels = labels.to(device)
@@ -99,7 +108,7 @@ def render(
     striped = (styles == STYLES.index("striped"))[:, None, None] & dark
     fg = fg * torch.where(striped, 0.3, 1.0)[:, None]
     img = img * (1 - mask[:, None]) + fg * mask[:, None]
-    return img * 2 - 1
+    return img * 2 - 1, mask[:, None]
 
 
 def batch(n: int, style: str, g: torch.Generator, device: torch.device | str = "cpu",
@@ -107,6 +116,14 @@ def batch(n: int, style: str, g: torch.Generator, device: torch.device | str = "
     """``n`` images with uniformly drawn classes: (images, labels)."""
     labels = torch.randint(0, len(CLASSES), (n,), generator=g, device=torch.device(device))
     return render(labels, style, g, device, size, stripe_period), labels
+
+
+def batch_with_masks(n: int, style: str, g: torch.Generator, device: torch.device | str = "cpu",
+                     size: int = SIZE) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batch` with the shapes' masks: (images, labels, masks)."""
+    labels = torch.randint(0, len(CLASSES), (n,), generator=g, device=torch.device(device))
+    images, masks = render_with_masks(labels, style, g, device, size)
+    return images, labels, masks
 
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -14,6 +14,7 @@ import pytest
 from bench import report
 from bench.run import main
 
+TOLERANCE_OUT = 1e-5  # float32 on the CPU: one batched call against two calls
 EXACT = {"default", "held", "cond", "graph", "graph-cond", "remote", "remote-graph"}
 
 
@@ -104,3 +105,39 @@ def test_report_and_chart_are_well_formed(run):
     width, height = struct.unpack(">II", png[16:24])
     idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
     assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
+
+
+def test_the_controlnet_section_puts_the_unit_on_the_adapted_rows_only(run, tmp_path):
+    """The call with a unit equals the reference (the ControlNet on a second source copy) on the adapted rows,
+    leaves the base rows as the plain call has them, and the control really moves the adapted rows; the section
+    merges into an earlier results file and renders its table."""
+    results, out = run
+    cn = results["controlnet"]
+    assert [s["px"] for s in cn["sizes"]] == [512, 1024]
+    for size in cn["sizes"]:
+        assert size["finite"] and size["control_size"] > 1e-2, size
+        assert size["adapted_rows_vs_reference"] < TOLERANCE_OUT and size["base_rows_vs_plain"] == 0, size
+        assert all(size[k]["median"] > 0 for k in ("plain", "rows", "reference", "graph_rows")), size
+    assert "## A ControlNet unit on the source call" in (out / "performance.md").read_text()
+    base = {k: v for k, v in results.items() if k != "controlnet"}
+    merged = report.merge(base, {**results, "pairs": {}, "profiles": {}})
+    assert merged["controlnet"] == cn and "controlnet" in merged["runs"][-1]["sections"]
+    report.write(merged, tmp_path)
+    assert "| 1024 px |" in (tmp_path / "performance.md").read_text()
+
+
+def test_the_controlnet_calls_replayed_from_static_inputs_give_the_eager_results():
+    """The graphed calls as a recorded graph runs them (the inputs copied into static buffers, the recorded call
+    run on those): the same rows as the eager calls, so the graph columns time the same computation."""
+    import argparse
+
+    from bench.control import measure_control
+    from bench.rig import Env, Models
+    from tests.test_cuda_graph import FakeGraphs
+
+    env = Env.detect(True)
+    args = argparse.Namespace(rounds=1, iters=1, warmup=0)
+    with env.sampling():
+        res = measure_control(env, Models(env), args, backend=FakeGraphs())
+    for size in res["sizes"]:
+        assert size["graphed"] and size["graph_vs_eager"] < 1e-6 and size["control_size"] > 1e-2, size

@@ -246,3 +246,18 @@ def test_ddim_matches_closed_form():
     # A1111 stops at ᾱ of the first timestep after len(timesteps) − 1 calls.
     torch.testing.assert_close(out, ac[1].sqrt() * X0 + (1 - ac[1]).sqrt() * NOISE, atol=1e-4, rtol=1e-4)
     assert len(calls) == 4
+
+
+def test_the_full_size_controlnet_has_cldms_hint_convs():
+    """The benchmark's real-size ControlNet: cldm.ControlNet's hint convs (3 → 16, 16, 32, 32, 96, 96, 256 → 320)
+    and one zero conv per SD1.5 input block plus the middle block's."""
+    import torch
+
+    from devkit.controlnet import build_controlnet
+
+    with torch.device("meta"):
+        net = build_controlnet("sd1", "full")
+    sd = net.state_dict()
+    hint = [tuple(sd[f"input_hint_block.{i}.weight"].shape[:2]) for i in range(0, 16, 2)]
+    assert hint == [(16, 3), (16, 16), (32, 16), (32, 32), (96, 32), (96, 96), (256, 96), (320, 256)]
+    assert len(net.zero_convs) == 12 and sd["middle_block_out.0.weight"].shape == (1280, 1280, 1, 1)

@@ -407,3 +407,33 @@ def test_a_unit_on_a_native_resolution_source_gets_its_hint_fitted_by_forge(worl
     out = world.f.run(xl, world.base, {"source_resolution": "native", "adapted_prompt": "wood",
                                        "controlnets": [world.unit()]}, **big)
     assert torch.isfinite(out).all() and rel(out, plain) > 1e-3
+
+
+# --- the preview strip --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["forge", "neo"])
+def test_the_preview_strip_shows_each_units_control_map(flavour, request):
+    """One column of maps beside the strip's images, unit by unit down its rows: the map each ControlNet was given
+    (canny edges of the control image at the generation's size), blank rows below."""
+    from lib_delta import preview
+
+    w: World = request.getfixturevalue("neo_world" if flavour == "neo" else "world")
+
+    def strip(units: list[dict], **settings) -> np.ndarray:
+        p = w.f.processing(w.target, {"enabled": True, "source": w.base, "controlnets": units, "preview": True,
+                                      **settings})
+        webui.process_images(p)
+        return np.asarray(p.processed.images[-1])
+
+    plain = strip([], adapted_prompt="x")
+    one = strip([w.unit(module="canny")])
+    two = strip([w.unit(module="canny"), w.unit("control_tiny_sd15_depth")])
+    tile = one.shape[0] // preview.ROWS
+    assert one.shape[0] == plain.shape[0] and one.shape[1] == plain.shape[1] + tile
+    maps = one[:, plain.shape[1]:]
+    assert maps[:tile].std() > 10 and not maps[tile:].any()
+    both = two[:, plain.shape[1]:]
+    assert np.array_equal(both[:tile], maps[:tile]) and both[tile:2 * tile].any() and not both[2 * tile:].any()
+    edges = controlnet.PreprocessorCanny()(IMAGE, 512, slider_1=100, slider_2=200)  # 64 px: fitting keeps it
+    assert np.array_equal(maps[:tile], preview._shrink(preview.hint_image(edges), tile, tile))

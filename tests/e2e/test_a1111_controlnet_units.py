@@ -20,7 +20,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -43,6 +45,8 @@ IDENTICAL_ABOVE_DB = 35.0
 MOVED_BELOW_DB = 25.0
 CHANGED_BELOW_DB = 35.0
 IMAGE = base64.b64encode(control_image()).decode()
+# the SD1.5 source and the targets of other families (A1111 loads only the active checkpoint, so listing more is cheap)
+MODELS = ("sd15", "sdxl", "sd21v", "sd3")
 
 
 class Env:
@@ -71,10 +75,10 @@ class Env:
 def env(server_pool: ServerPool) -> Iterator[Env]:
     if controlnet_from_env() is None:
         pytest.skip("set DELTA_E2E_CONTROLNET to an sd-webui-controlnet checkout")
-    server = server_pool.get(ServerConfig(extension=True, models=("sd15", "sdxl"), controlnet_extension=True,
+    server = server_pool.get(ServerConfig(extension=True, models=MODELS, controlnet_extension=True,
                                           controlnets=("cn_sd15",)))
     assert server.client is not None
-    fixtures = server_pool.fixtures(("sd15", "sdxl", "cn_sd15"))
+    fixtures = server_pool.fixtures((*MODELS, "cn_sd15"))
     listed = server.client.get("/controlnet/model_list")["model_list"]
     [cn_model] = [m for m in listed if m.startswith(fixtures["cn_sd15"].model_name + " [")]
     yield Env(server.client, fixtures, cn_model)
@@ -142,6 +146,52 @@ def test_an_sd15_controlnet_through_an_sd15_source_changes_an_sdxl_image(env: En
     print(f"SDXL target: PSNR(delta with the SD1.5 ControlNet, plain) = {db:.2f} dB")
     assert db < CHANGED_BELOW_DB
     assert env.cn_model in (ours.param("Delta ControlNets") or "")
+
+
+def test_an_sd15_controlnet_through_an_sd15_source_changes_an_sd21v_image(env: Env, record_property) -> None:
+    """The v-prediction SD2.1 target: the unit changes its image, which stays finite, and the infotext with the unit
+    given again (its image is not in the infotext) makes the same pixels."""
+    import numpy as np
+    from harness import decode_image
+
+    env.use("sd21v")
+    plain = env.client.txt2img(PROMPT)
+    unit = env.unit("canny", weight=0.8, guidance_end=0.75)
+    ours = env.client.txt2img(PROMPT, **env.ours("sd15", [unit]))
+    db = psnr(ours.image, plain.image)
+    record_property("psnr_db_vs_plain_sd21v", round(db, 2))
+    print(f"SD2.1-v target: PSNR(delta with the SD1.5 ControlNet, plain) = {db:.2f} dB")
+    assert db < CHANGED_BELOW_DB
+    pixels = decode_image(ours.image)
+    assert np.isfinite(pixels).all() and pixels.std() > 1  # a picture, not NaN latents decoded to one colour
+    [recorded] = json.loads(ours.param("Delta ControlNets") or "[]")
+    assert (recorded["model"], recorded["module"], recorded["weight"], recorded["guidance_end"]) == (
+        env.cn_model, "canny", 0.8, 0.75), ours.infotext
+    assert ours.param("Model") == env.fixtures["sd21v"].model_name and IMAGE[:40] not in ours.infotext
+    again = env.client.post("/sdapi/v1/txt2img", {"infotext": ours.infotext, **env.ours("sd15", [unit])})
+    assert same_pixels(base64.b64decode(again["images"][0]), ours.image), ours.infotext
+
+
+def test_an_sd15_unit_on_an_sd3_target_is_refused_naming_both_models(env: Env, record_property) -> None:
+    """SD3's 16-channel latent cannot take a 4-channel source's delta (DESIGN: latent channels must match), with or
+    without a unit: a 422 naming both models, and the next plain SD3 image has the bytes of the one before."""
+    hf_home = os.environ.get("DELTA_E2E_HF_HOME")
+    if hf_home and not (Path(hf_home) / "hub" / "models--google--t5-v1_1-xxl").is_dir():
+        pytest.skip(f"AUTOMATIC1111 loads SD3's T5 tokenizer: google/t5-v1_1-xxl must be in {hf_home}")
+    env.use("sd3")
+    plain = env.client.txt2img(PROMPT)
+    payload = {"prompt": PROMPT, "negative_prompt": "", "seed": 1, "steps": 4, "width": 64, "height": 64,
+               "cfg_scale": 7.0, "sampler_name": "Euler", **env.ours("sd15", [env.unit("canny")])}
+    r = env.client.session.post(env.client.base_url + "/sdapi/v1/txt2img", json=payload, timeout=600)
+    detail = str(r.json().get("detail")) if r.headers.get("content-type", "").startswith("application/json") \
+        else r.text
+    record_property("status", r.status_code)
+    record_property("detail", detail[:300])
+    print(f"{r.status_code}: {detail[:300]}")
+    assert r.status_code == 422, r.text[:500]
+    assert f"'{env.fixtures['sd15'].model_name}' (SD1, 4 latent channels)" in detail, detail
+    assert f"'{env.fixtures['sd3'].model_name}' (SD3, 16 latent channels)" in detail, detail
+    assert env.client.txt2img(PROMPT).image == plain.image
 
 
 def _huge_png() -> str:
@@ -354,7 +404,8 @@ def test_units_in_the_panel_in_a_browser(env: Env, chromium: str, record_propert
         expect(page.locator(f"#{p}controlnet1_note").first).to_have_text("")  # a new image answers the note
 
         phase[0] = "img2img"
-        page.locator("#tab_img2img-button").click()
+        # gradio 3's tab buttons have no ids (gradio 4's do): the button of the WebUI's tab row named img2img
+        page.locator("#tabs > .tab-nav > button").filter(has_text="img2img").first.click()
         q = "script_img2img_delta_sampling_"
         page.locator(f"#{q}enabled .label-wrap").first.click()
         page.locator(f"#{q}controlnets .label-wrap").first.click()

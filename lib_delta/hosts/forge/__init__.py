@@ -181,6 +181,7 @@ class ForgeRun:
         self.samplers: list[weakref.ref] = []
         self.records: list = []  # preview records of every pass
         self.target_latent: str | None = None  # the preview's target label, kept past close()
+        self.hints: list = []  # the units' control maps for the preview, kept past close()
         self.layout: CfgLayout | None = None  # the coming model call's, set just before the target's forward
         self.beside = False  # the source computes on a GPU of its own, started before the target's forward
         self.calls_beside = 0  # source calls of the finished passes that ran beside the target's forward
@@ -341,6 +342,8 @@ class ForgeRun:
             units = forge_control.describe(self.source.units())
             image_keys = forge_ip.keys(p for g in self.source.image_prompts() for p in g.plans)
             images = forge_ip.describe(self.source.image_prompts())
+            if self.settings.preview:
+                self.hints = _hints(self.source.units())
             self.source.release_units()
             self.samplers, self.armed, self.clones = [], [], []
             self.guidance, self.layout, self.source.denoiser, self.p = None, None, None, None
@@ -361,10 +364,19 @@ class ForgeRun:
         from ... import preview
 
         target = self.guidance.bridge.target.latent.name if self.guidance is not None else self.target_latent
-        strip = preview.render(self.records, self.source.base.latent.name, target)
+        strip = preview.render(self.records, self.source.base.latent.name, target, self.hints)
         if strip is None:
             return
         preview.append_to(processed, strip)
+
+
+def _hints(units: Any) -> list:
+    """The units' control maps for the preview, taken before the units are released (releasing drops them)."""
+    try:
+        return [u.shown_hint() for u in units]
+    except Exception as e:
+        print(f"Delta Sampling: no control maps in the preview ({type(e).__name__}: {e})")
+        return []
 
 
 def sampling_levels(p: Any) -> list[float]:

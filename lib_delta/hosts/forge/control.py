@@ -285,6 +285,13 @@ class LoadedUnit:
             self.hints[(height, width)] = numpy_to_pytorch(fitted).movedim(-1, 1)
         return self.hints[(height, width)]
 
+    def shown_hint(self) -> np.ndarray:
+        """The map as the ControlNet was given it (at the first pass's size), or the preprocessed map when no pass
+        asked for it, as ``H×W×3`` uint8 for the preview strip."""
+        from ...preview import hint_image
+
+        return hint_image(next(iter(self.hints.values())) if self.hints else self.detected)
+
     def release(self) -> None:
         self.hints.clear()
         self.cnet.cleanup()
