@@ -252,21 +252,34 @@ class IPAdapterUnit:
     """One IP-Adapter (an image prompt) for a group's adapted pass, by the name the host's model list shows, with
     the image encoder that host pairs with it.
 
-    API and infotext only for now: no panel control (no positional slot). The image is never recorded."""
+    The panel shows two units per group, as for ControlNet, their slots after the ControlNet units'. The image is
+    never recorded, so a pasted unit needs its image given again."""
 
-    model: str = setting(MISSING, Text(), tooltip="the IP-Adapter model as the host lists it, e.g. "
-                                                  "'ip-adapter_sd15 [6a3f6166]'")
-    image: str = setting("", ImageData(), recorded=False,
-                         tooltip="the reference image, base64 PNG or JPEG; not kept in infotext: give it again when "
-                                 "pasting")
-    module: str = setting("ip-adapter_clip_h", Text(),
-                          tooltip="the image encoder (the host's IP-Adapter preprocessor) that embeds the image; it "
-                                  "must be the one the adapter was trained with (ViT-H for most SD1.5 adapters)")
-    weight: float = setting(1.0, Number(*IPADAPTER_WEIGHT_RANGE),
-                            xyz=XYZ("[Delta] IP-Adapter weight", at=11, key="ipadapter_weight"),
-                            tooltip="how strongly the image prompt's attention is added")
-    guidance_start: float = setting(0.0, Number(0.0, 1.0), tooltip="the fraction of the steps where it starts")
-    guidance_end: float = setting(1.0, Number(0.0, 1.0), tooltip="the fraction of the steps where it stops")
+    model: str = setting(
+        MISSING, Listed("ipadapter", family=True), slot=(55, 56, 57, 58),
+        control=Control("IP-Adapter model", row="ip_model"),
+        tooltip="the IP-Adapter model as the host lists it, e.g. 'ip-adapter_sd15 [6a3f6166]'; it must be made for "
+                "the source's family (the list shows those whose name says so)")
+    image: str = setting(
+        "", ImageData(), recorded=False, slot=(59, 60, 61, 62), control=Control("Reference image"),
+        tooltip="the reference image, base64 PNG or JPEG (in img2img the init image when empty); not kept in "
+                "infotext: give it again when pasting")
+    module: str = setting(
+        "ip-adapter_clip_h", Listed("ipadapter_module"), slot=(63, 64, 65, 66),
+        control=Control("Image encoder", row="ip_model"),
+        tooltip="the image encoder (the host's IP-Adapter preprocessor) that embeds the image; it must be the one "
+                "the adapter was trained with (ViT-H for most SD1.5 adapters)")
+    weight: float = setting(
+        1.0, Number(*IPADAPTER_WEIGHT_RANGE), slot=(67, 68, 69, 70),
+        control=Control("IP-Adapter weight", row="ip_weights", step=0.05),
+        xyz=XYZ("[Delta] IP-Adapter weight", at=11, key="ipadapter_weight"),
+        tooltip="how strongly the image prompt's attention is added")
+    guidance_start: float = setting(
+        0.0, Number(0.0, 1.0), slot=(71, 72, 73, 74), control=Control("Guidance start", row="ip_weights"),
+        tooltip="the fraction of the steps where it starts")
+    guidance_end: float = setting(
+        1.0, Number(0.0, 1.0), slot=(75, 76, 77, 78), control=Control("Guidance end", row="ip_weights"),
+        tooltip="the fraction of the steps where it stops")
 
 
 # Positional slots are append-only: a new group setting takes the next two free numbers (one per panel group), a
@@ -322,8 +335,9 @@ class AdaptationGroup:
         tooltip="ControlNet units applied to the source's adapted pass only (the source base stays plain), so "
                 "the delta carries what the control changes. They must be made for the source's family.")
     ipadapters: tuple[IPAdapterUnit, ...] = setting(
-        # No slot, no control yet: the API and infotext carry the units, as for ControlNet.
-        (), Objects(IPAdapterUnit, "IP-Adapter unit", most=MAX_IPADAPTERS), infotext=Infotext("Delta IP Adapters"),
+        # The panel shows each unit's controls (their slots are IPAdapterUnit's).
+        (), Objects(IPAdapterUnit, "IP-Adapter unit", most=MAX_IPADAPTERS, panel=MAX_IPADAPTERS, prefix="ipadapter"),
+        infotext=Infotext("Delta IP Adapters"),
         tooltip="IP-Adapter units (image prompts) applied to the source's adapted pass only, so the delta carries "
                 "what the image prompt changes. They must be made for the source's family.")
 

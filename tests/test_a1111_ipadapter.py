@@ -418,3 +418,43 @@ def test_a_source_on_the_gpu_gets_its_image_prompt_there_eagerly(ui, monkeypatch
     assert "CUDA graph replay is off" in said, said[-2000:]
     assert devices and set(devices) == {"cuda"}
     assert rel(out, reference) < 1e-4
+
+
+# --- what the panel's dropdowns list ----------------------------------------------------------------------------------
+
+
+def test_the_panels_ipadapter_lists_are_the_extensions_split_by_kind(ui):
+    """The extension lists ControlNets and IP-Adapters together; the IP-Adapter dropdown offers the IP-Adapters
+    (those of the source's family), the ControlNet dropdown the rest, the encoder dropdown the IP-Adapter
+    preprocessors by the labels the ControlNet tab shows."""
+    from lib_delta.args import IPAdapterUnit
+    from lib_delta.fields import settings_of
+    from lib_delta.hosts.a1111 import catalog
+    from lib_delta.webui import lists
+
+    ips = [listed(s) for s in ("ip-adapter_tiny_sd15", "ip-adapter_tiny_sd15_b", "ip-adapter_tiny_sd15_vitg",
+                               "ip-adapter-faceid_tiny_sd15", "ip-adapter_tiny_sdxl")]
+    assert catalog.missing("ipadapter") is None and catalog.missing("ipadapter_module") is None
+    assert sorted(catalog.names("ipadapter")) == sorted(ips)
+    assert catalog.names("controlnet") == [listed("control_tiny_sd15_canny")]
+    assert catalog.names("ipadapter_module") == ["ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter_face_id"]
+    model, module = (next(s for s in settings_of(IPAdapterUnit) if s.name == n) for n in ("model", "module"))
+    assert module.default in lists.choices(module)  # the default encoder is one the dropdown offers
+    # the source's family from its file's header: "base" is SD1.5, "xl" SDXL
+    assert lists.choices(model, "base") == ["None", *(n for n in catalog.names("ipadapter") if "sdxl" not in n)]
+    assert lists.choices(model, "xl") == ["None", listed("ip-adapter_tiny_sdxl")]
+    # a name the panel offers is one a unit resolves, and runs
+    offered = next(n for n in lists.choices(model, "base") if n == listed("ip-adapter_tiny_sd15"))
+    p = ui.txt2img(delta(ipadapters=[{**unit(), "model": offered, "module": lists.choices(module)[0]}]), **BASE)
+    assert "Delta IP Adapters" in p.extra_generation_params
+    controlnet_ext.uninstall()
+    assert "sd-webui-controlnet extension, which is not installed" in catalog.missing("ipadapter")
+    assert catalog.names("ipadapter") == [] and lists.choices(model, "base") == ["None"]
+
+
+@pytest.mark.parametrize(("name", "is_ip"), [
+    ("ip-adapter_sd15 [6a3f6166]", True), ("ip-adapter-plus-face_sdxl_vit-h [1]", True),
+    ("ip_adapter_faceid_sd15", True), ("IPAdapter SD1.5 [2]", True), ("control_v11p_sd15_canny [d14c016b]", False),
+    ("t2iadapter_canny_sd15", False), ("diffusers_xl_canny_mid", False)])
+def test_ipadapters_are_told_from_controlnets_by_name(name, is_ip):
+    assert ip_mod.is_ipadapter(name) is is_ip

@@ -45,6 +45,9 @@ RELEASED = (
       for name in ("model", "image", "use_init_image", "module", "weight", "guidance_start", "guidance_end",
                    "resize_mode")
       for group in ("", "group2_") for unit in (1, 2)),
+    *(f"{group}ipadapter{unit}_{name}"
+      for name in ("model", "image", "module", "weight", "guidance_start", "guidance_end")
+      for group in ("", "group2_") for unit in (1, 2)),
 )
 
 GENERATION = [s for s in settings_of(DeltaSettings) if not isinstance(s.kind, Groups)]
@@ -61,8 +64,8 @@ def test_the_derived_tables_cover_every_slot():
     assert list(panel.TOOLTIPS) == list(POSITIONAL_FIELDS)
     assert set(panel.INFOTEXT_LABELS) | panel.NOT_IN_INFOTEXT == set(POSITIONAL_FIELDS)
     # a display choice, and images (infotext cannot hold them): not how the image was made, or not what it keeps
-    assert panel.NOT_IN_INFOTEXT == {"preview", *(f for f in POSITIONAL_FIELDS if f.endswith("controlnet1_image")
-                                                  or f.endswith("controlnet2_image"))}
+    assert panel.NOT_IN_INFOTEXT == {"preview", *(f for f in POSITIONAL_FIELDS if f.endswith(
+        ("controlnet1_image", "controlnet2_image", "ipadapter1_image", "ipadapter2_image")))}
     assert {s.name for s in GENERATION + GROUP if s.xyz} <= {slot.setting.name for slot in slots}
     assert [a.label for a in interfaces.AXES] == [
         "[Delta] Lambda", "[Delta] Window start", "[Delta] Window end", "[Delta] Source checkpoint",
@@ -154,45 +157,60 @@ def test_every_group_setting_reaches_the_second_group(s):
     assert panel.INFOTEXT_LABELS[slot.name] == f"Delta group 2 {s.name}"
 
 
-UNIT = [u for u in settings_of(ControlNetUnit) if u.control is not None]
+# Each kind of unit the panel shows: its class, its list in the group, its controls' prefix and its name.
+KINDS = {"controlnets": (ControlNetUnit, "controlnet", "ControlNet unit"),
+         "ipadapters": (IPAdapterUnit, "ipadapter", "IP-Adapter unit")}
+UNIT = [(owner, u) for owner, (cls, _, _) in KINDS.items() for u in settings_of(cls) if u.control is not None]
 
 
 @pytest.mark.parametrize("group", [0, 1])
-@pytest.mark.parametrize("u", UNIT, ids=lambda u: u.name)
-def test_every_unit_setting_reaches_its_panel_control_in_each_unit(u, group):
-    """A ControlNet unit's setting has one control per panel group and unit: changed in the second unit of a group,
-    it comes back from the panel's values, and its paste key and tooltip name the unit."""
+@pytest.mark.parametrize(("owner", "u"), UNIT, ids=lambda x: x if isinstance(x, str) else x.name)
+def test_every_unit_setting_reaches_its_panel_control_in_each_unit(owner, u, group):
+    """A unit's setting (ControlNet, IP-Adapter) has one control per panel group and unit: changed in the second
+    unit of a group, it comes back from the panel's values, and its paste key and tooltip name the unit."""
+    cls, prefix_of_kind, item = KINDS[owner]
     value = {"model": "other [1234abcd]", "image": "iVBORw0KGgo=", "use_init_image": True}.get(u.name) or \
         _other(u)
-    first, second = ControlNetUnit("cn [abc]"), replace(ControlNetUnit("cn2 [def]"), **{u.name: value})
+    first, second = cls("m [abc]"), replace(cls("m2 [def]"), **{u.name: value})
     groups = [replace(BASE.groups[0]), replace(BASE.groups[0], prompt="q")]
-    groups[group] = replace(groups[group], controlnets=(first, second))
+    groups[group] = replace(groups[group], **{owner: (first, second)})
     settings = replace(BASE, groups=tuple(groups))
     prefix = "group2_" if group else ""
     [slot] = [slot for slot in positional_slots(DeltaSettings) if slot.setting is u and slot.group == group
               and slot.unit == 1]
-    assert slot.name == f"{prefix}controlnet2_{u.name}" and slot.index == u.slot[group * 2 + 1]
+    assert slot.name == f"{prefix}{prefix_of_kind}2_{u.name}" and slot.index == u.slot[group * 2 + 1]
     values = to_positional(settings)
     assert values[slot.index] == u.kind.ui(getattr(second, u.name))
     assert from_positional(values) == settings
     if u.recorded:
-        assert panel.INFOTEXT_LABELS[slot.name] == f"Delta {'group 2 ' if group else ''}ControlNet unit 2 {u.name}"
-        assert DeltaSettings.from_infotext(settings.to_infotext()).groups[group].controlnets[1] == second
+        assert panel.INFOTEXT_LABELS[slot.name] == f"Delta {'group 2 ' if group else ''}{item} 2 {u.name}"
+        assert getattr(DeltaSettings.from_infotext(settings.to_infotext()).groups[group], owner)[1] == second
     else:
         assert slot.name in panel.NOT_IN_INFOTEXT
-    assert panel.TOOLTIPS[slot.name].endswith(f"ControlNet unit 2: {u.tooltip}")
+    assert panel.TOOLTIPS[slot.name].endswith(f"{item} 2: {u.tooltip}")
     assert panel.TOOLTIPS[slot.name].startswith("Second group, ") == bool(group)
 
 
-def test_a_unit_the_panel_leaves_at_none_is_no_unit():
-    values = to_positional(replace(BASE, groups=(replace(BASE.groups[0], controlnets=(ControlNetUnit("a"),)),)))
-    assert values[POSITIONAL_FIELDS.index("controlnet2_model")] == "None"
-    values[POSITIONAL_FIELDS.index("controlnet2_weight")] = 0.3  # a control of an unchosen unit
-    assert from_positional(values).groups[0].controlnets == (ControlNetUnit("a"),)
-    values[POSITIONAL_FIELDS.index("controlnet1_model")] = ""
-    assert from_positional(values).groups[0].controlnets == ()
-    with pytest.raises(DeltaError, match="The UI holds 2 ControlNet units per group; use the API"):
-        to_positional(replace(BASE, groups=(replace(BASE.groups[0], controlnets=(ControlNetUnit("a"),) * 3),)))
+@pytest.mark.parametrize("owner", KINDS)
+def test_a_unit_the_panel_leaves_at_none_is_no_unit(owner):
+    cls, prefix, item = KINDS[owner]
+    values = to_positional(replace(BASE, groups=(replace(BASE.groups[0], **{owner: (cls("a"),)}),)))
+    assert values[POSITIONAL_FIELDS.index(f"{prefix}2_model")] == "None"
+    values[POSITIONAL_FIELDS.index(f"{prefix}2_weight")] = 0.3  # a control of an unchosen unit
+    assert getattr(from_positional(values).groups[0], owner) == (cls("a"),)
+    values[POSITIONAL_FIELDS.index(f"{prefix}1_model")] = ""
+    assert getattr(from_positional(values).groups[0], owner) == ()
+    with pytest.raises(DeltaError, match=f"The UI holds 2 {item}s per group; use the API"):
+        to_positional(replace(BASE, groups=(replace(BASE.groups[0], **{owner: (cls("a"),) * 3}),)))
+
+
+def test_ipadapter_units_take_the_slots_after_the_controlnet_units():
+    """Appended, so that positional values a panel, an API client or an X/Y/Z grid made before still mean what they
+    meant: the first 55 slots are as released, and the IP-Adapter units' controls come after them."""
+    ip = [i for i, f in enumerate(POSITIONAL_FIELDS) if "ipadapter" in f]
+    assert ip == list(range(55, 79)) and len(POSITIONAL_FIELDS) == 79
+    old = to_positional(replace(BASE, groups=(replace(BASE.groups[0], controlnets=(ControlNetUnit("cn [1]"),)),)))
+    assert from_positional(old[:55]) == from_positional(old)  # a 55-value form still reads as before
 
 
 # --- a declaration grown by one setting on each level, and a list of sub-objects (the shape of control units) ------
@@ -208,11 +226,11 @@ class Unit:
 @dataclass(frozen=True)
 class WiderGroup(AdaptationGroup):
     units: tuple[Unit, ...] = setting(
-        (), Objects(Unit, "unit", most=3), slot=(56, 57), infotext=Infotext("Delta units"), control=Control("Units"),
+        (), Objects(Unit, "unit", most=3), slot=(80, 81), infotext=Infotext("Delta units"), control=Control("Units"),
         tooltip="Control units the adapted pass is guided by (a stand-in for ControlNet units).")
     boost: float = setting(
-        0.0, Number(0.0, 2.0), slot=(58, 59), infotext=Infotext("Delta boost"), control=Control("Boost"),
-        xyz=XYZ("[Delta] Boost", at=12), tooltip="A made-up group setting, to prove the derivation.")
+        0.0, Number(0.0, 2.0), slot=(82, 83), infotext=Infotext("Delta boost"), control=Control("Boost"),
+        xyz=XYZ("[Delta] Boost", at=13), tooltip="A made-up group setting, to prove the derivation.")
 
 
 _GROUPS = next(s for s in settings_of(DeltaSettings) if s.name == "groups")
@@ -224,8 +242,8 @@ class Wider(DeltaSettings):
         (WiderGroup(),), replace(_GROUPS.kind, cls=WiderGroup), slot=_GROUPS.slot, infotext=_GROUPS.infotext,
         control=_GROUPS.control, tooltip=_GROUPS.tooltip)
     eta: float = setting(
-        0.0, Number(0.0, 1.0), slot=55, infotext=Infotext("Delta eta"), control=Control("Eta"),
-        xyz=XYZ("[Delta] Eta", at=11), tooltip="A made-up generation setting, to prove the derivation.")
+        0.0, Number(0.0, 1.0), slot=79, infotext=Infotext("Delta eta"), control=Control("Eta"),
+        xyz=XYZ("[Delta] Eta", at=12), tooltip="A made-up generation setting, to prove the derivation.")
 
 
 WIDE = Wider(enabled=True, source="sd15", eta=0.5, groups=(

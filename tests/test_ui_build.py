@@ -83,12 +83,16 @@ def webui(monkeypatch):
 
 
 class Catalog:
-    """The host's lists (``lib_delta.hosts.catalog()``): ControlNet models of three families and preprocessors."""
+    """The host's lists (``lib_delta.hosts.catalog()``): ControlNet models of three families and preprocessors,
+    IP-Adapter models of two and their image encoders."""
 
     def __init__(self):
         self.lists = {"controlnet": ["control_v11p_sd15_canny [d14c016b]", "diffusers_xl_canny_mid [112a778d]",
                                      "control_sd21_depth [aaaa0000]", "my_own_control [12345678]"],
-                      "controlnet_module": ["none", "canny", "invert"]}
+                      "controlnet_module": ["none", "canny", "invert"],
+                      "ipadapter": ["ip-adapter_sd15 [6a3f6166]", "ip-adapter_xl [b7ef3f1a]",
+                                    "ip-adapter-plus_sd15 [c817b455]", "my_image_prompt [0badf00d]"],
+                      "ipadapter_module": ["ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter_face_id"]}
         self.refreshed: list[str] = []
         self.why: str | None = None
 
@@ -163,7 +167,7 @@ def test_infotext_fields_are_set_on_the_script(webui):
     s = script("img2img")
     controls = ui.build(s, is_img2img=True)
     notes = [b for b in Block.created if (b.elem_id or "").endswith("_note")]
-    assert len(notes) == 4  # one per unit: two ControlNet units in each of two groups
+    assert len(notes) == 8  # one per unit: two ControlNet and two IP-Adapter units in each of two groups
     assert [c for c, _ in s.infotext_fields] == [c for f, c in zip(POSITIONAL_FIELDS, controls, strict=True)
                                                  if f not in ui.NOT_IN_INFOTEXT] + notes
     assert s.paste_field_names == [key for c, key in s.infotext_fields if c not in notes]
@@ -253,15 +257,26 @@ def test_the_model_lists_follow_the_sources_family(webui):
     controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
     event = controls["source"].events["change"]
     models = [controls[f"{g}controlnet{k}_model"] for g in ("", "group2_") for k in (1, 2)]
-    assert event["inputs"] == [controls["source"]] and event["outputs"] == models
-    # by the names (the stand-in lists no checkpoint files): sd15 → SD1.5 ControlNets and those whose name says
+    ip_models = [controls[f"{g}ipadapter{k}_model"] for g in ("", "group2_") for k in (1, 2)]
+    assert event["inputs"] == [controls["source"]] and sorted(map(id, event["outputs"])) == sorted(
+        map(id, models + ip_models))
+
+    def offered(source):
+        return {id(c): u["choices"] for c, u in zip(event["outputs"], event["fn"](source), strict=True)}
+
+    # by the names (the stand-in lists no checkpoint files): sd15 → SD1.5 models and those whose name says
     # nothing; an SDXL source → SDXL ones; an unknown family → all
-    sd15 = event["fn"]("sd15.safetensors [cc6cb27103]")
-    assert len(sd15) == 4 and all(u["choices"] == ["None", "control_v11p_sd15_canny [d14c016b]",
-                                                  "my_own_control [12345678]"] for u in sd15)
-    assert event["fn"]("sdxl.safetensors [31e35c80fc]")[0]["choices"] == [
-        "None", "diffusers_xl_canny_mid [112a778d]", "my_own_control [12345678]"]
-    assert event["fn"]("merged.safetensors")[0]["choices"] == ["None", *webui.catalog.lists["controlnet"]]
+    sd15 = offered("sd15.safetensors [cc6cb27103]")
+    assert all(sd15[id(c)] == ["None", "control_v11p_sd15_canny [d14c016b]", "my_own_control [12345678]"]
+               for c in models)
+    assert all(sd15[id(c)] == ["None", "ip-adapter_sd15 [6a3f6166]", "ip-adapter-plus_sd15 [c817b455]",
+                               "my_image_prompt [0badf00d]"] for c in ip_models)
+    sdxl = offered("sdxl.safetensors [31e35c80fc]")
+    assert sdxl[id(models[0])] == ["None", "diffusers_xl_canny_mid [112a778d]", "my_own_control [12345678]"]
+    assert sdxl[id(ip_models[3])] == ["None", "ip-adapter_xl [b7ef3f1a]", "my_image_prompt [0badf00d]"]
+    unknown = offered("merged.safetensors")
+    assert unknown[id(models[0])] == ["None", *webui.catalog.lists["controlnet"]]
+    assert unknown[id(ip_models[0])] == ["None", *webui.catalog.lists["ipadapter"]]
 
 
 def test_the_refresh_buttons_read_the_hosts_lists_again(webui):
@@ -284,7 +299,7 @@ def test_without_the_controlnet_extension_the_units_say_so(webui):
     for prefix in ("", "group2_"):
         assert webui.catalog.why in blocks[f"{prefix}controlnets_missing"].value
     hidden = [b for b in Block.created if type(b).__name__ == "Column" and b.kwargs.get("visible") is False]
-    assert len(hidden) == 2  # each group's units
+    assert len(hidden) == 4  # each group's ControlNet units and IP-Adapter units
     assert controls["controlnet1_model"].kwargs["choices"] == ["None"]
     assert from_positional([c.value for c in controls.values()]).groups[0].controlnets == ()
 
@@ -347,6 +362,123 @@ def test_txt2img_does_not_paste_the_init_image_box_it_hides(webui):
     assert fields["txt2img"][box](params) is False  # it could not be unticked there
     assert fields["txt2img"]["Delta ControlNet unit 1 model"](params) == "d"
     assert list(fields["txt2img"]) == list(fields["img2img"])  # "Send to img2img" pairs the tabs' fields by key
+
+
+# --- IP-Adapter units ---------------------------------------------------------------------------------------------
+
+
+def test_each_group_shows_two_ipadapter_units_with_every_control(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    blocks = _by_id()
+    for prefix in ("", "group2_"):
+        assert blocks[f"{prefix}ipadapters"].value == "IP-Adapter units"
+        for k in (1, 2):
+            unit = {name: controls[f"{prefix}ipadapter{k}_{name}"] for name in (
+                "model", "image", "module", "weight", "guidance_start", "guidance_end")}
+            assert blocks[f"{prefix}ipadapter{k}"].value == f"IP-Adapter unit {k}"
+            assert [type(c).__name__ for c in unit.values()] == [
+                "Dropdown", "Image", "Dropdown", "Slider", "Slider", "Slider"]
+            assert [c.label for c in unit.values()] == ["IP-Adapter model", "Reference image", "Image encoder",
+                                                        "IP-Adapter weight", "Guidance start", "Guidance end"]
+            assert unit["model"].value == "None" and unit["model"].kwargs["allow_custom_value"]
+            assert unit["model"].kwargs["choices"] == ["None", *webui.catalog.lists["ipadapter"]]  # no source yet
+            assert unit["module"].value == "ip-adapter_clip_h"
+            assert unit["module"].kwargs["choices"] == webui.catalog.lists["ipadapter_module"]
+            assert unit["image"].value is None and unit["image"].kwargs["type"] == "numpy"
+            assert (unit["weight"].kwargs["minimum"], unit["weight"].kwargs["maximum"]) == (0.0, 2.0)
+            assert (unit["weight"].value, unit["guidance_start"].value, unit["guidance_end"].value) == (1.0, 0.0, 1.0)
+            assert all(len(c.webui_tooltip) > 20 and f"IP-Adapter unit {k}: " in c.webui_tooltip
+                       for c in unit.values())
+            assert blocks[f"{prefix}ipadapter{k}_model_refresh"].webui_tooltip
+            assert blocks[f"{prefix}ipadapter{k}_module_refresh"].webui_tooltip
+    # after the ControlNet units of the same group: the first group's in the main part, the second's in its accordion
+    order = [b.elem_id for b in Block.created]
+    assert order.index(controls["controlnet2_resize_mode"].elem_id) < order.index(controls["ipadapter1_model"].elem_id)
+    assert order.index(controls["ipadapter2_guidance_end"].elem_id) < order.index(
+        "script_txt2img_delta_sampling_advanced") < order.index(controls["group2_ipadapter1_model"].elem_id)
+
+
+def test_the_ipadapter_refresh_button_reads_the_hosts_list_again(webui):
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    blocks = _by_id()
+    model = blocks["ipadapter2_model_refresh"].events["click"]
+    assert model["inputs"] == [controls["source"]] and model["outputs"] == [controls["ipadapter2_model"]]
+    webui.catalog.lists["ipadapter"].append("ip-adapter_new_sd15 [0000aaaa]")
+    update = model["fn"]("sd15.safetensors [cc6cb27103]")
+    assert webui.catalog.refreshed == ["ipadapter"] and "ip-adapter_new_sd15 [0000aaaa]" in update["choices"]
+    assert "ip-adapter_xl [b7ef3f1a]" not in update["choices"]
+    module = blocks["ipadapter1_module_refresh"].events["click"]
+    assert module["inputs"] == [] and module["fn"]()["choices"] == webui.catalog.lists["ipadapter_module"]
+
+
+def test_a_host_without_an_ipadapter_list_offers_empty_dropdowns(webui):
+    """A host whose catalog has no IP-Adapter lists (yet) gets the controls with nothing to pick, not an error."""
+    del webui.catalog.lists["ipadapter"], webui.catalog.lists["ipadapter_module"]
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    assert controls["ipadapter1_model"].kwargs["choices"] == ["None"]
+    assert controls["ipadapter1_module"].kwargs["choices"] == []
+    assert controls["controlnet1_model"].kwargs["choices"][1:] == webui.catalog.lists["controlnet"]
+    refreshed = _by_id()["ipadapter1_model_refresh"].events["click"]["fn"]("sd15.safetensors [cc6cb27103]")
+    assert refreshed["choices"] == ["None"]
+    assert from_positional([c.value for c in controls.values()]).groups[0].ipadapters == ()
+
+
+def test_an_ipadapter_unit_set_in_the_panel_reaches_the_settings_with_its_image(webui):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    controls = dict(zip(POSITIONAL_FIELDS, ui.build(script(), is_img2img=False), strict=True))
+    values = {f: c.value for f, c in controls.items()}
+    picture = np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    values.update({"enabled": True, "source": "sd15", "ipadapter2_model": "ip-adapter-plus_sd15 [c817b455]",
+                   "ipadapter2_image": picture, "ipadapter2_weight": 0.7, "ipadapter2_guidance_start": 0.2,
+                   "group2_enabled": True, "group2_prompt": "x",
+                   "group2_ipadapter1_model": "my_image_prompt [0badf00d]",
+                   "group2_ipadapter1_image": {"image": picture, "mask": None},
+                   "group2_ipadapter1_module": "ip-adapter_clip_g"})
+    s = from_positional([values[f] for f in POSITIONAL_FIELDS]).validated()
+    [unit] = s.groups[0].ipadapters  # unit 1 left at "None" is no unit
+    assert (unit.model, unit.module, unit.weight, unit.guidance_start, unit.guidance_end) == (
+        "ip-adapter-plus_sd15 [c817b455]", "ip-adapter_clip_h", 0.7, 0.2, 1.0)
+    with Image.open(io.BytesIO(base64.b64decode(unit.image))) as im:
+        assert np.array_equal(np.asarray(im), picture)  # lossless
+    [second] = s.groups[1].ipadapters
+    assert (second.model, second.module) == ("my_image_prompt [0badf00d]", "ip-adapter_clip_g") and second.image
+    assert s.groups[0].controlnets == () and s.groups[1].controlnets == ()
+    # the settings object's form of the same units: what the API takes
+    assert DeltaSettings.from_dict(s.to_dict()) == s
+
+
+def test_pasting_an_ipadapter_unit_restores_it_and_says_that_its_image_must_be_given_again(webui):
+    s = script()
+    ui.build(s, is_img2img=False)
+    fields = {key: (c, key) for c, key in s.infotext_fields}
+    params = {"Delta source": "sd15", "Delta IP Adapters": '[{"model":"ip-adapter_sd15 [6a3f6166]","weight":0.6,'
+                                                           '"guidance_start":0.1,"guidance_end":0.9}]',
+              "Delta group 2": '{"adapted_prompt":"x","ipadapters":[{"model":"a"},{"model":"b",'
+                               '"module":"ip-adapter_clip_g"}]}'}
+    assert fields["Delta IP-Adapter unit 1 model"][1](params) == "ip-adapter_sd15 [6a3f6166]"
+    assert fields["Delta IP-Adapter unit 1 weight"][1](params) == 0.6
+    assert fields["Delta IP-Adapter unit 1 guidance_start"][1](params) == 0.1
+    assert fields["Delta IP-Adapter unit 1 guidance_end"][1](params) == 0.9
+    assert fields["Delta IP-Adapter unit 1 module"][1](params) == "ip-adapter_clip_h"
+    assert fields["Delta IP-Adapter unit 2 model"][1](params) == "None"  # a unit the infotext leaves out is cleared
+    assert fields["Delta group 2 IP-Adapter unit 2 module"][1](params) == "ip-adapter_clip_g"
+    assert "Delta IP-Adapter unit 1 image" not in fields  # never pasted: infotext holds no image
+    note = fields["Delta IP-Adapter unit 1 image note"]
+    assert note[0].elem_id == "script_txt2img_delta_sampling_ipadapter1_note"
+    assert "IP-Adapter unit 1 was pasted without its image" in note[1](params)
+    assert "Use the init image" not in note[1](params)  # no such box for IP-Adapter units
+    assert fields["Delta IP-Adapter unit 2 image note"][1](params) == ""  # no second unit in the first group
+    assert "IP-Adapter unit 2 was pasted" in fields["Delta group 2 IP-Adapter unit 2 image note"][1](params)
+    assert note[1]({"Steps": "20"}) == ""  # a paste without Delta Sampling clears it
+    image = _by_id()["ipadapter1_image"]
+    clear = image.events["change"]
+    assert clear["outputs"] == [note[0]] and clear["fn"](object()) == ""
+    assert {"Delta IP-Adapter unit 1 model", "Delta group 2 IP-Adapter unit 2 weight"} <= set(s.paste_field_names)
 
 
 def test_every_text_the_panel_shows_is_in_the_localization_template(webui):

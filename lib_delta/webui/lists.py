@@ -8,6 +8,8 @@ the filter only keeps the list short. The source's family comes from its file's 
 
 from __future__ import annotations
 
+import contextlib
+
 from ..errors import DeltaError
 from ..fields import NO_OBJECT, Listed, Setting
 
@@ -47,21 +49,30 @@ def of_family(listed: list[str], family: str | None) -> list[str]:
 
 def choices(setting: Setting, source: str | None = None) -> list[str]:
     """What a listed setting's dropdown offers; "None" first where choosing nothing means no unit."""
-    from ..hosts import catalog
-
     kind = setting.kind
     assert isinstance(kind, Listed)
-    listed = catalog().names(kind.catalog)
+    listed = _names(kind.catalog)
     if kind.family:
         listed = of_family(listed, source_family(source))
     return [NO_OBJECT, *listed] if setting.required else listed
+
+
+def _names(name: str) -> list[str]:
+    """The host's list ``name``; empty where the host's catalog has no such list (yet)."""
+    from ..hosts import catalog
+
+    try:
+        return catalog().names(name)
+    except KeyError:
+        return []
 
 
 def refresh(setting: Setting) -> None:
     from ..hosts import catalog
 
     assert isinstance(setting.kind, Listed)
-    catalog().refresh(setting.kind.catalog)
+    with contextlib.suppress(KeyError):  # a list the host's catalog does not have has nothing to read again
+        catalog().refresh(setting.kind.catalog)
 
 
 def missing(setting: Setting) -> str | None:
@@ -69,4 +80,7 @@ def missing(setting: Setting) -> str | None:
     from ..hosts import catalog
 
     assert isinstance(setting.kind, Listed)
-    return catalog().missing(setting.kind.catalog)
+    try:
+        return catalog().missing(setting.kind.catalog)
+    except KeyError:  # not a list this host names a requirement for: its dropdowns are empty, not explained
+        return None

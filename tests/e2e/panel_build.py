@@ -87,7 +87,9 @@ def install_stand_ins(folder: Path) -> None:
     from lib_delta import hosts
 
     lists = {"controlnet": ["control_v11p_sd15_canny [d14c016b]", "diffusers_xl_canny_mid [112a778d]"],
-             "controlnet_module": ["none", "canny"]}
+             "controlnet_module": ["none", "canny"],
+             "ipadapter": ["ip-adapter_sd15 [6a3f6166]", "ip-adapter_xl [b7ef3f1a]"],
+             "ipadapter_module": ["ip-adapter_clip_h", "ip-adapter_clip_g"]}
     hosts.catalog = lambda: SimpleNamespace(names=lambda c: list(lists[c]), refresh=lambda c: None,
                                             missing=lambda c: None)
 
@@ -133,6 +135,8 @@ def build(webui: Path | None, folder: Path) -> None:
             types={f: ours[f]["type"] for f in POSITIONAL_FIELDS[1:] if f in ours},
             hidden=sorted(f for f in POSITIONAL_FIELDS if f in ours and ours[f]["props"].get("visible") is False),
             model_choices=ours["controlnet1_model"]["props"].get("choices"),
+            ip_model_choices=ours["group2_ipadapter2_model"]["props"].get("choices"),
+            ip_module=[ours["ipadapter1_module"]["props"].get(k) for k in ("value", "choices")],
         )
     out["events"] = len(config["dependencies"])
     print(json.dumps(out, ensure_ascii=False))

@@ -229,6 +229,12 @@ def test_panel_in_the_browser(api: WebUIClient, sd15: ModelFixture, chromium: st
         expect(page.locator(f"#{p}controlnets_missing").first).to_contain_text("sd-webui-controlnet extension")
         expect(page.locator(f"#{p}controlnet1_model")).to_be_hidden()
         page.locator(f"#{p}controlnets .label-wrap").first.click()
+        # and so do the IP-Adapter units, which that extension runs too
+        page.locator(f"#{p}ipadapters .label-wrap").first.click()
+        expect(page.locator(f"#{p}ipadapters_missing").first).to_contain_text(
+            "IP-Adapter units need the sd-webui-controlnet extension")
+        expect(page.locator(f"#{p}ipadapter1_model")).to_be_hidden()
+        page.locator(f"#{p}ipadapters .label-wrap").first.click()
 
         shot = REPO_ROOT / "docs" / "images" / "accordion.png"
         shot.parent.mkdir(parents=True, exist_ok=True)

@@ -220,3 +220,33 @@ def test_bad_units_are_422s_and_leave_nothing_behind(host: Host, unit: dict, mes
     assert host.client.txt2img(PROMPT).image == first
     with pytest.raises(requests.HTTPError):
         host.client.post("/sdapi/v1/txt2img", payload)
+
+
+def test_script_info_lists_the_ipadapter_controls_and_the_panels_form_runs_them(host: Host) -> None:
+    """The panel's IP-Adapter units in this host: their model dropdowns list Forge's IP-Adapters (not in the
+    ControlNet dropdowns), their encoder dropdowns Forge's IP-Adapter preprocessors, and the positional form the
+    panel sends makes the settings object's image."""
+    from lib_delta.args import POSITIONAL_FIELDS, DeltaSettings, to_positional
+
+    host.use("sd15")
+    ours = [s for s in host.client.get("/sdapi/v1/script-info") if s["name"] == SCRIPT.lower()]
+    assert len(ours) == 2  # txt2img and img2img
+    adapters = {host.listed[a] for a in ADAPTERS}
+    for s in ours:
+        args = s["args"]
+        assert len(args) == len(POSITIONAL_FIELDS)
+        model = args[POSITIONAL_FIELDS.index("group2_ipadapter2_model")]
+        choices = [c[0] if isinstance(c, list) else c for c in model["choices"]]  # gradio 4: (value, label)
+        assert choices[0] == "None" and adapters <= set(choices), model
+        controlnets = args[POSITIONAL_FIELDS.index("controlnet1_model")]
+        assert not adapters & {c[0] if isinstance(c, list) else c for c in controlnets["choices"]}, controlnets
+        module = args[POSITIONAL_FIELDS.index("ipadapter1_module")]
+        assert ENCODER in [c[0] if isinstance(c, list) else c for c in module["choices"]], module
+    values = to_positional(DeltaSettings())
+    for name, value in {"enabled": True, "source": host.fixtures["sd15"].model_name,
+                        "ipadapter1_model": host.listed["ip_sd15"], "ipadapter1_image": IMAGE,
+                        "ipadapter1_module": ENCODER, "ipadapter1_weight": 0.8}.items():
+        values[POSITIONAL_FIELDS.index(name)] = value
+    by_dict = _ours(host, host.ours("sd15", [host.unit(weight=0.8)]))
+    by_position = _ours(host, {"alwayson_scripts": {SCRIPT: {"args": values}}})
+    assert by_position.image == by_dict.image and by_position.infotext == by_dict.infotext

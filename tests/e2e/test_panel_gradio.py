@@ -1,6 +1,7 @@
 """The panel built with each WebUI's own gradio (3.41 in AUTOMATIC1111, 4.40 in Forge 2 and Neo): every positional
 control is in the page's config with its elem_id and kind, the ControlNet units' "Use the init image" only in
-img2img, and gradio accepts every event. A fast check (no WebUI is started); see panel_build.py.
+img2img, the IP-Adapter units' model and encoder lists, and gradio accepts every event. A fast check (no WebUI is
+started); see panel_build.py.
 
 Each WebUI is opt-in by its variable: DELTA_E2E_A1111 (its venv's python, or DELTA_E2E_PYTHON), DELTA_E2E_FORGE_PYTHON,
 DELTA_E2E_NEO_PYTHON.
@@ -57,6 +58,12 @@ def test_the_panel_builds_with_the_webuis_gradio(webui: str, major: str, record_
         assert kinds["controlnet1_image"] == "image" and kinds["group2_controlnet2_model"] == "dropdown", kinds
         choices = [c[0] if isinstance(c, list) else c for c in seen["model_choices"]]  # gradio 4: (value, label)
         assert choices == ["None", "control_v11p_sd15_canny [d14c016b]", "diffusers_xl_canny_mid [112a778d]"]
+        assert kinds["ipadapter1_image"] == "image" and kinds["group2_ipadapter2_model"] == "dropdown", kinds
+        ip_choices = [c[0] if isinstance(c, list) else c for c in seen["ip_model_choices"]]
+        assert ip_choices == ["None", "ip-adapter_sd15 [6a3f6166]", "ip-adapter_xl [b7ef3f1a]"]
+        value, encoders = seen["ip_module"]
+        assert value == "ip-adapter_clip_h" and [c[0] if isinstance(c, list) else c for c in encoders] == [
+            "ip-adapter_clip_h", "ip-adapter_clip_g"]
     assert built["events"] > 0
     if root is None:
         return

@@ -29,7 +29,7 @@ from ...args import DeltaSettings, IPAdapterUnit
 from ...errors import DeltaError
 from ...fields import group_where, num
 from ..common import names as listed
-from ..common.control import FAMILIES
+from ..common.control import FAMILIES, is_ipadapter
 from ..common.files import safetensors_shapes
 from ..common.pool import Limits, ModelPool, free_weights
 from . import control as control_mod
@@ -151,8 +151,7 @@ def _extension() -> control_mod.Extension:
 
 
 def _resolve(ext: control_mod.Extension, name: str) -> tuple[str, str]:
-    return control_mod.resolve_listed(ext, name, "IP-Adapter model",
-                                      lambda key: "ip-adapter" in key.lower().replace("_", "-"),
+    return control_mod.resolve_listed(ext, name, "IP-Adapter model", is_ipadapter,
                                       "IP-Adapters sit in the ControlNet models folder; after adding a file, "
                                       "refresh the list")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 
 import numpy as np
 
@@ -20,6 +21,13 @@ from .files import safetensors_shapes
 MAX_SIDE = MAX_IMAGE_SIDE  # the panel's uploads are checked against the same bounds
 MAX_PIXELS = MAX_IMAGE_PIXELS
 FAMILIES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SDXL", "sd3": "SD3", "flux": "Flux"}
+
+
+def is_ipadapter(name: str) -> bool:
+    """Whether a name of a host's ControlNet model list (ControlNets and IP-Adapters share it) names an IP-Adapter,
+    as every published one's does (``ip-adapter_sd15``, ``ip-adapter-plus_sdxl_vit-h``, ``ip_adapter_faceid``): the
+    panel's lists are split by name; the file's tensors decide when a unit runs."""
+    return "ipadapter" in re.sub(r"[\s_-]", "", name.lower())
 
 
 def control_family(path: str) -> tuple[str | None, int | None]:
