@@ -9,7 +9,7 @@ import pytest
 
 from lib_delta.args import DeltaSettings, from_positional, to_positional
 from lib_delta.errors import DeltaError
-from lib_delta.webui import interfaces
+from lib_delta.webui import interfaces, panel
 
 CHECKPOINTS = {"sd15.safetensors [cc6cb27103]": "sd15", "sdxl.safetensors [31e35c80fc]": "sdxl"}
 
@@ -48,14 +48,14 @@ def webui(monkeypatch):
     infos = {title: SimpleNamespace(title=title, name=short) for title, short in CHECKPOINTS.items()}
     aliases = {**infos, **{i.name: i for i in infos.values()}}
 
-    before_ui, added = [], {}
+    before_ui, ui_tabs, added = [], [], {}
     modules = types.ModuleType("modules")
     stand_ins = {
         "scripts": SimpleNamespace(scripts_data=[SimpleNamespace(script_class=object, module=None),
                                                  SimpleNamespace(script_class=XyzScript, module=xyz)]),
         "sd_models": SimpleNamespace(checkpoint_tiles=lambda: list(CHECKPOINTS), checkpoints_list=infos,
                                      checkpoint_aliases=aliases),
-        "script_callbacks": SimpleNamespace(on_before_ui=before_ui.append),
+        "script_callbacks": SimpleNamespace(on_before_ui=before_ui.append, on_ui_tabs=ui_tabs.append),
         "shared": SimpleNamespace(OptionInfo=OptionInfo, opts=SimpleNamespace(add_option=added.__setitem__),
                                   options_section=_options_section),
     }
@@ -66,7 +66,7 @@ def webui(monkeypatch):
     gr = types.ModuleType("gradio")
     gr.Radio, gr.Dropdown, gr.Slider = "Radio", "Dropdown", "Slider"
     monkeypatch.setitem(sys.modules, "gradio", gr)
-    return SimpleNamespace(xyz=xyz, before_ui=before_ui, settings=added)
+    return SimpleNamespace(xyz=xyz, before_ui=before_ui, ui_tabs=ui_tabs, settings=added)
 
 
 def _options_section(section, options):  # modules/options.py: tags every option with its section
@@ -96,6 +96,7 @@ def run_axis(xyz, label, text_values, p):
 def test_register_adds_settings_and_defers_the_axes(webui):
     interfaces.register_interfaces()
     assert webui.before_ui == [interfaces.add_xyz_axes]
+    assert webui.ui_tabs == [panel.scope_saved_defaults]  # after both tabs' panels, before ui-config.json is read
     assert set(webui.settings) == set(interfaces.SETTING_DEFAULTS)
     for key, info in webui.settings.items():
         assert info.default == interfaces.SETTING_DEFAULTS[key]

@@ -500,3 +500,56 @@ def test_every_text_the_panel_shows_is_in_the_localization_template(webui):
     template = strings.template()
     assert shown - set(template) == set(), sorted(shown - set(template))
     assert {"Advanced", "Add LoRA", "Second adaptation group", "λ (strength)"} <= shown  # the walk sees them
+
+
+# --- saved defaults (ui-config.json) ------------------------------------------------------------------------------
+
+SAVED_TYPES = ("Slider", "Radio", "Checkbox", "Textbox", "Dropdown", "InputAccordion")  # what ui_loadsave keeps
+
+
+def saved_default_keys(controls: list[Block], tab: str) -> list[str]:
+    """Each control's ui-config.json key as the WebUI's ui_loadsave forms it: its path (the tab, then the label)
+    behind "customscript/<custom_script_source>", which scripts.py sets to the script's file name."""
+    return [f"customscript/{c.custom_script_source}/{tab}/{c.label}/value" for c in controls
+            if type(c).__name__ in SAVED_TYPES and not getattr(c, "do_not_save_to_config", False)]
+
+
+def build_like_the_webui() -> dict[str, list[Block]]:
+    """Both tabs built, the script file named on each returned control, then the on_ui_tabs callbacks run: the
+    WebUI's order before it reads ui-config.json."""
+    built = {}
+    for tab in ("txt2img", "img2img"):
+        controls = ui.build(script(tab), is_img2img=tab == "img2img")
+        for control in controls:
+            control.custom_script_source = "delta_sampling.py"
+        built[tab] = controls
+    ui.scope_saved_defaults()
+    return built
+
+
+def test_each_control_keeps_its_saved_default_under_a_key_of_its_own(webui):
+    for tab, controls in build_like_the_webui().items():
+        keys = saved_default_keys(controls, tab)
+        assert len(keys) > 40 and len(set(keys)) == len(keys), [k for k in keys if keys.count(k) > 1][:6]
+        by_field = dict(zip(POSITIONAL_FIELDS, controls, strict=True))
+        # the labels stay as they were: the localization and the user read them
+        assert by_field["group2_strength"].label == by_field["strength"].label == "λ (strength)"
+        assert by_field["group2_controlnet2_weight"].label == by_field["controlnet1_weight"].label
+        # the first group's own keys are those saved before (a λ default keeps working), the others are scoped
+        assert saved_default_keys([by_field["strength"]], tab) == [
+            f"customscript/delta_sampling.py/{tab}/λ (strength)/value"]
+        assert saved_default_keys([by_field["group2_strength"]], tab) == [
+            f"customscript/delta_sampling.py/Second adaptation group/{tab}/λ (strength)/value"]
+        assert saved_default_keys([by_field["group2_controlnet2_weight"]], tab) == [
+            f"customscript/delta_sampling.py/Second adaptation group/ControlNet unit 2/{tab}/"
+            f"{by_field['controlnet1_weight'].label}/value"]
+    ids = [b.elem_id for b in Block.created if b.elem_id and not isinstance(b, InputAccordion)]  # its box: -checkbox
+    assert len(set(ids)) == len(ids), [i for i in ids if ids.count(i) > 1][:6]  # what the page and our script find
+    ui.scope_saved_defaults()  # a second call (a duplicate callback) changes nothing
+    assert by_field["group2_strength"].custom_script_source == "delta_sampling.py/Second adaptation group"
+
+
+def test_the_lora_picker_keeps_no_default(webui):
+    ui.build(script(), is_img2img=False)
+    pickers = [b for b in Block.created if (b.elem_id or "").endswith("lora_picker")]
+    assert len(pickers) >= 2 and all(p.do_not_save_to_config for p in pickers)

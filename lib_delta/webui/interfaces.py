@@ -22,7 +22,14 @@ from ..hosts.common.pool import (
     SETTING_MAX_LORAS,
     Limits,
 )
-from .panel import PANEL_SETTING_DEFAULTS, SETTING_DEFAULT_STRENGTH, SETTING_PREVIEW, STRENGTH_SLIDER, TITLE
+from .panel import (
+    PANEL_SETTING_DEFAULTS,
+    SETTING_DEFAULT_STRENGTH,
+    SETTING_PREVIEW,
+    STRENGTH_SLIDER,
+    TITLE,
+    scope_saved_defaults,
+)
 
 SECTION = ("delta_sampling", TITLE)
 SETTING_DEVICE = "delta_sampling_device"
@@ -63,11 +70,13 @@ _FALSE = ("false", "no", "off", "0")
 
 
 def register_interfaces() -> None:
-    """Settings now, X/Y/Z axes once every script is loaded. Safe to call again (UI reload, both tabs)."""
+    """Settings now, X/Y/Z axes once every script is loaded, the panel's saved-default keys once both tabs are
+    built. Safe to call again (UI reload, both tabs)."""
     from modules import script_callbacks
 
     add_settings()
     script_callbacks.on_before_ui(add_xyz_axes)
+    script_callbacks.on_ui_tabs(scope_saved_defaults)
 
 
 # --- settings --------------------------------------------------------------------------------------------------

@@ -43,6 +43,11 @@ SETTING_PREVIEW = "delta_sampling_preview"
 PANEL_SETTING_DEFAULTS: dict[str, Any] = {SETTING_DEFAULT_STRENGTH: 1.0, SETTING_PREVIEW: False}
 # Controls whose starting value is a WebUI option rather than the setting's default, by setting name.
 STARTING_VALUE_OPTIONS = {"strength": SETTING_DEFAULT_STRENGTH, "preview": SETTING_PREVIEW}
+# The WebUI keeps a control's saved default (Settings → Defaults, ui-config.json) under
+# "customscript/<script file>/<tab>/<label>/value". Every group and unit repeats its labels, so each of their
+# controls adds a scope to the file's name; the WebUI writes that name onto the controls after ui() returns, so the
+# scope is added later, by :func:`scope_saved_defaults`. Filled by :func:`build`, emptied there.
+_UNSCOPED: list[tuple[Any, str]] = []
 
 SLOTS: tuple[Slot, ...] = positional_slots(DeltaSettings)
 TOOLTIPS: dict[str, str] = {slot.name: slot.tooltip for slot in SLOTS}
@@ -193,6 +198,29 @@ def _opt(opts: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def saved_default_scope(slot: Slot) -> str:
+    """What tells this control's ui-config.json key from its namesakes' in other groups and units: the accordions
+    it sits in ("Second adaptation group/ControlNet unit 1"); empty for the first group's own controls, whose
+    keys stay those of the label alone."""
+    parts = []
+    if slot.group:
+        parts.append(GROUP_ACCORDION.format(ordinal=ORDINALS[slot.group + 1]))
+    if slot.owner is not None and slot.unit is not None:
+        parts.append(UNIT_ACCORDION.format(item=slot.owner.kind.item, k=slot.unit + 1))
+    return "/".join(parts)
+
+
+def scope_saved_defaults() -> list[Any]:
+    """``on_ui_tabs``: both tabs' scripts are built and the WebUI has named the script file on each control; it
+    reads and writes ui-config.json only after this. Returns no tab."""
+    while _UNSCOPED:
+        component, scope = _UNSCOPED.pop()
+        source = getattr(component, "custom_script_source", None)
+        if source is not None:
+            component.custom_script_source = f"{source}/{scope}"
+    return []
+
+
 def build(script: Any, is_img2img: bool) -> list[Any]:
     """Create the controls (inside the WebUI's script UI context) and return them in POSITIONAL_FIELDS order.
 
@@ -217,6 +245,8 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         # Shown as the element's title, by the WebUI's hints.js at load and by our script for late-built parts.
         component.webui_tooltip = slot.tooltip
         c[slot.name] = component
+        if scope := saved_default_scope(slot):
+            _UNSCOPED.append((component, scope))
         return component
 
     def checkpoint_choices() -> list[str]:
@@ -234,6 +264,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
         picker = gr.Dropdown(label=PICKER_LABEL, choices=lora_names(), value=None, scale=1,
                              elem_id=script.elem_id(f"{prefix}lora_picker"))
         picker.webui_tooltip = PICKER_TOOLTIP
+        picker.do_not_save_to_config = True  # it empties itself after each pick: no default to keep
         create_refresh_button(picker, refresh_loras, lambda: {"choices": lora_names()},
                               script.elem_id(f"{prefix}lora_refresh"))
         picker.change(fn=add_picked_lora, inputs=[picker, field], outputs=[field, picker], show_progress="hidden")
@@ -388,4 +419,6 @@ __all__ = [
     "lora_names",
     "paste_field_names",
     "read_from_infotext",
+    "saved_default_scope",
+    "scope_saved_defaults",
 ]

@@ -64,6 +64,21 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
+def apply_ui_defaults(page: Any) -> None:
+    """Settings → Defaults → Apply, as a user does it: the page's current values become ui-config.json's defaults.
+    The tabs are opened first (gradio 4 renders a tab's content only once it is shown), and the result is read
+    from the Defaults tab: its review text has no id of its own (ui_loadsave.create_ui)."""
+    from playwright.sync_api import expect
+
+    def tab(name: str) -> Any:  # a tab button: a plain button in gradio 3, role "tab" in gradio 4
+        return page.get_by_role("button", name=name, exact=True).or_(page.get_by_role("tab", name=name, exact=True))
+
+    tab("Settings").first.click()
+    tab("Defaults").first.click()
+    page.locator("#ui_defaults_apply").click()
+    expect(page.locator("#settings_tab_defaults")).to_contain_text("Wrote", timeout=60_000)
+
+
 # ---------------------------------------------------------------------------------------------- locating things
 
 

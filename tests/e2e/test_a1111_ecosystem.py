@@ -27,6 +27,8 @@ SCRIPT = "Delta Sampling"
 P = "script_txt2img_delta_sampling_"
 # ui-config.json's key of the txt2img λ slider: "customscript/<script file>/<tab>/<label>/value" (ui_loadsave.py)
 STRENGTH_DEFAULT_KEY = "customscript/delta_sampling.py/txt2img/λ (strength)/value"
+# The second group's λ repeats the label: its key carries the group (lib_delta.webui.panel.saved_default_scope)
+GROUP2_STRENGTH_KEY = "customscript/delta_sampling.py/Second adaptation group/txt2img/λ (strength)/value"
 ZH = json.loads((REPO_ROOT / "localizations" / "zh_CN.json").read_text(encoding="utf-8"))
 
 
@@ -210,15 +212,17 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(
         strength = page.locator(f"#{P}strength input[type=number]")
         strength.fill("0.6")
         strength.press("Enter")
-        page.locator("#ui_defaults_apply").dispatch_event("click")  # the Defaults page's Apply, wherever it is
-        expect(page.locator("#ui_defaults_review")).to_contain_text("Wrote", timeout=60_000)
+        harness.apply_ui_defaults(page)
     saved = json.loads((server.data_dir / "ui-config.json").read_text(encoding="utf-8"))
     assert saved[STRENGTH_DEFAULT_KEY] == 0.6
+    assert saved[GROUP2_STRENGTH_KEY] == 1.0  # its own key, written at the first start, untouched by the Apply
 
     server = server_pool.get(ServerConfig(extension=True, ui_config=tuple(saved.items()),
                                           settings=(("localization", "zh_CN"),)))
     assert server.client is not None
     try:
+        # what the page was built with: the first group's λ from the saved default, the second group's its own
+        assert page_values(server.client, f"{P}strength", f"{P}group2_strength") == [0.6, 1.0]
         with browser(server.client.base_url, chromium) as page:
             expect(page.locator(f"#{P}strength input[type=number]")).to_have_value("0.6")
             expect(page.locator(f"#{P}strength")).to_contain_text(ZH["λ (strength)"])
@@ -236,6 +240,12 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(
             record_property("screenshot", str(shot.relative_to(REPO_ROOT)))
     finally:
         server_pool.close()
+
+
+def page_values(client: WebUIClient, *elem_ids: str) -> list[Any]:
+    """The starting values of these controls in the page's gradio config (the same in gradio 3 and 4)."""
+    props = {c["props"].get("elem_id"): c["props"] for c in client.get("/config")["components"] if "props" in c}
+    return [props[e]["value"] for e in elem_ids]
 
 
 def _tooltip(field: str) -> str:

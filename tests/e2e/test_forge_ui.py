@@ -14,7 +14,16 @@ from collections.abc import Iterator
 
 import pytest
 from forge_harness import ForgeServerPool, open_pool
-from harness import CHROMIUM_FLAGS, REPO_ROOT, Generation, ModelFixture, ServerConfig, WebUIClient, same_pixels
+from harness import (
+    CHROMIUM_FLAGS,
+    REPO_ROOT,
+    Generation,
+    ModelFixture,
+    ServerConfig,
+    WebUIClient,
+    apply_ui_defaults,
+    same_pixels,
+)
 from PIL import Image
 
 from lib_delta.args import POSITIONAL_FIELDS
@@ -167,6 +176,7 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool
 
     zh = json.loads((REPO_ROOT / "localizations" / "zh_CN.json").read_text(encoding="utf-8"))
     key = "customscript/delta_sampling.py/txt2img/λ (strength)/value"
+    group2_key = "customscript/delta_sampling.py/Second adaptation group/txt2img/λ (strength)/value"  # same label
     p = "script_txt2img_delta_sampling_"
 
     def page_of(ctx, url):
@@ -192,16 +202,20 @@ def test_a_saved_ui_default_survives_a_restart_and_the_panel_speaks_chinese(pool
         box = page.locator(f"#{p}strength input[type=number]")
         box.fill("0.6")
         box.press("Enter")
-        page.locator("#ui_defaults_apply").dispatch_event("click")
-        expect(page.locator("#ui_defaults_review")).to_contain_text("Wrote", timeout=60_000)
+        apply_ui_defaults(page)
         ctx.close()
     saved = json.loads((server.data_dir / "ui-config.json").read_text(encoding="utf-8"))
     assert saved[key] == 0.6
+    assert saved[group2_key] == 1.0  # its own key, written at the first start, untouched by the Apply
 
     server = pool.get(ServerConfig(extension=True, models=MODELS, ui_config=tuple(saved.items()),
                                    settings=(("localization", "zh_CN"),)))
     assert server.client is not None
     try:
+        # what the page was built with: the first group's λ from the saved default, the second group's its own
+        props = {c["props"].get("elem_id"): c["props"] for c in server.client.get("/config")["components"]
+                 if "props" in c}
+        assert [props[f"{p}strength"]["value"], props[f"{p}group2_strength"]["value"]] == [0.6, 1.0]
         with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
             ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium, headless=True,
                                                         args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})

@@ -27,12 +27,22 @@ def _pythons() -> dict[str, Path | None]:
             "neo": Path(neo) if neo else None}
 
 
+def _roots() -> dict[str, Path | None]:
+    """Each WebUI's folder, for its own ui_loadsave.py (the panel's saved defaults are read by it)."""
+    a1111 = A1111Install.from_env()
+    forge, neo = os.environ.get("DELTA_E2E_FORGE"), os.environ.get("DELTA_E2E_NEO")
+    return {"a1111": a1111.root if a1111 else None, "forge": Path(forge) if forge else None,
+            "neo": Path(neo) if neo else None}
+
+
 @pytest.mark.parametrize(("webui", "major"), [("a1111", "3"), ("forge", "4"), ("neo", "4")])
 def test_the_panel_builds_with_the_webuis_gradio(webui: str, major: str, record_property) -> None:
     python = _pythons()[webui]
     if python is None or not python.exists():
         pytest.skip(f"no {webui} python configured")
-    run = subprocess.run([str(python), str(REPO_ROOT / "tests" / "e2e" / "panel_build.py")], cwd=REPO_ROOT,
+    root = _roots()[webui]
+    run = subprocess.run([str(python), str(REPO_ROOT / "tests" / "e2e" / "panel_build.py"),
+                          *([str(root)] if root is not None else [])], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -55,3 +65,16 @@ def test_the_panel_builds_with_the_webuis_gradio(webui: str, major: str, record_
         assert value == "ip-adapter_clip_h" and [c[0] if isinstance(c, list) else c for c in encoders] == [
             "ip-adapter_clip_h", "ip-adapter_clip_g"]
     assert built["events"] > 0
+    if root is None:
+        return
+    # The WebUI's own ui_loadsave keys a saved default by the control's label; every group and unit repeats its
+    # labels, and a control sharing a key is neither saved by Defaults → Apply nor given its own default.
+    saved = built["saved_defaults"]
+    for tab in ("txt2img", "img2img"):
+        assert saved[tab]["saveable"] > 40 and saved[tab]["untracked"] == [], saved[tab]
+        assert len(set(saved[tab]["labels"].values())) == 2, saved[tab]["labels"]  # λ and Control weight, repeated
+    assert saved["txt2img"]["values"] == {"strength": 0.6, "group2_strength": 1.5, "controlnet1_weight": 1.0,
+                                          "controlnet2_weight": 1.0, "group2_controlnet1_weight": 1.0}
+    assert saved["img2img"]["values"]["strength"] == saved["img2img"]["values"]["group2_strength"] == 1.0
+    assert "customscript/delta_sampling.py/Second adaptation group/ControlNet unit 1/txt2img/Control weight/value" \
+        in saved["keys"]
