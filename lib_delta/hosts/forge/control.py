@@ -204,7 +204,7 @@ class PooledControl:
 def _release(entry: PooledControl) -> None:
     """Free a ControlNet now, whatever still refers to it (Forge 2's patcher leaves a ``lora_loader`` cycle on the
     module, as on the engines': see :mod:`.models`); one Neo shares with the user's units is only let go."""
-    _forget_loaded(entry.module, move_weights=False)
+    memory.forget_module(entry.module, move_weights=False)
     if not entry.shared:
         vars(entry.module).pop("lora_loader", None)
         free_weights(entry.module)
@@ -213,16 +213,9 @@ def _release(entry: PooledControl) -> None:
 def _stash(entry: PooledControl) -> None:
     """Out of the device between generations. Neo's ``cleanup`` drops the network from its list without moving it,
     so it is moved here too."""
-    _forget_loaded(entry.module, move_weights=True)
+    memory.forget_module(entry.module, move_weights=True)
     entry.module.to(entry.patcher.model_patcher.control_model_wrapped.offload_device)
 
-
-def _forget_loaded(module: torch.nn.Module, move_weights: bool) -> None:
-    """Take every patcher of this module (all our copies') out of Forge's loaded-model list."""
-    loaded = memory.entries()
-    for i in range(len(loaded) - 1, -1, -1):
-        if memory.module_of(loaded[i]) is module:
-            memory.unload(loaded.pop(i), move_weights)
 
 
 POOL: ModelPool[PooledControl] = ModelPool(release=_release, stash=_stash)

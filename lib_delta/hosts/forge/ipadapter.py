@@ -308,7 +308,7 @@ class Pooled:
 def _release(entry: Pooled) -> None:
     """Free an encoder of ours now (out of Forge's loaded models first); one Forge's preprocessor holds stays."""
     if entry.encoder is not None and not entry.shared:
-        _forget_loaded(entry.encoder.model, move_weights=False)
+        memory.forget_module(entry.encoder.model, move_weights=False)
         vars(entry.encoder.model).pop("lora_loader", None)  # the patcher's cycle back to the module
         free_weights(entry.encoder.model)
     entry.adapter = entry.encoder = None
@@ -317,14 +317,8 @@ def _release(entry: Pooled) -> None:
 def _stash(entry: Pooled) -> None:
     """Out of the device between generations: the encoder leaves Forge's loaded models."""
     if entry.encoder is not None:
-        _forget_loaded(entry.encoder.model, move_weights=True)
+        memory.forget_module(entry.encoder.model, move_weights=True)
 
-
-def _forget_loaded(module: torch.nn.Module, move_weights: bool) -> None:
-    loaded = memory.entries()
-    for i in range(len(loaded) - 1, -1, -1):
-        if memory.module_of(loaded[i]) is module:
-            memory.unload(loaded.pop(i), move_weights)
 
 
 POOL: ModelPool[Pooled] = ModelPool(release=_release, stash=_stash)

@@ -41,6 +41,14 @@ def unload(entry: Any, move_weights: bool) -> None:
         entry.model_unload(avoid_model_moving=not move_weights)
 
 
+def forget_module(module: Any, move_weights: bool) -> None:
+    """Take every entry that keeps ``module`` loaded (all our patchers' copies of it) out of Forge's list."""
+    loaded = entries()
+    for i in range(len(loaded) - 1, -1, -1):
+        if module_of(loaded[i]) is module:
+            unload(loaded.pop(i), move_weights)
+
+
 def hand_over(entry: Any, own: Any) -> None:
     """Let an entry that holds a clone hold ``own``, a patcher of the same module, without moving a weight: what
     loading ``own`` would do (Forge 2: unload_model_clones, memory_management.py:552-559), or what Neo does itself
