@@ -176,6 +176,45 @@ def test_base_rows_of_every_batched_call_get_plain_attention(world, monkeypatch)
     assert torch.isfinite(out).all() and len(checked) == 2 * 4 and min(checked) > 0 and max(checked) > 1e-3
 
 
+
+def test_a_source_call_builds_each_groups_rows_once_for_all_its_cross_attentions(world, monkeypatch):
+    """The gate runs in every attn2 of every step: the row index (a host-to-device copy) is built once per call
+    shape and group, not once per layer; the images are those of a gate that builds it every time."""
+    from lib_delta.hosts.forge import ip_rows
+
+    built, real_rows = [], ip_rows.rows
+
+    def counted(*args, **kwargs):
+        built.append(args[0])
+        return real_rows(*args, **kwargs)
+
+    monkeypatch.setattr(ip_rows, "rows", counted)
+    calls = []
+    real_gated = ip_rows.gated
+    monkeypatch.setattr(ip_rows, "gated", lambda groups, b: calls.append(real_gated(groups, b)) or calls[-1])
+    groups = [{"ipadapters": [world.unit()], "strength": 0.4},
+              {"ipadapters": [world.unit("ip-adapter_tiny_sd15_b", weight=0.6)], "strength": 0.3}]
+    shared = world.f.run(world.target, world.base, {"groups": groups})
+    layers = len(calls[0])
+    assert layers > 1 and len({id(g._rows) for g in calls[0].values()}) == 1
+    assert 0 < len(built) <= 2 * len(calls) * 2  # two groups, at most two call shapes (chunks) per call
+    monkeypatch.setattr(ip_rows.AdaptedRowsAttn2, "__init__",
+                        lambda self, owners, batch, row_cache=None: (
+                            setattr(self, "owners", [(p, tuple(q)) for p, q in owners]),
+                            setattr(self, "batch", batch), setattr(self, "_rows", _Forgetful()))[0])
+    built.clear()
+    calls.clear()
+    fresh = world.f.run(world.target, world.base, {"groups": groups})
+    assert len(built) >= 2 * layers * len(calls)  # every layer built each group's own: what the cache saves
+    assert torch.equal(shared, fresh)
+
+
+class _Forgetful(dict):
+    """A row cache that keeps nothing."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
 # --- across families --------------------------------------------------------------------------------------------------
 
 

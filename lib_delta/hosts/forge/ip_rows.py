@@ -22,9 +22,13 @@ class AdaptedRowsAttn2:
     """One ``attn2`` key's replacement: ``owners`` pairs a group's patch with the positions of its variants in the
     call's variant order; ``batch`` rows per variant."""
 
-    def __init__(self, owners: Sequence[tuple[Any, Sequence[int]]], batch: int) -> None:
-        self.owners = [(patch, list(positions)) for patch, positions in owners]
+    def __init__(self, owners: Sequence[tuple[Any, Sequence[int]]], batch: int,
+                 row_cache: dict[tuple, Tensor] | None = None) -> None:
+        self.owners = [(patch, tuple(positions)) for patch, positions in owners]
         self.batch = batch
+        # row indices by call shape, shared by the gates of one call: every attn2 asks for the same few, and
+        # building one copies it to the device
+        self._rows = {} if row_cache is None else row_cache
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         from backend import attention
@@ -33,7 +37,10 @@ class AdaptedRowsAttn2:
         chunks = len(extra_options["cond_or_uncond"])
         per = q.shape[0] // chunks
         for patch, positions in self.owners:
-            idx = rows(positions, chunks, per, self.batch, q.device)
+            key = (positions, chunks, per, str(q.device))
+            idx = self._rows.get(key)
+            if idx is None:
+                idx = self._rows[key] = rows(positions, chunks, per, self.batch, q.device)
             out[idx] = patch(q[idx], k[idx], v[idx], extra_options).to(out.dtype)
         return out
 
@@ -47,5 +54,6 @@ def rows(positions: Sequence[int], chunks: int, per: int, batch: int, device: An
 def gated(groups: Sequence[tuple[dict[Any, Any], Sequence[int]]], batch: int) -> dict[Any, AdaptedRowsAttn2]:
     """The call's ``patches_replace["attn2"]``: for every key any group patches, a gate over the groups that do."""
     keys = list(dict.fromkeys(k for attn2, _ in groups for k in attn2))
-    return {key: AdaptedRowsAttn2([(attn2[key], positions) for attn2, positions in groups if key in attn2], batch)
-            for key in keys}
+    row_cache: dict[tuple, Tensor] = {}
+    return {key: AdaptedRowsAttn2([(attn2[key], positions) for attn2, positions in groups if key in attn2], batch,
+                                  row_cache) for key in keys}
