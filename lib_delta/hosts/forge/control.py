@@ -37,6 +37,7 @@ from ..common.control import check_family, decode_image
 from ..common.files import checkpoint_family, safetensors_damage
 from ..common.pool import ModelPool, free_weights
 from . import memory
+from .ip_rows import rows as variant_rows
 
 # Preprocessors that need no downloaded model and act on the image alone (no hooks of their own at sampling time).
 SAFE_MODULES = ("None", "canny", "invert (from white bg & black line)", "blur_gaussian",
@@ -369,8 +370,7 @@ def adapted_rows(owners: dict[int, list[int]], batch: int):
             return None
         chunks = len(model.transformer_options["cond_or_uncond"])
         per = x.shape[0] // chunks
-        idx = torch.cat([torch.arange(c * per + j * batch, c * per + (j + 1) * batch)
-                         for c in range(chunks) for j in positions]).to(x.device)
+        idx = variant_rows(positions, chunks, per, batch, x.device)
         h = hint.to(x.device)
         h = h[idx] if h.shape[0] == x.shape[0] else h.repeat(len(idx), 1, 1, 1)  # one map, as Forge broadcasts it
         outs = inner_model(x=x[idx], hint=h, timesteps=timesteps[idx], context=context[idx],

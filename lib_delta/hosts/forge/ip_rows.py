@@ -46,7 +46,8 @@ class AdaptedRowsAttn2:
 
 
 def rows(positions: Sequence[int], chunks: int, per: int, batch: int, device: Any) -> Tensor:
-    """The rows of the variants at ``positions`` in every chunk, chunk by chunk (the order a patch expects)."""
+    """The rows of the variants at ``positions`` in every chunk, chunk by chunk (the order a patch expects; the
+    ControlNet row gate takes its rows the same way)."""
     return torch.cat([torch.arange(c * per + j * batch, c * per + (j + 1) * batch)
                       for c in range(chunks) for j in positions]).to(device)
 
