@@ -432,5 +432,6 @@ def test_an_encoder_forge_cannot_build_is_a_422_that_says_why(neo_world, monkeyp
     status, text, _ = harness.failure(lambda: neo_world.ours([neo_world.unit()]))
     assert status == 422 and "Forge cannot load the image encoder 'CLIP-ViT-H (IPAdapter)'" in text
     assert "Forge's own IP-Adapter units fail the same way" in text
+    assert "Update Forge Neo" in text and "or its transformers" not in text  # no transformers version allows it
     assert ip_mod.POOL.keys() == [] and neo_world.f.adapter.SLOT.get() is None
     assert torch.equal(neo_world.f.generate(neo_world.target), fresh)

@@ -98,9 +98,10 @@ def _write_header_files(data_dir: Path) -> dict[str, Path]:
     return files
 
 
-# Forge Neo 5692d2d cannot build any CLIP-vision encoder with its transformers 4.56: its ModelPatcher assigns
-# `model.device` (backend/patcher/base.py:173), a read-only property of transformers' models, so its own IP-Adapter
-# units fail in `process` (the unit is skipped, the image stays plain) and Delta Sampling's get this 422.
+# Forge Neo builds like 5692d2d cannot build any CLIP-vision encoder, whatever their transformers: their ModelPatcher
+# assigns `model.device` (backend/patcher/base.py:173), a read-only property of every transformers model, so its own
+# IP-Adapter units fail in `process` (the unit is skipped, the image stays plain) and Delta Sampling's get this 422.
+# Later Neo builds skip the assignment when it fails; with that, these tests measure the identity in Neo too.
 NEO_ENCODER_BROKEN = "property 'device' of 'CLIPVisionModelWithProjection' object has no setter"
 
 

@@ -350,9 +350,11 @@ def _load_encoder(plan: IPPlan) -> Pooled:
         encoder = clipvision.load(plan.encoder_path)
     except Exception as e:
         known = isinstance(e, AttributeError) and "'device'" in str(e) and "no setter" in str(e)
-        hint = (" This Forge's model patcher sets 'device' on the transformers model, which transformers does not "
-                "allow: Forge's own IP-Adapter units fail the same way. Update Forge (or its transformers).") \
-            if known else ""
+        # Neo's ModelPatcher assigns `model.device`, read-only on every transformers model (no transformers version
+        # helps); Neo's later builds skip the assignment when it fails
+        hint = (" This Forge's model patcher assigns 'device' on the transformers model, a read-only property in "
+                "every transformers version: Forge's own IP-Adapter units fail the same way. Update Forge Neo: "
+                "later builds skip that assignment.") if known else ""
         raise DeltaError(f"Forge cannot load the image encoder '{plan.preprocessor.name}' ({type(e).__name__}: "
                          f"{e}).{hint}") from e
     if encoder is None:
