@@ -154,6 +154,16 @@ def controlnet_table(res: dict) -> str:
     return "\n".join(lines) + "\n\n" + weights
 
 
+def encoder_table(res: dict) -> str:
+    """The IP-Adapter's image encoder: weights, the peak above them while it embeds one picture, and its time."""
+    lines = ["| precision | parameters | weights | peak while embedding one picture | ms per picture |",
+             "|---|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['precision']} | {r['parameters'] / 1e6:.0f} M | {_mb(r['weights_mb'])} | "
+                     f"+{_mb(r['embed_peak_mb'])} | {_ms(r['embed_ms']['median'])} |")
+    return "\n".join(lines)
+
+
 def _source_ops(rows: list[dict], top: int = 8) -> str:
     """The operators whose GPU time the functional LoRA changes most, per call, against merged weights."""
     return "\n\n".join(_op_table(r, top) for r in rows if r.get("ops"))
@@ -471,6 +481,12 @@ def render(res: dict, chart_path: str) -> str:
                   "reference's and the plain call's (how far the control moves them), the base rows against the "
                   "plain call's. The host runs generations with units eagerly; the graph columns say what a graph "
                   "would gain.", "", controlnet_table(c), ""]
+    if res.get("ip_encoder"):
+        parts += ["## The IP-Adapter's image encoder", "",
+                  f"{res['ip_encoder']['layout']}, random weights; one 224×224 picture with every hidden state, "
+                  "outside autocast, in the precision each host loads it in. It runs once per unit and generation, "
+                  "before sampling, and is unloaded afterwards: a peak at the start of a generation, not memory "
+                  "held beside the source.", "", encoder_table(res["ip_encoder"]), ""]
     parts += ["## torch.compile of the source", "", _compile(res), "",
               "## Memory (P5)", "", _memory_terms(res), "",
               "## Profiles", "", _profiles(res), "",
@@ -516,7 +532,8 @@ def write(res: dict, out: Path, docs: bool = False) -> None:
         page.write_text(text)
 
 
-MERGED = ("generation", "forge_two_gpu", "source_call", "lora_layers", "reuse", "compile", "flops", "controlnet")
+MERGED = ("generation", "forge_two_gpu", "source_call", "lora_layers", "reuse", "compile", "flops", "controlnet",
+          "ip_encoder")
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import platform
@@ -29,6 +30,7 @@ from lib_delta.cuda_graph import GraphedCall
 
 from . import report
 from .control import measure_control
+from .encoder import measure_encoder
 from .layers import measure_lora_layers
 from .measure import PeakMemory, psnr, rel_err, summary, time_calls
 from .profiling import gpu_time_by_op, profile_steps
@@ -239,6 +241,12 @@ class Run:
         self.results["controlnet"] = measure_control(self.env, self.models, self.args)
         print(report.controlnet_table(self.results["controlnet"]), flush=True)
 
+    def ip_encoder(self) -> None:
+        if importlib.util.find_spec("transformers") is None:  # the encoder's class; the GPU machine has it
+            raise ModuleNotFoundError("transformers is not installed")
+        self.results["ip_encoder"] = measure_encoder(self.env)
+        print(report.encoder_table(self.results["ip_encoder"]), flush=True)
+
     def flops(self) -> None:
         self.results["flops"] = count_flops(self.env, self.pairs[:1] if self.env.toy else self.pairs)
 
@@ -267,6 +275,7 @@ class Run:
             "compile": (lambda: self.compiled(small), 100),
             "flops": (self.flops, 0 if self.env.toy else 30),
             "controlnet": (self.controlnet, 45),
+            "ip-encoder": (self.ip_encoder, 15),
         }
         for name, (fn, needs) in sections.items():
             # compiling the toy models takes minutes on the CPU: there, only when named
@@ -279,7 +288,7 @@ class Run:
 
 
 SECTIONS = ("steps", "generation", "forge-two-gpu", "source-call", "lora-layers", "reuse", "profiles", "compile",
-            "flops", "controlnet")
+            "flops", "controlnet", "ip-encoder")
 
 
 # --- measuring helpers -------------------------------------------------------------------------------------------
