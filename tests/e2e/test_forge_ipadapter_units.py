@@ -32,7 +32,7 @@ from forge_harness import ForgeServerPool
 from forge_harness import open_pool as open_forge
 from harness import ModelFixture, ServerConfig, WebUIClient, controlnet_units, psnr, same_pixels
 from neo_harness import open_pool as open_neo
-from test_a1111_ipadapter_units import reference_png
+from test_a1111_ipadapter_units import inverted_png, reference_png
 
 SCRIPT = "Delta Sampling"
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -164,13 +164,18 @@ def test_target_equal_to_source_equals_the_hosts_own_unit(host: Host, adapter: s
     host.plain.setdefault("sd15", plain.image)
     own = host.client.txt2img(PROMPT, **host.own(adapter))
     ours = _ours(host, host.ours("sd15", [host.unit(adapter)]), own.image, plain.image)
+    # the unit's picture follows its reference image: identity is not two images saturated alike by the adapter
+    other = host.client.txt2img(PROMPT, **host.own(adapter, image=base64.b64encode(inverted_png()).decode()))
     db_own, db_plain = psnr(ours.image, own.image), psnr(own.image, plain.image)
+    db_reference = psnr(other.image, own.image)
     _record(record_property, host, **{f"{adapter}_psnr_db_vs_own_unit": db_own,
                                       f"{adapter}_psnr_db_own_unit_vs_plain": db_plain,
+                                      f"{adapter}_psnr_db_own_unit_other_reference": db_reference,
                                       f"{adapter}_seconds_own": own.seconds, f"{adapter}_seconds_delta": ours.seconds})
     print(f"{host.name} {adapter}: PSNR(delta, own IP-Adapter unit) = {db_own:.2f} dB, PSNR(own unit, plain) = "
-          f"{db_plain:.2f} dB; {ours.seconds:.1f}s vs {own.seconds:.1f}s")
-    assert db_plain <= MOVED_BELOW_DB
+          f"{db_plain:.2f} dB, PSNR(own unit, own unit with the inverted reference) = {db_reference:.2f} dB; "
+          f"{ours.seconds:.1f}s vs {own.seconds:.1f}s")
+    assert db_plain <= MOVED_BELOW_DB and db_reference < CHANGED_BELOW_DB
     assert db_own >= IDENTICAL_ABOVE_DB
     recorded = ours.param("Delta IP Adapters") or ""
     assert host.listed[adapter] in recorded and IMAGE[:40] not in ours.infotext
