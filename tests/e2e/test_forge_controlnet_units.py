@@ -126,22 +126,32 @@ def test_with_a_lora_in_the_group_equals_the_hosts_unit_and_lora(host: Host, rec
     assert db >= IDENTICAL_ABOVE_DB
 
 
+# 4 steps at denoising 0.75 start img2img at the schedule's largest sigma (setup_img2img_steps: t_enc = 3 of 4), where
+# the init latent is under a tenth of the noise and img2img repeats txt2img. At 0.5 (t_enc = 2) the init image counts.
+IMG2IMG_DENOISING = 0.5
+
+
 def test_in_hires_fix_and_img2img_too(host: Host, record_property) -> None:
     """Hires fix (the hint at the hires size, canny softened there as the host does) and img2img whose init image
-    serves as the control image (no unit image), each against the host's own unit."""
+    serves as the control image (no unit image), each against the host's own unit; the img2img image is not
+    txt2img's."""
     host.use("sd15")
     hires = HIRES[host.name]
     own = host.client.txt2img(PROMPT, **hires, **host.own("canny"))
     ours = host.client.txt2img(PROMPT, **hires, **host.ours("sd15", [host.unit("canny")]))
     db_hires = psnr(ours.image, own.image)
-    own_i2i = host.client.img2img(PROMPT, INIT, **host.own("none", image=None))
-    plain_i2i = host.client.img2img(PROMPT, INIT)
-    ours_i2i = host.client.img2img(PROMPT, INIT, **host.ours("sd15", [{"model": host.cn_model}]))
+    i2i = {"denoising_strength": IMG2IMG_DENOISING}
+    own_i2i = host.client.img2img(PROMPT, INIT, **i2i, **host.own("none", image=None))
+    plain_i2i = host.client.img2img(PROMPT, INIT, **i2i)
+    ours_i2i = host.client.img2img(PROMPT, INIT, **i2i, **host.ours("sd15", [{"model": host.cn_model}]))
+    txt2img = host.plain.get("sd15") or host.client.txt2img(PROMPT).image
     db_i2i, db_i2i_moved = psnr(ours_i2i.image, own_i2i.image), psnr(own_i2i.image, plain_i2i.image)
+    from_txt2img = psnr(plain_i2i.image, txt2img)
     _record(record_property, host, psnr_db_hires_vs_own_unit=db_hires, psnr_db_img2img_vs_own_unit=db_i2i,
-            psnr_db_img2img_own_unit_vs_plain=db_i2i_moved)
-    print(f"{host.name} hires: PSNR(delta, own unit) = {db_hires:.2f} dB; img2img: {db_i2i:.2f} dB (own unit vs plain "
-          f"{db_i2i_moved:.2f} dB)")
+            psnr_db_img2img_own_unit_vs_plain=db_i2i_moved, psnr_db_img2img_plain_vs_txt2img=from_txt2img)
+    print(f"{host.name} hires: PSNR(delta, own unit) = {db_hires:.2f} dB; img2img at denoising {IMG2IMG_DENOISING}: "
+          f"{db_i2i:.2f} dB (own unit vs plain {db_i2i_moved:.2f} dB; plain img2img vs txt2img {from_txt2img:.2f} dB)")
+    assert from_txt2img < CHANGED_BELOW_DB  # the init image moves the image: this is img2img, not txt2img again
     assert db_hires >= IDENTICAL_ABOVE_DB and db_i2i >= IDENTICAL_ABOVE_DB and db_i2i_moved < CHANGED_BELOW_DB
 
 
