@@ -18,7 +18,7 @@ import gc
 
 import torch
 
-from .measure import PeakMemory, summary, time_calls
+from .measure import PeakMemory, TensorBytesPeak, summary, time_calls
 from .rig import Env
 
 # sd-webui-controlnet's config_clip_h (the fields that size the network)
@@ -61,13 +61,50 @@ def measure_encoder(env: Env, iters: int = 10) -> dict:
                 return net(pixel_values=pixels, output_hidden_states=True)
 
         embed()
-        with PeakMemory(env) as running:
-            embed()
+        if env.cuda:
+            with PeakMemory(env) as running:
+                embed()
+            peak = running.peaks[str(env.device)]
+        else:  # the tensors' bytes, counted op by op: what the GPU would allocate for them
+            with TensorBytesPeak() as running:
+                out = embed()
+            del out
+            peak = running.peak
         ms = time_calls(env, embed, warmup=2, iters=iters)
         rows.append({"precision": name, "parameters": params, "weights_mb": weights / 2**20,
-                     "embed_peak_mb": running.peaks.get(str(env.device), 0) / 2**20, "embed_ms": summary(ms)})
+                     "embed_peak_mb": peak / 2**20, "embed_ms": summary(ms),
+                     "peak_counted": "CUDA allocator" if env.cuda else "tensor bytes"})
         del net, pixels, embed
         gc.collect()
         if env.cuda:
             torch.cuda.empty_cache()
     return {"layout": "CLIP ViT-H/14 vision" if not env.toy else "CLIP vision (toy size)", "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The full-size encoder's memory without a GPU: ``python -m bench.encoder --out encoder-cpu.json``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m bench.encoder", description=main.__doc__)
+    ap.add_argument("--out", default=None, help="where to write the results as JSON")
+    ap.add_argument("--toy", action="store_true", help="the toy-size network (seconds)")
+    ap.add_argument("--iters", type=int, default=2, help="timed pictures per precision")
+    args = ap.parse_args(argv)
+    env = Env.detect(toy=True) if args.toy else Env(False, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                                     None)
+    res = measure_encoder(env, iters=args.iters)
+    res["device"] = str(env.device)
+    res["torch"] = torch.__version__
+    for r in res["rows"]:
+        print(f"{r['precision']}: {r['parameters'] / 1e6:.1f} M parameters, weights {r['weights_mb']:.1f} MiB, "
+              f"+{r['embed_peak_mb']:.1f} MiB while embedding ({r['peak_counted']}), "
+              f"{r['embed_ms']['median']:.0f} ms", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .rig import Env
 
@@ -66,6 +69,53 @@ class PeakMemory:
             for d in self.env.devices:
                 torch.cuda.synchronize(d)
                 self.peaks[str(d)] = torch.cuda.max_memory_allocated(d) - self.base[str(d)]
+
+
+class TensorBytesPeak(TorchDispatchMode):
+    """The peak of the bytes held by tensors that the operators inside the block create, on any device.
+
+    The CPU's stand-in for ``torch.cuda.max_memory_allocated``: the same allocations a GPU makes for the same
+    operators, counted per storage as the operators return them, without the CUDA allocator's block rounding or
+    the kernels' own workspaces (cuBLAS, attention), which never reach Python. A storage counts until the last
+    tensor that refers to it is freed. Views of tensors made before the block (a weight's transpose) are not counted:
+    their bytes were allocated before it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._holders: dict[int, int] = {}  # storage address -> live tensors that refer to it
+        self._before: set[int] = set()  # storages of the tensors the block was given
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # torch's protocol: untyped
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in self._holders:
+                self._before.add(t.untyped_storage().data_ptr())
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self._hold(t)
+        return out
+
+    def _hold(self, t: Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._before:
+            return
+        if key not in self._holders:
+            self._holders[key] = 0
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._holders[key] += 1
+        weakref.finalize(t, self._release, key, storage.nbytes())
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self.live -= nbytes
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
