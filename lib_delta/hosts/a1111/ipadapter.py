@@ -29,7 +29,7 @@ from ...args import DeltaSettings, IPAdapterUnit
 from ...errors import DeltaError
 from ...fields import group_where, num
 from ..common import names as listed
-from ..common.control import FAMILIES, is_ipadapter
+from ..common.control import FAMILIES, check_face_model, is_ipadapter
 from ..common.files import safetensors_shapes
 from ..common.pool import Limits, ModelPool, free_weights
 from . import control as control_mod
@@ -45,7 +45,6 @@ ENCODERS = {
     "ip-adapter_face_id": (None, None),  # face embedding only
 }
 FACE_MODULES = ("ip-adapter_face_id", "ip-adapter_face_id_plus")
-FACE_MODEL = "buffalo_l"  # the insightface model the extension's FaceID preprocessors load
 # The image projection's input width names the encoder: a plain adapter projects the pooled, projected embedding
 # (ViT-H 1024, ViT-bigG 1280); Plus (resampler) and Full (MLP) ones read the penultimate hidden states (1280, 1664).
 _WIDTHS = {"proj.weight": {1024: "ViT-H", 1280: "ViT-bigG"},
@@ -216,16 +215,7 @@ def _check_encoder_file(config: str | None, pre: Any, where: str) -> None:
                              f"Sampling does not download models during a request. Run an IP-Adapter unit of "
                              f"{EXTENSION} once with this preprocessor (it downloads the file), or place it there.")
     if pre.name in FACE_MODULES:
-        face = os.path.join(root, "insightface", "models", FACE_MODEL)
-        try:
-            import insightface  # noqa: F401
-        except ImportError:
-            face = ""
-        if not face or not os.path.isdir(face) or not any(f.endswith(".onnx") for f in os.listdir(face)):
-            raise DeltaError(f"The FaceID encoder '{label}'{where} needs its face model (the insightface package and "
-                             f"'{FACE_MODEL}' under {os.path.join(root, 'insightface', 'models')}), which is not "
-                             "installed: Delta Sampling does not download models during a request. Run a FaceID unit "
-                             f"of {EXTENSION} once (it installs them), or use a CLIP-vision IP-Adapter.")
+        check_face_model(root, label, where, EXTENSION)
 
 
 def _init_image(p: Any, where: str) -> np.ndarray:

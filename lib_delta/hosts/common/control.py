@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 
 import numpy as np
@@ -20,7 +21,24 @@ from .files import safetensors_shapes
 
 MAX_SIDE = MAX_IMAGE_SIDE  # the panel's uploads are checked against the same bounds
 MAX_PIXELS = MAX_IMAGE_PIXELS
+FACE_MODEL = "buffalo_l"  # the insightface model both hosts' FaceID preprocessors load
 FAMILIES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SDXL", "sd3": "SD3", "flux": "Flux"}
+
+
+def check_face_model(models_root: str, label: str, where: str, installer: str) -> None:
+    """A FaceID encoder needs insightface and its face model installed already: the hosts' loaders would download
+    the model in the middle of a request."""
+    folder = os.path.join(models_root, "insightface", "models")
+    face = os.path.join(folder, FACE_MODEL)
+    try:
+        import insightface  # noqa: F401
+    except ImportError:
+        face = ""
+    if not face or not os.path.isdir(face) or not any(f.endswith(".onnx") for f in os.listdir(face)):
+        raise DeltaError(f"The FaceID encoder '{label}'{where} needs its face model (the insightface package and "
+                         f"'{FACE_MODEL}' under {folder}), which is not installed: Delta Sampling does not download "
+                         f"models during a request. Run a FaceID unit of {installer} once (it installs them), or use "
+                         "a CLIP-vision IP-Adapter.")
 
 
 def is_ipadapter(name: str) -> bool:

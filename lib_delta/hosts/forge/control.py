@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,8 @@ _SOFT = [0.09941396206337118, 0.12050177219802567, 0.14606275417942507, 0.177045
          0.26012233262329093, 0.3152997971191405, 0.3821815722656249, 0.4632503906249999, 0.561515625,
          0.6806249999999999, 0.825]
 EXTENSION = "Forge's built-in ControlNet (sd_forge_controlnet)"
+CONTROLNET_HINT = ("Use a name exactly as /controlnet/model_list shows it (after adding a file, refresh the ControlNet "
+                   "model list).")
 
 
 # --- reaching Forge's ControlNet ---------------------------------------------------------------------------------
@@ -98,15 +100,15 @@ def plan_units(settings: DeltaSettings, p: Any, source_info: Any, source_label: 
     for i, g in enumerate(settings.groups):
         for k, unit in enumerate(g.controlnets, 1):
             where = f" (ControlNet unit {k}{group_where(i + 1, len(settings.groups))})"
-            name, path = _resolve(fg, unit.model)
-            _check_file(path, name)
+            name, path = listed_model(fg, unit.model, "ControlNet", CONTROLNET_HINT)
+            check_file(path, f"ControlNet '{name}'")
             check_family(path, name, family, None, source_label)
             pre = _preprocessor(fg, unit.module, where)
             if unit.image:
                 image, mode = decode_image(unit.image, where), fg.external_code.resize_mode_from_value(unit.resize_mode)
             else:
                 image, mode = _init_image(fg, p, where)
-            plans.append(UnitPlan(i, unit, name, path, _key(path), image, pre, mode))
+            plans.append(UnitPlan(i, unit, name, path, file_key(path), image, pre, mode))
     return tuple(plans)
 
 
@@ -115,8 +117,10 @@ def _not_controllable(family: str, label: str) -> DeltaError:
                       f"{family.upper()}. Use a source of those families, or remove 'controlnets'.")
 
 
-def _resolve(fg: Forge, name: str) -> tuple[str, str]:
-    """The listed name and file of a ControlNet: the exact name Forge lists (after one refresh), never a path."""
+def listed_model(fg: Forge, name: str, what: str, hint: str,
+                 closest: Callable[[str], bool] = lambda _: True) -> tuple[str, str]:
+    """The name and file of a model in Forge's ControlNet list (ControlNets and IP-Adapters both): the exact name it
+    lists (after one refresh), never a path. An unknown name is refused with the ``closest`` listed names."""
     gs = fg.global_state
     for attempt in range(2):
         models = {k: v for k, v in gs.controlnet_filename_dict.items() if k != "None" and v}
@@ -124,24 +128,24 @@ def _resolve(fg: Forge, name: str) -> tuple[str, str]:
             return name, str(models[name])
         if attempt == 0:
             gs.update_controlnet_filenames()  # a file added since the list was read
-    raise listed.unknown("Delta Sampling ControlNet model", name, "Forge's ControlNet models", models,
-                         "Use a name exactly as /controlnet/model_list shows it (after adding a file, refresh the "
-                         "ControlNet model list).")
+    shown = [k for k in models if closest(k)] or list(models)
+    raise listed.unknown(f"Delta Sampling {what} model", name, "Forge's ControlNet models", shown, hint)
 
 
-def _check_file(path: str, name: str) -> None:
+def check_file(path: str, what: str) -> None:
+    """A file one of Forge's loaders will read: there, safetensors (Forge would unpickle any other), not damaged."""
     if not os.path.isfile(path):
-        raise DeltaError(f"The ControlNet '{name}' is listed but its file is gone: refresh the ControlNet model list.")
+        raise DeltaError(f"The {what} is listed but its file is gone: refresh the ControlNet model list.")
     if os.path.splitext(path)[1].lower() != ".safetensors":
-        raise DeltaError(f"The ControlNet '{name}' is not a .safetensors file; Forge would unpickle it, which can run "
-                         "code hidden in it, so Delta Sampling loads no pickled ControlNet: convert it to "
-                         ".safetensors (and refresh the list).")
+        raise DeltaError(f"The {what} is not a .safetensors file; Forge would unpickle it, which can run code "
+                         "hidden in it, so Delta Sampling loads no pickled file: convert it to .safetensors.")
     damage = safetensors_damage(path)
     if damage:
-        raise DeltaError(f"The ControlNet '{name}' is damaged or truncated ({damage}): download it again.")
+        raise DeltaError(f"The {what} is damaged or truncated ({damage}): download it again.")
 
 
-def _key(path: str) -> tuple[str, str]:
+def file_key(path: str) -> tuple[str, str]:
+    """A pool key that changes when the file is replaced."""
     st = os.stat(path)
     return os.path.abspath(path), f"{st.st_size:x}-{int(st.st_mtime_ns):x}"
 

@@ -34,8 +34,8 @@ from ...args import DeltaSettings, IPAdapterUnit
 from ...errors import DeltaError
 from ...fields import group_where, num
 from ..common import names as listed
-from ..common.control import FAMILIES, decode_image
-from ..common.files import checkpoint_family, safetensors_damage, safetensors_shapes
+from ..common.control import FAMILIES, check_face_model, decode_image, is_ipadapter
+from ..common.files import checkpoint_family, safetensors_shapes
 from ..common.pool import Limits, ModelPool, free_weights
 from . import control as control_mod
 from . import memory
@@ -49,7 +49,8 @@ ALIASES = {"ip-adapter_clip_h": "CLIP-ViT-H (IPAdapter)", "ip-adapter_clip_sd15"
            "ip-adapter_clip_sdxl_plus_vith": "CLIP-ViT-H (IPAdapter)", "ip-adapter_clip_g": "CLIP-ViT-bigG (IPAdapter)",
            "ip-adapter_clip_sdxl": "CLIP-ViT-bigG (IPAdapter)", "ip-adapter_face_id": "InsightFace+CLIP-H (IPAdapter)",
            "ip-adapter_face_id_plus": "InsightFace+CLIP-H (IPAdapter)"}
-FACE_MODEL = "buffalo_l"  # what the FaceID preprocessor's InsightFaceLoader loads
+IPADAPTER_HINT = ("IP-Adapters sit in the ControlNet models folder; use a name exactly as /controlnet/model_list "
+                  "shows it (after adding a file, refresh the ControlNet model list).")
 _CONTEXTS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _ENCODER_NAMES = {(1280, 1024): "ViT-H", (1664, 1280): "ViT-bigG", (1024, 768): "ViT-L"}
 # Neo's apply_ipadapter keeps these on its class (IPAdapterPlus.py:557-733)
@@ -154,8 +155,8 @@ def plan_units(settings: DeltaSettings, p: Any, source_info: Any, source_label: 
     for i, g in enumerate(settings.groups):
         for k, unit in enumerate(g.ipadapters, 1):
             where = f" (IP-Adapter unit {k}{group_where(i + 1, len(settings.groups))})"
-            name, path = _resolve(fg, unit.model)
-            _check_file(path, f"IP-Adapter '{name}'")
+            name, path = control_mod.listed_model(fg, unit.model, "IP-Adapter", IPADAPTER_HINT, is_ipadapter)
+            control_mod.check_file(path, f"IP-Adapter '{name}'")
             shape = adapter_shape(safetensors_shapes(path) or {})
             if shape is None:
                 raise DeltaError(f"'{name}' is not an IP-Adapter (it has no ip_adapter.*.to_k_ip tensors): a "
@@ -164,38 +165,14 @@ def plan_units(settings: DeltaSettings, p: Any, source_info: Any, source_label: 
             pre = _preprocessor(fg, unit.module, where)
             encoder = _encoder_file(pre, where)
             check_encoder(shape, name, pre, encoder)
-            if ENCODERS[pre.name]:
-                _check_face_model(pre, where)
+            if ENCODERS[pre.name]:  # FaceID
+                from modules_forge.shared import models_path
+
+                check_face_model(models_path, pre.name, where, "Forge's ControlNet")
             image = decode_image(unit.image, where, "reference image") if unit.image else _init_image(p, where)
-            plans.append(IPPlan(i, unit, name, path, control_mod._key(path), shape, image, pre, encoder,
-                                control_mod._key(encoder)))
+            plans.append(IPPlan(i, unit, name, path, control_mod.file_key(path), shape, image, pre, encoder,
+                                control_mod.file_key(encoder)))
     return tuple(plans)
-
-
-def _resolve(fg: control_mod.Forge, name: str) -> tuple[str, str]:
-    """The listed name and file of an IP-Adapter (Forge lists them with the ControlNets), never a path."""
-    gs = fg.global_state
-    for attempt in range(2):
-        models = {k: v for k, v in gs.controlnet_filename_dict.items() if k != "None" and v}
-        if name in models:
-            return name, str(models[name])
-        if attempt == 0:
-            gs.update_controlnet_filenames()
-    adapters = [k for k in models if "ip-adapter" in k.lower().replace("_", "-")] or models
-    raise listed.unknown("Delta Sampling IP-Adapter model", name, "Forge's ControlNet models", adapters,
-                         "IP-Adapters sit in the ControlNet models folder; use a name exactly as "
-                         "/controlnet/model_list shows it (after adding a file, refresh the ControlNet model list).")
-
-
-def _check_file(path: str, what: str) -> None:
-    if not os.path.isfile(path):
-        raise DeltaError(f"The {what} is listed but its file is gone: refresh the ControlNet model list.")
-    if os.path.splitext(path)[1].lower() != ".safetensors":
-        raise DeltaError(f"The {what} is not a .safetensors file; Forge would unpickle it, which can run code "
-                         "hidden in it, so Delta Sampling loads no pickled file: convert it to .safetensors.")
-    damage = safetensors_damage(path)
-    if damage:
-        raise DeltaError(f"The {what} is damaged or truncated ({damage}): download it again.")
 
 
 def check_family(shape: AdapterShape, name: str, source_family: str | None, source_context: int | None,
@@ -234,7 +211,7 @@ def _encoder_file(pre: Any, where: str) -> str:
         raise DeltaError(f"The image encoder '{pre.name}'{where} is not downloaded ({path} is missing): Delta "
                          "Sampling does not download models during a request. Run an IP-Adapter unit of Forge's "
                          "ControlNet once with this preprocessor (it downloads the file), or place it there.")
-    _check_file(path, f"image encoder '{pre.name}'{where}")
+    control_mod.check_file(path, f"image encoder '{pre.name}'{where}")
     return path
 
 
@@ -258,22 +235,6 @@ def check_encoder(shape: AdapterShape, name: str, pre: Any, encoder_path: str) -
         raise DeltaError(f"The IP-Adapter '{name}' reads a {shape.width}-wide image embedding, but '{pre.name}' is "
                          f"{encoder.name} ({has} wide): choose the encoder the adapter was trained with (ViT-H for "
                          "the SD1.5 adapters and the SDXL 'vit-h' ones, ViT-bigG for the other SDXL adapters).")
-
-
-def _check_face_model(pre: Any, where: str) -> None:
-    """FaceID needs insightface and its face model installed: its loader would download the model otherwise."""
-    from modules_forge.shared import models_path
-
-    root = os.path.join(models_path, "insightface", "models", FACE_MODEL)
-    try:
-        import insightface  # noqa: F401
-    except ImportError:
-        root = ""
-    if not root or not os.path.isdir(root) or not any(f.endswith(".onnx") for f in os.listdir(root)):
-        raise DeltaError(f"The FaceID encoder '{pre.name}'{where} needs its face model (the insightface package and "
-                         f"'{FACE_MODEL}' under {os.path.join(models_path, 'insightface', 'models')}), which is not "
-                         "installed: Delta Sampling does not download models during a request. Run a FaceID unit of "
-                         "Forge's ControlNet once (it installs them), or use a CLIP-vision IP-Adapter.")
 
 
 def _init_image(p: Any, where: str) -> np.ndarray:
