@@ -32,25 +32,10 @@ from lib_delta.errors import DeltaError  # noqa: E402
 from lib_delta.hosts import a1111 as host  # noqa: E402
 from lib_delta.hosts.a1111 import source as a1111_source  # noqa: E402
 from lib_delta.webui import interfaces  # noqa: E402
+from tests.pictures import b64png, shape_image  # noqa: E402
 
 PROMPT = "a photo of a cat on a red sofa"
 BASE = dict(prompt=PROMPT, negative_prompt="blurry, dark", steps=4, seed=7, width=64, height=64, cfg_scale=5.0)
-
-
-def shape_image(size: int = 64) -> np.ndarray:
-    """A white disc off-centre on a dark background: a map that says where the shape goes."""
-    yy, xx = np.mgrid[:size, :size]
-    img = np.full((size, size, 3), 20, dtype=np.uint8)
-    img[(yy - size * 0.35) ** 2 + (xx - size * 0.6) ** 2 < (size * 0.22) ** 2] = 235
-    return img
-
-
-def b64png(img: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 IMAGE = shape_image()

@@ -23,7 +23,7 @@ import webui as fake
 
 fake.install()
 
-from test_a1111_controlnet import BASE, b64png, images, rel  # noqa: E402  (the same scene)
+from test_a1111_controlnet import BASE, images, rel  # noqa: E402  (the same scene)
 
 from lib_delta.args import DeltaSettings  # noqa: E402
 from lib_delta.errors import DeltaError  # noqa: E402
@@ -31,6 +31,7 @@ from lib_delta.hosts import a1111 as host  # noqa: E402
 from lib_delta.hosts.a1111 import ipadapter as ip_mod  # noqa: E402
 from lib_delta.hosts.a1111 import source as a1111_source  # noqa: E402
 from lib_delta.webui import interfaces  # noqa: E402
+from tests.pictures import b64png  # noqa: E402
 
 
 def reference_image(size: int = 64) -> np.ndarray:

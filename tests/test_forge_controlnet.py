@@ -8,9 +8,7 @@ Sampling's unit must give the same image.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import re
 import sys
 import weakref
@@ -23,35 +21,12 @@ from lib_delta.args import DeltaSettings
 from tests.fake_forge import backend, controlnet, harness, webui
 from tests.fake_forge import neo as neo_flavour
 from tests.fake_forge.harness import Forge
+from tests.pictures import b64png, huge_png, shape_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 forge = harness.forge
 neo = harness.neo
 no_cycle_collection = harness.no_cycle_collection
-
-
-def shape_image(size: int = 64) -> np.ndarray:
-    """A white disc off-centre on a dark background: a map that says where the shape goes."""
-    yy, xx = np.mgrid[:size, :size]
-    img = np.full((size, size, 3), 20, dtype=np.uint8)
-    img[(yy - size * 0.35) ** 2 + (xx - size * 0.6) ** 2 < (size * 0.22) ** 2] = 235
-    return img
-
-
-def b64png(img: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def huge_png(w: int, h: int) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("L", (w, h)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 IMAGE = shape_image()
@@ -343,31 +318,11 @@ def test_nothing_of_a_unit_survives_a_finished_a_failed_or_an_interrupted_genera
                                                                                        no_cycle_collection):
     from lib_delta.hosts.forge import control as control_mod
 
-    spy = UnitSpy(monkeypatch)
-    runs = harness.RunSpy(monkeypatch, world.f.adapter)
-    fresh = world.f.generate(world.target)
-    world.ours([world.unit()], {"preview": True})
-    assert spy.refs and spy.alive() == 0 and runs.alive() == []
-    harness.assert_clean(world.target)
+    def pooled_and_unloaded() -> None:  # the model itself stays pooled ("kept models"), not loaded
+        module = control_mod.POOL.models()[0].module
+        assert all(control_mod.memory.module_of(e) is not module for e in backend.current_loaded_models)
 
-    from lib_delta.hosts.forge import models as forge_models
-
-    entry = forge_models.cached()[0]  # a failure inside the source's own UNet, mid-sampling
-    harness.forward_calls(monkeypatch, entry.engine, at=3, do=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
-    del entry
-    _, text, _ = harness.failure(lambda: world.ours([world.unit()]))
-    assert "boom" in text and spy.alive() == 0 and runs.alive() == []
-    monkeypatch.undo()
-    spy = UnitSpy(monkeypatch)  # an interruption at the target's second step
-    harness.forward_calls(monkeypatch, world.target, at=2, do=lambda: setattr(webui.state, "interrupted", True))
-    world.ours([world.unit()])
-    assert spy.refs and spy.alive() == 0
-    harness.assert_clean(world.target)
-    module = control_mod.POOL.models()[0].module  # the model itself stays pooled ("kept models") and unloaded
-    assert all(control_mod.memory.module_of(e) is not module for e in backend.current_loaded_models)
-    del module
-    monkeypatch.undo()
-    assert torch.equal(world.f.generate(world.target), fresh)
+    harness.assert_units_leave_nothing(world, monkeypatch, UnitSpy, pooled_and_unloaded)
 
 
 def test_a_start_that_fails_while_loading_units_keeps_nothing(world, monkeypatch, no_cycle_collection):

@@ -20,7 +20,8 @@ import torch
 from lib_delta.args import DeltaSettings
 from tests.fake_forge import backend, controlnet, harness, ipadapter, webui
 from tests.fake_forge.harness import Forge
-from tests.test_forge_controlnet import b64png, huge_png, rel
+from tests.pictures import b64png, huge_png
+from tests.test_forge_controlnet import rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 forge = harness.forge
@@ -350,28 +351,7 @@ class AdapterSpy:
 
 def test_nothing_of_a_unit_survives_a_finished_a_failed_or_an_interrupted_generation(world, monkeypatch,
                                                                                        no_cycle_collection):
-    from lib_delta.hosts.forge import models as forge_models
-
-    spy = AdapterSpy(monkeypatch)
-    runs = harness.RunSpy(monkeypatch, world.f.adapter)
-    fresh = world.f.generate(world.target)
-    world.ours([world.unit()], {"preview": True})
-    assert spy.refs and spy.alive() == 0 and runs.alive() == []
-    harness.assert_clean(world.target)
-
-    entry = forge_models.cached()[0]  # a failure inside the source's own UNet, mid-sampling
-    harness.forward_calls(monkeypatch, entry.engine, at=3, do=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
-    del entry
-    _, text, _ = harness.failure(lambda: world.ours([world.unit()]))
-    assert "boom" in text and spy.alive() == 0 and runs.alive() == []
-    monkeypatch.undo()
-    spy = AdapterSpy(monkeypatch)  # an interruption at the target's second step
-    harness.forward_calls(monkeypatch, world.target, at=2, do=lambda: setattr(webui.state, "interrupted", True))
-    world.ours([world.unit()])
-    assert spy.refs and spy.alive() == 0
-    harness.assert_clean(world.target)
-    monkeypatch.undo()
-    assert torch.equal(world.f.generate(world.target), fresh)
+    harness.assert_units_leave_nothing(world, monkeypatch, AdapterSpy)
 
 
 def test_a_start_that_fails_while_applying_keeps_nothing(world, monkeypatch, no_cycle_collection):

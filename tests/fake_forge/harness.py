@@ -201,6 +201,36 @@ def assert_clean(target) -> None:
         assert not any("forward" in vars(m) for m in modules)
 
 
+def assert_units_leave_nothing(world, monkeypatch, spy_of: Callable, after_interrupt: Callable[[], None] = lambda: None
+                               ) -> None:
+    """A finished, a failed (inside the source's UNet, mid-sampling) and an interrupted generation with a unit of
+    ``world``: nothing that ``spy_of(monkeypatch)`` saw built survives any of them, nor any run, and the next plain
+    image is the fresh one. ``after_interrupt`` checks more before the patches are undone."""
+    from lib_delta.hosts.forge import models as forge_models
+
+    spy = spy_of(monkeypatch)
+    runs = RunSpy(monkeypatch, world.f.adapter)
+    fresh = world.f.generate(world.target)
+    world.ours([world.unit()], {"preview": True})
+    assert spy.refs and spy.alive() == 0 and runs.alive() == []
+    assert_clean(world.target)
+
+    entry = forge_models.cached()[0]
+    forward_calls(monkeypatch, entry.engine, at=3, do=lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    del entry
+    _, text, _ = failure(lambda: world.ours([world.unit()]))
+    assert "boom" in text and spy.alive() == 0 and runs.alive() == []
+    monkeypatch.undo()
+    spy = spy_of(monkeypatch)  # an interruption at the target's second step
+    forward_calls(monkeypatch, world.target, at=2, do=lambda: setattr(webui.state, "interrupted", True))
+    world.ours([world.unit()])
+    assert spy.refs and spy.alive() == 0
+    assert_clean(world.target)
+    after_interrupt()
+    monkeypatch.undo()
+    assert torch.equal(world.f.generate(world.target), fresh)
+
+
 def forward_calls(monkeypatch, engine, at: int | None = None, do: Callable[[], None] | None = None) -> list[int]:
     """Count the engine's UNet forwards; at the ``at``-th (from 1) call ``do()`` first (raise, interrupt...)."""
     model = engine.forge_objects.unet.model
