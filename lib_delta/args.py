@@ -489,13 +489,19 @@ class DeltaSettings:
     # -- X/Y/Z and other per-generation overrides ---------------------------------------------------------------
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> DeltaSettings:
-        """Apply X/Y/Z axis values (keys of :data:`OVERRIDES`) to a copy."""
+        """Apply X/Y/Z axis values (keys of :data:`OVERRIDES`) to a copy. An axis that sets every LoRA or unit of
+        the first group, which has none, is refused when the extension is on (its grid would repeat one image)."""
         known = overrides_of(type(self))
-        s = self
+        s, empty = self, None
         for key, value in overrides.items():
             if key not in known:
                 raise DeltaError(f"Unknown Delta Sampling override {shown(key)}; known: {', '.join(known)}.")
-            s = known[key](s, value)
+            try:
+                s = known[key](s, value)
+            except NothingToSet as e:
+                empty = empty or e
+        if empty is not None and s.enabled:
+            raise empty
         return s
 
     def summary(self) -> str:
@@ -550,25 +556,41 @@ def overrides_of(cls: type[DeltaSettings]) -> dict[str, Override]:
     out: dict[str, Override] = {}
     for in_group, s in [(False, s) for s in settings_of(cls)] + [(True, s) for s in settings_of(groups.kind.cls)]:
         if s.xyz is not None and s.xyz.key is not None:
-            out[s.xyz.key] = _override(s.name, s.xyz.key, s.xyz.kind or s.kind, s.xyz.apply, in_group)
+            out[s.xyz.key] = _override(s.name, s.xyz.key, s.xyz.kind or s.kind, s.xyz.apply, in_group,
+                                       _nothing_to_set(s.xyz.label, s.kind))
         elif not isinstance(s.kind, Objects):
             out[s.name] = _override(s.name, s.name, s.kind, None, in_group)
         if in_group and isinstance(s.kind, Objects) and not isinstance(s.kind, Loras):
             for inner in settings_of(s.kind.cls):  # an axis of an object's setting sets it in every object
                 if inner.xyz is not None and inner.xyz.key is not None:
                     out[inner.xyz.key] = _override(s.name, inner.xyz.key, inner.xyz.kind or inner.kind,
-                                                   _every(inner.name), True)
+                                                   _every(inner.name), True, _nothing_to_set(inner.xyz.label, s.kind))
     return out
+
+
+class NothingToSet(DeltaError):
+    """An axis that sets every entry of a list, given an empty list."""
+
+
+def _nothing_to_set(label: str, kind: Any) -> str | None:
+    """The message for an axis over every entry of a list, or None for an axis of one value."""
+    if not isinstance(kind, Objects):
+        return None
+    return (f"The X/Y/Z axis '{label}' sets every {kind.item} of the first adaptation group, which has none: add "
+            f"a {kind.item} to that group, or remove the axis.")
 
 
 def _every(name: str) -> Callable[[tuple[Any, ...], Any], tuple[Any, ...]]:
     return lambda objects, value: tuple(replace(o, **{name: value}) for o in objects)
 
 
-def _override(name: str, key: str, kind: Any, apply: Callable[[Any, Any], Any] | None, in_group: bool) -> Override:
+def _override(name: str, key: str, kind: Any, apply: Callable[[Any, Any], Any] | None, in_group: bool,
+              empty: str | None = None) -> Override:
     def override(s: DeltaSettings, value: Any) -> DeltaSettings:
         v = kind.parse(value, key, "")
         target = s.groups[0] if in_group else s
+        if empty is not None and not getattr(target, name):
+            raise NothingToSet(empty)  # a new one each time: a kept exception would keep its traceback's frames
         changed = replace(target, **{name: v if apply is None else apply(getattr(target, name), v)})
         return replace(s, groups=(changed, *s.groups[1:])) if in_group else changed
 

@@ -342,6 +342,13 @@ def test_the_xyz_axes_set_every_unit_of_the_first_group(ui):
                                                                  **BASE)))
     assert '"weight":0.5' in cell(weight, 0.5).extra_generation_params["Delta ControlNets"]
 
+    p = processing.StableDiffusionProcessingTxt2Img(scripts=ui.runner, script_args=(delta(), []), **BASE)
+    weight.apply(p, 0.5, None)  # a grid over the weight of units the panel does not have: not a grid of one image
+    with pytest.raises(DeltaError, match=r"axis '\[Delta\] ControlNet weight' sets every ControlNet unit of the first "
+                                         "adaptation group, which has none: add a ControlNet unit"):
+        processing.process_images(p)
+    assert torch.equal(images(ui.txt2img(**BASE)), off)
+
 
 # --- the lifecycle: nothing of a unit survives the generation -------------------------------------------------
 

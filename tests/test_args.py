@@ -309,3 +309,18 @@ def test_malformed_values_are_delta_errors(call, message):
         call()
     assert message in str(e.value)
     assert len(str(e.value)) < 1000  # never the whole value back
+
+
+@pytest.mark.parametrize(("key", "value", "item"), [
+    ("lora_weight", 0.5, "LoRA"), ("controlnet_weight", 0.5, "ControlNet unit"),
+    ("controlnet_guidance_end", 0.5, "ControlNet unit"), ("ipadapter_weight", 0.5, "IP-Adapter unit")])
+def test_an_axis_over_every_entry_of_an_empty_list_is_refused_when_on(key, value, item):
+    on = DeltaSettings(enabled=True, source="src", groups=(AdaptationGroup(prompt="watercolor"),))
+    with pytest.raises(DeltaError, match=rf"X/Y/Z axis '\[Delta\] [^']+' sets every {item} of the first adaptation "
+                                         rf"group, which has none: add a {item} to that group, or remove the axis"):
+        on.with_overrides({key: value})
+    off = replace(on, enabled=False)  # a grid that also switches the extension off: its cells are plain
+    assert off.with_overrides({key: value}) == off
+    assert on.with_overrides({key: value, "enabled": False}) == off
+    with pytest.raises(DeltaError, match="which has none"):
+        off.with_overrides({key: value, "enabled": True})
