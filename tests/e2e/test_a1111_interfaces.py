@@ -172,6 +172,23 @@ def test_grid_rejects_bad_axis_values_before_it_starts(api: WebUIClient, sd15: M
     assert r.status_code == 422 and "wobbly" in r.json()["detail"], r.text[:500]
 
 
+def test_grid_over_the_lora_weight_of_a_group_without_loras_is_refused(api: WebUIClient, sd15: ModelFixture,
+                                                                       plain: Generation) -> None:
+    """A grid whose axis sets every LoRA of the first group, which has none (an adapted prompt only): a 422 that
+    names the axis, not a grid of one image repeated; the server then makes the plain image as before."""
+    grid_script = next(s for s in api.get("/sdapi/v1/script-info")
+                       if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    axis = grid_script["args"][0]["choices"].index("[Delta] LoRA weight")
+    script_args = [axis, "0.5, 1", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False]
+    settings = delta_dict(sd15, loras=[], adapted_prompt="a watercolor painting")
+    r = post_error(api, "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 4, "width": 64, "height": 64,
+                                              "script_name": "x/y/z plot", "script_args": script_args,
+                                              "alwayson_scripts": {SCRIPT: {"args": [settings]}}})
+    assert r.status_code == 422, r.text[:500]
+    assert "'[Delta] LoRA weight' sets every LoRA of the first adaptation group, which has none" in r.json()["detail"]
+    assert api.txt2img(PROMPT).image == plain.image
+
+
 # ---------------------------------------------------------------------------------------------- browser
 
 
