@@ -492,17 +492,23 @@ class DeltaSettings:
         """Apply X/Y/Z axis values (keys of :data:`OVERRIDES`) to a copy. An axis that sets every LoRA or unit of
         the first group, which has none, is refused when the extension is on (its grid would repeat one image)."""
         known = overrides_of(type(self))
-        s, empty = self, None
+        s, missing = self, None
         for key, value in overrides.items():
             if key not in known:
                 raise DeltaError(f"Unknown Delta Sampling override {shown(key)}; known: {', '.join(known)}.")
-            try:
-                s = known[key](s, value)
-            except NothingToSet as e:
-                empty = empty or e
-        if empty is not None and s.enabled:
-            raise empty
+            missing = missing or s.missing_entries(key)
+            s = known[key](s, value)
+        if missing is not None and s.enabled:
+            raise DeltaError(missing)
         return s
+
+    def missing_entries(self, key: str) -> str | None:
+        """Why the override ``key`` would set nothing here (it sets every entry of a list of the first group, which
+        is empty), or None."""
+        entry = entry_axes(type(self)).get(key)
+        if entry is None or getattr(self.groups[0], entry[0]):
+            return None
+        return entry[1]
 
     def summary(self) -> str:
         """One concise line for the console log."""
@@ -556,41 +562,42 @@ def overrides_of(cls: type[DeltaSettings]) -> dict[str, Override]:
     out: dict[str, Override] = {}
     for in_group, s in [(False, s) for s in settings_of(cls)] + [(True, s) for s in settings_of(groups.kind.cls)]:
         if s.xyz is not None and s.xyz.key is not None:
-            out[s.xyz.key] = _override(s.name, s.xyz.key, s.xyz.kind or s.kind, s.xyz.apply, in_group,
-                                       _nothing_to_set(s.xyz.label, s.kind))
+            out[s.xyz.key] = _override(s.name, s.xyz.key, s.xyz.kind or s.kind, s.xyz.apply, in_group)
         elif not isinstance(s.kind, Objects):
             out[s.name] = _override(s.name, s.name, s.kind, None, in_group)
         if in_group and isinstance(s.kind, Objects) and not isinstance(s.kind, Loras):
             for inner in settings_of(s.kind.cls):  # an axis of an object's setting sets it in every object
                 if inner.xyz is not None and inner.xyz.key is not None:
                     out[inner.xyz.key] = _override(s.name, inner.xyz.key, inner.xyz.kind or inner.kind,
-                                                   _every(inner.name), True, _nothing_to_set(inner.xyz.label, s.kind))
+                                                   _every(inner.name), True)
     return out
 
 
-class NothingToSet(DeltaError):
-    """An axis that sets every entry of a list, given an empty list."""
-
-
-def _nothing_to_set(label: str, kind: Any) -> str | None:
-    """The message for an axis over every entry of a list, or None for an axis of one value."""
-    if not isinstance(kind, Objects):
-        return None
-    return (f"The X/Y/Z axis '{label}' sets every {kind.item} of the first adaptation group, which has none: add "
-            f"a {kind.item} to that group, or remove the axis.")
+@functools.cache
+def entry_axes(cls: type[DeltaSettings]) -> dict[str, tuple[str, str]]:
+    """The axes that set every entry of a list of the first group (every LoRA, every ControlNet unit...), by their
+    override key: the list's setting name, and what to tell a user whose group has no entry."""
+    out = {}
+    for s in settings_of(_groups_setting(cls).kind.cls):
+        if not isinstance(s.kind, Objects):
+            continue
+        declared = [s.xyz] if isinstance(s.kind, Loras) else [inner.xyz for inner in settings_of(s.kind.cls)]
+        for xyz in declared:
+            if xyz is not None and xyz.key is not None:
+                out[xyz.key] = (s.name, f"The X/Y/Z axis '{xyz.label}' sets every {s.kind.item} of the first "
+                                        f"adaptation group, which has none: add a {s.kind.item} to that group, or "
+                                        "remove the axis.")
+    return out
 
 
 def _every(name: str) -> Callable[[tuple[Any, ...], Any], tuple[Any, ...]]:
     return lambda objects, value: tuple(replace(o, **{name: value}) for o in objects)
 
 
-def _override(name: str, key: str, kind: Any, apply: Callable[[Any, Any], Any] | None, in_group: bool,
-              empty: str | None = None) -> Override:
+def _override(name: str, key: str, kind: Any, apply: Callable[[Any, Any], Any] | None, in_group: bool) -> Override:
     def override(s: DeltaSettings, value: Any) -> DeltaSettings:
         v = kind.parse(value, key, "")
         target = s.groups[0] if in_group else s
-        if empty is not None and not getattr(target, name):
-            raise NothingToSet(empty)  # a new one each time: a kept exception would keep its traceback's frames
         changed = replace(target, **{name: v if apply is None else apply(getattr(target, name), v)})
         return replace(s, groups=(changed, *s.groups[1:])) if in_group else changed
 
@@ -722,6 +729,7 @@ __all__ = [
     "DeltaSettings",
     "IPAdapterUnit",
     "LoraRef",
+    "entry_axes",
     "format_lora_tags",
     "from_positional",
     "infotext_marker",

@@ -343,7 +343,10 @@ def test_the_xyz_axes_set_every_unit_of_the_first_group(ui):
     assert '"weight":0.5' in cell(weight, 0.5).extra_generation_params["Delta ControlNets"]
 
     p = processing.StableDiffusionProcessingTxt2Img(scripts=ui.runner, script_args=(delta(), []), **BASE)
-    weight.apply(p, 0.5, None)  # a grid over the weight of units the panel does not have: not a grid of one image
+    # a grid over the weight of units the panel does not have: refused before it starts (the grid's confirm reads
+    # the request's settings from its p), and by each cell if one still runs
+    assert "which has none" in interfaces.settings_of_grid(p).missing_entries("controlnet_weight")
+    weight.apply(p, 0.5, None)
     with pytest.raises(DeltaError, match=r"axis '\[Delta\] ControlNet weight' sets every ControlNet unit of the first "
                                          "adaptation group, which has none: add a ControlNet unit"):
         processing.process_images(p)

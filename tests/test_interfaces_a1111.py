@@ -187,3 +187,46 @@ def test_confirm_rejects_bad_values_before_the_grid_runs(webui, label, values, m
     with pytest.raises(DeltaError, match=message) as e:
         run_axis(webui.xyz, label, values, SimpleNamespace())
     assert (e.value.status_code, e.value.detail) == (422, str(e.value))  # what the API answers with
+
+
+class OurScript:
+    """Where the WebUI's script runner keeps this extension's slice of ``p.script_args``."""
+
+    def __init__(self, args_from: int, args_to: int):
+        self.args_from, self.args_to = args_from, args_to
+
+    def title(self):
+        return panel.TITLE
+
+
+def grid_p(settings) -> SimpleNamespace:
+    """A grid's p as the WebUI builds it: every always-on script's arguments in one list, ours at its slice (the
+    API's settings object, or the panel's positional values)."""
+    ours = list(settings) if isinstance(settings, list) else [settings]
+    return SimpleNamespace(scripts=SimpleNamespace(alwayson_scripts=[SimpleNamespace(title=lambda: "Other"),
+                                                                     OurScript(2, 2 + len(ours))]),
+                           script_args=[None, None, *ours, "after"])
+
+
+@pytest.mark.parametrize("label", ["[Delta] LoRA weight", "[Delta] ControlNet weight",
+                                   "[Delta] ControlNet guidance end", "[Delta] IP-Adapter weight"])
+def test_an_axis_over_the_entries_of_an_empty_group_stops_the_grid_before_it_starts(webui, label):
+    """The WebUIs' X/Y/Z plot leaves a cell whose generation fails empty and goes on, so a cell's error would give
+    a 200 and a grid of empty cells: the check runs in the axis's confirm, where a 422 stops the grid."""
+    interfaces.add_xyz_axes()
+    opt = axis(webui.xyz, label)
+    empty = {"enabled": True, "source": "sd15", "adapted_prompt": "a watercolor painting"}
+    with pytest.raises(DeltaError, match=r"which has none: add a (LoRA|ControlNet unit|IP-Adapter unit) to that "
+                                         "group, or remove the axis") as e:
+        opt.confirm(grid_p(empty), [0.5, 1.0])
+    assert e.value.status_code == 422 and label in e.value.detail
+    positional = to_positional(DeltaSettings.from_dict(empty))  # the panel's form
+    with pytest.raises(DeltaError, match="which has none"):
+        opt.confirm(grid_p(positional), [0.5])
+    full = {**empty, "loras": [{"name": "a"}], "controlnets": [{"model": "cn", "image": "x"}],
+            "ipadapters": [{"model": "ip", "image": "x"}]}
+    opt.confirm(grid_p(full), [0.5, 1.0])
+    opt.confirm(SimpleNamespace(), [0.5])  # no runner (the axis applied by another script): nothing to check
+    opt.confirm(grid_p({"enabled": "maybe"}), [0.5])  # unreadable settings: the generation says what is wrong
+    with pytest.raises(DeltaError, match="out of range"):  # the values are still checked first
+        opt.confirm(grid_p(full), [1e9])

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..args import DeltaSettings, overrides_of
+from ..args import DeltaSettings, entry_axes, from_positional, overrides_of
 from ..errors import DeltaError
 from ..fields import Bool, Checkpoint, Choice, Kind, Number, Setting, walk
 from ..hosts.common.pool import (
@@ -184,6 +184,32 @@ def _to_bool(label: str) -> Callable[[Any], bool]:
     return convert
 
 
+def settings_of_grid(p: Any) -> DeltaSettings | None:
+    """The settings a grid's request gives this extension before any axis applies, or None where there are none or
+    they cannot be read (bad settings are the generation's to report)."""
+    runner = getattr(p, "scripts", None)
+    ours = next((s for s in getattr(runner, "alwayson_scripts", ()) if s.title() == TITLE), None)
+    if ours is None or ours.args_from is None:
+        return None
+    try:
+        return from_positional(p.script_args[ours.args_from:ours.args_to])
+    except DeltaError:
+        return None
+
+
+def _confirm_entries(key: str) -> Callable[[Any], None]:
+    """Before the grid starts: an axis over every LoRA or unit of the first group needs one there (a cell's error
+    would not stop the grid: the WebUIs' X/Y/Z plot leaves the cell empty and goes on)."""
+
+    def confirm(p: Any) -> None:
+        settings = settings_of_grid(p)
+        missing = settings.missing_entries(key) if settings is not None else None
+        if missing is not None:
+            raise _rejected(missing)
+
+    return confirm
+
+
 def _confirm_each(convert: Callable[[Any], Any]) -> Callable[[Sequence[Any]], None]:
     def confirm(xs: Sequence[Any]) -> None:
         for x in xs:
@@ -244,12 +270,22 @@ def add_xyz_axes() -> None:
     for axis in AXES:
         if axis.label in present:
             continue
-        confirm = axis.confirm
         xyz.axis_options.append(xyz.AxisOption(
-            axis.label, axis.type, axis.apply,
-            confirm=None if confirm is None else (lambda p, xs, confirm=confirm: confirm(xs)),
-            choices=axis.choices, cost=axis.cost,
+            axis.label, axis.type, axis.apply, confirm=_grid_confirm(axis), choices=axis.choices, cost=axis.cost,
         ))
+
+
+def _grid_confirm(axis: Axis) -> Callable[[Any, Sequence[Any]], None]:
+    """The grid's ``confirm(p, values)``: the axis's values, then, for an axis over a list's entries, the list."""
+    entries = _confirm_entries(axis.key) if axis.key in entry_axes(DeltaSettings) else None
+
+    def confirm(p: Any, xs: Sequence[Any]) -> None:
+        if axis.confirm is not None:
+            axis.confirm(xs)
+        if entries is not None:
+            entries(p)
+
+    return confirm
 
 
 __all__ = [
