@@ -14,6 +14,7 @@ from typing import Any
 from ..args import DeltaSettings, entry_axes, from_positional, overrides_of
 from ..errors import DeltaError
 from ..fields import Bool, Checkpoint, Choice, Kind, Number, Setting, walk
+from ..hosts.common.http import as_http_exception
 from ..hosts.common.pool import (
     CACHE_POLICIES,
     SETTING_CACHE,
@@ -130,11 +131,10 @@ class Axis:
         p.delta_overrides = {**getattr(p, "delta_overrides", {}), self.key: self.convert(x)}
 
 
-def _rejected(message: str) -> DeltaError:
-    """A grid value error; the WebUI's API handler answers with the status_code and detail it finds on it."""
-    error = DeltaError(message)
-    error.status_code, error.detail = 422, message  # type: ignore[attr-defined]
-    return error
+def _rejected(message: str) -> BaseException:
+    """A grid value error, raised before the grid starts: a 422 with the message in both WebUIs' APIs (Forge's app
+    answers only an HTTPException itself; any other exception drops the client's connection)."""
+    return as_http_exception(DeltaError(message))
 
 
 def _confirm_range(label: str, bounds: tuple[float, float]) -> Callable[[Sequence[float]], None]:

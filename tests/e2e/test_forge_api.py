@@ -265,21 +265,27 @@ def test_xyz_plot_over_lambda_gives_the_single_generations(forge, sd15, plain, r
     assert forge.txt2img(PROMPT).image == plain["sd15"].image
 
 
-def test_grid_over_the_lora_weight_of_a_group_without_loras_is_refused(forge, sd15, plain):
-    """The axis sets every LoRA of the first group, which has none (an adapted prompt only): a 422 naming the axis
-    before the grid starts (Forge's X/Y/Z plot, like AUTOMATIC1111's, would leave a failing cell empty and answer
-    200); then Forge's own plain image."""
+def test_grids_the_extension_refuses_are_422s_before_they_start(forge, sd15, plain):
+    """Refused in the axis's confirm, before any cell (Forge's X/Y/Z plot, like AUTOMATIC1111's, would leave a
+    failing cell empty and answer 200): a bad axis value, and an axis that sets every LoRA of the first group, which
+    has none (an adapted prompt only). Each a 422 naming it, on the same connection; then Forge's own plain image."""
     grid_script = next(s for s in forge.get("/sdapi/v1/script-info")
                        if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    axis = grid_script["args"][0]["choices"].index("[Delta] LoRA weight")
-    script_args = [axis, "0.5, 1", [], 0, "", [], 0, "", [], *XYZ_OPTIONS]
-    settings = dict(enabled=True, source=sd15.model_name, adapted_prompt="a watercolor painting")
-    with pytest.raises(requests.HTTPError) as err:
-        forge.txt2img(PROMPT, script_name="x/y/z plot", script_args=script_args, **delta(**settings))
-    assert err.value.response.status_code == 422, err.value
-    assert "'[Delta] LoRA weight' sets every LoRA of the first adaptation group, which has none" in \
-        err.value.response.json()["detail"], err.value.response.text
-    assert forge.txt2img(PROMPT).image == plain["sd15"].image
+    labels = grid_script["args"][0]["choices"]
+    with_lora = dict(enabled=True, source=sd15.model_name, loras=f"<lora:{sd15.lora()}:1>")
+    cases = {  # csv mode (the last option) takes the values from the text
+        "wobbly": (labels.index("[Delta] Schedule"), "linear, wobbly", with_lora),
+        "'[Delta] LoRA weight' sets every LoRA of the first adaptation group, which has none": (
+            labels.index("[Delta] LoRA weight"), "0.5, 1",
+            dict(enabled=True, source=sd15.model_name, adapted_prompt="a watercolor painting")),
+    }
+    for words, (axis, values, settings) in cases.items():
+        script_args = [axis, values, [], 0, "", [], 0, "", [], *XYZ_OPTIONS[:-1], True]
+        with pytest.raises(requests.HTTPError) as err:
+            forge.txt2img(PROMPT, script_name="x/y/z plot", script_args=script_args, **delta(**settings))
+        assert err.value.response.status_code == 422, err.value
+        assert words in err.value.response.json()["detail"], err.value.response.text
+        assert forge.txt2img(PROMPT).image == plain["sd15"].image
 
 
 def test_bad_inputs_are_http_errors_and_the_next_plain_image_is_unchanged(pool, forge, sd15, plain):
