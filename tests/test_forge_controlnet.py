@@ -97,26 +97,7 @@ def test_zero_strength_an_empty_window_and_weight_zero_are_bit_identical_to_off(
 def test_base_rows_of_every_batched_call_are_untouched(world, monkeypatch, hires):
     """Every source call with a unit, recomputed without it: the base rows are bit for bit the same, the adapted
     rows move."""
-    from lib_delta.hosts.forge import source as source_mod
-
-    real = source_mod.ForgeSource._run
-    checked = []
-
-    def run(self, slot, ks, compiled, x, level, run_uncond):
-        got = real(self, slot, ks, compiled, x, level, run_uncond)
-        units, slot.units = slot.units, []
-        try:
-            plain = real(self, slot, ks, compiled, x, level, run_uncond)
-        finally:
-            slot.units = units
-        for k in ks:
-            if self.variants[k].units is None:
-                assert torch.equal(got[k], plain[k])
-            else:
-                checked.append(rel(got[k], plain[k]))
-        return got
-
-    monkeypatch.setattr(source_mod.ForgeSource, "_run", run)
+    checked = harness.units_against_none(monkeypatch, "units")
     extra = {"enable_hr": True, "hr_second_pass_steps": 2} if hires else {}
     world.ours([world.unit(module="canny")], prompt="a red cube AND a tall tree:0.6", **extra)
     assert len(checked) == (6 if hires else 4) and min(checked) > 1e-4

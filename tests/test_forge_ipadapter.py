@@ -147,26 +147,7 @@ def test_zero_strength_an_empty_window_and_weight_zero_are_bit_identical_to_off(
 def test_base_rows_of_every_batched_call_get_plain_attention(world, monkeypatch):
     """Every source call with a unit, recomputed without it: the base rows (and a group without an image prompt) are
     bit for bit the same, each image-prompt group's rows move."""
-    from lib_delta.hosts.forge import source as source_mod
-
-    real = source_mod.ForgeSource._run
-    checked = []
-
-    def run(self, slot, ks, compiled, x, level, run_uncond):
-        got = real(self, slot, ks, compiled, x, level, run_uncond)
-        images, slot.images = slot.images, []
-        try:
-            plain = real(self, slot, ks, compiled, x, level, run_uncond)
-        finally:
-            slot.images = images
-        for k in ks:
-            if self.variants[k].images is None:
-                assert torch.equal(got[k], plain[k])
-            else:
-                checked.append(rel(got[k], plain[k]))
-        return got
-
-    monkeypatch.setattr(source_mod.ForgeSource, "_run", run)
+    checked = harness.units_against_none(monkeypatch, "images")
     world.ours([world.unit()], prompt="a red cube AND a tall tree:0.6")
     assert len(checked) == 4 and min(checked) > 0 and max(checked) > 1e-3
     checked.clear()

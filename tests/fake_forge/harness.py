@@ -231,6 +231,34 @@ def assert_units_leave_nothing(world, monkeypatch, spy_of: Callable, after_inter
     assert torch.equal(world.f.generate(world.target), fresh)
 
 
+def units_against_none(monkeypatch, slot_field: str) -> list[float]:
+    """Recompute every source call with its units (the slot's ``slot_field``: ``units`` for ControlNets, ``images``
+    for IP-Adapters) taken off: the rows of variants without units must be bit for bit the same; the relative
+    change of every other row is appended to the returned list."""
+    from lib_delta.hosts.forge import source as source_mod
+
+    real = source_mod.ForgeSource._run
+    changes: list[float] = []
+
+    def run(self, slot, ks, compiled, x, level, run_uncond):
+        got = real(self, slot, ks, compiled, x, level, run_uncond)
+        units = getattr(slot, slot_field)
+        setattr(slot, slot_field, [])
+        try:
+            plain = real(self, slot, ks, compiled, x, level, run_uncond)
+        finally:
+            setattr(slot, slot_field, units)
+        for k in ks:
+            if getattr(self.variants[k], slot_field) is None:
+                assert torch.equal(got[k], plain[k])
+            else:
+                changes.append(float((got[k] - plain[k]).norm() / plain[k].norm()))
+        return got
+
+    monkeypatch.setattr(source_mod.ForgeSource, "_run", run)
+    return changes
+
+
 def forward_calls(monkeypatch, engine, at: int | None = None, do: Callable[[], None] | None = None) -> list[int]:
     """Count the engine's UNet forwards; at the ``at``-th (from 1) call ``do()`` first (raise, interrupt...)."""
     model = engine.forge_objects.unet.model
