@@ -289,7 +289,10 @@ def test_pickled_checkpoint_goes_through_the_safe_loader(ui):
     assert torch.isfinite(out).all()
 
 
-def test_an_error_inside_a_step_stops_the_generation(ui, monkeypatch):
+@pytest.mark.parametrize(("error", "way_out"), [(RuntimeError("boom"), False),
+                                               (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                                True)], ids=["error", "oom"])
+def test_an_error_inside_a_step_stops_the_generation(ui, monkeypatch, error, way_out):
     fresh = images(ui.txt2img(**BASE))
     from lib_delta.hosts.a1111 import step as a1111_step
 
@@ -297,12 +300,13 @@ def test_an_error_inside_a_step_stops_the_generation(ui, monkeypatch):
 
     def broken(self, *args):
         calls.append(1)
-        raise RuntimeError("boom")
+        raise error
 
     monkeypatch.setattr(a1111_step.SourceEval, "__call__", broken)
-    with pytest.raises(DeltaError, match="RuntimeError: boom") as e:
+    with pytest.raises(DeltaError, match=f"{type(error).__name__}: {error}") as e:
         ui.txt2img(delta(adapted_prompt="x"), **BASE)
     assert e.value.status_code == 500 and len(calls) == 1  # stopped at the first failing call
+    assert ("set CFG mode to cond" in str(e.value)) == way_out  # out of memory names the ways to make room
     monkeypatch.undo()
     assert torch.equal(images(ui.txt2img(**BASE)), fresh)
     _assert_nothing_left(ui)

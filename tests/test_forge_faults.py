@@ -88,8 +88,14 @@ def test_out_of_memory_at_step_k_stops_with_a_server_error(forge, scene, monkeyp
         forward_calls(monkeypatch, scene.target, at=3, do=oom)
     else:
         _source_raises_at(monkeypatch, scene.target, 3, OOMS[kind])
-    status, message, name = failure(lambda: forge.generate(scene.target, scene.delta, enable_hr=True))
+    try:
+        forge.generate(scene.target, scene.delta, enable_hr=True)
+    except Exception as e:  # what the API answers with, read here so that nothing keeps the exception
+        status, message, name, detail = getattr(e, "status_code", None), str(e), type(e).__name__, e.detail
+    else:
+        pytest.fail("the generation did not fail")
     assert status == 500 and "out of memory" in message and name == kind
+    assert detail.startswith(message) and "set CFG mode to cond" in detail  # and the ways to make room
     assert scene.spy.alive() == [], "the run outlived its failed sampling"
     assert_left_nothing(forge, scene)
 

@@ -8,20 +8,30 @@ from __future__ import annotations
 
 from ...errors import DeltaError
 
+OUT_OF_MEMORY_WAY_OUT = ("The source model runs beside the active one: to make room, set CFG mode to cond (the "
+                         "source's batch halves), lower the size or batch, or start the WebUI with --medvram.")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a failure is the GPU running out of memory (torch's error, or a message that says so)."""
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
 
 def http_error(error: BaseException) -> BaseException:
     """Give an exception what the WebUIs' API handlers read: ``status_code`` and ``detail``."""
     if not hasattr(error, "status_code"):
         error.status_code = 422 if isinstance(error, DeltaError) else 500  # type: ignore[attr-defined]
     if not getattr(error, "detail", None):
-        error.detail = str(error)  # type: ignore[attr-defined]
+        way_out = f" {OUT_OF_MEMORY_WAY_OUT}" if out_of_memory(error) and not isinstance(error, DeltaError) else ""
+        error.detail = f"{error}{way_out}"  # type: ignore[attr-defined]
     return error
 
 
 def unexpected(error: BaseException, what: str = "failed") -> DeltaError:
-    """An unforeseen failure inside Delta Sampling, as a 500 that names it."""
+    """An unforeseen failure inside Delta Sampling, as a 500 that names it (and, out of memory, the way out)."""
+    way_out = f" {OUT_OF_MEMORY_WAY_OUT}" if out_of_memory(error) else ""
     wrapped = DeltaError(f"Delta Sampling {what}: {type(error).__name__}: {error}. The generation was stopped "
-                         "rather than finished without the delta.")
+                         f"rather than finished without the delta.{way_out}")
     wrapped.status_code = 500  # type: ignore[attr-defined]
     wrapped.__cause__ = error
     return wrapped
