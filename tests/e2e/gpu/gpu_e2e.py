@@ -445,6 +445,7 @@ def phase_oom(r: Report, c: WebUIClient, s: WebUIServer, fx: dict[str, ModelFixt
     r.check("oom: the capped DS request fails with an HTTP error naming out-of-memory",
             outcome["status"] is not None and outcome["status"] >= 400 and "out of memory" in body.lower(),
             f"HTTP {outcome['status']}: {body[:300]}")
+    r.check("oom: the error names the ways to make room", "set CFG mode to cond" in body and "--medvram" in body)
     r.check("oom: allocated VRAM back to its level before (within 64 MiB)",
             abs(after["allocated"] - before["allocated"]) <= 64 * MIB,
             f"before {before['allocated'] / MIB:.0f} MiB, after {after['allocated'] / MIB:.0f} MiB")
