@@ -100,6 +100,8 @@ def test_a_failure_in_the_target_closes_the_run_at_once(ui, monkeypatch, make_er
             with pytest.raises(type(error)) as raised:
                 ui.txt2img(delta(loras="<lora:style:1>", adapted_prompt="in the snow"), **BASE)
             assert raised.value is error and len(calls) == 3
+            oom = isinstance(error, torch.OutOfMemoryError)  # the API's detail then names the ways to make room
+            assert ("set CFG mode to cond" in getattr(error, "detail", "")) == oom
         # The WebUI skipped postprocess. While the exception lives, its traceback holds the guarded sampler's frame
         # and so the pass object, emptied: nothing of what the run built.
         assert spy.alive() in ([], ["pass"]), "the failed run is still referenced"

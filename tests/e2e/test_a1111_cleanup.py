@@ -75,6 +75,7 @@ def test_a_fault_mid_sampling_closes_the_run_at_once(server, fixtures: dict[str,
     if "RAISE" in fault:
         r = error_of(client, payload)
         assert r.status_code == 500 and "out of memory" in r.text, r.text[:500]
+        assert "set CFG mode to cond" in r.json()["detail"], r.text[:800]  # and the ways to make room
     else:
         client.post("/sdapi/v1/txt2img", payload)  # interrupted: the WebUI returns what it has
     assert state(client)["run_open"] is False, "the run outlived its generation"

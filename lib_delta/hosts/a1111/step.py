@@ -25,7 +25,7 @@ from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance, cfg_combine
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, VPSchedule
-from ..common.http import http_error, unexpected
+from ..common.http import http_error, out_of_memory, unexpected
 from . import conds as conds_mod
 from . import source as source_mod
 
@@ -46,7 +46,8 @@ class Abort(BaseException):
 def guard(sampler: Any, check: Callable[[], None], on_abort: Callable[[], BaseException],
           on_schedule: Callable[[Tensor], None] | None = None, on_failure: Callable[[], None] = lambda: None) -> None:
     """Patch one sampler instance (see the module doc); :func:`unguard` removes the patches. ``on_failure`` runs
-    when sampling raises, whatever raised (an out-of-memory error in the target, another extension)."""
+    when sampling raises, whatever raised (an out-of-memory error in the target, another extension); an
+    out-of-memory error goes on with the ways to make room in the ``detail`` the API answers with."""
     if PASS_ATTR in vars(sampler):
         unguard(sampler)
     originals = {}
@@ -77,8 +78,10 @@ def _guarded(original: Callable, check: Callable[[], None], on_abort: Callable[[
             except Abort:
                 raise on_abort() from None
             check()
-        except BaseException:
+        except BaseException as e:
             on_failure()
+            if out_of_memory(e):
+                http_error(e)
             raise
         return result
 
