@@ -29,6 +29,7 @@ from test_forge_api import (  # noqa: F401  (collected here again, on Neo)
     test_base_first_with_the_target_as_its_own_source_is_the_targets_image,
     test_cond_mode_separate_trajectory_and_the_preview_strip,
     test_disabled_and_zero_strength_are_identical_to_forge_without_the_extension,
+    test_grids_the_extension_refuses_are_422s_before_they_start,
     test_img2img_source_equal_to_target_with_its_lora_matches_forges_own_lora,
     test_inpainting_keeps_the_unmasked_region_forges_own,
     test_lycoris_loha_on_the_source_matches_forges_own_loha,
