@@ -25,7 +25,7 @@ from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance, cfg_combine
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, VPSchedule
-from ..common.http import http_error, out_of_memory, unexpected
+from ..common.http import answered, http_error, unexpected
 from . import conds as conds_mod
 from . import source as source_mod
 
@@ -46,8 +46,8 @@ class Abort(BaseException):
 def guard(sampler: Any, check: Callable[[], None], on_abort: Callable[[], BaseException],
           on_schedule: Callable[[Tensor], None] | None = None, on_failure: Callable[[], None] = lambda: None) -> None:
     """Patch one sampler instance (see the module doc); :func:`unguard` removes the patches. ``on_failure`` runs
-    when sampling raises, whatever raised (an out-of-memory error in the target, another extension); an
-    out-of-memory error goes on with the ways to make room in the ``detail`` the API answers with."""
+    when sampling raises, whatever raised (an out-of-memory error in the target, another extension), which goes on
+    with the ``status_code`` and ``detail`` the API answers with (out of memory: the ways to make room)."""
     if PASS_ATTR in vars(sampler):
         unguard(sampler)
     originals = {}
@@ -80,8 +80,8 @@ def _guarded(original: Callable, check: Callable[[], None], on_abort: Callable[[
             check()
         except BaseException as e:
             on_failure()
-            if out_of_memory(e):
-                http_error(e)
+            if isinstance(e, Exception):  # not an interrupt of the process itself
+                answered(e)
             raise
         return result
 

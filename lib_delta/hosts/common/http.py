@@ -17,21 +17,33 @@ def out_of_memory(error: BaseException) -> bool:
     return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
 
 
+def _way_out(error: BaseException) -> str:
+    """What to add to a failure's message: the ways to make room when it is the GPU's memory."""
+    return f" {OUT_OF_MEMORY_WAY_OUT}" if out_of_memory(error) and OUT_OF_MEMORY_WAY_OUT not in str(error) else ""
+
+
 def http_error(error: BaseException) -> BaseException:
     """Give an exception what the WebUIs' API handlers read: ``status_code`` and ``detail``."""
     if not hasattr(error, "status_code"):
         error.status_code = 422 if isinstance(error, DeltaError) else 500  # type: ignore[attr-defined]
     if not getattr(error, "detail", None):
-        way_out = f" {OUT_OF_MEMORY_WAY_OUT}" if out_of_memory(error) and not isinstance(error, DeltaError) else ""
-        error.detail = f"{error}{way_out}"  # type: ignore[attr-defined]
+        error.detail = f"{error}{_way_out(error)}"  # type: ignore[attr-defined]
     return error
+
+
+def answered(error: BaseException) -> None:
+    """:func:`http_error` for an exception that goes on as it is (a sampler's failure, raised again by the guard);
+    one that takes no attributes is left alone."""
+    try:
+        http_error(error)
+    except (AttributeError, TypeError):
+        pass
 
 
 def unexpected(error: BaseException, what: str = "failed") -> DeltaError:
     """An unforeseen failure inside Delta Sampling, as a 500 that names it (and, out of memory, the way out)."""
-    way_out = f" {OUT_OF_MEMORY_WAY_OUT}" if out_of_memory(error) else ""
     wrapped = DeltaError(f"Delta Sampling {what}: {type(error).__name__}: {error}. The generation was stopped "
-                         f"rather than finished without the delta.{way_out}")
+                         f"rather than finished without the delta.{_way_out(error)}")
     wrapped.status_code = 500  # type: ignore[attr-defined]
     wrapped.__cause__ = error
     return wrapped

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..common.http import http_error
+from ..common.http import answered
 
 _GUARDED = ("sample", "sample_img2img")
 _MARK = "_delta_sampling_guarded"
@@ -39,10 +39,7 @@ def _guarded(original: Callable, on_failure: Callable[[], None]) -> Callable:
             return original(*args, **kwargs)
         except Exception as e:
             on_failure()
-            try:
-                http_error(e)
-            except (AttributeError, TypeError):  # an exception that takes no attributes goes on as it is
-                pass
+            answered(e)
             raise
         except BaseException:
             on_failure()
