@@ -47,9 +47,9 @@ STAGES = {1: ("references", "lambda", "naive", "gap_scale", "gap_steps", "dit", 
 DEADLINE_S = 540.0  # of the study's own clock; the call's 600 s also hold the imports, the figures and the page
 # Wall seconds on one H100, from the two parts run on 2026-12-06 (docs/fidelity-runs/compare-budget{1,2}-h100.json,
 # read by tests/test_fidelity_compare.py): one configuration at 80 images × 2 seeds × 20 steps (Delta Sampling
-# 2.9 s on average: the target plus the source's base and adapted rows; an adaptive rule 3.2 s; the merged file,
-# one model, 1.6 s), with about 0.1 s of measuring and logging and some headroom; scaled by images × seeds × steps
-EST_CONFIG_S = {"delta": 3.2, "adaptive": 3.35, "naive": 1.8}
+# 2.8 s on average: the target plus the source's base and adapted rows; an adaptive rule 3.3 s; the merged file,
+# one model, 1.4 s), with about 0.1 s of measuring and logging and some headroom; scaled by images × seeds × steps
+EST_CONFIG_S = {"delta": 3.2, "adaptive": 3.35, "naive": 1.6}
 EST_REF_UNITS = 80 * 2 * 20
 EST_FIXED_S = {"references": 10.0,  # six models alone and two adapted sources (10.0 and 9.5 s)
                "gap_steps": 9.5,  # three step counts: a reference and four short runs each (9.3 s)

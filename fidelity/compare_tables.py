@@ -82,9 +82,11 @@ def matches(res: dict, row: dict, best: dict | None, reading: str = "relative") 
 
 
 def winner(res: dict, a: dict | None, b: dict | None, names: tuple[str, str]) -> str:
-    """Which of two runs carries the effect better inside the bounds (relative reading), or "tie" within noise."""
-    ok = [r is not None and r.get("recovered") is not None and acceptable(r, alone_of(res, r), "relative")
-          for r in (a, b)]
+    """Which of two runs carries the effect better inside the bounds (relative reading), or "tie" within noise. A
+    run that carries none of the effect (recovered within the noise floor of 0) wins nothing: keeping the target's
+    class fidelity by changing nothing is not a transfer."""
+    ok = [r is not None and r.get("recovered") is not None and _score(r) > REC_NOISE_FLOOR
+          and acceptable(r, alone_of(res, r), "relative") for r in (a, b)]
     if ok[0] != ok[1]:
         return names[0] if ok[0] else names[1]
     if not ok[0]:

@@ -269,6 +269,9 @@ def test_matching_and_winning_read_the_seeds_noise():
     assert compare_tables.winner(res, _row(1.0, 0.99), _row(0.5, 0.99), ("a", "b")) == "a"
     assert compare_tables.winner(res, _row(1.0, 0.90), _row(0.5, 0.99), ("a", "b")) == "b"
     assert compare_tables.winner(res, _row(1.0, 0.99), _row(0.98, 0.99), ("a", "b")) == "tie"
+    # a route that changes nothing keeps the target's fidelity but wins nothing
+    assert compare_tables.winner(res, _row(1.0, 0.90), _row(0.01, 0.99), ("a", "b")) == "neither"
+    assert compare_tables.winner(res, _row(0.9, 0.99), _row(0.01, 0.99), ("a", "b")) == "a"
 
 
 def test_pipeline_saves_and_loads_a_model_exactly(tmp_path, toy_models):
