@@ -526,23 +526,55 @@ _FAMILY_MARKERS = {"sd1": "cond_stage_model.transformer.text_model.final_layer_n
                    "flux": "double_blocks.0.img_attn.qkv.weight"}
 
 
-def write_checkpoint(path, spec: dict) -> None:
-    """A checkpoint file for ``forge_loader``: its spec, and the key that tells its family from the header."""
+# a flow checkpoint's own text encoder (SD3 and Flux files that include them); a bare one, as models/text_encoder
+# holds it
+_FLOW_TEXT_KEY = "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"
+MODULE_TEXT_KEY = "text_model.final_layer_norm.weight"
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")
+loads: list[tuple[str, tuple[str, ...]]] = []  # each forge_loader call: the file and the modules given beside it
+
+
+def write_checkpoint(path, spec: dict, diffusion_only: bool = False) -> None:
+    """A checkpoint file for ``forge_loader``: its spec, and the keys that tell its family from the header; with
+    ``diffusion_only``, the diffusion model alone (no text encoder key), as Flux files often ship."""
     from safetensors.torch import save_file
 
     family = spec.get("latent_format", "sd3") if spec["family"] == "flow" else spec["family"]
     tensors = {SPEC_KEY: torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8),
-               _FAMILY_MARKERS[family]: torch.zeros(1)}
+               _FAMILY_MARKERS[family]: torch.zeros(1), "model.diffusion_model.out.0.weight": torch.zeros(1)}
+    if spec["family"] == "flow":
+        tensors[_FLOW_TEXT_KEY] = torch.zeros(1)
+    if diffusion_only:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
     save_file(tensors, str(path))
+
+
+def write_text_encoder(path) -> None:
+    """A text encoder file of Forge's 'VAE / Text Encoder' box (a bare CLIP-L)."""
+    from safetensors.torch import save_file
+
+    save_file({MODULE_TEXT_KEY: torch.zeros(1)}, str(path))
+
+
+def check_components(state_dict: dict, additional_state_dicts) -> None:
+    """backend/loader.py:62-63: a file without its text encoders takes them from the modules given beside it, or
+    the load fails."""
+    if any(k.startswith(TEXT_ENCODER_PREFIXES) for k in state_dict):
+        return
+    if any(MODULE_TEXT_KEY in load_torch_file(m) for m in additional_state_dicts or ()):
+        return
+    raise AssertionError("You do not have CLIP state dict!")
 
 
 def forge_loader(sd, additional_state_dicts=None):
     """backend/loader.py:498-502: anything wrong with the file is 'Failed to recognize model type!'."""
+    loads.append((sd, tuple(additional_state_dicts or ())))
     try:
         state_dict = load_torch_file(sd)
         spec = json.loads(bytes(state_dict[SPEC_KEY].tolist()))
     except Exception:
         raise ValueError("Failed to recognize model type!") from None
+    check_components(state_dict, additional_state_dicts)
     engine = Engine(spec)
     if spec["family"] == "flow" and spec.get("latent_format") == "flux":
         engine.__class__ = type("Flux", (Engine,), {})

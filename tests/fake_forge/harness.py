@@ -47,6 +47,8 @@ def _session(tmp_path, monkeypatch, neo: bool):
         Path(webui.lora_dir).mkdir()
         webui.list_available_networks()
         webui.opts.delta_sampling_cache = "ram"
+        webui.opts.forge_additional_modules = []
+        backend.loads.clear()
         webui.state.interrupted = False
         backend.current_loaded_models.clear()
         backend.load_calls.clear()
@@ -71,9 +73,9 @@ class Forge:
     def __init__(self, tmp_path, script, adapter, neo: bool = False):
         self.tmp, self.script, self.adapter, self.neo = tmp_path, script, adapter, neo
 
-    def checkpoint(self, name: str, **spec) -> str:
+    def checkpoint(self, name: str, diffusion_only: bool = False, **spec) -> str:
         path = self.tmp / f"{name}.safetensors"
-        backend.write_checkpoint(path, spec)
+        backend.write_checkpoint(path, spec, diffusion_only)
         webui.add_checkpoint(str(path))
         return name
 

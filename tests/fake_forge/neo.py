@@ -453,7 +453,9 @@ def forge_loader(sd, additional_state_dicts=None):
     state_dict = load_torch_file(sd)
     if backend.SPEC_KEY not in state_dict:
         raise ModuleNotFoundError("Failed to recognize model...")
+    backend.loads.append((sd, tuple(additional_state_dicts or ())))
     spec = json.loads(bytes(state_dict[backend.SPEC_KEY].tolist()))
+    backend.check_components(state_dict, additional_state_dicts)
     latent = spec.get("latent_format", "flux") if spec["family"] == "flow" else spec["family"]
     if spec.get("neo_class") in _WAN_LATENT and latent == "flux":
         name, repo = spec["neo_class"], _WAN_LATENT[spec["neo_class"]]

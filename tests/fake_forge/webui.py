@@ -29,7 +29,8 @@ from . import backend
 # --- modules.shared, devices, script_callbacks, sd_samplers, sd_samplers_common --------------------------------------
 
 opts = SimpleNamespace(CLIP_stop_at_last_layers=1, use_old_scheduling=False, delta_sampling_cache="ram",
-                       img2img_fix_steps=False, skip_early_cond=0.0, s_min_uncond_all=False)
+                       img2img_fix_steps=False, skip_early_cond=0.0, s_min_uncond_all=False,
+                       forge_additional_modules=[])  # full paths of the "VAE / Text Encoder" choice
 state = SimpleNamespace(textinfo=None, interrupted=False)
 unloaded_callbacks: list = []
 

@@ -32,7 +32,7 @@ from ...spaces import FLUX, SD1, SD2, SD3, SDXL, LatentFormat, check_latent_comp
 from .. import is_neo
 from ..common import names as listed
 from ..common.devices import chosen_device
-from ..common.files import checkpoint_family, safetensors_damage
+from ..common.files import checkpoint_family, safetensors_damage, safetensors_keys
 from ..common.pool import Limits, ModelPool, free_weights
 from . import isolation, memory
 
@@ -61,6 +61,9 @@ _SCALAR_CHANNELS = {"sd": 4, "sd3": 16, "flux": 16}
 # A checkpoint file's family (read from its header) -> its latent format, for the checks before loading.
 _FILE_FORMATS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl-refiner": SDXL, "sd3": SD3, "flux": FLUX}
 _UNPICKLED = (".safetensors", ".gguf")  # the checkpoint formats Forge reads without unpickling
+# Where a checkpoint keeps its text encoders (SD1/SD2, SDXL, SD3/Flux and Neo's families): a file with none of these
+# holds the diffusion model alone, as Flux, Chroma and Neo's newer families ship; a GGUF file always does.
+_TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")
 
 
 def family_of(engine: Any) -> str:
@@ -146,7 +149,7 @@ class PrivateEngine:
 
     info: Any  # Forge's CheckpointInfo
     engine: Any  # without its VAE: the delta lives in latent space
-    key: tuple[str, str]
+    key: tuple[str, ...]  # file, hash and the modules it was built with
     load_seconds: float
     latent: LatentFormat
     home_device: Any = None  # where Forge would run it (its UNet patcher's load device)
@@ -181,9 +184,32 @@ def resolve(name: str, what: str = "source checkpoint") -> Any:
     return listed.checkpoint(name, what, "Forge's")
 
 
-def key_of(info: Any) -> tuple[str, str]:
-    """The pool key of a listed checkpoint: its file and hash (a file replaced under the same name is another)."""
-    return os.path.abspath(info.filename), _file_id(info)
+def key_of(info: Any) -> tuple[str, ...]:
+    """The pool key of a listed checkpoint: its file and hash (a file replaced under the same name is another), and
+    the modules it is built with (other modules chosen, another model)."""
+    return os.path.abspath(info.filename), _file_id(info), *modules_for(info)
+
+
+def diffusion_only(path: str) -> bool:
+    """Whether a checkpoint file holds the diffusion model alone, without text encoders (nor, then, a VAE)."""
+    if path.lower().endswith(".gguf"):
+        return True
+    keys = safetensors_keys(path)
+    return keys is not None and not any(k.startswith(_TEXT_ENCODER_PREFIXES) for k in keys)
+
+
+def chosen_modules() -> tuple[str, ...]:
+    """The files chosen in Forge's 'VAE / Text Encoder' box (full paths)."""
+    from modules import shared
+
+    return tuple(getattr(shared.opts, "forge_additional_modules", None) or ())
+
+
+def modules_for(info: Any) -> tuple[str, ...]:
+    """What Forge's loader takes beside a checkpoint: nothing for a file with its own text encoders; for a file of
+    the diffusion model alone, the modules chosen in 'VAE / Text Encoder', as Forge builds the active model from
+    (modules/sd_models.py, forge_model_reload)."""
+    return chosen_modules() if diffusion_only(info.filename) else ()
 
 
 def _file_id(info: Any) -> str:
@@ -261,20 +287,20 @@ def acquire(info: Any, what: str = "source checkpoint") -> PrivateEngine:
     return POOL.get(key, lambda: _load(info, key, what))
 
 
-def _load(info: Any, key: tuple[str, str], what: str) -> PrivateEngine:
+def _load(info: Any, key: tuple[str, ...], what: str) -> PrivateEngine:
     from backend.loader import forge_loader
     from modules import shared
 
     label = getattr(info, "title", info.name)
     shared.state.textinfo = f"Delta Sampling: loading {what} {label}"
     filename = os.path.basename(info.filename)
+    modules = list(key[2:])
     t0 = time.perf_counter()
     try:
         with isolation.model_flags_kept():  # Neo's loader resets the active model's global flags
-            engine = forge_loader(info.filename)
+            engine = forge_loader(info.filename, additional_state_dicts=modules or None)
     except Exception as e:
-        raise DeltaError(f"Delta Sampling cannot build a model from the {what} '{filename}' ({type(e).__name__}: "
-                         f"{e}). Is it a checkpoint Forge itself can load?") from e
+        raise DeltaError(_cannot_build(what, filename, modules, e)) from e
     if engine is None:  # Forge 2; Neo raises instead (backend/loader.py:950)
         raise DeltaError(f"Forge does not recognise the model type of the {what} '{filename}'.")
     engine.sd_checkpoint_info = info
@@ -286,6 +312,25 @@ def _load(info: Any, key: tuple[str, str], what: str) -> PrivateEngine:
     seconds = time.perf_counter() - t0
     print(f"Delta Sampling: loaded {what} {label} in {seconds:.1f}s")
     return PrivateEngine(info, engine, key, seconds, latent)
+
+
+def _cannot_build(what: str, filename: str, modules: list[str], error: Exception) -> str:
+    """Why Forge's loader failed on a file, and the way out: a file of the diffusion model alone is built with the
+    text encoders and VAE chosen in 'VAE / Text Encoder' (Forge asserts 'You do not have CLIP state dict!' and the
+    like without them)."""
+    why = f"{type(error).__name__}: {error}"
+    missing = isinstance(error, AssertionError) and "You do not have" in str(error)
+    if missing and not modules:
+        return (f"The Delta Sampling {what} '{filename}' holds the diffusion model alone ({why}). Forge builds such "
+                "a model with the text encoders and VAE chosen in 'VAE / Text Encoder', and Delta Sampling builds "
+                "the source with them too: choose its family's files there, or a checkpoint that includes them.")
+    if modules:
+        chosen = ", ".join(os.path.basename(m) for m in modules)
+        return (f"Delta Sampling cannot build a model from the {what} '{filename}' with the files chosen in 'VAE / "
+                f"Text Encoder' ({chosen}) ({why}). Choose the text encoders and VAE of its family there, or a "
+                "checkpoint that includes them.")
+    return (f"Delta Sampling cannot build a model from the {what} '{filename}' ({why}). Is it a checkpoint Forge "
+            "itself can load?")
 
 
 # --- releasing ---------------------------------------------------------------------------------------------------

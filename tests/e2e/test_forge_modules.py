@@ -1,0 +1,121 @@
+"""A source checkpoint of the diffusion model alone in a real Forge 2 (see forge_harness.py for the variables).
+
+Flux and Chroma files, GGUF files and Forge Neo's newer families often hold the diffusion model alone; Forge builds
+such a model with the text encoders and VAE chosen in 'VAE / Text Encoder', and so does Delta Sampling for its
+source. Forge sizes every Flux at 12 B parameters, so the case is shown with the SD1.5 fixture split the same way:
+its UNet alone in models/Stable-diffusion, its VAE in models/VAE, its CLIP-L in models/text_encoder.
+
+- without modules chosen, that source is refused with the way out (HTTP 422), and the next plain image is unchanged;
+- with them chosen, it is the source: as its own source with its LoRA at λ = 1 it matches Forge's own
+  ``<lora:L:1>``, and the plain image after it is Forge's own again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from forge_harness import ForgeInstall, ForgeServer, fixtures_dir, forge_fixtures
+from harness import ModelFixture, ServerConfig, WebUIClient, psnr
+
+PROMPT = "a photo of a cat sitting on a red chair"
+MODELS = ("sd15",)
+CLOSE_DB = 35.0  # as in test_forge_api.py: the fixture LoRA moves the image by about 20 dB
+# the SD1.5 checkpoint's parts: (prefix in the whole file, prefix in the part's file, Forge's folder for it)
+PARTS = {"unet": ("model.diffusion_model.", "model.diffusion_model.", "Stable-diffusion"),
+         "vae": ("first_stage_model.", "", "VAE"),
+         "text_encoder": ("cond_stage_model.transformer.", "", "text_encoder")}
+
+
+def split(fixture: ModelFixture, directory: Path) -> dict[str, Path]:
+    """The fixture's checkpoint as three files, each in the layout Forge reads from its folder (the UNet keeps its
+    prefix; the VAE and the HF-named CLIP-L lose theirs), built once beside the other fixtures."""
+    paths = {part: directory / f"{fixture.model_name}_{part}.safetensors" for part in PARTS}
+    stamp, made = str(fixture.checkpoint.stat().st_mtime_ns), directory / "derived_from"
+    if made.is_file() and made.read_text() == stamp and all(p.is_file() for p in paths.values()):
+        return paths
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(fixture.checkpoint))
+    directory.mkdir(parents=True, exist_ok=True)
+    for part, (old, new, _) in PARTS.items():
+        tensors = {new + k[len(old):]: v for k, v in state.items() if k.startswith(old)}
+        assert len(tensors) > 16, f"the fixture has no {part} under {old}"
+        save_file(tensors, str(paths[part]))
+    made.write_text(stamp)
+    return paths
+
+
+class SplitForgeServer(ForgeServer):
+    """A Forge whose folders hold the split checkpoint's parts beside the fixtures."""
+
+    parts: dict[str, Path]
+
+    def _prepare_data_dir(self) -> None:
+        super()._prepare_data_dir()
+        assert self.data_dir is not None
+        for part, path in self.parts.items():
+            folder = self.data_dir / "models" / PARTS[part][2]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / path.name).symlink_to(path)
+
+
+@pytest.fixture(scope="module")
+def forge() -> Iterator[tuple[WebUIClient, ModelFixture, dict[str, Path]]]:
+    install = ForgeInstall.from_env()
+    if install is None:
+        pytest.skip("set DELTA_E2E_FORGE to a Forge 2 install to run these end-to-end tests")
+    problems = install.problems()
+    if problems:
+        pytest.fail("DELTA_E2E_FORGE is set but unusable:\n" + "\n".join(problems), pytrace=False)
+    try:
+        fixtures = forge_fixtures(install, MODELS)
+    except LookupError as e:
+        pytest.skip(str(e))
+    parts = split(fixtures["sd15"], fixtures_dir(install) / "forge-sd15-split")
+    server = SplitForgeServer(install, ServerConfig(extension=True, models=MODELS), fixtures)
+    server.parts = parts
+    with server:
+        assert server.client is not None
+        server.client.set_model(fixtures["sd15"].model_name)
+        yield server.client, fixtures["sd15"], parts
+
+
+def delta(source: str, lora: str) -> dict:
+    return {"alwayson_scripts": {"Delta Sampling": {"args": [dict(enabled=True, source=source, loras=lora)]}}}
+
+
+def test_without_modules_chosen_the_source_is_refused_with_the_way_out(forge):
+    client, sd15, parts = forge
+    plain = client.txt2img(PROMPT)
+    with pytest.raises(requests.HTTPError) as err:
+        client.txt2img(PROMPT, **delta(parts["unet"].stem, f"<lora:{sd15.lora()}:1>"))
+    detail = err.value.response.json()["detail"]
+    assert err.value.response.status_code == 422, detail
+    assert f"'{parts['unet'].name}' holds the diffusion model alone" in detail and "'VAE / Text Encoder'" in detail
+    assert client.txt2img(PROMPT).image == plain.image
+
+
+def test_with_modules_chosen_it_is_the_source_and_matches_forges_own_lora(forge, record_property):
+    client, sd15, parts = forge
+    client.set_options(forge_additional_modules=[str(parts["vae"]), str(parts["text_encoder"])])
+    try:
+        chosen = [Path(m).name for m in client.options()["forge_additional_modules"]]
+        assert chosen == [parts["vae"].name, parts["text_encoder"].name], chosen
+        lora = f"<lora:{sd15.lora()}:1>"
+        plain = client.txt2img(PROMPT)
+        own = client.txt2img(f"{PROMPT} {lora}")
+        got = client.txt2img(PROMPT, **delta(parts["unet"].stem, lora))
+        moved, db = psnr(own.image, plain.image), psnr(got.image, own.image)
+        record_property("psnr_lora_moves_db", round(moved, 2))
+        record_property("psnr_delta_vs_forge_lora_db", round(db, 2))
+        print(f"PSNR(plain, Forge's own LoRA) = {moved:.2f} dB; PSNR(delta from the UNet alone, Forge's own LoRA) = "
+              f"{db:.2f} dB")
+        assert moved < CLOSE_DB, "the LoRA must move the image for this to mean anything"
+        assert db > CLOSE_DB
+        assert got.param("Delta source") == parts["unet"].stem
+        assert client.txt2img(PROMPT).image == plain.image
+    finally:
+        client.set_options(forge_additional_modules=[])
