@@ -10,6 +10,11 @@ is no graph/fold variant here; the probe's path counters must stay at zero.
   30 steps: wall time and peak VRAM for plain, Forge's own LoRA on the target, DS default, DS cond-only, DS window
   0-0.5 and base-first 0-0.25, interleaved; the target and the source both held on the GPU by Forge's memory manager
   during the DS steps; then 20 alternating DS/plain generations (RSS and VRAM growth <= 1 %).
+- ``forge-flux``: a full-size random-weight Flux.1-dev (``flux_fixture.py``, built on the machine: Forge loads no
+  smaller Flux) in the layout its users keep, the diffusion model alone with its VAE, CLIP-L and T5-XXL chosen in
+  'VAE / Text Encoder'; as its own source with its LoRA at λ = 1 against Forge's own ``<lora:L:1>``, 512 px, 8
+  Euler steps, CFG 1 with the distilled guidance 3.5 (Flux-dev's defaults): no non-finite step, PSNR recorded,
+  peak VRAM of plain, own LoRA and DS (two 12 B models), then plain again (Forge's own image).
 """
 
 from __future__ import annotations
@@ -17,10 +22,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
+import flux_fixture
+import harness
 from forge_harness import FORGE_ARGS, ForgeInstall, ForgeServer, forge_fixtures
 from gpu_e2e import (
+    HERE,
     IDENTICAL_ABOVE_DB,
     MIB,
     PROMPT,
@@ -168,4 +179,77 @@ def phase_forge_sdxl(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
         r.put("loaded_after_soak", c.get("/delta-gpu/resident")["now"])
 
 
-PHASES = {"forge-id": phase_forge_id, "forge-sdxl": phase_forge_sdxl}
+FLUX_REQUEST = {"width": 512, "height": 512, "steps": 8, "sampler_name": "Euler", "cfg_scale": 1.0,
+                "distilled_cfg_scale": 3.5}
+
+
+class FluxForgeServer(ProbedForgeServer):
+    """Forge with the Flux fixture's VAE and text encoders in its module folders."""
+
+    modules: dict[Path, str]  # file -> the models folder Forge lists it from
+
+    def _prepare_data_dir(self) -> None:
+        super()._prepare_data_dir()
+        assert self.data_dir is not None
+        for path, folder in self.modules.items():
+            (self.data_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "models" / folder / path.name).symlink_to(path)
+
+
+def flux(install: ForgeInstall) -> ModelFixture:
+    """The Flux fixture, built with Forge's python into the cache when missing (about 34 GB)."""
+    directory = install.cache / f"flux-v{flux_fixture.VERSION}"
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        started = time.monotonic()
+        subprocess.run([str(install.python), str(HERE / "flux_fixture.py"), "--forge", str(install.root),
+                        "--out", str(directory)], check=True, timeout=1200, env=harness._server_env(install),
+                       cwd=install.root)
+        print(f"  Flux fixture built in {time.monotonic() - started:.0f}s", flush=True)
+    return ModelFixture("flux", directory, json.loads(manifest.read_text()))
+
+
+def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixture], a: argparse.Namespace) -> None:
+    r.begin("forge-flux")
+    if a.device != "gpu":
+        r.check("forge-flux: a full-size Flux needs the GPU machine", False, "run it with --device gpu")
+        return
+    model = flux(install)
+    r.put("fixture", model.manifest)
+    FluxForgeServer.modules = {model.directory / name: folder for name, folder in model.manifest["modules"].items()}
+    with server(install, {**fx, "flux": model}, ("flux",), r.out / "server-forge-flux.log", kind=FluxForgeServer) as s:
+        c = s.client
+        assert c is not None
+        c.set_options(forge_additional_modules=[str(path) for path in FluxForgeServer.modules])
+        c.set_model(model.model_name)
+        c.post("/delta-gpu/nan?on=1")
+        plain, plain_mem = measured(c, PROMPT, **FLUX_REQUEST)
+        own, own_mem = measured(c, f"{PROMPT} <lora:{model.lora()}:1>", **FLUX_REQUEST)
+        ds, ds_mem = measured(c, PROMPT, **FLUX_REQUEST, **scripts(delta(model)))
+        after = c.txt2img(PROMPT, **FLUX_REQUEST)
+        nan = c.get("/delta-gpu/nan")
+        c.post("/delta-gpu/nan?on=0")
+        row = {
+            "psnr_own_vs_plain": psnr(own.image, plain.image), "psnr_ds_vs_own": psnr(ds.image, own.image),
+            "seconds": {"plain": plain.seconds, "own": own.seconds, "ds": ds.seconds},
+            "peak_allocated": {"plain": plain_mem.get("max_allocated"), "own": own_mem.get("max_allocated"),
+                               "ds": ds_mem.get("max_allocated")},
+            "nan": nan, "infotext": ds.infotext.splitlines()[-1], "log": s.log_tail(1 << 16).splitlines()[-40:],
+        }
+        r.put("512px", row)
+        r.check("no non-finite step (plain, own LoRA, DS, plain)", nan["bad_steps"] == 0 and nan["steps"] > 0,
+                f"{nan['bad_steps']} of {nan['steps']} steps")
+        r.check("no flat image", not any(flat(g.image) for g in (plain, own, ds, after)))
+        r.check(f"the LoRA moves the image (own vs plain < {IDENTICAL_ABOVE_DB} dB)",
+                row["psnr_own_vs_plain"] < IDENTICAL_ABOVE_DB, f"{db(row['psnr_own_vs_plain'])} dB")
+        r.check(f"DS (the diffusion model alone as the source) equals Forge's own <lora:L:1> (> "
+                f"{IDENTICAL_ABOVE_DB} dB)", row["psnr_ds_vs_own"] > IDENTICAL_ABOVE_DB,
+                f"{db(row['psnr_ds_vs_own'])} dB")
+        r.check("plain after DS is Forge's own image (same pixels)", psnr(after.image, plain.image) == float("inf"),
+                f"{db(psnr(after.image, plain.image))} dB")
+        peaks = " / ".join(f"{(v or 0) / 2**30:.1f}" for v in row["peak_allocated"].values())
+        print(f"  Flux 512px: own vs plain {db(row['psnr_own_vs_plain'])}, DS vs own {db(row['psnr_ds_vs_own'])} dB; "
+              f"peak allocated plain / own / DS {peaks} GiB", flush=True)
+
+
+PHASES = {"forge-id": phase_forge_id, "forge-sdxl": phase_forge_sdxl, "forge-flux": phase_forge_flux}

@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phases", default="sd15,sdxl,medvram")
     p.add_argument("--host", choices=("a1111", "forge"), default="a1111",
-                   help="forge: Forge 2 (DELTA_E2E_FORGE, DELTA_E2E_FORGE_PYTHON), phases forge-id, forge-sdxl")
+                   help="forge: Forge 2 (DELTA_E2E_FORGE, DELTA_E2E_FORGE_PYTHON), phases forge-id, forge-sdxl, "
+                        "forge-flux")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("DELTA_GPU_OUT", "gpu-e2e-out")))
     p.add_argument("--sizes", default=None, help="sd15 identity sizes, px (gpu: 512,1024; cpu: 64)")

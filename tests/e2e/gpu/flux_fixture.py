@@ -1,0 +1,144 @@
+"""A full-size random-weight Flux.1-dev as Forge 2 loads it, in the layout Flux users keep: the diffusion model alone
+(for models/Stable-diffusion), its VAE (models/VAE), CLIP-L and T5-XXL (models/text_encoder), and a rank-4 kohya
+LoRA over the attention and first MLP layers of every block. Forge sizes every Flux at 19 double and 38 single
+blocks of width 3072 whatever the file holds (huggingface_guess/detection.py, the Flux branch), so nothing smaller
+loads: 11.9 B + 4.8 B parameters, 34 GB on disk. The names and shapes come from Forge's own classes on the meta
+device, so the files are what its loader reads; the values are drawn on the GPU, block by block.
+
+    python flux_fixture.py --forge FORGE_ROOT --out DIR [--device cuda]
+
+Run with Forge's python (its backend and transformers); writes DIR/manifest.json last, so a cut build is rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VERSION = 1
+SEED = 1206
+# huggingface_guess/detection.py, the Flux branch with guidance_in: Flux.1-dev, the layout Forge builds
+FLUX_DEV = dict(in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24,
+                depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True,
+                guidance_embed=True)
+REPO = "backend/huggingface/black-forest-labs/FLUX.1-dev"
+FILES = {"checkpoint": "delta_e2e_flux_dit.safetensors", "vae": "delta_e2e_flux_ae.safetensors",
+         "clip_l": "delta_e2e_flux_clip_l.safetensors", "t5xxl": "delta_e2e_flux_t5xxl_fp16.safetensors"}
+FOLDERS = {"checkpoint": "Stable-diffusion", "vae": "VAE", "clip_l": "text_encoder", "t5xxl": "text_encoder"}
+DTYPES = {"checkpoint": torch.bfloat16, "vae": torch.float32, "clip_l": torch.float16, "t5xxl": torch.float16}
+LORA = "delta_e2e_flux_lora"
+LORA_RANK = 4
+LORA_UP_STD = 0.1  # each adapted layer moves by about a fifth of its output (2 · 0.1 over 1 from the base weight)
+LORA_LAYERS = ("img_attn.qkv", "txt_attn.qkv", "linear1")  # of each double block (the two) and single block
+
+
+def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
+    """Each file's tensor names and shapes, from Forge's classes built on the meta device (no memory)."""
+    sys.argv = [*sys.argv[:1], "--always-cpu"]  # Forge's backend reads its flags on import
+    for p in (root, root / "packages_3rdparty", root / "repositories" / "huggingface_guess"):
+        sys.path.insert(0, str(p))
+    os.chdir(root)  # the configs are read relative to Forge's root
+    from backend.nn.clip import IntegratedCLIP
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.nn.t5 import IntegratedT5
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.utils import read_arbitrary_config
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        dit = IntegratedFluxTransformer2DModel(**FLUX_DEV)
+        t5 = IntegratedT5(read_arbitrary_config(f"{REPO}/text_encoder_2"))
+        clip = IntegratedCLIP(CLIPTextModel, CLIPTextConfig.from_pretrained(f"{REPO}/text_encoder"))
+        vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(f"{REPO}/vae"))
+
+    def bare(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Size]:
+        # the layout of a file of Forge's VAE / Text Encoder box: T5 and CLIP without their wrapper's prefix
+        # (backend/loader.py replace_state_dict), no logit scale or position ids
+        return {k[len(prefix):]: v.shape for k, v in module.state_dict().items()
+                if k.startswith(prefix) and not k.endswith(("logit_scale", "position_ids", "text_projection.weight"))}
+
+    return {"checkpoint": bare(dit), "vae": bare(vae), "clip_l": bare(clip, "transformer."),
+            "t5xxl": bare(t5, "transformer.")}
+
+
+def draw(name: str, shape: torch.Size, gen: torch.Generator, device: str) -> torch.Tensor:
+    """Values that keep each layer's output at about its input's scale: weights N(0, 1/fan_in), embeddings
+    N(0, 0.02²), norm scales 1, biases 0."""
+    if name.endswith("bias"):
+        return torch.zeros(shape, device=device)
+    if len(shape) == 1 or name.endswith("scale"):
+        return torch.ones(shape, device=device)
+    if "embedding" in name or name == "shared.weight":
+        return torch.randn(shape, generator=gen, device=device) * 0.02
+    fan_in = int(torch.Size(shape[1:]).numel())
+    return torch.randn(shape, generator=gen, device=device) * fan_in ** -0.5
+
+
+def write_file(path: Path, layout: dict[str, torch.Size], dtype: torch.dtype, gen: torch.Generator,
+               device: str) -> int:
+    from safetensors.torch import save_file
+
+    state = {k: draw(k, s, gen, device).to(dtype).cpu() for k, s in layout.items()}
+    save_file(state, str(path), metadata={"delta_e2e_model": path.stem, "delta_e2e_fixture": str(VERSION)})
+    return sum(t.numel() for t in state.values())
+
+
+def lora_targets(layout: dict[str, torch.Size]) -> dict[str, torch.Size]:
+    return {k[:-len(".weight")]: s for k, s in layout.items()
+            if k.endswith(".weight") and k.startswith(("double_blocks.", "single_blocks."))
+            and k[:-len(".weight")].endswith(LORA_LAYERS)}
+
+
+def write_lora(path: Path, targets: dict[str, torch.Size], gen: torch.Generator, device: str) -> None:
+    """Kohya names (``lora_unet_double_blocks_0_img_attn_qkv``), which both Forge's LoRA loader and the extension's
+    map onto Forge's Flux modules."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for module, (out, inp) in targets.items():
+        key = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(LORA_RANK, inp, generator=gen, device=device) * inp ** -0.5
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out, LORA_RANK, generator=gen, device=device) * LORA_UP_STD
+        tensors[f"{key}.alpha"] = torch.tensor(float(LORA_RANK))
+    save_file({k: v.to(torch.float16).cpu() for k, v in tensors.items()}, str(path),
+              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "flux1"})
+
+
+def build(root: Path, out: Path, device: str) -> dict:
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    layouts = forge_layouts(root)
+    gen = torch.Generator(device).manual_seed(SEED)
+    counts = {}
+    for part, layout in layouts.items():
+        counts[part] = write_file(out / FILES[part], layout, DTYPES[part], gen, device)
+        print(f"  {FILES[part]}: {counts[part] / 1e9:.2f} B parameters, {time.monotonic() - started:.0f}s", flush=True)
+    targets = lora_targets(layouts["checkpoint"])
+    write_lora(out / f"{LORA}.safetensors", targets, gen, device)
+    manifest = {"fixture_version": VERSION, "model": "flux", "seed": SEED, "files": {"checkpoint": FILES["checkpoint"]},
+                "modules": {FILES[p]: FOLDERS[p] for p in ("vae", "clip_l", "t5xxl")}, "loras": {"lora": LORA},
+                "lora_rank": LORA_RANK, "lora_modules": len(targets), "parameters": counts,
+                "seconds": round(time.monotonic() - started, 1)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--forge", type=Path, required=True, help="the Forge 2 install (its root)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    print(json.dumps(build(a.forge.resolve(), a.out.resolve(), a.device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
