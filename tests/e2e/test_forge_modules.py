@@ -1,4 +1,5 @@
-"""A source checkpoint of the diffusion model alone in a real Forge 2 (see forge_harness.py for the variables).
+"""A source checkpoint of the diffusion model alone in a real Forge 2 and Forge Neo (see forge_harness.py and
+neo_harness.py for the variables).
 
 Flux and Chroma files, GGUF files and Forge Neo's newer families often hold the diffusion model alone; Forge builds
 such a model with the text encoders and VAE chosen in 'VAE / Text Encoder', and so does Delta Sampling for its
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from forge_harness import ForgeInstall, ForgeServer, fixtures_dir, forge_fixtures
+from forge_harness import ForgeInstall, ForgeServer, ForgeServerPool, fixtures_dir, serve
 from harness import ModelFixture, ServerConfig, WebUIClient, psnr
+from neo_harness import NeoInstall, NeoServerPool
 
 PROMPT = "a photo of a cat sitting on a red chair"
 MODELS = ("sd15",)
@@ -62,25 +64,27 @@ class SplitForgeServer(ForgeServer):
             (folder / path.name).symlink_to(path)
 
 
-@pytest.fixture(scope="module")
-def forge() -> Iterator[tuple[WebUIClient, ModelFixture, dict[str, Path]]]:
-    install = ForgeInstall.from_env()
-    if install is None:
-        pytest.skip("set DELTA_E2E_FORGE to a Forge 2 install to run these end-to-end tests")
-    problems = install.problems()
-    if problems:
-        pytest.fail("DELTA_E2E_FORGE is set but unusable:\n" + "\n".join(problems), pytrace=False)
+# host -> its install, its pool (the fixtures as it reads them), the variable that names it and what that must be
+HOSTS = {"forge": (ForgeInstall, ForgeServerPool, "DELTA_E2E_FORGE", "a Forge 2 install"),
+         "neo": (NeoInstall, NeoServerPool, "DELTA_E2E_NEO", "a Forge Neo WebUI folder")}
+
+
+@pytest.fixture(scope="module", params=list(HOSTS))
+def forge(request) -> Iterator[tuple[WebUIClient, ModelFixture, dict[str, Path]]]:
+    kind, pool_class, variable, what = HOSTS[request.param]
+    pools = serve(kind.from_env(), pool_class, MODELS, variable, what)  # the skips and failures of every module
+    pool = next(pools)
     try:
-        fixtures = forge_fixtures(install, MODELS)
-    except LookupError as e:
-        pytest.skip(str(e))
-    parts = split(fixtures["sd15"], fixtures_dir(install) / "forge-sd15-split")
-    server = SplitForgeServer(install, ServerConfig(extension=True, models=MODELS), fixtures)
-    server.parts = parts
-    with server:
-        assert server.client is not None
-        server.client.set_model(fixtures["sd15"].model_name)
-        yield server.client, fixtures["sd15"], parts
+        fixtures = pool.fixtures(MODELS)
+        parts = split(fixtures["sd15"], fixtures_dir(pool.install) / "forge-sd15-split")
+        server = SplitForgeServer(pool.install, ServerConfig(extension=True, models=MODELS), fixtures)
+        server.parts = parts
+        with server:
+            assert server.client is not None
+            server.client.set_model(fixtures["sd15"].model_name)
+            yield server.client, fixtures["sd15"], parts
+    finally:
+        pools.close()
 
 
 def delta(source: str, lora: str) -> dict:
@@ -102,8 +106,8 @@ def test_with_modules_chosen_it_is_the_source_and_matches_forges_own_lora(forge,
     client, sd15, parts = forge
     client.set_options(forge_additional_modules=[str(parts["vae"]), str(parts["text_encoder"])])
     try:
-        chosen = [Path(m).name for m in client.options()["forge_additional_modules"]]
-        assert chosen == [parts["vae"].name, parts["text_encoder"].name], chosen
+        chosen = sorted(Path(m).name for m in client.options()["forge_additional_modules"])  # Neo sorts them
+        assert chosen == sorted([parts["vae"].name, parts["text_encoder"].name]), chosen
         lora = f"<lora:{sd15.lora()}:1>"
         plain = client.txt2img(PROMPT)
         own = client.txt2img(f"{PROMPT} {lora}")
