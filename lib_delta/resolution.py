@@ -184,5 +184,17 @@ def source_grid(resolution: str, target_hw: tuple[int, int], side_px: int | None
     return None if hw == tuple(target_hw) else SourceGrid(tuple(target_hw), hw, method)
 
 
+def source_pixels(resolution: str, size_px: tuple[int, int], side_px: int | None) -> tuple[int, int]:
+    """The image (width, height) the source runs at: its native area where :func:`source_grid` resizes, else the
+    image's own. What its size conditioning must say (SDXL's original and target size): the source is asked for
+    the image it draws, not the one the target draws."""
+    w, h = size_px
+    grid = source_grid(resolution, (h // LATENT_FACTOR, w // LATENT_FACTOR), side_px)
+    if grid is None:
+        return w, h
+    nh, nw = grid.source_hw
+    return nw * LATENT_FACTOR, nh * LATENT_FACTOR
+
+
 __all__ = ["METHOD", "METHODS", "NATIVE_SIDE", "SourceGrid", "down", "native_side", "native_size",
-           "noise_variance", "source_grid", "up"]
+           "noise_variance", "source_grid", "source_pixels", "up"]

@@ -662,6 +662,26 @@ def test_a_native_source_runs_at_its_own_size_and_changes_the_image(ui, monkeypa
                        images(ui.txt2img(settings, **small)))
 
 
+def test_a_native_sdxl_source_is_conditioned_on_the_size_it_runs_at(ui, monkeypatch):
+    """SDXL's size conditioning (original and target size) says the size the source runs at: its own area behind
+    a larger image, the image's where it runs at the image's grid."""
+    from lib_delta import resolution
+    from lib_delta.hosts.a1111 import conds
+
+    monkeypatch.setitem(resolution.NATIVE_SIDE, "SDXL", 64)
+    seen, real = [], conds.encode
+    monkeypatch.setattr(conds, "encode", lambda model, ps: (seen.append((ps.width, ps.height)), real(model, ps))[1])
+    ui.load("xl")
+    big = {**BASE, "width": 128, "height": 96}
+    settings = delta(source="xl", adapted_prompt="in the snow")
+    ui.txt2img(settings, **big)
+    assert set(seen) == {(128, 96)}
+    seen.clear()
+    native = images(ui.txt2img({**settings, "source_resolution": "native"}, **big))
+    assert set(seen) == {(64, 64)}, "where it runs: 64² in area on the latent grid (8 cells each way)"
+    assert torch.isfinite(native).all()
+
+
 def test_a_native_source_in_hires_fix_and_beside_the_target(ui, monkeypatch):
     """The hires pass (192 px) runs the source at its 64 px too; a source on another GPU is started before the
     target's forward where its point needs no prediction of the target's, and the images are the sequential ones."""

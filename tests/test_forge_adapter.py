@@ -318,6 +318,27 @@ def test_a_near_miss_is_refused_with_the_closest_listed_names(forge, what, name)
     assert forge_models.cached() == []
 
 
+def test_a_native_sdxl_source_is_conditioned_on_the_size_it_runs_at(forge, monkeypatch):
+    """SDXL's size conditioning says the size the source runs at: its own area behind a larger image."""
+    from lib_delta import resolution
+
+    monkeypatch.setitem(resolution.NATIVE_SIDE, "SDXL", 64)
+    xl = forge.checkpoint("xl", family="sdxl", seed=5)
+    target = forge.load(xl)
+    seen, real = [], backend.Engine.get_learned_conditioning
+    monkeypatch.setattr(backend.Engine, "get_learned_conditioning",
+                        lambda self, prompts: (seen.append((self is target, prompts.width, prompts.height)),
+                                               real(self, prompts))[1])
+    big = {"width": 128, "height": 96}
+    forge.run(target, xl, {"adapted_prompt": ADAPTED}, **big)
+    assert {s for s in seen if not s[0]} == {(False, 128, 96)}
+    seen.clear()
+    native = forge.run(target, xl, {"adapted_prompt": ADAPTED, "source_resolution": "native"}, **big)
+    assert {s for s in seen if not s[0]} == {(False, 64, 64)}, "where it runs: 64² in area on the latent grid"
+    assert {s for s in seen if s[0]} == {(True, 128, 96)}, "the target's own stays the image's"
+    assert torch.isfinite(native).all()
+
+
 def test_a_native_source_runs_at_its_own_size_and_changes_the_image(forge, monkeypatch):
     """The tiny SD1 source's training size taken as 64 px: a 128 px SDXL request runs it at 64 px (8×8 latent
     cells) and upsamples its delta; at 64 px "native" is today's computation bit for bit."""

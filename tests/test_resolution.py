@@ -18,6 +18,7 @@ from lib_delta.resolution import (
     native_size,
     noise_variance,
     source_grid,
+    source_pixels,
 )
 from lib_delta.schedule import ProgressClock
 from lib_delta.spaces import SD1, SDXL, ModelSpace, SpaceBridge, VPSchedule, vp_to_ve
@@ -91,6 +92,17 @@ def test_a_target_at_or_below_the_source_area_is_kept():
     assert source_grid("native", (64, 64), 512) is None
     assert source_grid("target", (128, 128), 512) is None
     assert source_grid("native", (128, 128), None) is None  # a family of unknown size
+
+
+def test_the_source_is_conditioned_on_the_size_it_runs_at():
+    """An SDXL source's size conditioning: 1152×896 px for a 2048×1536 image (its native area, the image's aspect on
+    the latent grid), the image's own size where it runs at the image's grid."""
+    assert source_pixels("native", (2048, 1536), 1024) == (1152, 896)  # (width, height)
+    assert native_size((192, 256), 1024) == (112, 144)  # the same in latent cells, (height, width)
+    assert source_pixels("native", (1536, 1024), 1024) == (1280, 832)
+    assert source_pixels("native", (1024, 1024), 1024) == (1024, 1024)  # at its own size: unchanged
+    assert source_pixels("target", (2048, 1536), 1024) == (2048, 1536)
+    assert source_pixels("native", (2048, 1536), None) == (2048, 1536)  # a family of unknown size
 
 
 def test_native_sides_of_the_families():

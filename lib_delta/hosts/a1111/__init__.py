@@ -424,7 +424,8 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
     if any(not ps.runs_on(target) for ps in run.passes[:1]):  # a hires checkpoint took over
         _check_target(target)
         _check_pair(run.source.model, target, "source")
-    ps_prompts = conds_mod.prompts_for_pass(p)
+    native_px = native_side(run.source.latent.name, getattr(run.source.model, "parameterization", "") == "v")
+    ps_prompts = conds_mod.at_source_size(conds_mod.prompts_for_pass(p), run.settings.source_resolution, native_px)
     variants = _variants(run, ps_prompts)
     for m in {id(v.model): v.model for v in variants}.values():
         if id(m) not in run.wrappers:  # kept for the run: a CUDA graph recorded with a wrapper is replayed with it
@@ -439,9 +440,7 @@ def _arm(p: Any, run: Run, sampler: Any) -> None:
                                  concurrent=source_mod.runs_beside(run.device), controls=run.controls or None,
                                  images=run.images or None)
     convention = "flow" if getattr(run.source.model, "is_sd3", False) else "ve"
-    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max,
-                       native_px=native_side(run.source.latent.name,
-                                             getattr(run.source.model, "parameterization", "") == "v"))
+    space = ModelSpace(run.source.latent, convention, "x0", sigma_max=run.source.sigma_max, native_px=native_px)
     label = "hires" if getattr(p, "is_hr_pass", False) else "first"
     ps = step_mod.Pass(run.settings, sampler, target, source, space, label)
     ps.arm(on_failure=SLOT.close)

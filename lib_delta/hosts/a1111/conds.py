@@ -8,12 +8,14 @@ rows are rebuilt with ``reconstruct_*`` at the denoiser's own call counter, exac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ...resolution import source_pixels
 from ..common.prompts import append_to_prompt
 
 
@@ -50,6 +52,13 @@ class SourceConds:
         conds_list, cond = prompt_parser.reconstruct_multicond_batch(self.c, step)
         uncond = prompt_parser.reconstruct_cond_batch(self.uc, step)
         return conds_list, cond, uncond
+
+
+def at_source_size(ps: PromptSet, resolution: str, native_px: int | None) -> PromptSet:
+    """The pass's prompts at the size the source runs at (``source_resolution: native`` behind a larger image):
+    an SDXL source's size conditioning then says its own size, not the image's."""
+    width, height = source_pixels(resolution, (ps.width, ps.height), native_px)
+    return ps if (width, height) == (ps.width, ps.height) else dataclasses.replace(ps, width=width, height=height)
 
 
 def prompts_for_pass(p: Any) -> PromptSet:

@@ -197,7 +197,7 @@ class ForgeRun:
             self._count_beside()
             bridge = self._bridge(target)
             levels = sampling_levels(p)
-            self.source.encode(p)
+            self.source.encode(p, self.settings.source_resolution)
             self.source.begin_pass(p)
             self.guidance = DeltaGuidance(self.settings, bridge, self.source,
                                           ProgressClock(levels, log_space=bridge.target.convention == "ve"),

@@ -31,6 +31,7 @@ from torch import Tensor
 from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...lora import DeltaPatch, LoraUse, build_patch
+from ...resolution import native_side, source_pixels
 from ..common import credits as credits_mod
 from ..common.prompts import append_to_prompt
 from . import control as control_mod
@@ -130,14 +131,18 @@ class ForgeSource:
 
     # -- before sampling -----------------------------------------------------------------------------------------
 
-    def encode(self, p: Any) -> None:
-        """Text conditioning of every variant for the pass about to run, as ``p.setup_conds`` builds the target's."""
+    def encode(self, p: Any, resolution: str = "target") -> None:
+        """Text conditioning of every variant for the pass about to run, as ``p.setup_conds`` builds the target's,
+        at the size the source runs at (``resolution``: the setting ``source_resolution``)."""
         from modules import devices, prompt_parser, shared
 
         hr = bool(getattr(p, "is_hr_pass", False))
         prompts = list(p.hr_prompts if hr else p.prompts)
         negatives = list(p.hr_negative_prompts if hr else p.negative_prompts)
-        width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr else (p.width, p.height)
+        size = (int(p.hr_upscale_to_x), int(p.hr_upscale_to_y)) if hr else (int(p.width), int(p.height))
+        base = self.base
+        width, height = source_pixels(resolution, size, native_side(base.latent.name,
+                                                                    forge_models.v_prediction(base.engine)))
         distilled = getattr(p, "hr_distilled_cfg" if hr else "distilled_cfg_scale", None)
         steps, hires_steps = _schedule_steps(p, hr)
         scheduling = _scheduling_args(prompt_parser, shared.opts)
