@@ -86,7 +86,8 @@ def test_hires_fix_hook_called_twice_per_pass_applies_the_delta_once(forge, monk
         options = p.sd_model.forge_objects.unet.model_options
         hooks.append((len(options["sampler_post_cfg_function"]), len(options["conditioning_modifiers"])))
 
-    monkeypatch.setattr(ForgeSource, "encode", lambda self, p: (encodes.append(p.is_hr_pass), real_encode(self, p)))
+    monkeypatch.setattr(ForgeSource, "encode",
+                        lambda self, p, *a: (encodes.append(p.is_hr_pass), real_encode(self, p, *a)))
     monkeypatch.setattr(forge.adapter.ForgeRun, "arm", arm)
     hr = {"enable_hr": True, "hr_second_pass_steps": 3, "denoising_strength": 0.6}
     got = forge.run(target, base, {"adapted_prompt": ADAPTED}, **hr)
