@@ -189,11 +189,11 @@ def source_pixels(resolution: str, size_px: tuple[int, int], side_px: int | None
     image's own. What its size conditioning must say (SDXL's original and target size): the source is asked for
     the image it draws, not the one the target draws."""
     w, h = size_px
-    grid = source_grid(resolution, (h // LATENT_FACTOR, w // LATENT_FACTOR), side_px)
-    if grid is None:
+    if resolution != "native" or side_px is None:
         return w, h
-    nh, nw = grid.source_hw
-    return nw * LATENT_FACTOR, nh * LATENT_FACTOR
+    hw = (h // LATENT_FACTOR, w // LATENT_FACTOR)
+    nh, nw = native_size(hw, side_px)
+    return (w, h) if (nh, nw) == hw else (nw * LATENT_FACTOR, nh * LATENT_FACTOR)
 
 
 __all__ = ["METHOD", "METHODS", "NATIVE_SIDE", "SourceGrid", "down", "native_side", "native_size",

@@ -30,7 +30,6 @@ from typing import Any
 from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...guidance import CfgLayout, DeltaGuidance
-from ...resolution import native_side
 from ...schedule import ProgressClock
 from ...spaces import ModelSpace, SpaceBridge, check_latent_compatible
 from .. import is_neo
@@ -249,7 +248,7 @@ class ForgeRun:
                       "the unscaled latent, an approximation.")
             self.p.extra_generation_params["Delta latent conversion"] = "; ".join(self.notes)
         return SpaceBridge(ModelSpace(src, forge_models.convention(source), sigma_max=forge_models.sigma_max(source),
-                                      native_px=native_side(src.name, forge_models.v_prediction(source))),
+                                      native_px=self.source.base.native_px),
                            ModelSpace(tgt, forge_models.convention(target)))
 
     def _call_modifier(self):

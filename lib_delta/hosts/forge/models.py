@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ...errors import DeltaError
+from ...resolution import native_side
 from ...spaces import FLUX, SD1, SD2, SD3, SDXL, LatentFormat, check_latent_compatible
 from .. import is_neo
 from ..common import names as listed
@@ -169,6 +170,11 @@ class PrivateEngine:
     @property
     def unet(self) -> Any:
         return self.engine.forge_objects.unet
+
+    @property
+    def native_px(self) -> int | None:
+        """The side (px) of the area its family was trained at (``source_resolution: native``)."""
+        return native_side(self.latent.name, v_prediction(self.engine))
 
     def patchers(self) -> list[Any]:
         objects = self.engine.forge_objects

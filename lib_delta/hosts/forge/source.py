@@ -31,7 +31,7 @@ from torch import Tensor
 from ...args import DeltaSettings
 from ...errors import DeltaError
 from ...lora import DeltaPatch, LoraUse, build_patch
-from ...resolution import native_side, source_pixels
+from ...resolution import source_pixels
 from ..common import credits as credits_mod
 from ..common.prompts import append_to_prompt
 from . import control as control_mod
@@ -131,7 +131,7 @@ class ForgeSource:
 
     # -- before sampling -----------------------------------------------------------------------------------------
 
-    def encode(self, p: Any, resolution: str = "target") -> None:
+    def encode(self, p: Any, resolution: str) -> None:
         """Text conditioning of every variant for the pass about to run, as ``p.setup_conds`` builds the target's,
         at the size the source runs at (``resolution``: the setting ``source_resolution``)."""
         from modules import devices, prompt_parser, shared
@@ -140,9 +140,7 @@ class ForgeSource:
         prompts = list(p.hr_prompts if hr else p.prompts)
         negatives = list(p.hr_negative_prompts if hr else p.negative_prompts)
         size = (int(p.hr_upscale_to_x), int(p.hr_upscale_to_y)) if hr else (int(p.width), int(p.height))
-        base = self.base
-        width, height = source_pixels(resolution, size, native_side(base.latent.name,
-                                                                    forge_models.v_prediction(base.engine)))
+        width, height = source_pixels(resolution, size, self.base.native_px)
         distilled = getattr(p, "hr_distilled_cfg" if hr else "distilled_cfg_scale", None)
         steps, hires_steps = _schedule_steps(p, hr)
         scheduling = _scheduling_args(prompt_parser, shared.opts)
