@@ -467,6 +467,9 @@ class ServerConfig:
     ui_config: tuple[tuple[str, Any], ...] = ()
     # CLIP-vision fixture keys, linked into the annotator folder's clip_vision/ (sd-webui-controlnet, A1111)
     clip_vision: tuple[str, ...] = ()
+    # (file, models folder): files linked into <data dir>/models/<folder>, e.g. the text encoders and VAE that
+    # Forge lists in 'VAE / Text Encoder' (models/text_encoder, models/VAE)
+    modules: tuple[tuple[str, str], ...] = ()
 
 
 class WebUIServer:
@@ -526,6 +529,9 @@ class WebUIServer:
             (ckpt_dir / f"{name}{checkpoint.suffix}").symlink_to(checkpoint)
             if checkpoint.with_suffix(".yaml").is_file():
                 (ckpt_dir / f"{name}.yaml").symlink_to(checkpoint.with_suffix(".yaml"))
+        for file, folder in self.config.modules:
+            (self.data_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "models" / folder / Path(file).name).symlink_to(file)
         if self.config.faults:
             (ext_dir / FAULT_EXTENSION.name).symlink_to(FAULT_EXTENSION, target_is_directory=True)
         if self.config.extension:

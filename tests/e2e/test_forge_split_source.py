@@ -50,20 +50,6 @@ def split(fixture: ModelFixture, directory: Path) -> dict[str, Path]:
     return paths
 
 
-class SplitForgeServer(ForgeServer):
-    """A Forge whose folders hold the split checkpoint's parts beside the fixtures."""
-
-    parts: dict[str, Path]
-
-    def _prepare_data_dir(self) -> None:
-        super()._prepare_data_dir()
-        assert self.data_dir is not None
-        for part, path in self.parts.items():
-            folder = self.data_dir / "models" / PARTS[part][2]
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / path.name).symlink_to(path)
-
-
 # host -> its install, its pool (the fixtures as it reads them), the variable that names it and what that must be
 HOSTS = {"forge": (ForgeInstall, ForgeServerPool, "DELTA_E2E_FORGE", "a Forge 2 install"),
          "neo": (NeoInstall, NeoServerPool, "DELTA_E2E_NEO", "a Forge Neo WebUI folder")}
@@ -77,8 +63,8 @@ def forge(request) -> Iterator[tuple[WebUIClient, ModelFixture, dict[str, Path]]
     try:
         fixtures = pool.fixtures(MODELS)
         parts = split(fixtures["sd15"], fixtures_dir(pool.install) / "forge-sd15-split")
-        server = SplitForgeServer(pool.install, ServerConfig(extension=True, models=MODELS), fixtures)
-        server.parts = parts
+        modules = tuple((str(parts[part]), PARTS[part][2]) for part in PARTS)
+        server = ForgeServer(pool.install, ServerConfig(extension=True, models=MODELS, modules=modules), fixtures)
         with server:
             assert server.client is not None
             server.client.set_model(fixtures["sd15"].model_name)

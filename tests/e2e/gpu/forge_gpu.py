@@ -24,7 +24,6 @@ import dataclasses
 import json
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import flux_fixture
@@ -183,19 +182,6 @@ FLUX_REQUEST = {"width": 512, "height": 512, "steps": 8, "sampler_name": "Euler"
                 "distilled_cfg_scale": 3.5}
 
 
-class FluxForgeServer(ProbedForgeServer):
-    """Forge with the Flux fixture's VAE and text encoders in its module folders."""
-
-    modules: dict[Path, str]  # file -> the models folder Forge lists it from
-
-    def _prepare_data_dir(self) -> None:
-        super()._prepare_data_dir()
-        assert self.data_dir is not None
-        for path, folder in self.modules.items():
-            (self.data_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
-            (self.data_dir / "models" / folder / path.name).symlink_to(path)
-
-
 def flux(install: ForgeInstall) -> ModelFixture:
     """The Flux fixture, built with Forge's python into the cache when missing (about 34 GB)."""
     directory = install.cache / f"flux-v{flux_fixture.VERSION}"
@@ -216,11 +202,12 @@ def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
         return
     model = flux(install)
     r.put("fixture", model.manifest)
-    FluxForgeServer.modules = {model.directory / name: folder for name, folder in model.manifest["modules"].items()}
-    with server(install, {**fx, "flux": model}, ("flux",), r.out / "server-forge-flux.log", kind=FluxForgeServer) as s:
+    modules = tuple((str(model.directory / name), folder) for name, folder in model.manifest["modules"].items())
+    with server(install, {**fx, "flux": model}, ("flux",), r.out / "server-forge-flux.log", kind=ProbedForgeServer,
+                modules=modules) as s:
         c = s.client
         assert c is not None
-        c.set_options(forge_additional_modules=[str(path) for path in FluxForgeServer.modules])
+        c.set_options(forge_additional_modules=[file for file, _ in modules])
         c.set_model(model.model_name)
         c.post("/delta-gpu/nan?on=1")
         plain, plain_mem = measured(c, PROMPT, **FLUX_REQUEST)

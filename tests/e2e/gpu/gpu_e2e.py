@@ -129,9 +129,10 @@ class ProbedServer(Probed, WebUIServer):
 
 @contextlib.contextmanager
 def server(install: Any, fixtures: dict[str, ModelFixture], models: tuple[str, ...], log_out: Path,
-           extra_args: tuple[str, ...] = (), twins: tuple = (), kind: type = ProbedServer):
+           extra_args: tuple[str, ...] = (), twins: tuple = (), kind: type = ProbedServer, modules: tuple = ()):
     started = time.monotonic()
-    s = kind(install, ServerConfig(models=models, extra_args=extra_args, twins=twins), fixtures, startup_timeout=900)
+    s = kind(install, ServerConfig(models=models, extra_args=extra_args, twins=twins, modules=modules), fixtures,
+             startup_timeout=900)
     s.log_out = log_out
     with s:
         assert s.client is not None
