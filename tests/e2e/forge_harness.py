@@ -144,6 +144,39 @@ def forge_sdxl(fixture: ModelFixture, directory: Path) -> ModelFixture:
     return ModelFixture(fixture.key, directory, manifest)
 
 
+# An SD1.5 checkpoint's parts as Flux users keep a Flux's: (prefix in the whole file, prefix in the part's file,
+# the models folder Forge lists it from). The UNet keeps its prefix; the VAE and the HF-named CLIP-L lose theirs.
+SPLIT_PARTS = {"unet": ("model.diffusion_model.", "model.diffusion_model.", "Stable-diffusion"),
+               "vae": ("first_stage_model.", "", "VAE"),
+               "text_encoder": ("cond_stage_model.transformer.", "", "text_encoder")}
+
+
+def forge_split(fixture: ModelFixture, directory: Path) -> ModelFixture:
+    """The fixture's checkpoint as three files, each in the layout Forge reads from its folder, its LoRAs beside
+    them (built once, beside the other fixtures): the diffusion model alone is the checkpoint, and the manifest's
+    ``modules`` (file -> folder) are what to choose in 'VAE / Text Encoder'."""
+    names = {part: f"{fixture.model_name}_{part}.safetensors" for part in SPLIT_PARTS}
+    manifest = {**fixture.manifest, "files": {"checkpoint": names["unet"]},
+                "modules": {names[part]: SPLIT_PARTS[part][2] for part in ("vae", "text_encoder")},
+                "derived_from": f"{fixture.checkpoint.name} {fixture.checkpoint.stat().st_mtime_ns}"}
+    cached = _read_fixture(directory, fixture.key, fixture.manifest["fixture_version"])
+    if cached is not None and cached.manifest.get("derived_from") == manifest["derived_from"]:
+        return cached
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(fixture.checkpoint))
+    directory.mkdir(parents=True, exist_ok=True)
+    for part, (old, new, _) in SPLIT_PARTS.items():
+        tensors = {new + k[len(old):]: v for k, v in state.items() if k.startswith(old)}
+        assert len(tensors) > 16, f"the fixture has no {part} under {old}"
+        save_file(tensors, str(directory / names[part]))
+    for lora in fixture.lora_files:
+        (directory / lora.name).unlink(missing_ok=True)
+        (directory / lora.name).symlink_to(lora)
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return ModelFixture(fixture.key, directory, manifest)
+
+
 # The file Forge's IP-Adapter preprocessor loads for each CLIP-vision fixture (forge_ipadapter.py: "CLIP-ViT-H
 # (IPAdapter)" reads models/ControlNetPreprocessor/CLIP-ViT-H-14.safetensors, and downloads it when it is missing).
 CLIP_VISION_FILES = {"clip_h": "CLIP-ViT-H-14.safetensors"}

@@ -18,57 +18,35 @@ from pathlib import Path
 
 import pytest
 import requests
-from forge_harness import ForgeInstall, ForgeServer, ForgeServerPool, fixtures_dir, serve
+from forge_harness import ForgeInstall, ForgeServer, ForgeServerPool, fixtures_dir, forge_split, serve
 from harness import ModelFixture, ServerConfig, WebUIClient, psnr
 from neo_harness import NeoInstall, NeoServerPool
 
 PROMPT = "a photo of a cat sitting on a red chair"
 MODELS = ("sd15",)
 CLOSE_DB = 35.0  # as in test_forge_api.py: the fixture LoRA moves the image by about 20 dB
-# the SD1.5 checkpoint's parts: (prefix in the whole file, prefix in the part's file, Forge's folder for it)
-PARTS = {"unet": ("model.diffusion_model.", "model.diffusion_model.", "Stable-diffusion"),
-         "vae": ("first_stage_model.", "", "VAE"),
-         "text_encoder": ("cond_stage_model.transformer.", "", "text_encoder")}
-
-
-def split(fixture: ModelFixture, directory: Path) -> dict[str, Path]:
-    """The fixture's checkpoint as three files, each in the layout Forge reads from its folder (the UNet keeps its
-    prefix; the VAE and the HF-named CLIP-L lose theirs), built once beside the other fixtures."""
-    paths = {part: directory / f"{fixture.model_name}_{part}.safetensors" for part in PARTS}
-    stamp, made = str(fixture.checkpoint.stat().st_mtime_ns), directory / "derived_from"
-    if made.is_file() and made.read_text() == stamp and all(p.is_file() for p in paths.values()):
-        return paths
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(fixture.checkpoint))
-    directory.mkdir(parents=True, exist_ok=True)
-    for part, (old, new, _) in PARTS.items():
-        tensors = {new + k[len(old):]: v for k, v in state.items() if k.startswith(old)}
-        assert len(tensors) > 16, f"the fixture has no {part} under {old}"
-        save_file(tensors, str(paths[part]))
-    made.write_text(stamp)
-    return paths
-
-
 # host -> its install, its pool (the fixtures as it reads them), the variable that names it and what that must be
 HOSTS = {"forge": (ForgeInstall, ForgeServerPool, "DELTA_E2E_FORGE", "a Forge 2 install"),
          "neo": (NeoInstall, NeoServerPool, "DELTA_E2E_NEO", "a Forge Neo WebUI folder")}
 
 
 @pytest.fixture(scope="module", params=list(HOSTS))
-def forge(request) -> Iterator[tuple[WebUIClient, ModelFixture, dict[str, Path]]]:
+def forge(request) -> Iterator[tuple[WebUIClient, ModelFixture, ModelFixture]]:
+    """The WebUI, the whole SD1.5 fixture (active) and its split twin (the source, its modules in their folders)."""
     kind, pool_class, variable, what = HOSTS[request.param]
     pools = serve(kind.from_env(), pool_class, MODELS, variable, what)  # the skips and failures of every module
     pool = next(pools)
     try:
-        fixtures = pool.fixtures(MODELS)
-        parts = split(fixtures["sd15"], fixtures_dir(pool.install) / "forge-sd15-split")
-        modules = tuple((str(parts[part]), PARTS[part][2]) for part in PARTS)
-        server = ForgeServer(pool.install, ServerConfig(extension=True, models=MODELS, modules=modules), fixtures)
-        with server:
+        sd15 = pool.fixtures(MODELS)["sd15"]
+        split = forge_split(sd15, fixtures_dir(pool.install) / "forge-sd15-split")
+        # the UNet alone beside the whole checkpoint, its VAE and CLIP-L in the module folders
+        files = {split.manifest["files"]["checkpoint"]: "Stable-diffusion", **split.manifest["modules"]}
+        modules = tuple((str(split.directory / name), folder) for name, folder in files.items())
+        with ForgeServer(pool.install, ServerConfig(extension=True, models=MODELS, modules=modules),
+                         pool.fixtures(MODELS)) as server:
             assert server.client is not None
-            server.client.set_model(fixtures["sd15"].model_name)
-            yield server.client, fixtures["sd15"], parts
+            server.client.set_model(sd15.model_name)
+            yield server.client, sd15, split
     finally:
         pools.close()
 
@@ -78,26 +56,26 @@ def delta(source: str, lora: str) -> dict:
 
 
 def test_without_modules_chosen_the_source_is_refused_with_the_way_out(forge):
-    client, sd15, parts = forge
+    client, sd15, split = forge
     plain = client.txt2img(PROMPT)
     with pytest.raises(requests.HTTPError) as err:
-        client.txt2img(PROMPT, **delta(parts["unet"].stem, f"<lora:{sd15.lora()}:1>"))
+        client.txt2img(PROMPT, **delta(split.model_name, f"<lora:{sd15.lora()}:1>"))
     detail = err.value.response.json()["detail"]
     assert err.value.response.status_code == 422, detail
-    assert f"'{parts['unet'].name}' holds the diffusion model alone" in detail and "'VAE / Text Encoder'" in detail
+    assert f"'{split.checkpoint.name}' holds the diffusion model alone" in detail and "'VAE / Text Encoder'" in detail
     assert client.txt2img(PROMPT).image == plain.image
 
 
 def test_with_modules_chosen_it_is_the_source_and_matches_forges_own_lora(forge, record_property):
-    client, sd15, parts = forge
-    client.set_options(forge_additional_modules=[str(parts["vae"]), str(parts["text_encoder"])])
+    client, sd15, split = forge
+    client.set_options(forge_additional_modules=[str(split.directory / name) for name in split.manifest["modules"]])
     try:
         chosen = sorted(Path(m).name for m in client.options()["forge_additional_modules"])  # Neo sorts them
-        assert chosen == sorted([parts["vae"].name, parts["text_encoder"].name]), chosen
+        assert chosen == sorted(split.manifest["modules"]), chosen
         lora = f"<lora:{sd15.lora()}:1>"
         plain = client.txt2img(PROMPT)
         own = client.txt2img(f"{PROMPT} {lora}")
-        got = client.txt2img(PROMPT, **delta(parts["unet"].stem, lora))
+        got = client.txt2img(PROMPT, **delta(split.model_name, lora))
         moved, db = psnr(own.image, plain.image), psnr(got.image, own.image)
         record_property("psnr_lora_moves_db", round(moved, 2))
         record_property("psnr_delta_vs_forge_lora_db", round(db, 2))
@@ -105,7 +83,7 @@ def test_with_modules_chosen_it_is_the_source_and_matches_forges_own_lora(forge,
               f"{db:.2f} dB")
         assert moved < CLOSE_DB, "the LoRA must move the image for this to mean anything"
         assert db > CLOSE_DB
-        assert got.param("Delta source") == parts["unet"].stem
+        assert got.param("Delta source") == split.model_name
         assert client.txt2img(PROMPT).image == plain.image
     finally:
         client.set_options(forge_additional_modules=[])

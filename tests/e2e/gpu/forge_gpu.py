@@ -14,7 +14,9 @@ is no graph/fold variant here; the probe's path counters must stay at zero.
   smaller Flux) in the layout its users keep, the diffusion model alone with its VAE, CLIP-L and T5-XXL chosen in
   'VAE / Text Encoder'; as its own source with its LoRA at λ = 1 against Forge's own ``<lora:L:1>``, 512 px, 8
   Euler steps, CFG 1 with the distilled guidance 3.5 (Flux-dev's defaults): no non-finite step, PSNR recorded,
-  peak VRAM of plain, own LoRA and DS (two 12 B models), then plain again (Forge's own image).
+  peak VRAM of plain, own LoRA and DS (two 12 B models), then plain again (Forge's own image). On the CPU the
+  SD1.5 fixture split the same way stands in for the Flux files (64 px, 4 steps): the same path through Forge's
+  loader, its module box and the extension, at a size the CPU runs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import flux_fixture
 import harness
-from forge_harness import FORGE_ARGS, ForgeInstall, ForgeServer, forge_fixtures
+from forge_harness import FORGE_ARGS, ForgeInstall, ForgeServer, fixtures_dir, forge_fixtures, forge_split
 from gpu_e2e import (
     HERE,
     IDENTICAL_ABOVE_DB,
@@ -180,6 +182,7 @@ def phase_forge_sdxl(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
 
 FLUX_REQUEST = {"width": 512, "height": 512, "steps": 8, "sampler_name": "Euler", "cfg_scale": 1.0,
                 "distilled_cfg_scale": 3.5}
+FLUX_STAND_IN = {"width": 64, "height": 64, "steps": 4}  # the CPU run's request, with the split SD1.5
 
 
 def flux(install: ForgeInstall) -> ModelFixture:
@@ -197,10 +200,9 @@ def flux(install: ForgeInstall) -> ModelFixture:
 
 def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixture], a: argparse.Namespace) -> None:
     r.begin("forge-flux")
-    if a.device != "gpu":
-        r.check("forge-flux: a full-size Flux needs the GPU machine", False, "run it with --device gpu")
-        return
-    model = flux(install)
+    gpu = a.device == "gpu"
+    model = flux(install) if gpu else forge_split(fx["sd15"], fixtures_dir(install) / "forge-sd15-split")
+    request = FLUX_REQUEST if gpu else {**FLUX_REQUEST, **FLUX_STAND_IN}
     r.put("fixture", model.manifest)
     modules = tuple((str(model.directory / name), folder) for name, folder in model.manifest["modules"].items())
     with server(install, {**fx, "flux": model}, ("flux",), r.out / "server-forge-flux.log", kind=ProbedForgeServer,
@@ -210,10 +212,10 @@ def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
         c.set_options(forge_additional_modules=[file for file, _ in modules])
         c.set_model(model.model_name)
         c.post("/delta-gpu/nan?on=1")
-        plain, plain_mem = measured(c, PROMPT, **FLUX_REQUEST)
-        own, own_mem = measured(c, f"{PROMPT} <lora:{model.lora()}:1>", **FLUX_REQUEST)
-        ds, ds_mem = measured(c, PROMPT, **FLUX_REQUEST, **scripts(delta(model)))
-        after = c.txt2img(PROMPT, **FLUX_REQUEST)
+        plain, plain_mem = measured(c, PROMPT, **request)
+        own, own_mem = measured(c, f"{PROMPT} <lora:{model.lora()}:1>", **request)
+        ds, ds_mem = measured(c, PROMPT, **request, **scripts(delta(model)))
+        after = c.txt2img(PROMPT, **request)
         nan = c.get("/delta-gpu/nan")
         c.post("/delta-gpu/nan?on=0")
         row = {
@@ -223,7 +225,7 @@ def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
                                "ds": ds_mem.get("max_allocated")},
             "nan": nan, "infotext": ds.infotext.splitlines()[-1], "log": s.log_tail(1 << 16).splitlines()[-40:],
         }
-        r.put("512px", row)
+        r.put(f"{request['width']}px", row)
         r.check("no non-finite step (plain, own LoRA, DS, plain)", nan["bad_steps"] == 0 and nan["steps"] > 0,
                 f"{nan['bad_steps']} of {nan['steps']} steps")
         r.check("no flat image", not any(flat(g.image) for g in (plain, own, ds, after)))
@@ -235,7 +237,8 @@ def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
         r.check("plain after DS is Forge's own image (same pixels)", psnr(after.image, plain.image) == float("inf"),
                 f"{db(psnr(after.image, plain.image))} dB")
         peaks = " / ".join(f"{(v or 0) / 2**30:.1f}" for v in row["peak_allocated"].values())
-        print(f"  Flux 512px: own vs plain {db(row['psnr_own_vs_plain'])}, DS vs own {db(row['psnr_ds_vs_own'])} dB; "
+        print(f"  {model.model_name} {request['width']}px: own vs plain {db(row['psnr_own_vs_plain'])}, "
+              f"DS vs own {db(row['psnr_ds_vs_own'])} dB; "
               f"peak allocated plain / own / DS {peaks} GiB", flush=True)
 
 
