@@ -1,8 +1,10 @@
-"""Flat layer name → layer of the source model, for the UNet and the text encoders as each host builds them.
+"""Flat layer name → layer of the source model, for the diffusion model and the text encoders as each host builds
+them.
 
 The host hands over named roots; each root is searched for the container whose children carry the canonical
-names (an ldm ``UNetModel``, a Hugging Face ``CLIPTextTransformer`` or an open_clip text tower), so wrappers such as
-``wrapped.``, ``transformer.``, ``model.`` or ``diffusion_model.`` around it do not matter.
+names (an ldm ``UNetModel``, a Flux transformer with its double and single blocks, a Hugging Face
+``CLIPTextTransformer``, an open_clip text tower or a T5 encoder), so wrappers such as ``wrapped.``, ``transformer.``,
+``model.`` or ``diffusion_model.`` around it do not matter.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from ..errors import DeltaError
 from .family import LABELS
 from .keys import hf_to_openclip, unet_candidates
 
-FAMILY_PARTS = {"sd1": ("unet", "te"), "sd2": ("unet", "te"), "sdxl": ("unet", "te1", "te2")}
+# the roots of each family; "unet" is the diffusion model whatever its architecture, "t5" Flux's T5-XXL
+FAMILY_PARTS = {"sd1": ("unet", "te"), "sd2": ("unet", "te"), "sdxl": ("unet", "te1", "te2"),
+                "flux": ("unet", "te1", "t5")}
+# file part → root, where it is not the file part's own name. Flux files put CLIP-L under ``lora_te1_`` (or
+# ``lora_te_``) and T5-XXL under ``lora_te3_`` (kohya, OneTrainer for SD3) or ``lora_te2_`` (OneTrainer for Flux), as
+# Forge's key map reads them (backend/patcher/lora.py, comfyui_lora_collection/lora.py model_lora_keys_clip).
+_FILE_PARTS = {"sd1": {"te1": "te"}, "sd2": {"te1": "te"}, "sdxl": {"te": "te1"},
+               "flux": {"te": "te1", "te2": "t5", "te3": "t5"}}
 MHA_SLOTS = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "out_proj": "out"}
 
 
@@ -25,7 +34,7 @@ MHA_SLOTS = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "out_proj": "out"}
 class Layer:
     """One weight a LoRA key can change: a module, or one projection of an ``nn.MultiheadAttention``."""
 
-    part: str  # "unet", "te", "te1", "te2"
+    part: str  # "unet", "te", "te1", "te2", "t5"
     name: str  # canonical dotted path, for reports
     module: nn.Module
     kind: str  # "linear", "conv", "norm", "mha"
@@ -83,7 +92,7 @@ class ModelIndex:
         self.family_label = LABELS[family]
         wanted = FAMILY_PARTS[family]
         roots = dict(roots)
-        if family != "sdxl" and "te1" in roots and "te" not in roots:
+        if family in ("sd1", "sd2") and "te1" in roots and "te" not in roots:
             roots["te"] = roots.pop("te1")
         unknown = set(roots) - set(wanted)
         if unknown or "unet" not in roots:
@@ -93,22 +102,25 @@ class ModelIndex:
         for part, root in roots.items():
             if root is None:
                 continue
-            self.parts[part] = _index_unet(root) if part == "unet" else self._index_text(part, root)
+            if part == "unet":
+                self.parts[part] = _index_diffusion_model(root, family)
+            elif part == "t5":
+                self.parts[part] = _index_t5(root)
+            else:
+                self.parts[part] = self._index_text(part, root)
 
     def part_for(self, file_part: str) -> str | None:
-        """Root a file part goes to: ``lora_te_``/``lora_te1_``/``text_encoder.`` are the first text encoder."""
-        if file_part in ("te", "te1"):
-            return "te1" if self.family == "sdxl" else "te"
-        if file_part == "te2":
-            return "te2" if self.family == "sdxl" else None
-        return "unet" if file_part == "unet" else None
+        """Root a file part goes to: ``lora_te_``/``lora_te1_``/``text_encoder.`` are the first text encoder; the
+        diffusers ``transformer.`` keys of a DiT name no root (their q, k and v are fused in the models here)."""
+        part = _FILE_PARTS[self.family].get(file_part, file_part)
+        return part if part in FAMILY_PARTS[self.family] else None
 
     def lookup(self, file_part: str, flat: str) -> Layer | None:
         part = self.part_for(file_part)
         layers = self.parts.get(part) if part else None
         if not layers:
             return None
-        if part == "unet":
+        if part == "unet" and self.family != "flux":
             candidates = unet_candidates(flat)
         elif part in self.openclip:
             candidates = [c for c in (hf_to_openclip(flat), flat) if c]
@@ -149,6 +161,14 @@ def _is_unet(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("input_blocks", "middle_block", "output_blocks"))
 
 
+def _is_flux(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, a, None), nn.ModuleList) for a in ("double_blocks", "single_blocks"))
+
+
+def _is_t5(m: nn.Module) -> bool:
+    return isinstance(getattr(getattr(m, "encoder", None), "block", None), nn.ModuleList)
+
+
 def _is_hf_text_transformer(m: nn.Module) -> bool:
     return hasattr(m, "embeddings") and isinstance(getattr(getattr(m, "encoder", None), "layers", None), nn.ModuleList)
 
@@ -157,11 +177,25 @@ def _is_openclip_text(m: nn.Module) -> bool:
     return isinstance(getattr(getattr(m, "transformer", None), "resblocks", None), nn.ModuleList)
 
 
-def _index_unet(root: nn.Module) -> dict[str, Layer]:
-    found = _find(root, _is_unet)
-    if found is None:
-        raise DeltaError("the unet root of the source model has no input_blocks/middle_block/output_blocks")
+def _index_diffusion_model(root: nn.Module, family: str) -> dict[str, Layer]:
+    if family == "flux":
+        found = _find(root, _is_flux)
+        if found is None:
+            raise DeltaError("the diffusion model of the Flux source has no double_blocks/single_blocks")
+    else:
+        found = _find(root, _is_unet)
+        if found is None:
+            raise DeltaError("the unet root of the source model has no input_blocks/middle_block/output_blocks")
     return _index_layers("unet", found[1], "")
+
+
+def _index_t5(root: nn.Module) -> dict[str, Layer]:
+    """T5 layers by the names under ``t5xxl.transformer.`` (``encoder_block_0_layer_0_SelfAttention_q``)."""
+    found = _find(root, _is_t5)
+    if found is None:
+        raise DeltaError("the t5 root of the source model has no encoder blocks; the T5 part of a LoRA cannot be "
+                         "applied to it")
+    return _index_layers("t5", found[1], "")
 
 
 def _index_layers(part: str, container: nn.Module, prefix: str) -> dict[str, Layer]:

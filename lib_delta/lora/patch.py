@@ -118,6 +118,12 @@ def plan_file(use: LoraUse, index: ModelIndex, weight_of: Callable[[Layer], torc
         else:
             parsed.append(pk)
     total = len(parsed) + len(unmatched)
+    if index.family == "flux" and any(pk.part == "dit" for pk in parsed):
+        raise DeltaError(
+            f"{f.name} is a Flux LoRA in the diffusers layout (transformer.… keys, as ai-toolkit writes them), whose "
+            f"separate q, k and v changes Delta Sampling cannot yet apply to Flux's fused layers. Use the LoRA in "
+            f"the kohya layout (lora_unet_double_blocks_… keys), or transfer a checkpoint with it merged."
+        )
     looks = guess_family(parsed, f.tensors, f.metadata)
     if index.family not in looks:
         raise DeltaError(
@@ -189,8 +195,9 @@ def build_patch(roots: Mapping[str, nn.Module], family: str, groups: Sequence[Se
     """Validate and precompute every group; returns a detached patch.
 
     ``roots``: ``{"unet": diffusion_model, "te": text_encoder}`` for "sd1"/"sd2",
-    ``{"unet": ..., "te1": clip_l, "te2": open_clip_g}`` for "sdxl"; wrappers around them are fine and text
-    encoders are optional. Group ``g`` of the result is ``groups[g]``.
+    ``{"unet": ..., "te1": clip_l, "te2": open_clip_g}`` for "sdxl", ``{"unet": flux_transformer, "te1": clip_l,
+    "t5": t5xxl}`` for "flux"; wrappers around them are fine and text encoders are optional. Group ``g`` of the
+    result is ``groups[g]``.
 
     ``dense=True`` materialises every change as a full ``ΔW``: one kernel per layer instead of two, which pays off
     when the call is launch-bound (small batches), at the memory of one weight copy per patched layer and group.

@@ -41,7 +41,8 @@ from . import models as forge_models
 from .models import PrivateEngine
 
 # The text encoders a LoRA's text-encoder part maps to, per family (keys of Forge's JointTextEncoder).
-_TEXT_ENCODERS = {"sd1": {"te": "clip_l"}, "sd2": {"te": "clip_h"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"}}
+_TEXT_ENCODERS = {"sd1": {"te": "clip_l"}, "sd2": {"te": "clip_h"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"},
+                  "flux": {"te1": "clip_l", "t5": "t5xxl"}}
 
 
 @dataclass(eq=False)
@@ -377,7 +378,7 @@ def _roots(entry: PrivateEngine) -> dict[str, Any]:
     family = entry.family
     if family not in _TEXT_ENCODERS:
         raise DeltaError(f"LoRAs on a {forge_models.FAMILY_LABELS[family]} source are not supported yet; use an "
-                         "SD1.x, SD2.x or SDXL source, or transfer a fine-tuned checkpoint or an adapted prompt.")
+                         "SD1.x, SD2.x, SDXL or Flux source, or transfer a fine-tuned checkpoint or an adapted prompt.")
     encoders = entry.engine.forge_objects.clip.cond_stage_model
     roots = {part: getattr(encoders, name, None) for part, name in _TEXT_ENCODERS[family].items()}
     return {"unet": entry.unet.model.diffusion_model, **{k: v for k, v in roots.items() if v is not None}}

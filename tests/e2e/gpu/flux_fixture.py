@@ -1,6 +1,7 @@
 """A full-size random-weight Flux.1-dev as Forge 2 loads it, in the layout Flux users keep: the diffusion model alone
 (for models/Stable-diffusion), its VAE (models/VAE), CLIP-L and T5-XXL (models/text_encoder), and a rank-4 kohya
-LoRA over the attention and first MLP layers of every block. Forge sizes every Flux at 19 double and 38 single
+LoRA over the attention and first MLP layers of every block, and a second one that also changes CLIP-L's and
+T5-XXL's attention (kohya's ``lora_te1_`` and ``lora_te3_``). Forge sizes every Flux at 19 double and 38 single
 blocks of width 3072 whatever the file holds (huggingface_guess/detection.py, the Flux branch), so nothing smaller
 loads: 11.9 B + 4.8 B parameters, 34 GB on disk. The names and shapes come from Forge's own classes on the meta
 device, so the files are what its loader reads; the values are drawn on the GPU, block by block.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 1
+VERSION = 2
 SEED = 1206
 # huggingface_guess/detection.py, the Flux branch with guidance_in: Flux.1-dev, the layout Forge builds
 FLUX_DEV = dict(in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24,
@@ -33,9 +34,12 @@ FILES = {"checkpoint": "delta_e2e_flux_dit.safetensors", "vae": "delta_e2e_flux_
 FOLDERS = {"checkpoint": "Stable-diffusion", "vae": "VAE", "clip_l": "text_encoder", "t5xxl": "text_encoder"}
 DTYPES = {"checkpoint": torch.bfloat16, "vae": torch.float32, "clip_l": torch.float16, "t5xxl": torch.float16}
 LORA = "delta_e2e_flux_lora"
+LORA_TE = "delta_e2e_flux_lora_te"  # the same layers of the DiT, and the text encoders' q and v projections
 LORA_RANK = 4
 LORA_UP_STD = 0.1  # each adapted layer moves by about a fifth of its output (2 · 0.1 over 1 from the base weight)
 LORA_LAYERS = ("img_attn.qkv", "txt_attn.qkv", "linear1")  # of each double block (the two) and single block
+TE_LAYERS = {"clip_l": ("lora_te1_", ("self_attn.q_proj", "self_attn.v_proj")),
+             "t5xxl": ("lora_te3_", ("SelfAttention.q", "SelfAttention.v"))}
 
 
 def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
@@ -89,10 +93,13 @@ def write_file(path: Path, layout: dict[str, torch.Size], dtype: torch.dtype, ge
     return sum(t.numel() for t in state.values())
 
 
-def lora_targets(layout: dict[str, torch.Size]) -> dict[str, torch.Size]:
-    return {k[:-len(".weight")]: s for k, s in layout.items()
-            if k.endswith(".weight") and k.startswith(("double_blocks.", "single_blocks."))
-            and k[:-len(".weight")].endswith(LORA_LAYERS)}
+def lora_targets(layout: dict[str, torch.Size], prefix: str = "lora_unet_",
+                 layers: tuple[str, ...] = LORA_LAYERS) -> dict[str, torch.Size]:
+    """kohya module names (``lora_unet_double_blocks_0_img_attn_qkv``) of the layers a LoRA changes, with their
+    weights' shapes."""
+    return {prefix + k[:-len(".weight")].replace(".", "_"): s for k, s in layout.items()
+            if k.endswith(".weight") and k[:-len(".weight")].endswith(layers)
+            and (prefix != "lora_unet_" or k.startswith(("double_blocks.", "single_blocks.")))}
 
 
 def write_lora(path: Path, targets: dict[str, torch.Size], gen: torch.Generator, device: str) -> None:
@@ -101,8 +108,7 @@ def write_lora(path: Path, targets: dict[str, torch.Size], gen: torch.Generator,
     from safetensors.torch import save_file
 
     tensors = {}
-    for module, (out, inp) in targets.items():
-        key = "lora_unet_" + module.replace(".", "_")
+    for key, (out, inp) in targets.items():
         tensors[f"{key}.lora_down.weight"] = torch.randn(LORA_RANK, inp, generator=gen, device=device) * inp ** -0.5
         tensors[f"{key}.lora_up.weight"] = torch.randn(out, LORA_RANK, generator=gen, device=device) * LORA_UP_STD
         tensors[f"{key}.alpha"] = torch.tensor(float(LORA_RANK))
@@ -122,9 +128,13 @@ def build(root: Path, out: Path, device: str) -> dict:
         print(f"  {FILES[part]}: {counts[part] / 1e9:.2f} B parameters, {time.monotonic() - started:.0f}s", flush=True)
     targets = lora_targets(layouts["checkpoint"])
     write_lora(out / f"{LORA}.safetensors", targets, gen, device)
+    te_targets = {k: v for part, (prefix, layers) in TE_LAYERS.items()
+                  for k, v in lora_targets(layouts[part], prefix, layers).items()}
+    write_lora(out / f"{LORA_TE}.safetensors", {**targets, **te_targets}, gen, device)
     manifest = {"fixture_version": VERSION, "model": "flux", "seed": SEED, "files": {"checkpoint": FILES["checkpoint"]},
-                "modules": {FILES[p]: FOLDERS[p] for p in ("vae", "clip_l", "t5xxl")}, "loras": {"lora": LORA},
-                "lora_rank": LORA_RANK, "lora_modules": len(targets), "parameters": counts,
+                "modules": {FILES[p]: FOLDERS[p] for p in ("vae", "clip_l", "t5xxl")},
+                "loras": {"lora": LORA, "lora_te": LORA_TE}, "lora_rank": LORA_RANK, "lora_modules": len(targets),
+                "lora_te_modules": len(te_targets), "parameters": counts,
                 "seconds": round(time.monotonic() - started, 1)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
