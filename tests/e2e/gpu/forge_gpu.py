@@ -222,6 +222,8 @@ def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
             ds, ds_mem = measured(c, PROMPT, **request, **scripts({**delta(model), "loras": [{"name": name,
                                                                                                 "weight": 1.0}]}))
             images += [own, ds]
+            for label, g in (("own", own), ("ds", ds)):
+                (r.out / f"forge-flux-{kind}-{label}.png").write_bytes(g.image)
             rows[kind] = {
                 "psnr_own_vs_plain": psnr(own.image, plain.image), "psnr_ds_vs_own": psnr(ds.image, own.image),
                 "seconds": {"plain": plain.seconds, "own": own.seconds, "ds": ds.seconds},
@@ -230,6 +232,7 @@ def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
                 "infotext": ds.infotext.splitlines()[-1],
             }
         after = c.txt2img(PROMPT, **request)
+        (r.out / "forge-flux-plain.png").write_bytes(plain.image)
         nan = c.get("/delta-gpu/nan")
         c.post("/delta-gpu/nan?on=0")
         r.put(f"{request['width']}px", {**rows, "nan": nan, "log": s.log_tail(1 << 16).splitlines()[-40:]})

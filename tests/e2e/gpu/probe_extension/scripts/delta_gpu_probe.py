@@ -29,7 +29,7 @@ import os
 import torch
 from modules import script_callbacks
 
-_nan = {"on": False, "steps": 0, "bad_steps": 0}
+_nan = {"on": False, "steps": 0, "bad_steps": 0, "max_abs": 0.0}  # max_abs: of any denoised value
 _fold = {"original": None}
 _paths = {"captures": 0, "replays": 0, "graph_failures": 0, "folded_layers": 0, "hooked": False}
 _resident: dict = {"on": False, "steps": 0, "most": []}
@@ -85,6 +85,7 @@ def _after_cfg(params) -> None:
             _resident["most"] = loaded
     if _nan["on"]:
         _nan["steps"] += 1
+        _nan["max_abs"] = max(_nan["max_abs"], float(params.x.detach().abs().max()))
         if not bool(torch.isfinite(params.x).all()):
             _nan["bad_steps"] += 1
 
@@ -168,7 +169,7 @@ def _routes(_demo, app) -> None:
 
     @app.post("/delta-gpu/nan")
     def nan_on(on: int):
-        _nan.update(on=bool(on), steps=0, bad_steps=0)
+        _nan.update(on=bool(on), steps=0, bad_steps=0, max_abs=0.0)
         return dict(_nan)
 
     @app.get("/delta-gpu/nan")
