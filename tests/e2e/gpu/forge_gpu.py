@@ -26,6 +26,7 @@ import dataclasses
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import flux_fixture
@@ -198,12 +199,30 @@ def flux(install: ForgeInstall) -> ModelFixture:
     return ModelFixture("flux", directory, json.loads(manifest.read_text()))
 
 
+def fixture_report(install: ForgeInstall, model: ModelFixture, device: str, px: int, out: Path) -> dict:
+    """fixture_check.py's report on ``model``: one prediction through Forge's engine, in a process of its own."""
+    report = out / f"fixture-check-{model.key}.json"
+    done = subprocess.run([str(install.python), str(HERE / "fixture_check.py"), "--forge", str(install.root),
+                           "--dir", str(model.directory), "--device", device, "--px", str(px), "--out", str(report)],
+                          timeout=600, env=harness._server_env(install), cwd=install.root, capture_output=True,
+                          text=True)
+    if not report.is_file():
+        return {"ok": False, "error": (done.stdout + done.stderr)[-4000:]}
+    return json.loads(report.read_text())
+
+
 def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixture], a: argparse.Namespace) -> None:
     r.begin("forge-flux")
     gpu = a.device == "gpu"
     model = flux(install) if gpu else forge_split(fx["sd15"], fixtures_dir(install) / "forge-sd15-split")
     request = FLUX_REQUEST if gpu else {**FLUX_REQUEST, **FLUX_STAND_IN}
     r.put("fixture", model.manifest)
+    # a random model can keep every step finite and still decode to one colour: see that it makes an image first
+    report = fixture_report(install, model, "cuda" if gpu else "cpu", request["width"], r.out)
+    r.put("fixture_check", report)
+    x0 = {s: row.get("x0_absmax") for s, row in report.get("sigmas", {}).items()}
+    r.check("the fixture makes an image (Forge's engine in-process: x0 in range, no NaN, not one colour)",
+            report.get("ok") is True, f"|x0| by sigma {x0}" if x0 else report.get("error", "")[-300:])
     modules = tuple((str(model.directory / name), folder) for name, folder in model.manifest["modules"].items())
     with server(install, {**fx, "flux": model}, ("flux",), r.out / "server-forge-flux.log", kind=ProbedForgeServer,
                 modules=modules) as s:
