@@ -82,6 +82,13 @@ def _is_plain_linear(module: nn.Module) -> bool:
             and tuple(weight.shape) == (module.out_features, module.in_features))
 
 
+def _is_quantized_linear(module: nn.Module) -> bool:
+    """A linear layer whose weight is packed or quantized, to which a LoRA cannot be added here: Forge's NF4/FP4 and
+    GGUF operations are classes named ``Linear`` that hold a tensor subclass and no sizes (backend/operations.py)."""
+    return (type(module).__name__ == "Linear" and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and layer_kind(module) is None)
+
+
 class ModelIndex:
     """Layers of one source model by part and flat name."""
 
@@ -99,6 +106,8 @@ class ModelIndex:
             raise ValueError(f"roots for {family} are {wanted} (unet required); got {sorted(roots)}")
         self.parts: dict[str, dict[str, Layer]] = {}
         self.openclip: set[str] = set()
+        # linear layers of the diffusion model left out because their weights are quantized
+        self.quantized = sum(map(_is_quantized_linear, roots["unet"].modules()))
         for part, root in roots.items():
             if root is None:
                 continue

@@ -167,6 +167,13 @@ def plan_file(use: LoraUse, index: ModelIndex, weight_of: Callable[[Layer], torc
         multiplier = use.unet_multiplier if layer.part == "unet" else use.te
         if multiplier != 0:
             entries.append((layer, delta if multiplier == 1 else delta.scaled(multiplier)))
+    missed = set(unmatched)
+    if index.quantized and any(pk.key in missed and index.part_for(pk.part) == "unet" for pk in parsed):
+        raise DeltaError(
+            f"{f.name} cannot be applied in full: {index.quantized} linear layers of the "
+            f"{index.family_label} source hold quantized weights (NF4, FP4 or GGUF), which a LoRA cannot be added to "
+            f"here. Choose an unquantized file of the source (fp16, bf16 or fp8) as the source base."
+        )
     if matched == 0:
         extra = f" ({', '.join(sorted(unsupported))} modules are not supported)" if unsupported else ""
         raise DeltaError(

@@ -122,3 +122,32 @@ def test_an_sd_lora_on_a_flux_source_is_refused(tmp_path):
     change = Change("unet", path_, "lora_unet_" + path_.replace(".", "_"), lora_parts(g, layer_weight(fam.unet, path_)))
     with pytest.raises(DeltaError, match=r"but the source model is Flux\. Choose a LoRA trained on Flux"):
         build_patch(_model(), "flux", [[LoraUse(read_lora(write_file(tmp_path, "xl.safetensors", [change])))]])
+
+
+class _QuantizedParameter(torch.nn.Parameter):
+    pass
+
+
+class Linear(torch.nn.Module):
+    """What Forge's NF4 and GGUF operations put in place of a linear layer (backend/operations.py): a class named
+    ``Linear`` with no sizes, holding its weight packed in a tensor subclass that no matmul takes as it is."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        packed = torch.zeros(linear.in_features * linear.out_features // 2, 1, dtype=torch.uint8)
+        self.weight = _QuantizedParameter(packed, requires_grad=False)
+        self.bias = None
+
+
+def test_a_quantized_flux_source_is_refused_with_the_way_out(tmp_path):
+    roots = _model()
+    flux = roots["unet"]
+    changes = _changes(flux, lambda p: "lora_unet_" + p.replace(".", "_"))
+    for block in (*flux.double_blocks, *flux.single_blocks):  # the DiT as an NF4/GGUF file loads it
+        for child in list(block.modules()):
+            for attr, sub in list(child.named_children()):
+                if isinstance(sub, torch.nn.Linear):
+                    setattr(child, attr, Linear(sub))
+    with pytest.raises(DeltaError) as e:
+        build_patch(roots, "flux", [[LoraUse(read_lora(write_file(tmp_path, "q.safetensors", changes)))]])
+    assert "hold quantized weights" in str(e.value) and "Choose an unquantized file" in str(e.value)
