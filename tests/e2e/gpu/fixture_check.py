@@ -47,15 +47,26 @@ def absmax(value: Any) -> float:
 
 
 def block_maxima(model: torch.nn.Module) -> tuple[dict[str, float], list]:
-    """A forward hook on every block of the model's block lists, recording each output's largest value."""
+    """A forward hook on every block of the model's block lists and on each of its other direct children (the
+    embedders, the final layer), recording each output's largest value; a block that returns two streams (Flux's
+    double blocks: image, text) gets one entry per stream."""
     seen: dict[str, float] = {}
     handles = []
-    for name in BLOCK_LISTS:
-        blocks = getattr(model, name, None)
-        for i, block in enumerate(blocks or ()):
-            def hook(_m, _i, out, key=f"{name}.{i}"):
-                seen[key] = max(seen.get(key, 0.0), absmax(out))
-            handles.append(block.register_forward_hook(hook))
+
+    def watch(module: torch.nn.Module, key: str) -> None:
+        def hook(_m, _i, out):
+            outs = out if isinstance(out, tuple) else (out,)
+            for j, t in enumerate(o for o in outs if isinstance(o, torch.Tensor)):
+                name = key if j == 0 else f"{key}.{j}"
+                seen[name] = max(seen.get(name, 0.0), absmax(t))
+        handles.append(module.register_forward_hook(hook))
+
+    for name, child in model.named_children():
+        if name in BLOCK_LISTS:
+            for i, block in enumerate(child):
+                watch(block, f"{name}.{i}")
+        elif not isinstance(child, torch.nn.ModuleList):
+            watch(child, name)
     return seen, handles
 
 
