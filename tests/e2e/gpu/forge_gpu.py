@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -191,6 +192,9 @@ def flux(install: ForgeInstall) -> ModelFixture:
     directory = install.cache / f"flux-v{flux_fixture.VERSION}"
     manifest = directory / "manifest.json"
     if not manifest.is_file():
+        for old in install.cache.glob("flux-v*"):  # two 34 GB fixtures do not fit the GPU machine's 64 GiB disk
+            if old != directory:
+                shutil.rmtree(old, ignore_errors=True)
         started = time.monotonic()
         subprocess.run([str(install.python), str(HERE / "flux_fixture.py"), "--forge", str(install.root),
                         "--out", str(directory)], check=True, timeout=1200, env=harness._server_env(install),
