@@ -174,14 +174,21 @@ class SourceGrid:
         return fields.expand(like.shape[0], *fields.shape[1:]) if images is None else fields.index_select(0, images)
 
 
+def _resized_hw(resolution: str, target_hw: tuple[int, int], side_px: int | None) -> tuple[int, int] | None:
+    """The source's latent grid where it differs from the target's: ``native``, a known family, a target above the
+    source's area; else None."""
+    if resolution != "native" or side_px is None:
+        return None
+    hw = native_size(target_hw, side_px)
+    return None if hw == tuple(target_hw) else hw
+
+
 def source_grid(resolution: str, target_hw: tuple[int, int], side_px: int | None,
                 method: str = METHOD) -> SourceGrid | None:
     """The pass's resize, or None where the source runs on the target's grid (``target``, an unknown family, a
     target at or below the source's area): then nothing changes, bit for bit."""
-    if resolution != "native" or side_px is None:
-        return None
-    hw = native_size(target_hw, side_px)
-    return None if hw == tuple(target_hw) else SourceGrid(tuple(target_hw), hw, method)
+    hw = _resized_hw(resolution, target_hw, side_px)
+    return None if hw is None else SourceGrid(tuple(target_hw), hw, method)
 
 
 def source_pixels(resolution: str, size_px: tuple[int, int], side_px: int | None) -> tuple[int, int]:
@@ -189,11 +196,8 @@ def source_pixels(resolution: str, size_px: tuple[int, int], side_px: int | None
     image's own. What its size conditioning must say (SDXL's original and target size): the source is asked for
     the image it draws, not the one the target draws."""
     w, h = size_px
-    if resolution != "native" or side_px is None:
-        return w, h
-    hw = (h // LATENT_FACTOR, w // LATENT_FACTOR)
-    nh, nw = native_size(hw, side_px)
-    return (w, h) if (nh, nw) == hw else (nw * LATENT_FACTOR, nh * LATENT_FACTOR)
+    hw = _resized_hw(resolution, (h // LATENT_FACTOR, w // LATENT_FACTOR), side_px)
+    return (w, h) if hw is None else (hw[1] * LATENT_FACTOR, hw[0] * LATENT_FACTOR)
 
 
 __all__ = ["METHOD", "METHODS", "NATIVE_SIDE", "SourceGrid", "down", "native_side", "native_size",

@@ -98,17 +98,16 @@ class ModelIndex:
         self.family = family
         self.family_label = LABELS[family]
         wanted = FAMILY_PARTS[family]
-        roots = dict(roots)
-        if family in ("sd1", "sd2") and "te1" in roots and "te" not in roots:
-            roots["te"] = roots.pop("te1")
-        unknown = set(roots) - set(wanted)
-        if unknown or "unet" not in roots:
+        # a host may name a root as a file names its part (``te1`` for SD1's only text encoder)
+        renamed = {(k if k in wanted else _FILE_PARTS[family].get(k, k)): v for k, v in roots.items()}
+        unknown = set(renamed) - set(wanted)
+        if unknown or "unet" not in renamed or len(renamed) != len(roots):
             raise ValueError(f"roots for {family} are {wanted} (unet required); got {sorted(roots)}")
         self.parts: dict[str, dict[str, Layer]] = {}
         self.openclip: set[str] = set()
         # linear layers of the diffusion model left out because their weights are quantized
-        self.quantized = sum(map(_is_quantized_linear, roots["unet"].modules()))
-        for part, root in roots.items():
+        self.quantized = sum(map(_is_quantized_linear, renamed["unet"].modules()))
+        for part, root in renamed.items():
             if root is None:
                 continue
             if part == "unet":
@@ -129,7 +128,7 @@ class ModelIndex:
         layers = self.parts.get(part) if part else None
         if not layers:
             return None
-        if part == "unet" and self.family != "flux":
+        if part == "unet":  # diffusers UNet names to ldm ones; any other name (a DiT's) stands as it is
             candidates = unet_candidates(flat)
         elif part in self.openclip:
             candidates = [c for c in (hf_to_openclip(flat), flat) if c]
