@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,15 @@ BLOCK_LISTS = ("double_blocks", "single_blocks", "input_blocks", "middle_block",
 
 
 def forge_backend(root: Path, device: str) -> None:
-    """Import Forge's backend from ``root`` with the flags it reads on import."""
-    sys.argv = [sys.argv[0], *(["--always-cpu"] if device == "cpu" else [])]
-    for p in (root, root / "packages_3rdparty", root / "repositories" / "huggingface_guess"):
-        sys.path.insert(0, str(p))
-    os.chdir(root)
+    """Forge's backend importable (flux_fixture.forge_backend), and the one WebUI setting its text engines read."""
     from types import SimpleNamespace
 
+    from flux_fixture import forge_backend as importable
+
+    importable(root, device)
     from modules import shared
 
-    shared.opts = SimpleNamespace(emphasis="Original")  # the one setting the text engines read, the WebUI's default
+    shared.opts = SimpleNamespace(emphasis="Original")  # the WebUI's default
 
 
 def absmax(value: Any) -> float:

@@ -42,12 +42,18 @@ TE_LAYERS = {"clip_l": ("lora_te1_", ("self_attn.q_proj", "self_attn.v_proj")),
              "t5xxl": ("lora_te3_", ("SelfAttention.q", "SelfAttention.v"))}
 
 
-def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
-    """Each file's tensor names and shapes, from Forge's classes built on the meta device (no memory)."""
-    sys.argv = [*sys.argv[:1], "--always-cpu"]  # Forge's backend reads its flags on import
+def forge_backend(root: Path, device: str = "cpu") -> None:
+    """Make Forge's backend importable from ``root``, with the flags it reads on import; its configs are read
+    relative to its root."""
+    sys.argv = [*sys.argv[:1], *(["--always-cpu"] if device == "cpu" else [])]
     for p in (root, root / "packages_3rdparty", root / "repositories" / "huggingface_guess"):
         sys.path.insert(0, str(p))
-    os.chdir(root)  # the configs are read relative to Forge's root
+    os.chdir(root)
+
+
+def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
+    """Each file's tensor names and shapes, from Forge's classes built on the meta device (no memory)."""
+    forge_backend(root)
     from backend.nn.clip import IntegratedCLIP
     from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.nn.t5 import IntegratedT5
