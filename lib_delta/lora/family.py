@@ -47,9 +47,12 @@ def guess_family(
 ) -> frozenset[str]:
     parts = {k.part for k in keys}
     unet_flats = {k.flat for k in keys if k.part == "unet"}
-    if "dit" in parts or "te3" in parts or any(_FLUX.search(f) or _SD3.search(f) for f in unet_flats):
-        if any(_FLUX.search(f) for f in unet_flats):
+    dit_flats = {k.flat for k in keys if k.part == "dit"}
+    if dit_flats or "te3" in parts or any(_FLUX.search(f) or _SD3.search(f) for f in unet_flats):
+        if any(_FLUX.search(f) for f in unet_flats | dit_flats):
             return frozenset({"flux"})
+        if dit_flats:  # diffusers names of joint blocks alone: SD3's and Flux's are alike; the shapes tell them apart
+            return frozenset({"sd3", "flux"})
         return frozenset({"sd3"})
 
     evidence: list[set[str]] = []

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 Parts = Mapping[str, torch.Tensor]
+# Blocks (first row, row count) of a layer's weight, in the order of a module's own rows: where a module that is part
+# of a fused layer sits in it (a diffusers Flux module's q rows of ``qkv``; the swapped halves of an adaLN layer).
+Rows = tuple[tuple[int, int], ...]
 
 
 class ShapeMismatch(Exception):
@@ -27,12 +30,17 @@ class ShapeMismatch(Exception):
 
 @dataclass
 class Delta:
-    """``up @ down`` (down shaped ``(R, *W.shape[1:])``) or ``dense`` (``W.shape``), plus a bias change."""
+    """``up @ down`` (down shaped ``(R, *W.shape[1:])``) or ``dense`` (``W.shape``), plus a bias change.
+
+    A low-rank change to one block of a fused layer's rows keeps its own height: ``rows`` says which rows ``up``
+    adds to (None: all of them); ``dense`` and ``bias`` always cover every row of the layer.
+    """
 
     up: torch.Tensor | None = None
     down: torch.Tensor | None = None
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    rows: tuple[int, int] | None = None
 
     @property
     def rank(self) -> int:
@@ -49,7 +57,41 @@ class Delta:
             self.down,
             None if self.dense is None else self.dense * factor,
             None if self.bias is None else self.bias * factor,
+            self.rows,
         )
+
+    def in_rows(self, rows: Rows, height: int) -> Delta:
+        """This change of a module, as a change of the ``height``-row layer whose ``rows`` the module is: a low-rank
+        change to one block of rows names the block (the op adds into those rows alone); any other is spread over
+        the layer's rows, with zeros in the rows that are not the module's."""
+        bias = spread_rows(self.bias, rows, height)
+        if self.up is not None and len(rows) == 1:
+            return Delta(self.up, self.down, None, bias, rows[0])
+        return Delta(spread_rows(self.up, rows, height), self.down, spread_rows(self.dense, rows, height), bias)
+
+    def full(self, height: int) -> Delta:
+        """The same change with ``up`` over every row of the layer (zeros outside ``rows``)."""
+        if self.rows is None:
+            return self
+        return Delta(spread_rows(self.up, (self.rows,), height), self.down, self.dense, self.bias)
+
+
+def take_rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """A module's rows of its layer's tensor, in the module's order (a view for one block)."""
+    blocks = [t.narrow(0, first, count) for first, count in rows]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def spread_rows(t: torch.Tensor | None, rows: Rows, height: int) -> torch.Tensor | None:
+    """A module's rows put where they sit in a ``height``-row tensor of its layer, zeros elsewhere."""
+    if t is None:
+        return None
+    out = t.new_zeros(height, *t.shape[1:])
+    at = 0
+    for first, count in rows:
+        out[first:first + count] = t[at:at + count]
+        at += count
+    return out
 
 
 _HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")

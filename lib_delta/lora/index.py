@@ -1,5 +1,5 @@
 """Flat layer name → layer of the source model, for the diffusion model and the text encoders as each host builds
-them.
+them; for a diffusers Flux module, which rows of the fused BFL layer it is.
 
 The host hands over named roots; each root is searched for the container whose children carry the canonical
 names (an ldm ``UNetModel``, a Flux transformer with its double and single blocks, a Hugging Face
@@ -17,16 +17,18 @@ from torch import nn
 
 from ..errors import DeltaError
 from .family import LABELS
-from .keys import hf_to_openclip, unet_candidates
+from .formats import Rows
+from .keys import FluxRows, flux_from_diffusers, hf_to_openclip, unet_candidates
 
 # the roots of each family; "unet" is the diffusion model whatever its architecture, "t5" Flux's T5-XXL
 FAMILY_PARTS = {"sd1": ("unet", "te"), "sd2": ("unet", "te"), "sdxl": ("unet", "te1", "te2"),
                 "flux": ("unet", "te1", "t5")}
 # file part → root, where it is not the file part's own name. Flux files put CLIP-L under ``lora_te1_`` (or
 # ``lora_te_``) and T5-XXL under ``lora_te3_`` (kohya, OneTrainer for SD3) or ``lora_te2_`` (OneTrainer for Flux), as
-# Forge's key map reads them (backend/patcher/lora.py, comfyui_lora_collection/lora.py model_lora_keys_clip).
+# Forge's key map reads them (backend/patcher/lora.py, comfyui_lora_collection/lora.py model_lora_keys_clip); their
+# transformer in the diffusers layout (``transformer.``, ``lora_transformer_``) is the diffusion model.
 _FILE_PARTS = {"sd1": {"te1": "te"}, "sd2": {"te1": "te"}, "sdxl": {"te": "te1"},
-               "flux": {"te": "te1", "te2": "t5", "te3": "t5"}}
+               "flux": {"te": "te1", "te2": "t5", "te3": "t5", "dit": "unet"}}
 MHA_SLOTS = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "out_proj": "out"}
 
 
@@ -119,9 +121,23 @@ class ModelIndex:
 
     def part_for(self, file_part: str) -> str | None:
         """Root a file part goes to: ``lora_te_``/``lora_te1_``/``text_encoder.`` are the first text encoder; the
-        diffusers ``transformer.`` keys of a DiT name no root (their q, k and v are fused in the models here)."""
+        diffusers ``transformer.`` keys are Flux's diffusion model, and name no root of the SD families."""
         part = _FILE_PARTS[self.family].get(file_part, file_part)
         return part if part in FAMILY_PARTS[self.family] else None
+
+    def resolve(self, file_part: str, flat: str) -> tuple[Layer, Rows | None] | None:
+        """The layer a file's layer name changes, and which of its rows: None for all of them, or the blocks a
+        diffusers Flux module is of the fused BFL layer it belongs to (its q rows of ``qkv``, say)."""
+        layer = self.lookup(file_part, flat)
+        if layer is not None:
+            return layer, None
+        if self.family != "flux" or self.part_for(file_part) != "unet" or (found := flux_from_diffusers(flat)) is None:
+            return None
+        layer = self.parts["unet"].get(found[0])
+        if layer is None:
+            return None
+        out, width = layer.weight().shape
+        return layer, flux_rows(found[1], out, width)
 
     def lookup(self, file_part: str, flat: str) -> Layer | None:
         part = self.part_for(file_part)
@@ -152,6 +168,19 @@ class ModelIndex:
             self.openclip.add(part)
             return _index_layers(part, oc[1], "")
         return _index_layers(part, hf[1], "text_model.")
+
+
+def flux_rows(where: FluxRows, out: int, width: int) -> Rows | None:
+    """The rows of a fused Flux layer of ``out`` rows on a ``width``-wide input that a diffusers module is (see
+    keys.FluxRows): q, k, v and the MLP input of ``linear1`` follow each other; the adaLN halves swap places."""
+    if where is None:
+        return None
+    if where == "swap":
+        half = out // 2
+        return (half, half), (0, half)
+    if where == "mlp":
+        return ((3 * width, out - 3 * width),)
+    return ((where * width, width),)
 
 
 def _find(root: nn.Module, test) -> tuple[str, nn.Module] | None:

@@ -4,6 +4,8 @@ Two key styles exist. kohya/LyCORIS keys flatten the layer path with underscores
 the first dot (``lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight``); diffusers/peft keys keep the
 dotted path and end in a known part (``unet.down_blocks.0.attentions.0.proj_in.lora_A.weight``). Both reduce to a
 *flat* layer name (dots turned into underscores), which is what the model index is keyed by, as in the WebUI.
+Names of another layout than the model's are translated here: a diffusers UNet's to the ldm UNet's, Hugging Face
+CLIP's to open_clip's, and a diffusers Flux transformer's to BFL's, where q, k and v are rows of one fused layer.
 """
 
 from __future__ import annotations
@@ -155,3 +157,48 @@ def hf_to_openclip(flat: str) -> str | None:
     if m and m[2] in _HF_TO_OPENCLIP:
         return f"transformer_resblocks_{m[1]}_{_HF_TO_OPENCLIP[m[2]]}"
     return None
+
+
+# --- Flux: diffusers layout → BFL layout ------------------------------------------------------------------------
+
+# Where a diffusers Flux module sits in the BFL layer it is part of, as Forge's key map places it (the
+# ``flux_to_diffusers`` table it ships): None for the whole layer; 0, 1, 2 for q, k, v, each one model width of rows
+# of a fused projection (``qkv``, or the head of a single block's ``linear1``); "mlp" for the MLP input, the rows of
+# ``linear1`` after them; "swap" for the final adaLN, whose diffusers layer gives (scale, shift) and BFL's
+# (shift, scale), so the two halves of its rows change places.
+FluxRows = int | str | None
+
+_FLUX_DOUBLE: dict[str, tuple[str, FluxRows]] = {
+    "attn_to_q": ("img_attn_qkv", 0), "attn_to_k": ("img_attn_qkv", 1), "attn_to_v": ("img_attn_qkv", 2),
+    "attn_add_q_proj": ("txt_attn_qkv", 0), "attn_add_k_proj": ("txt_attn_qkv", 1),
+    "attn_add_v_proj": ("txt_attn_qkv", 2),
+    "attn_to_out_0": ("img_attn_proj", None), "attn_to_add_out": ("txt_attn_proj", None),
+    "norm1_linear": ("img_mod_lin", None), "norm1_context_linear": ("txt_mod_lin", None),
+    "ff_net_0_proj": ("img_mlp_0", None), "ff_net_2": ("img_mlp_2", None),
+    "ff_context_net_0_proj": ("txt_mlp_0", None), "ff_context_net_2": ("txt_mlp_2", None),
+}
+_FLUX_SINGLE: dict[str, tuple[str, FluxRows]] = {
+    "attn_to_q": ("linear1", 0), "attn_to_k": ("linear1", 1), "attn_to_v": ("linear1", 2),
+    "proj_mlp": ("linear1", "mlp"), "proj_out": ("linear2", None), "norm_linear": ("modulation_lin", None),
+}
+_FLUX_TOP: dict[str, tuple[str, FluxRows]] = {
+    "x_embedder": ("img_in", None), "context_embedder": ("txt_in", None), "proj_out": ("final_layer_linear", None),
+    "norm_out_linear": ("final_layer_adaLN_modulation_1", "swap"),
+    "time_text_embed_timestep_embedder_linear_1": ("time_in_in_layer", None),
+    "time_text_embed_timestep_embedder_linear_2": ("time_in_out_layer", None),
+    "time_text_embed_text_embedder_linear_1": ("vector_in_in_layer", None),
+    "time_text_embed_text_embedder_linear_2": ("vector_in_out_layer", None),
+    "time_text_embed_guidance_embedder_linear_1": ("guidance_in_in_layer", None),
+    "time_text_embed_guidance_embedder_linear_2": ("guidance_in_out_layer", None),
+}
+_RE_FLUX_BLOCK = re.compile(r"(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)")
+
+
+def flux_from_diffusers(flat: str) -> tuple[str, FluxRows] | None:
+    """The BFL layer (flat name) that a diffusers Flux module's name stands for, and where in its rows the module
+    sits; None for a name Flux's layers have no place for."""
+    if m := _RE_FLUX_BLOCK.fullmatch(flat):
+        single = m[1] == "single_transformer_blocks"
+        found = (_FLUX_SINGLE if single else _FLUX_DOUBLE).get(m[3])
+        return None if found is None else (f"{'single' if single else 'double'}_blocks_{m[2]}_{found[0]}", found[1])
+    return _FLUX_TOP.get(flat)

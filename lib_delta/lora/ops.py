@@ -7,7 +7,8 @@ rank costs more than the full matrix, everything is summed into one ``ΔW``. Sca
 tensors are stored in the layer's dtype on its device (and follow the input to another device on first use).
 
 Kernel launches per layer and group: Linear low-rank 2 (mm, addmm into a view of the output), Linear dense 1,
-Conv low-rank 2 (conv, baddbmm into the output), Conv dense 2; +1 for a bias change. Folded (on CUDA,
+Conv low-rank 2 (conv, baddbmm into the output), Conv dense 2; +1 for a bias change; diffusers Flux modules that are
+rows of one fused layer (q, k, v of ``qkv``) share the mm and add one addmm per block of rows. Folded (on CUDA,
 :mod:`.fold`), a low-rank op's down-projection comes out of the layer's own GEMM and :meth:`add_up` is all it
 runs. Normalisation layers and ``nn.MultiheadAttention`` recompute their rows with merged parameters swapped in
 (text encoders run once per batch, so simplicity wins there).
@@ -34,10 +35,7 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def fuse(deltas: list[Delta], weight_shape: torch.Size, low_rank: bool = True) -> Delta:
     """One delta for all files of a group on one weight (float32); dense unless ``low_rank`` and cheaper so."""
-    bias = None
-    for d in deltas:
-        if d.bias is not None:
-            bias = d.bias if bias is None else bias + d.bias
+    bias = _bias(deltas)
     low = [d for d in deltas if d.up is not None]
     dense = [d.dense for d in deltas if d.dense is not None]
     if low and not dense:
@@ -53,6 +51,14 @@ def fuse(deltas: list[Delta], weight_shape: torch.Size, low_rank: bool = True) -
     for t in dense:
         total = t.clone() if total is None else total.add_(t)
     return Delta(dense=total, bias=bias)
+
+
+def _bias(deltas: list[Delta]) -> torch.Tensor | None:
+    bias = None
+    for d in deltas:
+        if d.bias is not None:
+            bias = d.bias if bias is None else bias + d.bias
+    return bias
 
 
 class _Op:
@@ -109,6 +115,74 @@ class LinearLowRank(_Op):
 
     def weight_delta(self) -> torch.Tensor:
         return self.up @ self.down
+
+
+class LinearRowBlocks(LinearLowRank):
+    """Low-rank changes to blocks of a fused layer's rows (diffusers Flux modules: q, k and v of ``qkv``), each
+    added into its own rows: one down-projection for all of them (folded like any other, :mod:`.fold`), then one
+    GEMM per block, so no up factor is padded with zeros to the layer's height. A change to the whole layer (a
+    kohya file of the same group) is a block of every row."""
+
+    tensors = ("down", "bias")
+
+    def __init__(self, deltas: list[Delta], weight_shape: torch.Size, dtype: torch.dtype, device: torch.device):
+        self.height = weight_shape[0]
+        blocks: dict[tuple[int, int], list[Delta]] = {}
+        for d in deltas:
+            if d.up is not None:
+                blocks.setdefault(d.rows or (0, self.height), []).append(d)
+        self.down = torch.cat([d.down for ds in blocks.values() for d in ds]).to(device, dtype).contiguous()  # (R, in)
+        self.ups = tuple(torch.cat([d.up for d in ds], dim=1).to(device, dtype).contiguous()
+                         for ds in blocks.values())  # (rows of the block, its rank)
+        self.spans: list[tuple[int, int, slice]] = []  # (first row, rows, its columns of the down-projection)
+        start = 0
+        for (first, count), up in zip(blocks, self.ups, strict=True):
+            self.spans.append((first, count, slice(start, start + up.shape[1])))
+            start += up.shape[1]
+        bias = _bias(deltas)
+        self.bias = None if bias is None else bias.to(device, dtype)
+        self._sync()
+
+    @staticmethod
+    def pays(deltas: list[Delta], weight_shape: torch.Size) -> bool:
+        """Whether every change is low-rank and the blocks hold fewer numbers than one dense ``ΔW``."""
+        if any(d.dense is not None for d in deltas):
+            return False
+        fan_in = math.prod(weight_shape[1:])
+        numbers = sum(d.up.shape[1] * (fan_in + d.up.shape[0]) for d in deltas if d.up is not None)
+        return numbers < fan_in * weight_shape[0]
+
+    def _sync(self) -> None:
+        self.down_t = self.down.t()
+        self.ups_t = tuple(up.t() for up in self.ups)
+
+    def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        self.ups = tuple(up.to(device=device, dtype=dtype) for up in self.ups)
+        super().to(device=device, dtype=dtype)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(up.numel() * up.element_size() for up in self.ups)
+
+    def add_up(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[…, block] += h[:, its ranks] @ upᵀ`` for every block (+ bias)."""
+        if self.down.device != out.device:
+            self.to(device=out.device)
+        h = h.reshape(-1, h.shape[-1])
+        rows = _flat_rows(out) if h.dtype == self.down.dtype == out.dtype else None
+        for (first, count, ranks), up_t in zip(self.spans, self.ups_t, strict=True):
+            if rows is not None:  # in place, into the block's columns of the output's own memory
+                rows[:, first:first + count].addmm_(h[:, ranks], up_t)
+            else:
+                change = torch.mm(h[:, ranks].to(up_t.dtype), up_t)
+                out.narrow(-1, first, count).add_(change.view(*out.shape[:-1], count).to(out.dtype))
+        if self.bias is not None:
+            out.add_(self.bias)
+
+    def weight_delta(self) -> torch.Tensor:
+        change = self.down.new_zeros(self.height, self.down.shape[1])
+        for (first, count, ranks), up in zip(self.spans, self.ups, strict=True):
+            change[first:first + count] += up @ self.down[ranks]
+        return change
 
 
 class LinearDense(_Op):

@@ -50,7 +50,7 @@ from ..errors import DeltaError
 from .family import guess_family, label, looks_like
 from .files import LoraFile
 from .fold import WeightFold
-from .formats import Delta, ShapeMismatch, build_delta, detect_format, format_label
+from .formats import Delta, ShapeMismatch, build_delta, detect_format, format_label, take_rows
 from .index import Layer, ModelIndex
 from .keys import parse_key
 from .ops import (
@@ -58,6 +58,7 @@ from .ops import (
     ConvLowRank,
     LinearDense,
     LinearLowRank,
+    LinearRowBlocks,
     MhaReplace,
     NormReplace,
     compute_dtype,
@@ -118,12 +119,6 @@ def plan_file(use: LoraUse, index: ModelIndex, weight_of: Callable[[Layer], torc
         else:
             parsed.append(pk)
     total = len(parsed) + len(unmatched)
-    if index.family == "flux" and any(pk.part == "dit" for pk in parsed):
-        raise DeltaError(
-            f"{f.name} is a Flux LoRA in the diffusers layout (transformer.… keys, as ai-toolkit writes them), whose "
-            f"separate q, k and v changes Delta Sampling cannot yet apply to Flux's fused layers. Use the LoRA in "
-            f"the kohya layout (lora_unet_double_blocks_… keys), or transfer a checkpoint with it merged."
-        )
     looks = guess_family(parsed, f.tensors, f.metadata)
     if index.family not in looks:
         raise DeltaError(
@@ -141,20 +136,24 @@ def plan_file(use: LoraUse, index: ModelIndex, weight_of: Callable[[Layer], torc
     matched = 0
     layers_seen: dict[str, set] = {"unet": set(), "te": set()}
     for (part, flat), keys in by_layer.items():
-        layer = index.lookup(part, flat)
-        fmt = detect_format(keys) if layer is not None else None
-        if layer is None or fmt in (None, "glora"):
+        target = index.resolve(part, flat)
+        fmt = detect_format(keys) if target is not None else None
+        if target is None or fmt in (None, "glora"):
             unmatched.extend(keys.values())
             if fmt == "glora":
                 unsupported.add("GLoRA")
             continue
+        layer, rows = target
         tensors = {wp: f.tensors[k] for wp, k in keys.items()}
         if fmt in ("ia3", "oft") or "dora_scale" in keys:  # these transform the weight itself
             weight = weight_of(layer) if weight_of else layer.weight().detach().float()
         else:  # the others need only its shape and device
             weight = layer.weight().detach()
         try:
-            delta = build_delta(fmt, tensors, weight, layer.kind)
+            if rows is None:
+                delta = build_delta(fmt, tensors, weight, layer.kind)
+            else:  # a module that is rows of a fused layer changes its own rows, as if it were a layer of them
+                delta = build_delta(fmt, tensors, take_rows(weight, rows), layer.kind).in_rows(rows, weight.shape[0])
         except ShapeMismatch as e:
             raise DeltaError(
                 f"{f.name} does not fit the {index.family_label} source model: {min(keys.values())}: {e}; "
@@ -174,8 +173,14 @@ def plan_file(use: LoraUse, index: ModelIndex, weight_of: Callable[[Layer], torc
             f"{index.family_label} source hold quantized weights (NF4, FP4 or GGUF), which a LoRA cannot be added to "
             f"here. Choose an unquantized file of the source (fp16, bf16 or fp8) as the source base."
         )
+    extra = f" ({', '.join(sorted(unsupported))} modules are not supported)" if unsupported else ""
+    if index.family == "flux" and (lost := sorted(pk.key for pk in parsed if pk.part == "dit" and pk.key in missed)):
+        raise DeltaError(  # the WebUI would leave these out and apply the rest: a different LoRA, unannounced
+            f"{f.name} is a Flux LoRA in the diffusers layout (transformer.… keys), but {len(lost)} of its keys name "
+            f"no layer of the Flux model that Delta Sampling can change{extra}, e.g. {lost[0]}. Use the LoRA in the "
+            f"kohya layout (lora_unet_double_blocks_… keys), or transfer a checkpoint with it merged."
+        )
     if matched == 0:
-        extra = f" ({', '.join(sorted(unsupported))} modules are not supported)" if unsupported else ""
         raise DeltaError(
             f"None of the {total} keys of {f.name} names a layer of the {index.family_label} source model{extra}; "
             f"{looks_like(looks)}. It may be for another model type, or not a LoRA. Choose a LoRA/LyCORIS file "
@@ -226,7 +231,7 @@ def build_patch(roots: Mapping[str, nn.Module], family: str, groups: Sequence[Se
             def weight_of(layer: Layer, so_far=so_far) -> torch.Tensor:
                 weight = layer.weight().detach().float()
                 for d in so_far.get((id(layer.module), layer.slot), ()):
-                    weight = weight + d.materialise().float().reshape(weight.shape)
+                    weight = weight + d.full(weight.shape[0]).materialise().float().reshape(weight.shape)
                 return weight
 
             for use in uses:
@@ -263,7 +268,12 @@ def _make_op(module: nn.Module, kind: str, slots: dict | None, low_rank: bool):
         return MhaReplace(module, fused, compute_dtype(weight), weight.device)
     weight = module.weight
     dtype, device = compute_dtype(weight), weight.device
-    delta = fuse([_f32(d) for d in slots[None]], weight.shape, low_rank)
+    deltas = [_f32(d) for d in slots[None]]
+    if any(d.rows is not None for d in deltas):  # diffusers Flux modules, each low-rank on rows of a fused layer
+        if kind == "linear" and low_rank and LinearRowBlocks.pays(deltas, weight.shape):
+            return LinearRowBlocks(deltas, weight.shape, dtype, device)
+        deltas = [d.full(weight.shape[0]) for d in deltas]
+    delta = fuse(deltas, weight.shape, low_rank)
     if kind == "norm":
         return NormReplace(module, delta, weight.dtype, device)
     if kind == "linear":
@@ -276,7 +286,7 @@ def _make_op(module: nn.Module, kind: str, slots: dict | None, low_rank: bool):
 
 
 def _f32(d: Delta) -> Delta:
-    return Delta(*(None if t is None else t.float() for t in (d.up, d.down, d.dense, d.bias)))
+    return Delta(*(None if t is None else t.float() for t in (d.up, d.down, d.dense, d.bias)), rows=d.rows)
 
 
 # --- patching -------------------------------------------------------------------------------------------------

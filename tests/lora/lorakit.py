@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from devkit.families import tiny_sd1, tiny_sd2v, tiny_sdxl
+from devkit.flux import Flux, IntegratedT5
 
 GEN_SEED = 1234
 
@@ -45,6 +46,23 @@ def run_unet(unet: nn.Module, inputs: tuple) -> torch.Tensor:
     x, t, ctx, y = inputs
     with torch.no_grad():
         return unet(x, t, context=ctx, y=y)
+
+
+def flux_roots(seed: int = 5) -> dict[str, nn.Module]:
+    """A tiny Flux source as Forge builds it: the transformer, CLIP-L and T5-XXL."""
+    torch.manual_seed(seed)
+    return {"unet": Flux().eval(), "te1": family("sd1").text_encoders[0], "t5": IntegratedT5().eval()}
+
+
+def flux_inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, 16, generator=g), torch.randn(batch, 5, 24, generator=g),
+            torch.full((batch,), 700.0), torch.randn(batch, 16, generator=g), torch.full((batch,), 3.5))
+
+
+def run_flux(flux: nn.Module, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return flux(*inputs)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

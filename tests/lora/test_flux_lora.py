@@ -1,34 +1,30 @@
-"""LoRAs on a Flux source: kohya and BFL keys on the fused layers, CLIP-L and T5 parts, and what is refused."""
+"""LoRAs on a Flux source: kohya and BFL keys on the fused layers, CLIP-L and T5 parts, and what is refused (the
+diffusers layout: test_flux_diffusers_lora.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lorakit import Change, family, layer_weight, lokr_parts, lora_parts, merge_reference, rel_err, write_file
+from lorakit import (
+    Change,
+    family,
+    flux_inputs,
+    flux_roots,
+    layer_weight,
+    lokr_parts,
+    lora_parts,
+    merge_reference,
+    rel_err,
+    run_flux,
+    write_file,
+)
 
-from devkit.flux import Flux, IntegratedT5
 from lib_delta.errors import DeltaError
 from lib_delta.lora import LoraUse, build_patch, read_lora
 
 # the layers Flux LoRAs train: both streams' fused q/k/v and MLPs, the single blocks' fused linear1 and linear2
 DIT_LAYERS = ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.qkv", "double_blocks.0.img_mlp.0",
               "double_blocks.1.txt_attn.proj", "single_blocks.0.linear1", "single_blocks.1.linear2")
-
-
-def _model(seed: int = 5) -> dict[str, torch.nn.Module]:
-    torch.manual_seed(seed)
-    return {"unet": Flux().eval(), "te1": family("sd1").text_encoders[0], "t5": IntegratedT5().eval()}
-
-
-def _inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 16, 16, generator=g), torch.randn(batch, 5, 24, generator=g),
-            torch.full((batch,), 700.0), torch.randn(batch, 16, generator=g), torch.full((batch,), 3.5))
-
-
-def _run(flux: torch.nn.Module, inputs: tuple) -> torch.Tensor:
-    with torch.no_grad():
-        return flux(*inputs)
 
 
 def _changes(unet: torch.nn.Module, key_of, seed: int = 1, make=lora_parts) -> list[Change]:
@@ -38,7 +34,7 @@ def _changes(unet: torch.nn.Module, key_of, seed: int = 1, make=lora_parts) -> l
 
 @pytest.mark.parametrize("style", ["kohya", "bfl"])
 def test_a_flux_lora_on_the_fused_layers_equals_the_merged_model(tmp_path, style):
-    roots = _model()
+    roots = flux_roots()
     flux = roots["unet"]
     if style == "kohya":  # lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight (kohya, Forge, OneTrainer)
         changes = _changes(flux, lambda p: "lora_unet_" + p.replace(".", "_"))
@@ -51,33 +47,33 @@ def test_a_flux_lora_on_the_fused_layers_equals_the_merged_model(tmp_path, style
     patch = build_patch(roots, "flux", [[use]])
     assert patch.reports[0][0].unet_modules == len(DIT_LAYERS) and not patch.reports[0][0].unmatched
 
-    inputs = _inputs(2)
+    inputs = flux_inputs(2)
     batch = tuple(torch.cat([t, t]) for t in inputs)
-    plain = _run(flux, batch)
+    plain = run_flux(flux, batch)
     with patch, patch.rows([(slice(0, 2), None), (slice(2, 4), 0)]):
-        dual = _run(flux, batch)
+        dual = run_flux(flux, batch)
     merged = merge_reference({"unet": flux}, changes, unet=0.8)["unet"]
     assert torch.equal(dual[:2], plain[:2])
-    assert rel_err(dual[2:], _run(merged, inputs)) <= 1e-5
+    assert rel_err(dual[2:], run_flux(merged, inputs)) <= 1e-5
     assert rel_err(dual[2:], plain[2:]) > 1e-2  # the LoRA moves the prediction
 
 
 def test_lycoris_on_a_fused_layer(tmp_path):
-    roots = _model()
+    roots = flux_roots()
     flux = roots["unet"]
     changes = _changes(flux, lambda p: "lora_unet_" + p.replace(".", "_"), make=lokr_parts)
     patch = build_patch(roots, "flux", [[LoraUse(read_lora(write_file(tmp_path, "lokr.safetensors", changes)))]])
-    inputs = _inputs(1)
+    inputs = flux_inputs(1)
     with patch, patch.rows([(slice(0, 1), 0)]):
-        adapted = _run(flux, inputs)
-    assert rel_err(adapted, _run(merge_reference({"unet": flux}, changes)["unet"], inputs)) <= 1e-5
+        adapted = run_flux(flux, inputs)
+    assert rel_err(adapted, run_flux(merge_reference({"unet": flux}, changes)["unet"], inputs)) <= 1e-5
 
 
 @pytest.mark.parametrize("t5_prefix", ["lora_te3_", "lora_te2_"])
 def test_clip_l_and_t5_keys_reach_the_flux_text_encoders(tmp_path, t5_prefix):
     """kohya writes CLIP-L as ``lora_te1_`` and T5 as ``lora_te3_``; OneTrainer's Flux files put T5 under
     ``lora_te2_`` (Forge's key map takes both)."""
-    roots = _model()
+    roots = flux_roots()
     g = torch.Generator().manual_seed(2)
     clip_q = "text_model.encoder.layers.0.self_attn.q_proj"
     t5_q = "transformer.encoder.block.0.layer.0.SelfAttention.q"
@@ -103,25 +99,13 @@ def test_clip_l_and_t5_keys_reach_the_flux_text_encoders(tmp_path, t5_prefix):
         assert rel_err(adapted, merged["t5"](ids)) <= 1e-5 and rel_err(adapted, plain) > 1e-3
 
 
-def test_a_diffusers_layout_flux_lora_is_refused_with_the_way_out(tmp_path):
-    roots = _model()
-    g = torch.Generator().manual_seed(3)
-    w = layer_weight(roots["unet"], "double_blocks.0.img_attn.qkv")[:32]
-    parts = {"lora_A.weight": torch.randn(4, 32, generator=g), "lora_B.weight": torch.randn(w.shape[0], 4, generator=g)}
-    path = write_file(tmp_path, "aitk.safetensors", [Change("unet", "", "transformer.transformer_blocks.0.attn.to_q",
-                                                            parts)])
-    with pytest.raises(DeltaError) as e:
-        build_patch(roots, "flux", [[LoraUse(read_lora(path))]])
-    assert "diffusers layout" in str(e.value) and "kohya layout" in str(e.value)
-
-
 def test_an_sd_lora_on_a_flux_source_is_refused(tmp_path):
     fam = family("sdxl")
     g = torch.Generator().manual_seed(4)
     path_ = "input_blocks.4.1.transformer_blocks.0.attn2.to_k"
     change = Change("unet", path_, "lora_unet_" + path_.replace(".", "_"), lora_parts(g, layer_weight(fam.unet, path_)))
     with pytest.raises(DeltaError, match=r"but the source model is Flux\. Choose a LoRA trained on Flux"):
-        build_patch(_model(), "flux", [[LoraUse(read_lora(write_file(tmp_path, "xl.safetensors", [change])))]])
+        build_patch(flux_roots(), "flux", [[LoraUse(read_lora(write_file(tmp_path, "xl.safetensors", [change])))]])
 
 
 class _QuantizedParameter(torch.nn.Parameter):
@@ -140,7 +124,7 @@ class Linear(torch.nn.Module):
 
 
 def test_a_quantized_flux_source_is_refused_with_the_way_out(tmp_path):
-    roots = _model()
+    roots = flux_roots()
     flux = roots["unet"]
     changes = _changes(flux, lambda p: "lora_unet_" + p.replace(".", "_"))
     for block in (*flux.double_blocks, *flux.single_blocks):  # the DiT as an NF4/GGUF file loads it
