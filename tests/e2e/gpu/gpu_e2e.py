@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sdxl", default=None, help="the SDXL fixture (gpu: sdxl_full; cpu: sdxl, the reduced one)")
     p.add_argument("--attention", choices=("auto", "sdp"), default="sdp",
                    help="sdp: --opt-sdp-attention; auto: the WebUI's own choice (Doggettx on CUDA without flags)")
-    p.add_argument("--skip", default="", help="sections to leave out: soak, two-sources, leak, oom")
+    p.add_argument("--skip", default="", help="sections to leave out: soak, two-sources, leak, oom, fixture-check")
     p.add_argument("--medvram-requests", default="plain,own LoRA,DS default,DS cond-only")
     p.add_argument("--fixtures", default="", help="build these fixtures too, in the background while the phases "
                                                   "run (e.g. sdxl_full ahead of a later call)")
@@ -575,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     DEADLINE[0] = t0 + a.budget if a.budget else math.inf
     # SD1.5 first (the first phase needs it); the SDXL fixture builds on the CPU while the SD1.5 phase uses the GPU
-    fx = build(install, ("sd15",))
+    # the GPU's Flux phase uses its own fixture alone; every other phase (and the Flux phase's CPU stand-in) SD1.5
+    fx = {} if gpu and set(phases) == {"forge-flux"} else build(install, ("sd15",))
     r.data["fixtures_seconds"] = time.monotonic() - t0
     print(f"fixtures ready in {r.data['fixtures_seconds']:.0f}s: sd15", flush=True)
     ahead = [m for m in ([a.sdxl] if {"sdxl", "medvram", "forge-sdxl"} & set(phases) else []) + a.fixtures.split(",")
