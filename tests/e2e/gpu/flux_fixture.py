@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 2
+VERSION = 3
 SEED = 1206
 # huggingface_guess/detection.py, the Flux branch with guidance_in: Flux.1-dev, the layout Forge builds
 FLUX_DEV = dict(in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24,
@@ -77,9 +77,16 @@ def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
             "t5xxl": bare(t5, "transformer.")}
 
 
+# The adaLN layers that make each block's shift, scale and gate (and the final layer's): a trained Flux starts them
+# at zero (adaLN-Zero) and keeps them small, so each block adds a little to the residual stream; at N(0, 1/fan_in)
+# every gate is of order one and the prediction leaves a latent's range by the last of the 57 blocks.
+MODULATION = ("_mod.lin.weight", "modulation.lin.weight", "adaLN_modulation.1.weight")
+MODULATION_SCALE = 0.125  # a power of two: the same bf16 values as the unscaled draw, scaled
+
+
 def draw(name: str, shape: torch.Size, gen: torch.Generator, device: str) -> torch.Tensor:
-    """Values that keep each layer's output at about its input's scale: weights N(0, 1/fan_in), embeddings
-    N(0, 0.02²), norm scales 1, biases 0."""
+    """Values that keep each layer's output at about its input's scale: weights N(0, 1/fan_in) (the adaLN layers
+    an eighth of that), embeddings N(0, 0.02²), norm scales 1, biases 0."""
     if name.endswith("bias"):
         return torch.zeros(shape, device=device)
     if len(shape) == 1 or name.endswith("scale"):
@@ -87,7 +94,8 @@ def draw(name: str, shape: torch.Size, gen: torch.Generator, device: str) -> tor
     if "embedding" in name or name == "shared.weight":
         return torch.randn(shape, generator=gen, device=device) * 0.02
     fan_in = int(torch.Size(shape[1:]).numel())
-    return torch.randn(shape, generator=gen, device=device) * fan_in ** -0.5
+    weight = torch.randn(shape, generator=gen, device=device) * fan_in ** -0.5
+    return weight * MODULATION_SCALE if name.endswith(MODULATION) else weight
 
 
 def write_file(path: Path, layout: dict[str, torch.Size], dtype: torch.dtype, gen: torch.Generator,
