@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     # the GPU's Flux phase uses its own fixture alone; every other phase (and the Flux phase's CPU stand-in) SD1.5
     fx = {} if gpu and set(phases) == {"forge-flux"} else build(install, ("sd15",))
     r.data["fixtures_seconds"] = time.monotonic() - t0
-    print(f"fixtures ready in {r.data['fixtures_seconds']:.0f}s: sd15", flush=True)
+    print(f"fixtures ready in {r.data['fixtures_seconds']:.0f}s: {', '.join(fx) or 'none needed'}", flush=True)
     ahead = [m for m in ([a.sdxl] if {"sdxl", "medvram", "forge-sdxl"} & set(phases) else []) + a.fixtures.split(",")
              if m]
     ahead = list(dict.fromkeys(m for m in ahead if m != "sd15"))
