@@ -182,8 +182,10 @@ def phase_forge_sdxl(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
         r.put("loaded_after_soak", c.get("/delta-gpu/resident")["now"])
 
 
-FLUX_REQUEST = {"width": 512, "height": 512, "steps": 8, "sampler_name": "Euler", "cfg_scale": 1.0,
-                "distilled_cfg_scale": 3.5}
+# Forge's Flux preset (Euler, Simple): the API's "Automatic" schedule asks a Flux predictor for sigmas in its pseudo
+# timesteps (9999 … 0, not 1 … 0), and every image comes out one flat colour
+FLUX_REQUEST = {"width": 512, "height": 512, "steps": 8, "sampler_name": "Euler", "scheduler": "Simple",
+                "cfg_scale": 1.0, "distilled_cfg_scale": 3.5}
 FLUX_STAND_IN = {"width": 64, "height": 64, "steps": 4}  # the CPU run's request, with the split SD1.5
 
 

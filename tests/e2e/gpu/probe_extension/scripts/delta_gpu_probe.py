@@ -10,7 +10,9 @@ Routes (added to the WebUI's app; the harness links this folder into a throwaway
 - ``POST /delta-gpu/fold?on=0``: build Delta Sampling's LoRA patches with folding off (``fold=False``), which no
   setting offers; ``on=1`` restores the default (fold on CUDA).
 - ``POST /delta-gpu/nan?on=1`` and ``GET /delta-gpu/nan``: count the sampling steps whose combined prediction
-  (``on_cfg_after_cfg``) holds a non-finite value. Off by default: the check synchronises every step.
+  (``on_cfg_after_cfg``) holds a non-finite value, and trace the first steps (sigma, the largest value of the input,
+  of each conditioning tensor and of the prediction; on Forge also the prediction type and the model's dtypes), so
+  that a prediction out of range can be followed to where it starts. Off by default: it synchronises every step.
 - ``GET /delta-gpu/paths``: since the last read, how often the source's forward was recorded and replayed as a
   CUDA graph, and how many LoRA layers ran folded (the most in one generation), so that a comparison of the
   default against graph/fold off shows the defaults were really in use. Read from the extension's own objects.
@@ -29,7 +31,9 @@ import os
 import torch
 from modules import script_callbacks
 
-_nan = {"on": False, "steps": 0, "bad_steps": 0, "max_abs": 0.0}  # max_abs: of any denoised value
+# max_abs: of any denoised value
+_nan: dict = {"on": False, "steps": 0, "bad_steps": 0, "max_abs": 0.0, "trace": [], "model": {}}
+TRACE_STEPS = 64  # the first steps' sigma and the largest input, conditioning and denoised value: where a value grows
 _fold = {"original": None}
 _paths = {"captures": 0, "replays": 0, "graph_failures": 0, "folded_layers": 0, "hooked": False}
 _resident: dict = {"on": False, "steps": 0, "most": []}
@@ -76,6 +80,35 @@ def _forge_loaded() -> list[dict]:
     return out
 
 
+def _absmax(value) -> float | dict | None:
+    if isinstance(value, dict):
+        return {k: _absmax(v) for k, v in value.items()}
+    return float(value.detach().float().abs().max()) if isinstance(value, torch.Tensor) else None
+
+
+def _model_info(denoiser) -> dict:
+    """What the sampler runs: the prediction type, its sigma range, and the diffusion model's dtypes and device."""
+    try:
+        kmodel = denoiser.inner_model.inner_model.forge_objects.unet.model
+        weight = next(kmodel.diffusion_model.parameters())
+        predictor = kmodel.predictor
+        return {"predictor": type(predictor).__name__, "sigma_max": float(predictor.sigma_max),
+                "sigma_min": float(predictor.sigma_min), "computation_dtype": str(kmodel.computation_dtype),
+                "storage_dtype": str(getattr(kmodel, "storage_dtype", None)),
+                "weight": f"{weight.dtype} {weight.device}"}
+    except Exception as e:  # A1111, or a layout this does not know: the trace goes on without it
+        return {"error": repr(e)[:200]}
+
+
+def _before_cfg(params) -> None:
+    if not _nan["on"] or len(_nan["trace"]) >= TRACE_STEPS:
+        return
+    if not _nan["model"] and FORGE:
+        _nan["model"] = _model_info(params.denoiser)
+    _nan["trace"].append({"step": params.sampling_step, "sigma": [float(s) for s in params.sigma.flatten()[:4]],
+                          "x": _absmax(params.x), "cond": _absmax(params.text_cond)})
+
+
 def _after_cfg(params) -> None:
     if _resident["on"]:
         _resident["steps"] += 1
@@ -86,6 +119,8 @@ def _after_cfg(params) -> None:
     if _nan["on"]:
         _nan["steps"] += 1
         _nan["max_abs"] = max(_nan["max_abs"], float(params.x.detach().abs().max()))
+        if _nan["trace"] and "denoised" not in _nan["trace"][-1]:
+            _nan["trace"][-1]["denoised"] = _absmax(params.x)
         if not bool(torch.isfinite(params.x).all()):
             _nan["bad_steps"] += 1
 
@@ -169,7 +204,7 @@ def _routes(_demo, app) -> None:
 
     @app.post("/delta-gpu/nan")
     def nan_on(on: int):
-        _nan.update(on=bool(on), steps=0, bad_steps=0, max_abs=0.0)
+        _nan.update(on=bool(on), steps=0, bad_steps=0, max_abs=0.0, trace=[], model={})
         return dict(_nan)
 
     @app.get("/delta-gpu/nan")
@@ -190,4 +225,5 @@ def _routes(_demo, app) -> None:
 
 
 script_callbacks.on_app_started(_routes)
+script_callbacks.on_cfg_denoiser(_before_cfg)
 script_callbacks.on_cfg_after_cfg(_after_cfg)
