@@ -80,9 +80,9 @@ def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
 
 
 # The adaLN layers that make each block's shift, scale and gate (and the final layer's): a trained Flux starts them
-# at zero (adaLN-Zero) and keeps them small, so each block adds a little to the residual stream. At N(0, 1/fan_in)
-# every gate is of order one; version 2 drew them so, and on a GPU its predictions reached |x0| ≈ 7e4 (the CPU, at
-# full depth and a narrower width, stays under 7 either way: docs/e2e.md, run N and after).
+# at zero (adaLN-Zero) and keeps them small, so each block adds a little to the residual stream; at N(0, 1/fan_in)
+# every gate would be of order one. (Either draw keeps |x0| under 7 in flux_depth_check.py, and this one on the GPU
+# too: the flat images of the first GPU runs came from the request's schedule, docs/e2e.md, runs N to P.)
 MODULATION = ("_mod.lin.weight", "modulation.lin.weight", "adaLN_modulation.1.weight")
 MODULATION_SCALE = 0.125  # a power of two: the same bf16 values as the unscaled draw, scaled
 
