@@ -6,9 +6,11 @@ blocks of width 3072 whatever the file holds (huggingface_guess/detection.py, th
 loads: 11.9 B + 4.8 B parameters, 34 GB on disk. The names and shapes come from Forge's own classes on the meta
 device, so the files are what its loader reads; the values are drawn on the GPU, block by block.
 
-    python flux_fixture.py --forge FORGE_ROOT --out DIR [--device cuda]
+    python flux_fixture.py --forge FORGE_ROOT --out DIR [--device cuda] [--reduced]
 
 Run with Forge's python (its backend and transformers); writes DIR/manifest.json last, so a cut build is rebuilt.
+``--reduced`` draws the smaller Flux that a Forge copy made by reduced_flux.py loads (give that copy as FORGE_ROOT:
+T5's layer count comes from its config), for the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from reduced_flux import REDUCED
 
 VERSION = 3
 SEED = 1206
@@ -39,6 +42,7 @@ LORA_RANK = 4
 # each adapted layer changes by about 0.6 of its output (√4 · 0.3 against 1 from the base weight): the small gates pass
 # on an eighth of what a block adds, and a prediction the LoRA moves by less would decode to nearly the same image
 LORA_UP_STD = 0.3
+LORA_UP_STD_REDUCED = 0.6  # the reduced Flux's LoRA spans 12 blocks, not 57: each layer changes twice as much
 LORA_LAYERS = ("img_attn.qkv", "txt_attn.qkv", "linear1")  # of each double block (the two) and single block
 TE_LAYERS = {"clip_l": ("lora_te1_", ("self_attn.q_proj", "self_attn.v_proj")),
              "t5xxl": ("lora_te3_", ("SelfAttention.q", "SelfAttention.v"))}
@@ -53,7 +57,7 @@ def forge_backend(root: Path, device: str = "cpu") -> None:
     os.chdir(root)
 
 
-def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
+def forge_layouts(root: Path, dit_config: dict) -> dict[str, dict[str, torch.Size]]:
     """Each file's tensor names and shapes, from Forge's classes built on the meta device (no memory)."""
     forge_backend(root)
     from backend.nn.clip import IntegratedCLIP
@@ -64,7 +68,7 @@ def forge_layouts(root: Path) -> dict[str, dict[str, torch.Size]]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        dit = IntegratedFluxTransformer2DModel(**FLUX_DEV)
+        dit = IntegratedFluxTransformer2DModel(**dit_config)
         t5 = IntegratedT5(read_arbitrary_config(f"{REPO}/text_encoder_2"))
         clip = IntegratedCLIP(CLIPTextModel, CLIPTextConfig.from_pretrained(f"{REPO}/text_encoder"))
         vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(f"{REPO}/vae"))
@@ -119,7 +123,8 @@ def lora_targets(layout: dict[str, torch.Size], prefix: str = "lora_unet_",
             and (prefix != "lora_unet_" or k.startswith(("double_blocks.", "single_blocks.")))}
 
 
-def write_lora(path: Path, targets: dict[str, torch.Size], gen: torch.Generator, device: str) -> None:
+def write_lora(path: Path, targets: dict[str, torch.Size], gen: torch.Generator, device: str,
+               up_std: float = LORA_UP_STD) -> None:
     """Kohya names (``lora_unet_double_blocks_0_img_attn_qkv``), which both Forge's LoRA loader and the extension's
     map onto Forge's Flux modules."""
     from safetensors.torch import save_file
@@ -127,28 +132,32 @@ def write_lora(path: Path, targets: dict[str, torch.Size], gen: torch.Generator,
     tensors = {}
     for key, (out, inp) in targets.items():
         tensors[f"{key}.lora_down.weight"] = torch.randn(LORA_RANK, inp, generator=gen, device=device) * inp ** -0.5
-        tensors[f"{key}.lora_up.weight"] = torch.randn(out, LORA_RANK, generator=gen, device=device) * LORA_UP_STD
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out, LORA_RANK, generator=gen, device=device) * up_std
         tensors[f"{key}.alpha"] = torch.tensor(float(LORA_RANK))
     save_file({k: v.to(torch.float16).cpu() for k, v in tensors.items()}, str(path),
               metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "flux1"})
 
 
-def build(root: Path, out: Path, device: str) -> dict:
+def build(root: Path, out: Path, device: str, reduced: bool = False) -> dict:
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
-    layouts = forge_layouts(root)
+    dit_config = {**FLUX_DEV, **REDUCED} if reduced else FLUX_DEV
+    layouts = forge_layouts(root, dit_config)
     gen = torch.Generator(device).manual_seed(SEED)
     counts = {}
     for part, layout in layouts.items():
         counts[part] = write_file(out / FILES[part], layout, DTYPES[part], gen, device)
         print(f"  {FILES[part]}: {counts[part] / 1e9:.2f} B parameters, {time.monotonic() - started:.0f}s", flush=True)
     targets = lora_targets(layouts["checkpoint"])
-    write_lora(out / f"{LORA}.safetensors", targets, gen, device)
+    up_std = LORA_UP_STD_REDUCED if reduced else LORA_UP_STD
+    write_lora(out / f"{LORA}.safetensors", targets, gen, device, up_std)
     te_targets = {k: v for part, (prefix, layers) in TE_LAYERS.items()
                   for k, v in lora_targets(layouts[part], prefix, layers).items()}
-    write_lora(out / f"{LORA_TE}.safetensors", {**targets, **te_targets}, gen, device)
-    manifest = {"fixture_version": VERSION, "model": "flux", "seed": SEED, "files": {"checkpoint": FILES["checkpoint"]},
+    write_lora(out / f"{LORA_TE}.safetensors", {**targets, **te_targets}, gen, device, up_std)
+    manifest = {"fixture_version": VERSION, "model": "flux", "seed": SEED, "reduced": reduced,
+                "sizes": {k: dit_config[k] for k in ("hidden_size", "num_heads", "depth", "depth_single_blocks")},
+                "files": {"checkpoint": FILES["checkpoint"]},
                 "modules": {FILES[p]: FOLDERS[p] for p in ("vae", "clip_l", "t5xxl")},
                 "loras": {"lora": LORA, "lora_te": LORA_TE}, "lora_rank": LORA_RANK, "lora_modules": len(targets),
                 "lora_te_modules": len(te_targets), "parameters": counts,
@@ -162,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--forge", type=Path, required=True, help="the Forge 2 install (its root)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--reduced", action="store_true", help="the smaller Flux of a reduced_flux.py copy of Forge")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    print(json.dumps(build(a.forge.resolve(), a.out.resolve(), a.device)), flush=True)
+    print(json.dumps(build(a.forge.resolve(), a.out.resolve(), a.device, a.reduced)), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ is no graph/fold variant here; the probe's path counters must stay at zero.
   smaller Flux) in the layout its users keep, the diffusion model alone with its VAE, CLIP-L and T5-XXL chosen in
   'VAE / Text Encoder'; as its own source with its LoRA at λ = 1 against Forge's own ``<lora:L:1>``, 512 px, 8
   Euler steps, CFG 1 with the distilled guidance 3.5 (Flux-dev's defaults): no non-finite step, PSNR recorded,
-  peak VRAM of plain, own LoRA and DS (two 12 B models), then plain again (Forge's own image). On the CPU the
-  SD1.5 fixture split the same way stands in for the Flux files (64 px, 4 steps): the same path through Forge's
-  loader, its module box and the extension, at a size the CPU runs.
+  peak VRAM of plain, own LoRA and DS (two 12 B models), then plain again (Forge's own image). On the CPU a
+  smaller Flux in the same layout (reduced_flux.py: width 768, 4 + 8 blocks, T5 at 2 layers) served from a copy of
+  Forge's tree that sizes Flux so (256 px, 4 steps): the same Flux path through Forge's loader, predictor and
+  schedule, its module box and the extension, at a size the CPU runs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any
 
 import flux_fixture
 import harness
-from forge_harness import FORGE_ARGS, ForgeInstall, ForgeServer, fixtures_dir, forge_fixtures, forge_split
+import reduced_flux
+from forge_harness import FORGE_ARGS, ForgeInstall, ForgeServer, forge_fixtures
 from gpu_e2e import (
     HERE,
     IDENTICAL_ABOVE_DB,
@@ -186,21 +188,28 @@ def phase_forge_sdxl(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
 # timesteps (9999 … 0, not 1 … 0), and every image comes out one flat colour
 FLUX_REQUEST = {"width": 512, "height": 512, "steps": 8, "sampler_name": "Euler", "scheduler": "Simple",
                 "cfg_scale": 1.0, "distilled_cfg_scale": 3.5}
-FLUX_STAND_IN = {"width": 64, "height": 64, "steps": 4}  # the CPU run's request, with the split SD1.5
+FLUX_ON_CPU = {"width": 256, "height": 256, "steps": 4}  # the CPU run's request, with the reduced Flux
 
 
-def flux(install: ForgeInstall) -> ModelFixture:
-    """The Flux fixture, built with Forge's python into the cache when missing (about 34 GB)."""
-    directory = install.cache / f"flux-v{flux_fixture.VERSION}"
+def reduced_flux_install(install: ForgeInstall) -> ForgeInstall:
+    """The install served from a copy of its tree that sizes Flux as reduced_flux.REDUCED (same python)."""
+    copy = reduced_flux.reduced_forge(install.root, install.cache / "forge-reduced-flux", flux_fixture.FLUX_DEV)
+    return dataclasses.replace(install, root=copy)
+
+
+def flux(install: ForgeInstall, reduced: bool = False) -> ModelFixture:
+    """The Flux fixture, built with Forge's python into the cache when missing (about 34 GB; reduced, for the CPU
+    and a reduced_flux_install, 1.8 GB)."""
+    directory = install.cache / f"flux-v{flux_fixture.VERSION}{'-reduced' if reduced else ''}"
     manifest = directory / "manifest.json"
     if not manifest.is_file():
         for old in install.cache.glob("flux-v*"):  # two 34 GB fixtures do not fit the GPU machine's 64 GiB disk
-            if old != directory:
+            if old != directory and old.name.endswith("-reduced") == reduced:
                 shutil.rmtree(old, ignore_errors=True)
         started = time.monotonic()
         subprocess.run([str(install.python), str(HERE / "flux_fixture.py"), "--forge", str(install.root),
-                        "--out", str(directory)], check=True, timeout=1200, env=harness._server_env(install),
-                       cwd=install.root)
+                        "--out", str(directory), *(["--reduced", "--device", "cpu"] if reduced else [])],
+                       check=True, timeout=1200, env=harness._server_env(install), cwd=install.root)
         print(f"  Flux fixture built in {time.monotonic() - started:.0f}s", flush=True)
     return ModelFixture("flux", directory, json.loads(manifest.read_text()))
 
@@ -220,8 +229,10 @@ def fixture_report(install: ForgeInstall, model: ModelFixture, device: str, px: 
 def phase_forge_flux(r: Report, install: ForgeInstall, fx: dict[str, ModelFixture], a: argparse.Namespace) -> None:
     r.begin("forge-flux")
     gpu = a.device == "gpu"
-    model = flux(install) if gpu else forge_split(fx["sd15"], fixtures_dir(install) / "forge-sd15-split")
-    request = FLUX_REQUEST if gpu else {**FLUX_REQUEST, **FLUX_STAND_IN}
+    if not gpu:  # Forge loads no Flux smaller than Flux.1-dev: on the CPU a copy of it that sizes Flux smaller
+        install = reduced_flux_install(install)
+    model = flux(install, reduced=not gpu)
+    request = FLUX_REQUEST if gpu else {**FLUX_REQUEST, **FLUX_ON_CPU}
     r.put("fixture", model.manifest)
     # a random model can keep every step finite and still decode to one colour: see that it makes an image first
     # (skipped only where the same check has just run on this fixture; the phase's "no flat image" check remains)

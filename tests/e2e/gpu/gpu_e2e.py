@@ -575,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     DEADLINE[0] = t0 + a.budget if a.budget else math.inf
     # SD1.5 first (the first phase needs it); the SDXL fixture builds on the CPU while the SD1.5 phase uses the GPU
-    # the GPU's Flux phase uses its own fixture alone; every other phase (and the Flux phase's CPU stand-in) SD1.5
-    fx = {} if gpu and set(phases) == {"forge-flux"} else build(install, ("sd15",))
+    # the Flux phase uses its own fixture alone (reduced on the CPU); every other phase SD1.5
+    fx = {} if set(phases) == {"forge-flux"} else build(install, ("sd15",))
     r.data["fixtures_seconds"] = time.monotonic() - t0
     print(f"fixtures ready in {r.data['fixtures_seconds']:.0f}s: {', '.join(fx) or 'none needed'}", flush=True)
     ahead = [m for m in ([a.sdxl] if {"sdxl", "medvram", "forge-sdxl"} & set(phases) else []) + a.fixtures.split(",")
