@@ -9,7 +9,9 @@ is no graph/fold variant here; the probe's path counters must stay at zero.
 - ``forge-sdxl``: the full-size SDXL fixture as the target, the SD1.5 fixture and its LoRA as the source, 1024 px,
   30 steps: wall time and peak VRAM for plain, Forge's own LoRA on the target, DS default, DS cond-only, DS window
   0-0.5 and base-first 0-0.25, interleaved; the target and the source both held on the GPU by Forge's memory manager
-  during the DS steps; then 20 alternating DS/plain generations (RSS and VRAM growth <= 1 %).
+  during the DS steps; then 20 alternating DS/plain generations (RSS and VRAM growth <= 1 %), and (GPU) an
+  out-of-memory error forced in a DS generation by a per-process cap: an HTTP error naming the ways out, VRAM back
+  to its level, the next plain image the fresh server's.
 - ``forge-flux``: a full-size random-weight Flux.1-dev (``flux_fixture.py``, built on the machine: Forge loads no
   smaller Flux) in the layout its users keep, the diffusion model alone with its VAE, CLIP-L and T5-XXL chosen in
   'VAE / Text Encoder'; as its own source with its LoRA at λ = 1 against Forge's own ``<lora:L:1>``, 512 px, 8
@@ -48,6 +50,7 @@ from gpu_e2e import (
     delta,
     flat,
     measured,
+    phase_oom,
     scripts,
     server,
     time_for,
@@ -178,10 +181,14 @@ def phase_forge_sdxl(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
         r.check("plain after the timed DS requests is the fresh server's image (same pixels)",
                 psnr(plain_again.image, fresh.image) == float("inf"), f"{db(psnr(plain_again.image, fresh.image))} dB")
 
-        if "soak" in a.skip or not time_for(r, "soak", 60 if a.device == "gpu" else 600):
-            return
-        alternate(r, c, sd15, {**base, "steps": a.soak_steps}, a.soak_pairs)
-        r.put("loaded_after_soak", c.get("/delta-gpu/resident")["now"])
+        if "soak" not in a.skip and time_for(r, "soak", 60 if a.device == "gpu" else 600):
+            alternate(r, c, sd15, {**base, "steps": a.soak_steps}, a.soak_pairs)
+            r.put("loaded_after_soak", c.get("/delta-gpu/resident")["now"])
+
+        # an out-of-memory error forced during a DS generation, as AUTOMATIC1111's (Forge's memory manager decides
+        # what it loads from the device's free memory, which a per-process cap does not lower)
+        if a.device == "gpu" and "oom" not in a.skip and time_for(r, "oom", 40):
+            phase_oom(r, c, s, fx, target, base, table, fresh.image)
 
 
 # Forge's Flux preset (Euler, Simple): the API's "Automatic" schedule asks a Flux predictor for sigmas in its pseudo
