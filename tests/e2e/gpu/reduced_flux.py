@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 # width 768 keeps Flux's heads of 128 (axes 16 + 56 + 56); 4 double and 8 single blocks, T5-XXL at 2 of its 24 layers
@@ -30,11 +31,17 @@ def set_constants(text: str, full: dict, reduced: dict) -> str:
     return text
 
 
+def commit(root: Path) -> str:
+    """The tree's git commit ('' where it is no checkout): an updated install makes a new copy."""
+    done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def reduced_forge(root: Path, dest: Path, full: dict) -> Path:
     """A copy of the Forge tree at ``root`` in ``dest`` that sizes Flux as ``REDUCED`` (``full``: the sizes it has);
-    kept and reused while it was made from the same tree with the same sizes."""
+    kept and reused while it was made from the same tree at the same commit with the same sizes."""
     marker = dest / ".delta-reduced-flux.json"
-    made = {"root": str(root.resolve()), "sizes": REDUCED, "t5_layers": T5_LAYERS}
+    made = {"root": str(root.resolve()), "commit": commit(root), "sizes": REDUCED, "t5_layers": T5_LAYERS}
     if marker.is_file() and json.loads(marker.read_text()) == made:
         return dest
     shutil.rmtree(dest, ignore_errors=True)
