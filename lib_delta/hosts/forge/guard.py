@@ -2,16 +2,20 @@
 
 Forge skips the scripts' ``postprocess`` when sampling raises (an out-of-memory error, another extension's failure),
 so without this the run, its cloned UNet and its source would wait for the next generation. The patches are
-attributes of that one sampler instance, removed by :func:`unguard`. The exception goes on unchanged but for the
-``status_code`` and ``detail`` the WebUI's API answers with.
+attributes of that one sampler instance, removed by :func:`unguard`.
+
+The exception goes on as one of its own type that FastAPI answers itself (``common.http.as_http_exception``): Forge's
+API registers no handler of its own, so a bare exception would reach the server as a plain "Internal Server Error",
+without the message or the ways to make room, and the server would drop the client's connection after it.
 """
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..common.http import answered
+from ..common.http import answered, as_http_exception
 
 _GUARDED = ("sample", "sample_img2img")
 _MARK = "_delta_sampling_guarded"
@@ -39,10 +43,26 @@ def _guarded(original: Callable, on_failure: Callable[[], None]) -> Callable:
             return original(*args, **kwargs)
         except Exception as e:
             on_failure()
-            answered(e)
-            raise
+            answer = answerable(e)
+            try:
+                if answer is e:
+                    raise
+                traceback.print_exception(type(e), e, e.__traceback__)  # the answer is not logged by the server
+                raise answer from e
+            finally:  # this frame would hold the answer, whose traceback holds the frame: the failed run with them
+                del answer
         except BaseException:
             on_failure()
             raise
 
     return sample
+
+
+def answerable(error: Exception) -> BaseException:
+    """The sampler's failure as the API answers it: status, message and (out of memory) the ways to make room. A type
+    that cannot be rebuilt from its message goes on as it is, with the ``status_code`` and ``detail`` it can take."""
+    try:
+        return as_http_exception(error)
+    except (TypeError, AttributeError):
+        answered(error)
+        return error

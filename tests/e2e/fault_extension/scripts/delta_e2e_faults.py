@@ -4,16 +4,24 @@ A prompt containing ``FAULT_RAISE_AT_<k>`` makes the active model's UNet raise a
 worded like CUDA's out-of-memory error); ``FAULT_INTERRUPT_AT_<k>`` presses Interrupt (``shared.state.interrupt``)
 during the k-th call. ``GET /delta-e2e/state`` reports what Delta Sampling holds at that moment: whether a run is
 open and which source models are loaded, read from its own objects without collecting garbage first.
-The harness links this folder into a throwaway data dir; it is never installed anywhere else.
+AUTOMATIC1111 and Forge alike. The harness links this folder into a throwaway data dir; it is never installed
+anywhere else.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from modules import script_callbacks, scripts, shared
 
 _FAULT = re.compile(r"FAULT_(RAISE|INTERRUPT)_AT_(\d+)")
+FORGE = importlib.util.find_spec("modules_forge") is not None
+
+
+def _unet(p):
+    """The active model's diffusion model: Forge's inside its UNet patcher, AUTOMATIC1111's on the model itself."""
+    return p.sd_model.forge_objects.unet.model.diffusion_model if FORGE else p.sd_model.model.diffusion_model
 
 
 class FaultScript(scripts.Script):
@@ -26,7 +34,7 @@ class FaultScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        unet = p.sd_model.model.diffusion_model
+        unet = _unet(p)
         vars(unet).pop("forward", None)  # a fault of an earlier pass or generation
         found = _FAULT.search(" ".join(getattr(p, "all_prompts", None) or [p.prompt]))
         if not found:
@@ -45,17 +53,20 @@ class FaultScript(scripts.Script):
         unet.forward = forward
 
     def postprocess(self, p, processed, *args):
-        vars(p.sd_model.model.diffusion_model).pop("forward", None)
+        vars(_unet(p)).pop("forward", None)
 
 
 def _routes(_demo, app):
     @app.get("/delta-e2e/state")
     def state():
-        from lib_delta.hosts import a1111 as host
-        from lib_delta.hosts.a1111 import source
+        if FORGE:
+            from lib_delta.hosts import forge as host
+            from lib_delta.hosts.forge.models import cached
+        else:
+            from lib_delta.hosts import a1111 as host
+            from lib_delta.hosts.a1111.source import cached
 
-        return {"run_open": host.SLOT.get() is not None,
-                "sources": [e.info.name_for_extra for e in source.cached()]}
+        return {"run_open": host.SLOT.get() is not None, "sources": [e.info.name_for_extra for e in cached()]}
 
 
 script_callbacks.on_app_started(_routes)
