@@ -11,17 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from forge_harness import ForgeInstall, ForgeServerPool, serve
+from forge_harness import serve
 from harness import ServerConfig, WebUIClient
-from neo_harness import NeoInstall, NeoServerPool
 from test_forge_api import ADAPTED_PROMPT, PROMPT, delta
+from test_forge_split_source import HOSTS
 
 MODELS = ("sd15",)
 SMALL = {"negative_prompt": "", "seed": 1, "steps": 4, "width": 64, "height": 64, "cfg_scale": 7.0,
          "sampler_name": "Euler"}
-# host -> its install, its pool (the fixtures as it reads them), the variable that names it and what that must be
-HOSTS = {"forge": (ForgeInstall, ForgeServerPool, "DELTA_E2E_FORGE", "a Forge 2 install"),
-         "neo": (NeoInstall, NeoServerPool, "DELTA_E2E_NEO", "a Forge Neo WebUI folder")}
 
 
 @pytest.fixture(scope="module", params=list(HOSTS))
