@@ -1,5 +1,6 @@
 """Forge's sampler guard: a failure while sampling closes the generation's run and goes on as an exception FastAPI
-answers itself (status, message, the ways to make room), because Forge's API registers no handler of its own.
+answers itself (status, message, the ways to make room): Forge's catch-all handler answers any other exception and
+then re-raises it, and the server drops the client's connection.
 FastAPI is not among the test dependencies: a stand-in of its ``HTTPException`` (starlette's signature) is put in
 its place."""
 

@@ -2,8 +2,8 @@
 variables): an out-of-memory error in the middle of a DS generation, raised by the fault extension in the target's
 UNet at its third call (where a memory cap made it on the GPU, run Q in docs/e2e.md), comes back as a 500 whose
 ``detail`` names it and the ways to make room, on a connection the server keeps; the run is closed at once and the
-next plain image is the fresh server's. Forge's API registers no error handler of its own: a bare exception reached
-the server as a plain "Internal Server Error", and the server dropped the connection after it.
+next plain image is the fresh server's. Before, Forge's catch-all handler answered the same 500 and then re-raised
+the exception to the server, which logged it as an error of the app and dropped the connection.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ so without this the run, its cloned UNet and its source would wait for the next 
 attributes of that one sampler instance, removed by :func:`unguard`.
 
 The exception goes on as one of its own type that FastAPI answers itself (``common.http.as_http_exception``): Forge's
-API registers no handler of its own, so a bare exception would reach the server as a plain "Internal Server Error",
-without the message or the ways to make room, and the server would drop the client's connection after it.
+catch-all handler answers any other exception (with the ``status_code`` and ``detail`` set here) and then re-raises it
+to the server, which logs it as an error of the app and drops the client's connection.
 """
 
 from __future__ import annotations
