@@ -105,11 +105,7 @@ class LinearLowRank(_Op):
         if self.up.device != out.device:
             self.to(device=out.device)
         h = h.reshape(-1, h.shape[-1])
-        rows = _flat_rows(out) if h.dtype == self.up.dtype == out.dtype else None
-        if rows is not None:  # in place, into the output's own memory: one GEMM with beta = 1
-            rows.addmm_(h, self.up_t)
-        else:  # an autocast to another dtype, or an output whose rows cannot be flattened
-            out.add_(torch.mm(h.to(self.up.dtype), self.up_t).view(out.shape).to(out.dtype))
+        _add_product(h, self.up_t, out, _flat_rows(out) if h.dtype == self.up.dtype == out.dtype else None)
         if self.bias is not None:
             out.add_(self.bias)
 
@@ -134,10 +130,10 @@ class LinearRowBlocks(LinearLowRank):
         self.down = torch.cat([d.down for ds in blocks.values() for d in ds]).to(device, dtype).contiguous()  # (R, in)
         self.ups = tuple(torch.cat([d.up for d in ds], dim=1).to(device, dtype).contiguous()
                          for ds in blocks.values())  # (rows of the block, its rank)
-        self.spans: list[tuple[int, int, slice]] = []  # (first row, rows, its columns of the down-projection)
+        self.spans: list[tuple[slice, slice]] = []  # (the block's rows, its columns of the down-projection)
         start = 0
         for (first, count), up in zip(blocks, self.ups, strict=True):
-            self.spans.append((first, count, slice(start, start + up.shape[1])))
+            self.spans.append((slice(first, first + count), slice(start, start + up.shape[1])))
             start += up.shape[1]
         bias = _bias(deltas)
         self.bias = None if bias is None else bias.to(device, dtype)
@@ -169,19 +165,15 @@ class LinearRowBlocks(LinearLowRank):
             self.to(device=out.device)
         h = h.reshape(-1, h.shape[-1])
         rows = _flat_rows(out) if h.dtype == self.down.dtype == out.dtype else None
-        for (first, count, ranks), up_t in zip(self.spans, self.ups_t, strict=True):
-            if rows is not None:  # in place, into the block's columns of the output's own memory
-                rows[:, first:first + count].addmm_(h[:, ranks], up_t)
-            else:
-                change = torch.mm(h[:, ranks].to(up_t.dtype), up_t)
-                out.narrow(-1, first, count).add_(change.view(*out.shape[:-1], count).to(out.dtype))
+        for (block, ranks), up_t in zip(self.spans, self.ups_t, strict=True):
+            _add_product(h[:, ranks], up_t, out, rows, block)
         if self.bias is not None:
             out.add_(self.bias)
 
     def weight_delta(self) -> torch.Tensor:
         change = self.down.new_zeros(self.height, self.down.shape[1])
-        for (first, count, ranks), up in zip(self.spans, self.ups, strict=True):
-            change[first:first + count] += up @ self.down[ranks]
+        for (block, ranks), up in zip(self.spans, self.ups, strict=True):
+            change[block] += up @ self.down[ranks]
         return change
 
 
@@ -292,6 +284,18 @@ class ConvDense(_ConvOp):
 
     def weight_delta(self) -> torch.Tensor | None:
         return self.delta
+
+
+def _add_product(h: torch.Tensor, up_t: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None,
+                 block: slice | None = None) -> None:
+    """``out[…, block] += h @ up_t`` (every feature without ``block``): in place into the output's own memory where
+    ``rows`` is its flat view (one GEMM with beta = 1), else through a product in ``up_t``'s dtype (an autocast to
+    another dtype, or an output whose rows cannot be flattened)."""
+    if rows is not None:
+        (rows if block is None else rows[:, block]).addmm_(h, up_t)
+        return
+    target = out if block is None else out[..., block]
+    target.add_(torch.mm(h.to(up_t.dtype), up_t).view(target.shape).to(out.dtype))
 
 
 def _flat_rows(t: torch.Tensor) -> torch.Tensor | None:
