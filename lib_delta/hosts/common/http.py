@@ -59,24 +59,27 @@ def as_http_exception(error: BaseException) -> BaseException:
 
     Forge's app leaves other exceptions to its catch-all handler, which answers and then re-raises to the server,
     which logs a traceback and drops the client's connection. An HTTPException is answered by FastAPI's own
-    handler, ``{"detail": ...}`` with the status code, and goes no further. Outside a WebUI it stays as it is."""
-    error = http_error(error)
+    handler, ``{"detail": ...}`` with the status code, and goes no further. Outside a WebUI it stays as it is, and so
+    does an exception that takes no attributes or whose type cannot be rebuilt from its message."""
     try:
+        error = http_error(error)
         from fastapi import HTTPException
-    except ImportError:
+    except (ImportError, AttributeError, TypeError):
         return error
     if isinstance(error, HTTPException):
         return error
+    try:
+        class HTTPDeltaError(type(error), HTTPException):
+            def __init__(self, original: BaseException) -> None:
+                type(original).__init__(self, str(original))
+                HTTPException.__init__(self, status_code=original.status_code, detail=original.detail)
 
-    class HTTPDeltaError(type(error), HTTPException):
-        def __init__(self, original: BaseException) -> None:
-            type(original).__init__(self, str(original))
-            HTTPException.__init__(self, status_code=original.status_code, detail=original.detail)
+            def __str__(self) -> str:  # the message alone, as DeltaError shows it (not HTTPException's "422: ...")
+                return str(self.detail)
 
-        def __str__(self) -> str:  # the message alone, as DeltaError shows it (not HTTPException's "422: ...")
-            return str(self.detail)
-
-    HTTPDeltaError.__name__ = HTTPDeltaError.__qualname__ = type(error).__name__  # the UI prints the type's name
-    refusal = HTTPDeltaError(error)
+        HTTPDeltaError.__name__ = HTTPDeltaError.__qualname__ = type(error).__name__  # the UI prints the type's name
+        refusal = HTTPDeltaError(error)
+    except TypeError:  # a layout that cannot be combined, or a constructor that wants more than the message
+        return error
     refusal.__cause__ = error.__cause__
     return refusal

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..common.http import answered, as_http_exception
+from ..common.http import as_http_exception
 
 _GUARDED = ("sample", "sample_img2img")
 _MARK = "_delta_sampling_guarded"
@@ -43,7 +43,7 @@ def _guarded(original: Callable, on_failure: Callable[[], None]) -> Callable:
             return original(*args, **kwargs)
         except Exception as e:
             on_failure()
-            answer = answerable(e)
+            answer = as_http_exception(e)
             try:
                 if answer is e:
                     raise
@@ -56,13 +56,3 @@ def _guarded(original: Callable, on_failure: Callable[[], None]) -> Callable:
             raise
 
     return sample
-
-
-def answerable(error: Exception) -> BaseException:
-    """The sampler's failure as the API answers it: status, message and (out of memory) the ways to make room. A type
-    that cannot be rebuilt from its message goes on as it is, with the ``status_code`` and ``detail`` it can take."""
-    try:
-        return as_http_exception(error)
-    except (TypeError, AttributeError):
-        answered(error)
-        return error
