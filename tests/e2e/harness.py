@@ -420,6 +420,27 @@ class WebUIClient:
                           time.monotonic() - started)
 
 
+def tensors_over_pairs(client: WebUIClient, ds: dict[str, Any], plain: dict[str, Any], pairs: int) -> list[dict]:
+    """The live tensors the fault extension counts (``/delta-e2e/tensors``) after each request of `pairs` DS/plain
+    pairs, once a warm-up pair has cached the source: what a generation leaves behind shows as a change."""
+    client.txt2img(**plain)
+    client.txt2img(**ds)
+    client.txt2img(**plain)
+    readings = [{"after": "warm-up", **client.get("/delta-e2e/tensors")}]
+    for i in range(pairs):
+        for name, params in (("DS", ds), ("plain", plain)):
+            client.txt2img(**params)
+            readings.append({"after": f"{name} {i + 1}", **client.get("/delta-e2e/tensors")})
+    return readings
+
+
+def readings_that_changed(readings: list[dict]) -> list[dict]:
+    """The readings of tensors_over_pairs whose counts differ from the first's."""
+    def counts(reading: dict) -> dict:
+        return {k: v for k, v in reading.items() if k != "after"}
+    return [r for r in readings[1:] if counts(r) != counts(readings[0])]
+
+
 def _raise_for_status(r: requests.Response) -> None:
     if r.status_code >= 400:
         raise requests.HTTPError(f"{r.request.method} {r.url} -> {r.status_code}: {r.text[:2000]}", response=r)

@@ -2,6 +2,8 @@
 
 - Switching the source between two SD1.5 checkpoints keeps the server's memory flat: a dropped source is freed at
   once (it used to stay until a full garbage collection, one whole model per switch, until the server died).
+- DS generations leave no tensor behind: once the source is cached, the process's live tensors (counted by the fault
+  extension) are the same in number and bytes after every DS and plain request.
 - Faults injected by a test-only extension (``fault_extension/``): the active model's UNet raising mid-sampling
   (worded as CUDA's out-of-memory error) is an HTTP error and closes the run at once; an interrupt finishes the
   generation and closes it too. After each, the next plain image is byte-identical to a fresh server's.
@@ -16,7 +18,7 @@ import pickle
 
 import pytest
 import requests
-from harness import ModelFixture, ServerConfig, ServerPool, WebUIClient
+from harness import ModelFixture, ServerConfig, ServerPool, WebUIClient, readings_that_changed, tensors_over_pairs
 from test_a1111_generation import ADAPTED_PROMPT, PROMPT, SOAK, error_of, rss_mb, scripts
 
 TWIN = "delta_e2e_sd15_twin"  # the SD1.5 fixture listed under a second name: another source to switch to
@@ -65,6 +67,17 @@ def test_switching_sources_keeps_memory_flat(server, fixtures: dict[str, ModelFi
     # one SD1.5 source in fp32 is about 4 GB here; before, each switch added one
     assert growth < 1000, rss
     assert client.txt2img(PROMPT, **SOAK).image == fresh
+
+
+def test_generations_leave_no_tensor_behind(server, fixtures: dict[str, ModelFixture], fresh: bytes,
+                                            record_property) -> None:
+    ds = {"prompt": PROMPT, **SOAK, **adapted(fixtures["sd15"].model_name)}
+    readings = tensors_over_pairs(server.client, ds, {"prompt": PROMPT, **SOAK}, pairs=3)
+    record_property("live_tensors", readings)
+    assert readings[0].get("cpu", {}).get("tensors", 0) > 1000, readings[0]  # the models are among them
+    changed = readings_that_changed(readings)
+    assert not changed, f"after the warm-up {readings[0]}, changed: {changed}"
+    assert server.client.txt2img(PROMPT, **SOAK).image == fresh
 
 
 @pytest.mark.parametrize("fault", ["FAULT_RAISE_AT_3", "FAULT_INTERRUPT_AT_3"])

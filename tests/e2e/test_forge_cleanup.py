@@ -2,6 +2,8 @@
 
 - Switching the source between two SD1.5 checkpoints keeps the server's memory flat: a dropped source engine is
   freed at once (it used to stay until a full garbage collection, one whole engine per switch).
+- DS generations leave no tensor behind: once the source is cached, the process's live tensors (counted by the fault
+  extension) are the same in number and bytes after every DS and plain request.
 - Pickled files never run code: a ``.ckpt`` named as the source (a bare pickle, and one written by ``torch.save``)
   and a ``.pt`` named as a LoRA, each carrying a payload that would create a marker file, are refused with a 422
   that says what to do, the marker never appears, and the next plain image is unchanged.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from forge_harness import ForgeServerPool, open_pool
-from harness import ServerConfig, WebUIClient
+from harness import ServerConfig, WebUIClient, readings_that_changed, tensors_over_pairs
 from test_a1111_generation import rss_mb
 from test_forge_api import ADAPTED_PROMPT, PROMPT, delta
 
@@ -49,7 +51,7 @@ def fresh(pool: ForgeServerPool) -> bytes:
 
 @pytest.fixture
 def server(pool: ForgeServerPool, fresh: bytes):
-    server = pool.get(ServerConfig(extension=True, models=MODELS, twins=((TWIN, "sd15"),)))
+    server = pool.get(ServerConfig(extension=True, models=MODELS, twins=((TWIN, "sd15"),), faults=True))
     server.client.set_model(pool.fixtures(MODELS)["sd15"].model_name)
     return server
 
@@ -74,6 +76,17 @@ def test_switching_sources_keeps_memory_flat(server, pool: ForgeServerPool, fres
     print(f"RSS after each of 6 requests alternating two sources: {[round(v) for v in rss]} MB")
     assert growth < 1000, rss  # one SD1.5 engine in fp32 is about 4 GB here; before, each switch kept one
     assert client.txt2img(PROMPT).image == fresh
+
+
+def test_generations_leave_no_tensor_behind(server, pool: ForgeServerPool, fresh: bytes, record_property) -> None:
+    source = pool.fixtures(MODELS)["sd15"].model_name
+    ds = {"prompt": PROMPT, **delta(enabled=True, source=source, adapted_prompt=ADAPTED_PROMPT)}
+    readings = tensors_over_pairs(server.client, ds, {"prompt": PROMPT}, pairs=3)
+    record_property("live_tensors", readings)
+    assert readings[0].get("cpu", {}).get("tensors", 0) > 1000, readings[0]  # the models are among them
+    changed = readings_that_changed(readings)
+    assert not changed, f"after the warm-up {readings[0]}, changed: {changed}"
+    assert server.client.txt2img(PROMPT).image == fresh
 
 
 def test_pickled_files_are_refused_and_never_run(server, fresh: bytes) -> None:

@@ -4,12 +4,15 @@ A prompt containing ``FAULT_RAISE_AT_<k>`` makes the active model's UNet raise a
 worded like CUDA's out-of-memory error); ``FAULT_INTERRUPT_AT_<k>`` presses Interrupt (``shared.state.interrupt``)
 during the k-th call. ``GET /delta-e2e/state`` reports what Delta Sampling holds at that moment: whether a run is
 open and which source models are loaded, read from its own objects without collecting garbage first.
+``GET /delta-e2e/tensors`` collects garbage, then counts the process's live tensors and the bytes of their distinct
+storages, per device: what a generation left behind shows as a difference between two readings.
 AUTOMATIC1111 and Forge alike. The harness links this folder into a throwaway data dir; it is never installed
 anywhere else.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import re
 
@@ -67,6 +70,29 @@ def _routes(_demo, app):
             from lib_delta.hosts.a1111.source import cached
 
         return {"run_open": host.SLOT.get() is not None, "sources": [e.info.name_for_extra for e in cached()]}
+
+    @app.get("/delta-e2e/tensors")
+    def tensors():
+        import torch
+
+        gc.collect()
+        out: dict[str, dict[str, int]] = {}
+        seen: set[tuple[str, int]] = set()
+        for obj in gc.get_objects():
+            if not isinstance(obj, torch.Tensor) or obj.is_meta:
+                continue
+            device = str(obj.device)
+            count = out.setdefault(device, {"tensors": 0, "bytes": 0})
+            count["tensors"] += 1
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse, nested and other storage-less layouts
+                continue
+            key = (device, storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                count["bytes"] += storage.nbytes()
+        return out
 
 
 script_callbacks.on_app_started(_routes)
