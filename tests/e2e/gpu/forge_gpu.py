@@ -182,7 +182,7 @@ def phase_forge_sdxl(r: Report, install: ForgeInstall, fx: dict[str, ModelFixtur
                 psnr(plain_again.image, fresh.image) == float("inf"), f"{db(psnr(plain_again.image, fresh.image))} dB")
 
         if "soak" not in a.skip and time_for(r, "soak", 60 if a.device == "gpu" else 600):
-            alternate(r, c, sd15, {**base, "steps": a.soak_steps}, a.soak_pairs)
+            alternate(r, c, sd15, {**base, "steps": a.soak_steps}, a.soak_pairs, a.soak_control)
             r.put("loaded_after_soak", c.get("/delta-gpu/resident")["now"])
 
         # an out-of-memory error forced during a DS generation, as AUTOMATIC1111's (Forge's memory manager decides

@@ -358,7 +358,7 @@ def phase_sdxl(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
         soak = {**base, "steps": a.soak_steps}
         if "soak" not in a.skip and not time_for(r, "soak", 60 if a.device == "gpu" else 600):
             return
-        alternate(r, c, sd15, soak, 0 if "soak" in a.skip else a.soak_pairs)
+        alternate(r, c, sd15, soak, 0 if "soak" in a.skip else a.soak_pairs, a.soak_control)
 
         # two SD1.5 sources, alternating
         if "two-sources" not in a.skip and not time_for(r, "two sources", 45 if a.device == "gpu" else 600):
@@ -386,18 +386,18 @@ def phase_sdxl(r: Report, install: A1111Install, fx: dict[str, ModelFixture], a:
         r.put("log_delta_lines", log_lines(s, "Delta Sampling", 40) + log_lines(s, "source calls", 40))
 
 
-def alternate(r: Report, c: WebUIClient, source: ModelFixture, soak: dict, pairs: int) -> None:
+def alternate(r: Report, c: WebUIClient, source: ModelFixture, soak: dict, pairs: int, control: int = 0) -> None:
     """DS and plain generations in turn: RSS and VRAM may not grow by more than 1 % from the first pair to the last,
-    and every plain image must be the same."""
+    and every plain image must be the same. Memory is read after each request; `control` pairs of two plain
+    requests first show what the WebUI's own requests leave (recorded, not checked)."""
+    if control:
+        r.put("soak_control", [_pair_memory(c, i + 1, {}, soak)[0] for i in range(control)])
     samples = []
     plain_images = []
     for i in range(pairs):
-        c.txt2img(PROMPT, **soak, **scripts(delta(source)))
-        g = c.txt2img(PROMPT, **soak)
-        plain_images.append(g.image)
-        m = mem(c)
-        samples.append({"pair": i + 1, "rss": m["rss"], "allocated": m.get("allocated"),
-                        "reserved": m.get("reserved"), "device_used": m.get("device_used")})
+        sample, image = _pair_memory(c, i + 1, scripts(delta(source)), soak)
+        samples.append(sample)
+        plain_images.append(image)
     r.put("soak", samples)
     first, last = (samples[0], samples[-1]) if samples else ({}, {})
     for k in ("rss", "allocated", "reserved", "device_used"):
@@ -407,6 +407,16 @@ def alternate(r: Report, c: WebUIClient, source: ModelFixture, soak: dict, pairs
                     f"{first[k] / MIB:.0f} -> {last[k] / MIB:.0f} MiB ({100 * growth:+.2f} %)")
     if plain_images:
         r.check("soak: every plain image identical", all(p == plain_images[0] for p in plain_images))
+
+
+def _pair_memory(c: WebUIClient, pair: int, first: dict, soak: dict) -> tuple[dict, bytes]:
+    """The soak's request with `first`'s script args, then plain: the memory after each, and the plain image."""
+    c.txt2img(PROMPT, **soak, **first)
+    after_first = mem(c)
+    g = c.txt2img(PROMPT, **soak)
+    m = mem(c)
+    return ({"pair": pair, "rss": m["rss"], "allocated": m.get("allocated"), "reserved": m.get("reserved"),
+             "device_used": m.get("device_used"), "allocated_after_first": after_first.get("allocated")}, g.image)
 
 
 def phase_oom(r: Report, c: WebUIClient, s: WebUIServer, fx: dict[str, ModelFixture], target: str, base: dict,
@@ -520,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--medvram-rounds", type=int, default=1)
     p.add_argument("--soak-pairs", type=int, default=10, help="DS/plain pairs (10 pairs = 20 generations)")
     p.add_argument("--soak-steps", type=int, default=None, help="steps of the soak's requests (gpu: 10; cpu: 2)")
+    p.add_argument("--soak-control", type=int, default=0, help="plain/plain pairs before the soak, memory recorded: "
+                                                               "what the WebUI's own requests leave")
     p.add_argument("--sdxl", default=None, help="the SDXL fixture (gpu: sdxl_full; cpu: sdxl, the reduced one)")
     p.add_argument("--attention", choices=("auto", "sdp"), default="sdp",
                    help="sdp: --opt-sdp-attention; auto: the WebUI's own choice (Doggettx on CUDA without flags)")
