@@ -365,6 +365,12 @@ class Generation:
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
+# the client's defaults: a small, fast generation (64x64, 4 Euler steps, seed 1); a test posting its own request
+# (one that must fail, say) starts from these
+SMALL_REQUEST: dict[str, Any] = {"negative_prompt": "", "seed": 1, "steps": 4, "width": 64, "height": 64,
+                                 "cfg_scale": 7.0, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1}
+
+
 @dataclass
 class WebUIClient:
     base_url: str
@@ -401,8 +407,7 @@ class WebUIClient:
 
     def txt2img(self, prompt: str, **params: Any) -> Generation:
         """A small, fast txt2img by default: 64x64, 4 Euler steps, seed 1."""
-        payload = {"prompt": prompt, "negative_prompt": "", "seed": 1, "steps": 4, "width": 64, "height": 64,
-                   "cfg_scale": 7.0, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1, **params}
+        payload = {"prompt": prompt, **SMALL_REQUEST, **params}
         started = time.monotonic()
         data = self.post("/sdapi/v1/txt2img", payload)
         return Generation([base64.b64decode(i) for i in data["images"]], json.loads(data["info"]),
@@ -411,9 +416,8 @@ class WebUIClient:
 
     def img2img(self, prompt: str, init_image: bytes, **params: Any) -> Generation:
         """img2img from PNG bytes, with the same small defaults as txt2img and denoising strength 0.75."""
-        payload = {"prompt": prompt, "negative_prompt": "", "seed": 1, "steps": 4, "width": 64, "height": 64,
-                   "cfg_scale": 7.0, "sampler_name": "Euler", "denoising_strength": 0.75, "batch_size": 1,
-                   "n_iter": 1, "init_images": [base64.b64encode(init_image).decode()], **params}
+        payload = {"prompt": prompt, **SMALL_REQUEST, "denoising_strength": 0.75,
+                   "init_images": [base64.b64encode(init_image).decode()], **params}
         started = time.monotonic()
         data = self.post("/sdapi/v1/img2img", payload)
         return Generation([base64.b64decode(i) for i in data["images"]], json.loads(data["info"]),

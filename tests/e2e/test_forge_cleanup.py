@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 from forge_harness import ForgeServerPool, open_pool
-from harness import ServerConfig, WebUIClient, readings_that_changed, tensors_over_pairs
+from harness import SMALL_REQUEST, ServerConfig, WebUIClient, readings_that_changed, tensors_over_pairs
 from test_a1111_generation import rss_mb
 from test_forge_api import ADAPTED_PROMPT, PROMPT, delta
 
 MODELS = ("sd15",)
 TWIN = "delta_e2e_sd15_twin"  # the SD1.5 fixture listed under a second name: another source to switch to
 MARKER = Path("/tmp/delta-e2e-forge-pickle-ran")
-SMALL = {"prompt": PROMPT, "negative_prompt": "", "seed": 1, "steps": 4, "width": 64, "height": 64,
-         "cfg_scale": 7.0, "sampler_name": "Euler"}
 
 
 class Payload:
@@ -57,8 +55,8 @@ def server(pool: ForgeServerPool, fresh: bytes):
 
 
 def refused(client: WebUIClient, settings: dict) -> str:
-    r = client.session.post(client.base_url + "/sdapi/v1/txt2img", json={**SMALL, **delta(**settings)},
-                            timeout=client.timeout)
+    r = client.session.post(client.base_url + "/sdapi/v1/txt2img",
+                            json={"prompt": PROMPT, **SMALL_REQUEST, **delta(**settings)}, timeout=client.timeout)
     assert r.status_code == 422, r.text[:500]
     return r.json()["detail"]
 

@@ -12,13 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 from forge_harness import serve
-from harness import ServerConfig, WebUIClient
+from harness import SMALL_REQUEST, ServerConfig, WebUIClient
 from test_forge_api import ADAPTED_PROMPT, PROMPT, delta
 from test_forge_split_source import HOSTS
 
 MODELS = ("sd15",)
-SMALL = {"negative_prompt": "", "seed": 1, "steps": 4, "width": 64, "height": 64, "cfg_scale": 7.0,
-         "sampler_name": "Euler"}
 
 
 @pytest.fixture(scope="module", params=list(HOSTS))
@@ -41,7 +39,7 @@ def forge(request) -> Iterator[tuple[WebUIClient, str, bytes]]:
 
 def test_out_of_memory_mid_sampling_is_answered_and_the_server_goes_on(forge) -> None:
     client, source, fresh = forge
-    payload = {**SMALL, "prompt": f"{PROMPT} FAULT_RAISE_AT_3",
+    payload = {**SMALL_REQUEST, "prompt": f"{PROMPT} FAULT_RAISE_AT_3",
                **delta(enabled=True, source=source, adapted_prompt=ADAPTED_PROMPT)}
     r = client.session.post(client.base_url + "/sdapi/v1/txt2img", json=payload, timeout=client.timeout)
     assert r.status_code == 500 and r.headers.get("content-type", "").startswith("application/json"), r.text[:500]
